@@ -1,0 +1,32 @@
+"""salience: attention for neural networks that is correct, fast on the CPU and inspectable.
+
+Layout (B, H, L, D) everywhere; see :mod:`salience._layout`.
+
+Example:
+    >>> import torch, salience
+    >>> q = k = v = torch.randn(1, 4, 32, 16)
+    >>> salience.attention(q, k, v, mask=salience.masks.causal()).shape
+    torch.Size([1, 4, 32, 16])
+"""
+
+from . import masks, reference, scores
+from ._layout import LAYOUT
+from ._result import AttentionResult
+from .blocks import BlockMask
+from .functional import attention, attention_weights, plan
+from .kernels.merge import merge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LAYOUT",
+    "AttentionResult",
+    "BlockMask",
+    "attention",
+    "attention_weights",
+    "masks",
+    "merge",
+    "plan",
+    "reference",
+    "scores",
+]

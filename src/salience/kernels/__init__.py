@@ -1,0 +1,1 @@
+"""Compute paths behind :func:`salience.attention`: dispatch, blockwise tiles, merge."""

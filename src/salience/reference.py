@@ -1,0 +1,139 @@
+"""The textbook attention: the specification every fast path is tested against.
+
+It materialises the full ``(B, H, L, S)`` score matrix, works in any floating dtype (float64 included) and
+favours clarity over speed. Steps, in order:
+
+1. scores = compatibility(q, k) (default: ``scale * q @ k^T`` with ``scale = 1/sqrt(D)``),
+2. scores = score_mod(scores, b, h, q_idx, kv_idx),
+3. scores of keys the mask hides are set to -inf,
+4. lse = logsumexp over keys; weights = exp(scores - lse) (rows with no visible key: weights 0, lse -inf),
+5. (optional dropout on the weights), out = weights @ v.
+
+Layout (B, H, L, D); see :mod:`salience._layout`.
+
+Example:
+    >>> import torch
+    >>> from salience import reference, masks
+    >>> q = k = v = torch.randn(1, 1, 3, 2, dtype=torch.float64)
+    >>> r = reference.attention(q, k, v, mask=masks.causal())
+    >>> r.weights[0, 0].triu(1).abs().sum().item()
+    0.0
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._layout import check_dropout, check_qkv, check_scale, expand_kv
+from ._result import ReferenceResult
+from .masks import as_mask_mod, check_mask_output
+from .scores import Compatibility, as_score_mod
+
+__all__ = ["attention", "scores", "softmax_from_scores"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    mask=None,
+    score_mod=None,
+    scale: float | None = None,
+    compatibility: Compatibility | None = None,
+    heads: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    L: int | None = None,
+) -> torch.Tensor:
+    """Masked, modified scores ``(B, H', L', S)`` (hidden entries -inf) in q's dtype.
+
+    ``heads`` and ``rows`` (int64 index tensors) say which query heads and rows q holds, so that
+    score_mod and mask see the true indices; ``L`` is the full query length (for bottom-right masks).
+    """
+    B, Hq, Lq, _ = q.shape
+    S = k.shape[-2]
+    dev = q.device
+    h_idx = (heads if heads is not None else torch.arange(Hq, device=dev)).view(1, -1, 1, 1)
+    q_idx = (rows if rows is not None else torch.arange(Lq, device=dev)).view(1, 1, -1, 1)
+    b_idx = torch.arange(B, device=dev).view(-1, 1, 1, 1)
+    kv_idx = torch.arange(S, device=dev).view(1, 1, 1, -1)
+    L_full = Lq if L is None else L
+    if compatibility is not None:
+        s = compatibility(q, k)
+        if scale is not None:
+            s = s * scale
+    else:
+        s = (q @ k.transpose(-2, -1)) * check_scale(scale, q.shape[-1])
+    if score_mod is not None:
+        mod = as_score_mod(score_mod)
+        mod = mod.to(dev) if hasattr(mod, "to") else mod
+        s2 = mod(s, b_idx, h_idx, q_idx, kv_idx)
+        if not isinstance(s2, torch.Tensor) or s2.shape != s.shape:
+            seen = tuple(s2.shape) if isinstance(s2, torch.Tensor) else type(s2).__name__
+            raise ValueError(
+                f"score_mod {getattr(mod, 'name', mod)} returned {seen} for scores of shape {tuple(s.shape)}; "
+                "a score_mod must return a tensor of the score's shape (use torch ops that broadcast)."
+            )
+        s = s2.to(s.dtype)
+    if mask is not None:
+        m = as_mask_mod(mask).bind(L_full, S, dev)
+        vis = check_mask_output(m(b_idx, h_idx, q_idx, kv_idx), m, tuple(s.shape))
+        s = s.masked_fill(~vis, float("-inf"))
+    return s
+
+
+def softmax_from_scores(s: torch.Tensor):
+    """``(weights, lse)`` from masked scores; rows with no visible key give weights 0 and lse -inf
+    without NaN in forward or backward."""
+    row_any = (s != float("-inf")).any(-1, keepdim=True)
+    s_safe = torch.where(row_any, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    lse = torch.logsumexp(s_safe, dim=-1, keepdim=True)
+    w = torch.exp(s_safe - lse)
+    w = torch.where(row_any, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    lse = torch.where(row_any, lse, torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
+    return w, lse.squeeze(-1)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask=None,
+    score_mod=None,
+    scale: float | None = None,
+    compatibility: Compatibility | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> ReferenceResult:
+    """Textbook attention in q's dtype.
+
+    Args:
+        q: (B, H, L, D); k: (B, Hkv, S, D); v: (B, Hkv, S, Dv), one floating dtype, H % Hkv == 0.
+        mask: a mask_mod ``(b, h, q_idx, kv_idx) -> bool`` (True = visible), a MaskMod or a bool tensor.
+        score_mod: ``(score, b, h, q_idx, kv_idx) -> score``, applied after scaling.
+        scale: multiplies q @ k^T; default 1/sqrt(D).
+        compatibility: a :class:`salience.scores.Compatibility` replacing the scaled dot product.
+        dropout_p: dropout on the weights (the returned weights are before dropout).
+
+    Returns:
+        :class:`ReferenceResult` with ``out`` (B, H, L, Dv), ``lse`` (B, H, L), ``weights`` (B, H, L, S).
+    """
+    shp = check_qkv(q, k, v, same_dim=compatibility is None)
+    if compatibility is None or scale is not None:
+        check_scale(scale, shp.D)
+    p = check_dropout(dropout_p)
+    H = q.shape[1]
+    ke, ve = expand_kv(k, H), expand_kv(v, H)
+    s = scores(q, ke, mask=mask, score_mod=score_mod, scale=scale, compatibility=compatibility)
+    w, lse = softmax_from_scores(s)
+    wd = w
+    if p > 0:
+        keep = torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float32) >= p
+        wd = w * keep.to(w.dtype) / (1 - p)
+    out = wd @ ve
+    lse = lse.to(_acc_dtype(q.dtype))
+    return ReferenceResult(out=out, lse=lse, weights=w)
