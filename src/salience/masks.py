@@ -257,9 +257,9 @@ def _combine(a: MaskMod, b: MaskMod, op: str) -> MaskMod:
 
         return MaskMod(fn, name, tiles=tiles, relative=ma.relative and mb.relative)
 
-    if not sized:
-        return make(a, b)
-    out = MaskMod(None, name, binder=lambda L, S, dev: make(a.bind(L, S, dev), b.bind(L, S, dev)))
+    out = make(a, b) if (a.fn is not None and b.fn is not None) else MaskMod(None, name)
+    if sized:
+        out._binder = lambda L, S, dev: make(a.bind(L, S, dev), b.bind(L, S, dev))
     out.relative = a.relative and b.relative
     return out
 
@@ -277,9 +277,9 @@ def _invert(a: MaskMod) -> MaskMod:
 
         return MaskMod(lambda b, h, q, kv: ~ma(b, h, q, kv), name, tiles=tiles, relative=ma.relative)
 
-    if a._binder is None:
-        return make(a)
-    out = MaskMod(None, name, binder=lambda L, S, dev: make(a.bind(L, S, dev)))
+    out = make(a) if a.fn is not None else MaskMod(None, name)
+    if a._binder is not None:
+        out._binder = lambda L, S, dev: make(a.bind(L, S, dev))
     out.relative = a.relative
     return out
 
@@ -437,9 +437,7 @@ def padding(q_lengths=None, kv_lengths=None) -> MaskMod:
         m.kind = ("padding", qd, kd)
         return m
 
-    out = MaskMod(None, name, binder=binder)
-    out.kind = ("padding", ql, kl)
-    return out
+    return _unbound(binder)
 
 
 def _ids(x, argname: str) -> torch.Tensor:
@@ -477,9 +475,9 @@ def document(ids, kv_ids=None) -> MaskMod:
     name = f"document(<{qi.shape[-1]} ids, {int(torch.unique(qi).numel())} documents>)"
 
     def binder(L, S, device):
-        if qi.shape[-1] != L:
+        if L is not None and qi.shape[-1] != L:
             raise ValueError(f"document ids cover {qi.shape[-1]} queries but the query length is L={L}.")
-        if ki.shape[-1] != S:
+        if S is not None and ki.shape[-1] != S:
             raise ValueError(
                 f"document kv_ids cover {ki.shape[-1]} keys but the key length is S={S}; pass kv_ids= of length S."
             )
@@ -507,9 +505,7 @@ def document(ids, kv_ids=None) -> MaskMod:
         m.kind = ("document", qd, kd)
         return m
 
-    out = MaskMod(None, name, binder=binder)
-    out.kind = ("document", qi, ki)
-    return out
+    return _unbound(binder)
 
 
 def prefix_lm(n: int) -> MaskMod:
@@ -571,7 +567,7 @@ def global_tokens(indices) -> MaskMod:
 
         return MaskMod(fn, name, tiles=tiles)
 
-    return MaskMod(None, name, binder=binder)
+    return _unbound(binder)
 
 
 def dilated(stride: int) -> MaskMod:
@@ -684,7 +680,7 @@ def dense(mask: torch.Tensor) -> MaskMod:
 
     def binder(L, S, device):
         md = m4.to(device)
-        if md.shape[-2] not in (1, L) or md.shape[-1] not in (1, S):
+        if L is not None and (md.shape[-2] not in (1, L) or md.shape[-1] not in (1, S)):
             raise ValueError(f"mask tensor of shape {tuple(mask.shape)} does not broadcast to (B, H, L={L}, S={S}).")
         Bm, Hm = md.shape[0], md.shape[1]
 
@@ -707,5 +703,12 @@ def dense(mask: torch.Tensor) -> MaskMod:
         m.kind = ("dense", md)
         return m
 
-    return MaskMod(None, name, binder=binder)
+    return _unbound(binder)
+
+
+def _unbound(binder) -> MaskMod:
+    """A mask usable as-is (tensors on their creation device) that re-binds to a call's sizes and device."""
+    m = binder(None, None, None)
+    m._binder = binder
+    return m
 
