@@ -1,0 +1,576 @@
+"""Hugging Face transformers integration: ``attn_implementation="salience"``.
+
+Importing this module registers two functions under the name ``"salience"``:
+
+* an attention function with ``transformers.AttentionInterface`` (what every attention layer of a model
+  calls: ``fn(module, query, key, value, attention_mask, *, scaling, dropout, ...)``), and
+* a mask function with ``transformers.masking_utils.AttentionMaskInterface`` (what the model calls once per
+  forward to build its mask). Without the second, transformers hands custom attention functions no mask at
+  all and padding is silently ignored.
+
+The mask function does not build an ``L x S`` tensor: it reads the structure of the mask transformers
+asks for (causal, sliding window, bidirectional, packed documents, offsets from a KV cache, the 2-D padding
+mask) and returns an :class:`HFMask` holding the equivalent :mod:`salience.masks` object, for example
+``causal() & padding(kv_lengths=[7, 5])`` or ``sliding_window(left=4095, right=0)``. Only masks it cannot
+read (custom ``or_mask_function``/``and_mask_function`` overlays, chunked attention) fall back to the dense
+boolean mask transformers would give SDPA, wrapped in :func:`salience.masks.dense`.
+
+Shapes: transformers hands the attention function ``query (B, H, L, D)``, ``key (B, Hkv, S, D)``,
+``value (B, Hkv, S, Dv)`` (salience's own layout, GQA by head count) and expects ``(B, L, H, Dv)`` back
+together with the weights ``(B, H, L, S)`` or None.
+
+``output_attentions=True`` keeps the salience kernels: the output comes from
+``salience.attention(..., return_lse=True)`` and the maps from ``salience.attention_weights(q, k, lse=...)``.
+While an interpretability recorder listens (:func:`salience._hooks.recording`), every call emits a
+:class:`salience._hooks.AttentionEvent`; otherwise nothing extra is computed.
+
+Importing ``salience`` alone never imports transformers; only this module does.
+
+Example:
+    >>> import torch, salience.integrations.hf as shf
+    >>> from transformers import BertConfig, BertModel
+    >>> cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    ...                  intermediate_size=64)
+    >>> model = BertModel(cfg, add_pooling_layer=False).eval()
+    >>> model = shf.enable(model)
+    >>> model.config._attn_implementation
+    'salience'
+    >>> ids = torch.tensor([[5, 6, 7], [5, 6, 0]])
+    >>> out = model(ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    >>> out.last_hidden_state.shape
+    torch.Size([2, 3, 32])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import _hooks
+from .. import masks as M
+from .. import scores as _scores
+from ..functional import attention, attention_weights
+
+try:
+    import transformers
+    from transformers import masking_utils as _mu
+    from transformers.modeling_utils import AttentionInterface
+except ImportError as _e:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "salience.integrations.hf needs the Hugging Face transformers package, which is not installed. "
+        "Install the hf extra: pip install 'salience[hf]'"
+    ) from _e
+
+__all__ = [
+    "IMPLEMENTATION",
+    "TESTED_TRANSFORMERS",
+    "HFMask",
+    "attention_forward",
+    "mask_function",
+    "translate_mask",
+    "register",
+    "is_registered",
+    "enable",
+    "name_modules",
+]
+
+#: the name to pass as ``attn_implementation``
+IMPLEMENTATION = "salience"
+
+#: transformers versions this integration is tested with (the ``hf`` extra pins this range)
+TESTED_TRANSFORMERS = ">=5.0,<6"
+
+_NEG_INF = -math.inf
+_POS_INF = math.inf
+
+
+# --------------------------------------------------------------------------------------------- the mask
+
+
+@dataclass
+class HFMask:
+    """The mask transformers asked for, translated to salience.
+
+    Attributes:
+        mask: the :mod:`salience.masks` object (None = every query sees every key).
+        q_length, kv_length: the sizes it was built for (L and S).
+        batch_size: B.
+        structure: a readable summary, e.g. ``"causal() & padding(kv_lengths=[7, 5])"``.
+        dense: True when the structure could not be read and ``mask`` wraps a dense (B, 1, L, S) tensor.
+
+    Returned by the registered mask function in place of the tensor the eager/SDPA paths get; models pass
+    it unchanged to the attention function, as they do FlexAttention's BlockMask.
+    """
+
+    mask: M.MaskMod | None
+    q_length: int
+    kv_length: int
+    batch_size: int
+    structure: str
+    dense: bool = False
+
+    def __repr__(self) -> str:
+        kind = "dense fallback" if self.dense else "structured"
+        return (f"HFMask({self.structure}, B={self.batch_size}, L={self.q_length}, S={self.kv_length}, "
+                f"{kind})")
+
+
+def _closure(fn) -> dict:
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
+
+
+def _code_of(factory_name: str, *args):
+    """The code object shared by every closure a transformers mask factory returns (None if absent)."""
+    factory = getattr(_mu, factory_name, None)
+    if factory is None:
+        return None
+    try:
+        return factory(*args).__code__
+    except Exception:  # a changed signature: that pattern is then read through the dense fallback
+        return None
+
+
+_DUMMY = torch.zeros(1, 1, dtype=torch.long)
+_CAUSAL = getattr(_mu, "causal_mask_function", None)
+_BIDIRECTIONAL = getattr(_mu, "bidirectional_mask_function", None)
+_AND = _code_of("and_masks", _CAUSAL)
+_OR = _code_of("or_masks", _CAUSAL)
+_SW_OVERLAY = _code_of("sliding_window_overlay", 1)
+_SW_BIDIR = _code_of("sliding_window_bidirectional_overlay", 1)
+_PADDING = _code_of("padding_mask_function", _DUMMY)
+_PACKED = _code_of("packed_sequence_mask_function", _DUMMY)
+_REMAP = _code_of("remap_positions_for_packed_sequence", _CAUSAL, _DUMMY)
+
+
+def _terms(fn):
+    """Decompose a transformers mask_function into AND-ed terms, or None when it cannot be read.
+
+    Terms: ``("band", lo, hi)`` for ``lo <= kv_pos - q_pos <= hi`` in absolute positions;
+    ``("doc", ids)`` for packed sequences; ``("keys", keep)`` for a (B, N) padding mask; ``("remap",)`` marks
+    positions remapped per packed sequence (valid only next to a ``doc`` term).
+    """
+    if fn is None:
+        return None
+    if _CAUSAL is not None and fn is _CAUSAL:
+        return [("band", _NEG_INF, 0)]
+    if _BIDIRECTIONAL is not None and fn is _BIDIRECTIONAL:
+        return []
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    cl = _closure(fn)
+    if code is _AND and "mask_functions" in cl:
+        out = []
+        for f in cl["mask_functions"]:
+            t = _terms(f)
+            if t is None:
+                return None
+            out += t
+        return out
+    if code is _SW_OVERLAY and "sliding_window" in cl:
+        return [("band", 1 - int(cl["sliding_window"]), _POS_INF)]  # kv > q - w
+    if code is _SW_BIDIR and "sliding_window" in cl:
+        w = int(cl["sliding_window"])
+        return [("band", -w, w)]  # |q - kv| <= w
+    if code is _PADDING and "padding_mask" in cl:
+        return [("keys", cl["padding_mask"])]
+    if code is _PACKED and "packed_sequence_mask" in cl:
+        return [("doc", cl["packed_sequence_mask"])]
+    if code is _REMAP and "mask_function" in cl:
+        inner = _terms(cl["mask_function"])
+        if inner is None or any(t[0] != "band" for t in inner):
+            return None
+        return inner + [("remap",)]
+    return None
+
+
+def _band_mask(lo: int, hi: int, L: int, S: int) -> M.MaskMod | None:
+    """The salience mask for ``lo <= kv_idx - q_idx <= hi`` on an L x S grid, by name where one fits."""
+    lo_all, hi_all = -(L - 1), S - 1  # the extreme values kv_idx - q_idx can take
+    lo_e = lo_all if lo <= lo_all else int(lo)
+    hi_e = hi_all if hi >= hi_all else int(hi)
+    if lo_e == lo_all and hi_e == hi_all:
+        return None
+    if lo_e == lo_all and hi_e == 0:
+        return M.causal()
+    if lo_e == lo_all and hi_e == S - L and S > L:
+        return M.causal(align="bottom_right")
+    if lo_e <= 0 <= hi_e:
+        return M.sliding_window(-lo_e, hi_e)
+    return _offset_band(lo_e, hi_e)
+
+
+def _offset_band(lo: int, hi: int) -> M.MaskMod:
+    """``lo <= kv_idx - q_idx <= hi`` where the band does not contain the diagonal (analytic tiles)."""
+
+    def fn(b, h, q, kv):
+        d = kv - q
+        return (d >= lo) & (d <= hi)
+
+    def tiles(ctx):
+        dmin = ctx.k_start - (ctx.q_end - 1)
+        dmax = (ctx.k_end - 1) - ctx.q_start
+        return (dmax >= lo) & (dmin <= hi), (dmin >= lo) & (dmax <= hi)
+
+    return M.MaskMod(fn, f"band({lo} <= kv - q <= {hi})", tiles=tiles, relative=True)
+
+
+def _key_mask(keep: torch.Tensor) -> M.MaskMod:
+    """Per-batch key visibility ``keep`` (B, S) of any pattern (left padding, holes), with analytic tiles
+    from prefix sums: O(B x S) work, no L x S tensor."""
+    keep = keep.to(torch.bool)
+    B, S = keep.shape
+    csum = torch.nn.functional.pad(keep.long().cumsum(-1), (1, 0))  # (B, S + 1)
+
+    def fn(b, h, q, kv):
+        return keep[b, kv]
+
+    def tiles(ctx):
+        ks, ke = ctx.k_start.reshape(-1), ctx.k_end.reshape(-1)
+        cnt = (csum[:, ke] - csum[:, ks]).view(B, 1, 1, -1)
+        return cnt > 0, cnt == (ke - ks).view(1, 1, 1, -1)
+
+    m = M.MaskMod(fn, f"key_mask(<{B} x {S}>, {int(keep.sum())} visible)", tiles=tiles)
+    m.keep = keep
+    return m
+
+
+def _keys_to_mask(keep: torch.Tensor) -> M.MaskMod | None:
+    """A (B, S) key-visibility tensor as the simplest salience mask: None, padding(kv_lengths) or key_mask."""
+    if bool(keep.all()):
+        return None
+    lengths = keep.sum(-1)
+    right = torch.arange(keep.shape[-1], device=keep.device).unsqueeze(0) < lengths.unsqueeze(-1)
+    if bool((right == keep).all()):
+        return M.padding(kv_lengths=lengths.cpu())
+    return _key_mask(keep)
+
+
+def _as_int(x) -> int:
+    return int(x.reshape(-1)[0]) if isinstance(x, torch.Tensor) else int(x)
+
+
+def _slice_keys(pad: torch.Tensor, start: int, S: int) -> torch.Tensor:
+    """``pad[:, start:start+S]`` with False past the end (as transformers' prepare_padding_mask pads)."""
+    pad = pad.to(torch.bool)
+    need = start + S - pad.shape[-1]
+    if need > 0:
+        pad = torch.nn.functional.pad(pad, (0, need), value=False)
+    return pad[:, start : start + S]
+
+
+def translate_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    device=None,
+) -> HFMask | None:
+    """Translate the mask transformers describes into a salience mask, or return None when unreadable.
+
+    Args:
+        batch_size: B. q_length, kv_length: L and S of the attention call.
+        q_offset, kv_offset: absolute position of the first query / key (non-zero with a KV cache).
+        mask_function: transformers' mask_function ``(b, h, q_idx, kv_idx) -> bool`` on absolute positions.
+        attention_mask: the 2-D padding mask (B, N) (1 = real token), indexed at ``kv_offset + kv_idx``.
+
+    Example:
+        >>> from transformers.masking_utils import causal_mask_function
+        >>> translate_mask(2, 4, 4, mask_function=causal_mask_function,
+        ...                attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])).structure
+        'causal() & padding(kv_lengths=[4, 2])'
+    """
+    terms = _terms(mask_function if mask_function is not None else _BIDIRECTIONAL)
+    if terms is None:
+        return None
+    L, S = int(q_length), int(kv_length)
+    qo, ko = _as_int(q_offset), _as_int(kv_offset)
+    kinds = {t[0] for t in terms}
+    if "remap" in kinds and "doc" not in kinds:
+        return None
+    lo, hi = _NEG_INF, _POS_INF
+    parts = []
+    for t in terms:
+        if t[0] == "band":
+            lo, hi = max(lo, t[1]), min(hi, t[2])
+    if lo > _NEG_INF or hi < _POS_INF:
+        d = qo - ko  # kv_pos - q_pos = (kv_idx + ko) - (q_idx + qo)
+        band = _band_mask(lo + d, hi + d, L, S)
+        if band is not None:
+            parts.append(band)
+    for t in terms:
+        if t[0] == "doc":
+            ids = t[1]
+            if ids.dim() != 2:
+                return None
+            if ids.shape[-1] < max(qo + L, ko + S):
+                return None
+            parts.append(M.document(ids[:, qo : qo + L].cpu(), ids[:, ko : ko + S].cpu()))
+        elif t[0] == "keys":
+            km = _keys_to_mask(_slice_keys(t[1], ko, S))
+            if km is not None:
+                parts.append(km)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            return None
+        km = _keys_to_mask(_slice_keys(attention_mask, ko, S))
+        if km is not None:
+            parts.append(km)
+    mask = None
+    for p in parts:
+        mask = p if mask is None else (mask & p)
+    structure = "full (no mask)" if mask is None else mask.name
+    return HFMask(mask, L, S, int(batch_size), structure)
+
+
+def mask_function(
+    batch_size: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    cache_position: torch.Tensor | None = None,
+    device=None,
+    **kwargs,
+) -> HFMask:
+    """The function registered with ``AttentionMaskInterface``: same keywords as transformers' ``sdpa_mask``.
+
+    Returns an :class:`HFMask`; the mask is structured when :func:`translate_mask` can read it, otherwise the
+    boolean (B, 1, L, S) tensor transformers' own ``sdpa_mask`` builds, wrapped in ``masks.dense``.
+    """
+    if q_length is None and cache_position is not None:  # transformers 4.x called it with cache_position
+        q_length = int(cache_position.shape[0])
+        q_offset = _as_int(cache_position[:1]) if cache_position.numel() else 0
+    if q_length is None or kv_length is None:
+        raise ValueError(
+            f"salience mask function needs q_length and kv_length; got q_length={q_length}, "
+            f"kv_length={kv_length}. This transformers version passes other arguments; supported: "
+            f"transformers {TESTED_TRANSFORMERS}."
+        )
+    hm = translate_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                        device)
+    if hm is not None:
+        return hm
+    dense = _mu.sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+        mask_function=mask_function, attention_mask=attention_mask, cache_position=cache_position,
+        device=device if device is not None else "cpu",
+        **{**kwargs, "allow_is_causal_skip": False, "allow_is_bidirectional_skip": False},
+    )
+    mm = M.dense(dense)
+    return HFMask(mm, int(q_length), int(kv_length), int(batch_size), mm.name, dense=True)
+
+
+# ---------------------------------------------------------------------------------------- attention call
+
+
+def _bias_mod(bias: torch.Tensor, name: str) -> _scores.ScoreMod:
+    """An additive bias broadcastable to (B, H, L, S) as a score_mod."""
+    b4 = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    Bb, Hb, Lb, Sb = b4.shape
+
+    def fn(s, b, h, q, kv):
+        return s + b4[b if Bb > 1 else 0 * b, h if Hb > 1 else 0 * h, q if Lb > 1 else 0 * q,
+                      kv if Sb > 1 else 0 * kv].to(s.dtype)
+
+    return _scores.ScoreMod(fn, f"{name}(<{tuple(bias.shape)}>)")
+
+
+def _tensor_mask(t: torch.Tensor, L: int, S: int):
+    """A 4-D tensor mask a model or user handed in: (mask, score_mod)."""
+    if t.dim() != 4 or t.shape[-2] not in (1, L) or t.shape[-1] not in (1, S):
+        raise ValueError(
+            f"attention_mask tensor must broadcast to (B, 1, L={L}, S={S}); got shape {tuple(t.shape)}. "
+            "Pass the 2-D padding mask (B, S) to the model and let it build the 4-D mask."
+        )
+    if t.dtype == torch.bool:
+        return M.dense(t), None
+    if not t.is_floating_point():
+        raise TypeError(
+            f"attention_mask tensor must be bool (True = attend) or float (additive); got {t.dtype}. "
+            "Convert with mask.bool()."
+        )
+    hidden = t <= torch.finfo(t.dtype).min / 2
+    visible = ~hidden
+    rest = torch.where(visible, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    mask = None if bool(visible.all()) else M.dense(visible)
+    mod = None if bool((rest == 0).all()) else _bias_mod(rest, "additive_mask")
+    return mask, mod
+
+
+def _wants_attentions(kwargs) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    try:  # output_attentions set in the config reaches only transformers' output collector
+        from transformers.utils.output_capturing import _active_collector
+
+        c = _active_collector.get()
+        return bool(c) and ("attentions" in c or "cross_attentions" in c)
+    except Exception:
+        return False
+
+
+def _module_name(module) -> str:
+    name = getattr(module, "_salience_name", None)
+    if name:
+        return name
+    idx = getattr(module, "layer_idx", None)
+    return f"layer{idx}.{type(module).__name__}" if idx is not None else type(module).__name__
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    softcap: float | None = None,
+    position_bias: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+):
+    """The function registered with ``AttentionInterface`` under ``"salience"``.
+
+    Args:
+        module: the calling attention layer (its ``is_causal`` and ``layer_idx`` are read).
+        query: (B, H, L, D). key: (B, Hkv, S, D). value: (B, Hkv, S, Dv); H % Hkv == 0 (GQA/MQA).
+        attention_mask: an :class:`HFMask` from the registered mask function, None (then ``is_causal`` or
+            ``module.is_causal`` decides, as in transformers' SDPA path), or a 4-D bool/additive tensor.
+        dropout: dropout on the weights (transformers passes 0 in eval mode).
+        scaling: softmax scale (default 1/sqrt(D)).
+        softcap: Gemma-2 style score capping, applied as :func:`salience.scores.softcap`.
+        position_bias: additive bias broadcastable to (B, H, L, S) (T5-style).
+        sliding_window: a hint some models pass; the window itself comes from the mask, as in eager.
+
+    Returns:
+        ``(out (B, L, H, Dv), weights (B, H, L, S) or None)``; weights only when attentions are requested
+        (``output_attentions=True``), computed from the logsumexp, before dropout.
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(1, 4, 5, 8); kv = torch.randn(1, 2, 5, 8)
+        >>> mod = torch.nn.Module(); mod.is_causal = True
+        >>> out, w = attention_forward(mod, q, kv, kv, None, output_attentions=True)
+        >>> out.shape, w.shape
+        (torch.Size([1, 5, 4, 8]), torch.Size([1, 4, 5, 5]))
+    """
+    if s_aux is not None:
+        raise NotImplementedError(
+            "attention sinks (s_aux, e.g. gpt-oss) are not supported by the salience attention implementation "
+            "yet; load this model with attn_implementation='sdpa' or 'eager'."
+        )
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            seen = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor (B, heads, length, head_dim); got {seen}.")
+    L, S = query.shape[2], key.shape[2]
+    score_mod = None
+    if isinstance(attention_mask, HFMask):
+        if attention_mask.q_length != L or attention_mask.kv_length != S:
+            raise ValueError(
+                f"the salience mask was built for L={attention_mask.q_length}, S={attention_mask.kv_length} but "
+                f"the attention call has query length {L} and key length {S} (module {_module_name(module)}). "
+                "The model changed the sequence lengths after building its mask; use attn_implementation='sdpa' "
+                "for this model and report it."
+            )
+        mask = attention_mask.mask
+    elif attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+        mask = M.causal() if (causal and L > 1) else None
+    elif isinstance(attention_mask, torch.Tensor):
+        mask, score_mod = _tensor_mask(attention_mask, L, S)
+    else:
+        raise TypeError(
+            f"attention_mask must be a salience HFMask, a 4-D tensor or None; got {type(attention_mask).__name__}. "
+            "Was the model's mask built for another attn_implementation? Call "
+            "salience.integrations.hf.enable(model) to switch both the attention and the mask function."
+        )
+    if position_bias is not None:
+        pb = _bias_mod(position_bias, "position_bias")
+        score_mod = pb if score_mod is None else _scores.compose(score_mod, pb)
+    if softcap is not None:
+        cap = _scores.softcap(float(softcap))
+        score_mod = cap if score_mod is None else _scores.compose(cap, score_mod)
+    want_weights = _wants_attentions(kwargs)
+    record = _hooks.recording()
+    lse = weights = None
+    if want_weights or record:
+        out, lse = attention(query, key, value, mask=mask, score_mod=score_mod, scale=scaling,
+                             dropout_p=float(dropout), return_lse=True)
+    else:
+        out = attention(query, key, value, mask=mask, score_mod=score_mod, scale=scaling,
+                        dropout_p=float(dropout))
+    if want_weights:
+        weights = attention_weights(query, key, mask=mask, score_mod=score_mod, scale=scaling, lse=lse)
+    if record:
+        _hooks.emit(_hooks.AttentionEvent(
+            name=_module_name(module), q=query, k=key, mask=mask, score_mod=score_mod, scale=scaling, lse=lse,
+            layer_index=getattr(module, "layer_idx", None), module=module,
+            extra={"source": "transformers", "hf_mask": attention_mask if isinstance(attention_mask, HFMask) else None},
+        ))
+    return out.transpose(1, 2).contiguous(), weights
+
+
+# ------------------------------------------------------------------------------------------ registration
+
+
+def register() -> None:
+    """Register ``"salience"`` with transformers' attention and mask interfaces (done on import; idempotent)."""
+    AttentionInterface.register(IMPLEMENTATION, attention_forward)
+    _mu.AttentionMaskInterface.register(IMPLEMENTATION, mask_function)
+
+
+def is_registered() -> bool:
+    """True when both the attention function and the mask function are registered under ``"salience"``."""
+    return (AttentionInterface._global_mapping.get(IMPLEMENTATION) is attention_forward
+            and _mu.AttentionMaskInterface._global_mapping.get(IMPLEMENTATION) is mask_function)
+
+
+def name_modules(model: torch.nn.Module) -> torch.nn.Module:
+    """Stamp each submodule with its module path, used as the ``name`` of emitted AttentionEvents."""
+    for name, mod in model.named_modules():
+        try:
+            mod._salience_name = name or type(mod).__name__
+        except AttributeError:  # pragma: no cover - modules with read-only attributes
+            pass
+    return model
+
+
+def enable(model, implementation: str = IMPLEMENTATION):
+    """Switch a loaded transformers model to salience attention (and name its modules); returns the model.
+
+    Equivalent to ``AutoModel.from_pretrained(path, attn_implementation="salience")`` for a model that is
+    already loaded. ``implementation`` may be another registered name ("sdpa", "eager") to switch back.
+    """
+    if not hasattr(model, "set_attn_implementation"):
+        raise TypeError(
+            f"model must be a transformers PreTrainedModel; got {type(model).__name__}. For a "
+            "SentenceTransformer, pass its first module's auto_model (model[0].auto_model)."
+        )
+    register()
+    model.set_attn_implementation(implementation)
+    if model.config._attn_implementation != implementation:
+        raise ValueError(
+            f"{type(model).__name__} did not accept attn_implementation={implementation!r} (it kept "
+            f"{model.config._attn_implementation!r}); it does not dispatch through transformers' AttentionInterface."
+        )
+    name_modules(model)
+    return model
+
+
+register()
