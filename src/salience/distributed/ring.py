@@ -1,0 +1,409 @@
+"""Ring attention over ``torch.distributed``: exact attention over a sequence split across processes.
+
+Each of the W ranks of a process group holds a shard of the queries, keys and values along the sequence
+(layout ``(B, H, n, D)`` with ``n = N / W``). The key/value shards travel around the ring (rank r sends to
+r + 1 and receives from r - 1) with point-to-point ``isend``/``irecv`` that overlap the computation of the
+current block; after W steps every rank has seen every key shard, and the partial results are combined
+with their logsumexps (:func:`salience.merge`). The backward runs the ring again: key/value shards travel
+as in the forward and their gradients dK and dV travel with them, arriving back at their owner after the
+last step.
+
+Masks and score_mods see *global* positions, so any :mod:`salience.masks` mask or score_mod works:
+sliding windows that cross shard boundaries and documents that span shards are exact. Blocks whose keys
+are all hidden from this rank's queries are skipped; blocks that are fully visible (or causal diagonals)
+run torch's fused CPU kernel.
+
+Works with gloo (CPU) and NCCL (GPU; the tiled path computes the blocks there). Every rank must call
+:func:`ring_attention` (and the backward) the same number of times with the same mask, score_mod and
+layout, like any collective.
+
+Example (in each of W processes after ``torch.distributed.init_process_group("gloo")``)::
+
+    from salience import masks
+    from salience.distributed import ring_attention, shard
+    rank, W = dist.get_rank(), dist.get_world_size()
+    q, k, v = (shard(t, rank, W, layout="zigzag") for t in (Q, K, V))   # global (B, H, N, D) -> local
+    out = ring_attention(q, k, v, mask=masks.causal(), layout="zigzag")  # local (B, H, N / W, D)
+    out.sum().backward()
+
+Run ``torchrun --nproc-per-node 2 -m salience.distributed --seq 8192 --mask causal`` for a checked demo.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+
+import torch
+import torch.distributed as dist
+
+from .._layout import check_qkv, check_scale
+from .._result import AttentionResult
+from ..kernels.merge import merge
+from ..masks import as_mask_mod
+from ..scores import as_score_mod
+from . import _block
+from .sharding import check_layout, segments
+
+__all__ = ["ring_attention", "gather", "RingError"]
+
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+class RingError(RuntimeError):
+    """A peer of the ring died, stalled past the timeout, or disagreed on shapes: raised on the ranks that
+    notice, with the step, the peer and the original error."""
+
+
+# ------------------------------------------------------------------------------------------ the ring
+
+
+class _Ring:
+    """Point-to-point exchange with the ring neighbours of ``group`` (next = rank + 1, prev = rank - 1)."""
+
+    def __init__(self, group, timeout: datetime.timedelta | None):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.timeout = timeout
+        self.next = self._global((self.rank + 1) % self.world)
+        self.prev = self._global((self.rank - 1) % self.world)
+
+    def _global(self, r: int) -> int:
+        if self.group is None or self.group is dist.GroupMember.WORLD:
+            return r
+        return dist.get_global_rank(self.group, r)
+
+    def exchange(self, send: torch.Tensor, what: str):
+        """Start sending ``send`` to the next rank and receiving a tensor like it from the previous one."""
+        recv = torch.empty_like(send)
+        try:
+            ops = [
+                dist.P2POp(dist.isend, send, self.next, self.group),
+                dist.P2POp(dist.irecv, recv, self.prev, self.group),
+            ]
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as e:  # a peer already gone
+            raise self._error(what, e) from e
+        return works, recv, send, what
+
+    def wait(self, handle) -> torch.Tensor:
+        works, recv, _send, what = handle
+        try:
+            for w in works:
+                if self.timeout is None:
+                    w.wait()
+                else:
+                    w.wait(self.timeout)
+        except RuntimeError as e:
+            raise self._error(what, e) from e
+        return recv
+
+    def _error(self, what: str, e: Exception) -> RingError:
+        t = f"{self.timeout.total_seconds():g} s" if self.timeout is not None else "the process group's timeout"
+        return RingError(
+            f"ring_attention: rank {self.rank} of {self.world} failed during {what} exchanging with rank "
+            f"{(self.rank - 1) % self.world} (previous) / {(self.rank + 1) % self.world} (next) within {t}: "
+            f"a peer has died, stalled, or did not call ring_attention/backward the same number of times. "
+            f"Original error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        )
+
+
+def _pack(*ts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _unpack(buf: torch.Tensor, *shapes):
+    out, i = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(buf[i : i + n].view(s))
+        i += n
+    return out
+
+
+# ----------------------------------------------------------------------------------------- autograd
+
+
+class _Runner:
+    """Everything the forward and backward share: the ring, the block spec and the shard segments."""
+
+    def __init__(self, ring: _Ring, spec: _block.Spec, layout: str, L: int, S: int):
+        self.ring = ring
+        self.spec = spec
+        self.W, self.rank = ring.world, ring.rank
+        self.q_segs = _local(segments(L, self.rank, self.W, layout))
+        self.kv_segs = [_local(segments(S, j, self.W, layout)) for j in range(self.W)]
+
+    def blocks(self, src: int):
+        """(q local offset, q global start, nq, kv local offset, kv global start, nk) for keys of rank src."""
+        for qo, q0, nq in self.q_segs:
+            for ko, k0, nk in self.kv_segs[src]:
+                yield qo, q0, nq, ko, k0, nk
+
+    def forward(self, q, k, v):
+        W, rank, spec = self.W, self.rank, self.spec
+        acc = _block.acc_dtype(q.dtype)
+        parts: dict[int, AttentionResult] = {}
+        shapes = (tuple(k.shape), tuple(v.shape))
+        buf = _pack(k, v)
+        for s in range(W):
+            src = (rank - s) % W
+            h = self.ring.exchange(buf, f"forward step {s + 1}/{W}") if s < W - 1 else None
+            kc, vc = _unpack(buf, *shapes)
+            for qo, q0, nq, ko, k0, nk in self.blocks(src):
+                r = _block.block_forward(spec, q[:, :, qo : qo + nq], kc[:, :, ko : ko + nk], vc[:, :, ko : ko + nk],
+                                         q0, k0)
+                if r is None:
+                    continue
+                prev = parts.get(qo)
+                parts[qo] = AttentionResult(r.out.to(acc), r.lse.to(acc)) if prev is None else merge(
+                    prev.out, prev.lse, r.out.to(acc), r.lse
+                )
+            if h is not None:
+                buf = self.ring.wait(h)
+        outs, lses = [], []
+        B, H, Dv = q.shape[0], q.shape[1], v.shape[-1]
+        for qo, _q0, nq in self.q_segs:
+            p = parts.get(qo)
+            if p is None:
+                p = AttentionResult(
+                    torch.zeros(B, H, nq, Dv, dtype=acc, device=q.device),
+                    torch.full((B, H, nq), float("-inf"), dtype=acc, device=q.device),
+                )
+            outs.append(p.out)
+            lses.append(p.lse)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
+        return out.to(q.dtype), lse
+
+    def backward(self, q, k, v, out, lse, dout):
+        W, rank, spec = self.W, self.rank, self.spec
+        acc = _block.acc_dtype(q.dtype)
+        lse_safe = _block.safe_lse(lse)
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        kshape, vshape = tuple(k.shape), tuple(v.shape)
+        buf = _pack(k, v)
+        hd = None
+        dkv = None
+        for s in range(W):
+            src = (rank - s) % W
+            h = self.ring.exchange(buf, f"backward step {s + 1}/{W}") if s < W - 1 else None
+            kc, vc = _unpack(buf, kshape, vshape)
+            dk_loc = torch.zeros(kshape, dtype=acc, device=q.device)
+            dv_loc = torch.zeros(vshape, dtype=acc, device=q.device)
+            for qo, q0, nq, ko, k0, nk in self.blocks(src):
+                sl = slice(qo, qo + nq)
+                g = _block.block_backward(
+                    spec, q[:, :, sl], kc[:, :, ko : ko + nk], vc[:, :, ko : ko + nk], out[:, :, sl],
+                    lse_safe[:, :, sl], dout[:, :, sl], delta[:, :, sl], q0, k0,
+                )
+                if g is None:
+                    continue
+                dq[:, :, sl] += g[0]
+                dk_loc[:, :, ko : ko + nk] += g[1]
+                dv_loc[:, :, ko : ko + nk] += g[2]
+            local = _pack(dk_loc, dv_loc)
+            dkv = local if hd is None else self.ring.wait(hd) + local
+            if W > 1:
+                hd = self.ring.exchange(dkv, f"backward gradient step {s + 1}/{W}")
+            if h is not None:
+                buf = self.ring.wait(h)
+        if hd is not None:
+            dkv = self.ring.wait(hd)
+        dk, dv = _unpack(dkv, kshape, vshape)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _local(segs):
+    """Add local offsets: [(local offset, global start, length)]."""
+    out, o = [], 0
+    for s, n in segs:
+        out.append((o, s, n))
+        o += n
+    return out
+
+
+class _RingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, runner: _Runner):
+        out, lse = runner.forward(q, k, v)
+        ctx.runner = runner
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = ctx.runner.backward(q, k, v, out, lse, dout.contiguous())
+        return dq, dk, dv, None
+
+
+# -------------------------------------------------------------------------------------------- public
+
+
+def _as_timeout(timeout) -> datetime.timedelta | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, datetime.timedelta):
+        sec = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        sec = float(timeout)
+    else:
+        raise TypeError(f"timeout must be seconds (a number), a datetime.timedelta or None; got {type(timeout).__name__}.")
+    if not math.isfinite(sec) or sec <= 0:
+        raise ValueError(f"timeout must be positive and finite; got {sec} s. Use None for the process group's timeout.")
+    return datetime.timedelta(seconds=sec)
+
+
+def _check_group(group):
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this build of torch; ring_attention needs it.")
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "ring_attention needs an initialised process group: call torch.distributed.init_process_group("
+            "'gloo') (CPU) or ('nccl') (GPU) in every process first, e.g. under "
+            "`torchrun --nproc-per-node N your_script.py`."
+        )
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None (the default group); got {type(group).__name__}.")
+    if dist.get_rank(group) < 0:
+        raise ValueError("group does not contain this process (dist.get_rank(group) == -1); call ring_attention "
+                         "only on the members of group.")
+
+
+def _agree(ring: _Ring, meta: list[int], device) -> None:
+    """All-gather the local shapes so that a mismatch is a clear error on every rank, not a hang."""
+    W = ring.world
+    if W == 1:
+        return
+    mine = torch.tensor(meta, dtype=torch.int64, device=device)
+    allm = [torch.empty_like(mine) for _ in range(W)]
+    try:
+        work = dist.all_gather(allm, mine, group=ring.group, async_op=True)
+        if ring.timeout is None:
+            work.wait()
+        else:
+            work.wait(ring.timeout)
+    except RuntimeError as e:
+        raise ring._error("the shape check before the ring", e) from e
+    names = ("B", "H", "Hkv", "L/W", "S/W", "D", "Dv", "dtype", "layout")
+    for r, m in enumerate(allm):
+        if not torch.equal(m, allm[0]):
+            a, b = allm[0].tolist(), m.tolist()
+            diff = ", ".join(f"{n}: {x} vs {y}" for n, x, y in zip(names, a, b) if x != y)
+            raise ValueError(
+                f"ring_attention: rank {r} disagrees with rank 0 on the local shards ({diff}). Every rank must pass "
+                "q, k, v shards of one shape and dtype and the same layout; split the sequence with "
+                "salience.distributed.shard (pad it to a multiple of the world size first)."
+            )
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    mask=None,
+    score_mod=None,
+    scale: float | None = None,
+    layout: str = "contiguous",
+    return_lse: bool = False,
+    timeout=None,
+):
+    """Exact attention over a sequence sharded across the ranks of ``group``, forward and backward.
+
+    Args:
+        q: this rank's queries ``(B, H, L / W, D)``.
+        k: this rank's keys ``(B, Hkv, S / W, D)``, ``H % Hkv == 0`` (grouped-query attention).
+        v: this rank's values ``(B, Hkv, S / W, Dv)``.
+        group: the process group (None: the default group). Its rank order is the ring order.
+        mask: a :mod:`salience.masks` mask, a mask_mod ``(b, h, q_idx, kv_idx) -> bool`` or a bool tensor
+            over the *global* ``(B, H, L, S)``; it is evaluated at global positions.
+        score_mod: ``(score, b, h, q_idx, kv_idx) -> score`` at global positions. Gradients flow to q, k, v;
+            tensors captured by the score_mod (e.g. a relative-bias table) are treated as constants.
+        scale: multiplier of q @ k^T; default 1/sqrt(D).
+        layout: how the sequence was split: ``"contiguous"`` (rank r holds the r-th block) or ``"zigzag"``
+            (rank r holds chunks r and 2W-1-r of 2W; balances causal masks). Use
+            :func:`salience.distributed.shard` to split and :func:`salience.distributed.positions` for the
+            global positions of a shard.
+        return_lse: also return the logsumexp ``(B, H, L / W)`` (not differentiable).
+        timeout: seconds (or a timedelta) to wait for a peer before raising :class:`RingError`; None uses
+            the process group's timeout.
+
+    Returns:
+        The local output ``(B, H, L / W, Dv)`` in q's dtype, or an :class:`salience.AttentionResult`
+        ``(out, lse)`` with ``return_lse=True``. Query rows that see no key give 0 and lse -inf.
+
+    Example:
+        >>> import torch, torch.distributed as dist, salience
+        >>> from salience.distributed import ring_attention
+        >>> if not dist.is_initialized():  # a one-process ring, to show the call
+        ...     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+        >>> q = torch.randn(1, 2, 16, 8)
+        >>> out = ring_attention(q, q, q, mask=salience.masks.causal())
+        >>> bool(torch.allclose(out, salience.attention(q, q, q, mask=salience.masks.causal()), atol=1e-6))
+        True
+    """
+    shp = check_qkv(q, k, v)
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q, k, v must be one of {_DTYPES}; got {q.dtype}.")
+    check_layout(layout)
+    scale = check_scale(scale, shp.D)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool; got {type(return_lse).__name__}.")
+    to = _as_timeout(timeout)
+    if layout == "zigzag":
+        for name, n in (("q", shp.L), ("k and v", shp.S)):
+            if n % 2:
+                raise ValueError(
+                    f"layout='zigzag' holds two equal chunks per rank, so the local length of {name} must be even; "
+                    f"got {n}. Pad the global sequence to a multiple of 2 * world size and shard it with "
+                    "salience.distributed.shard(x, rank, world, layout='zigzag')."
+                )
+    _check_group(group)
+    ring = _Ring(group, to)
+    W = ring.world
+    code = {d: i for i, d in enumerate(_DTYPES)}[q.dtype]
+    _agree(ring, [shp.B, shp.H, shp.Hkv, shp.L, shp.S, shp.D, shp.Dv, code, ("contiguous", "zigzag").index(layout)],
+           q.device)
+    L, S = shp.L * W, shp.S * W
+    m = None if mask is None else as_mask_mod(mask).bind(L, S, q.device)
+    sm = None if score_mod is None else as_score_mod(score_mod)
+    if sm is not None and hasattr(sm, "to"):
+        sm = sm.to(q.device)
+    spec = _block.Spec(
+        mask=m, score_mod=sm, scale=scale, L=L, S=S, B=shp.B, H=shp.H, Hkv=shp.Hkv, D=shp.D, Dv=shp.Dv,
+        use_flash=_block._flash_available(q, shp.Dv),
+    )
+    runner = _Runner(ring, spec, layout, L, S)
+    out, lse = _RingFunction.apply(q, k, v, runner)
+    return AttentionResult(out=out, lse=lse) if return_lse else out
+
+
+def gather(x: torch.Tensor, *, layout: str = "contiguous", group=None, dim: int = 2) -> torch.Tensor:
+    """All-gather every rank's shard of ``x`` along ``dim`` and return the global tensor on every rank.
+
+    For checks and outputs; it is not differentiable. The inverse of
+    :func:`salience.distributed.shard` across a process group.
+
+    Example (in each process)::
+
+        full_out = gather(ring_attention(q, k, v, layout="zigzag"), layout="zigzag")
+    """
+    from .sharding import unshard
+
+    _check_group(group)
+    check_layout(layout)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}.")
+    W = dist.get_world_size(group)
+    xs = x.detach().contiguous()
+    parts = [torch.empty_like(xs) for _ in range(W)]
+    dist.all_gather(parts, xs, group=group)
+    return unshard(parts, layout=layout, dim=dim)
