@@ -54,7 +54,6 @@ from .. import scores as _scores
 from ..functional import attention, attention_weights
 
 try:
-    import transformers
     from transformers import masking_utils as _mu
     from transformers.modeling_utils import AttentionInterface
 except ImportError as _e:  # pragma: no cover - exercised in a subprocess test
