@@ -1,0 +1,127 @@
+"""Helpers shared by the layers: argument checks and masks/score_mods moved to a block's local indices.
+
+A KV cache or a chunked computation calls :func:`salience.attention` on a block of queries
+``q0 .. q0 + L - 1`` and keys ``k0 .. k0 + S - 1`` of a larger problem. A mask or score_mod written for the
+whole problem (global indices) is turned into one for the block by :func:`shift_mask` and
+:func:`shift_score_mod`; a named mask keeps its analytic tile classification (the tiles are shifted too).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..masks import MaskMod, TileContext, as_mask_mod, causal
+from ..scores import ScoreMod, as_score_mod
+
+__all__ = [
+    "cache_mask",
+    "check_int",
+    "check_prob",
+    "check_bool",
+    "shift_mask",
+    "shift_score_mod",
+    "is_top_left_causal",
+    "lengths_from_padding",
+]
+
+
+def check_int(value, argname: str, minimum: int = 1) -> int:
+    """An int >= minimum (bools rejected), or a clear TypeError/ValueError naming ``argname``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{argname} must be an int >= {minimum}; got {type(value).__name__} {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{argname} must be >= {minimum}; got {value}.")
+    return value
+
+
+def check_prob(p, argname: str = "dropout") -> float:
+    """A probability in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{argname} must be a float in [0, 1); got {type(p).__name__}.")
+    if math.isnan(p) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{argname} must be in [0, 1); got {p}. Use 0.0 to disable it.")
+    return float(p)
+
+
+def check_bool(value, argname: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{argname} must be a bool; got {type(value).__name__} {value!r}.")
+    return value
+
+
+def is_top_left_causal(mask) -> bool:
+    return isinstance(mask, MaskMod) and getattr(mask, "kind", None) == ("causal", "top_left")
+
+
+def shift_mask(mask, q_offset: int, kv_offset: int, L_total: int, S_total: int) -> MaskMod:
+    """The mask of a block whose first query is global row ``q_offset`` and first key global key ``kv_offset``.
+
+    ``mask`` is written for the whole problem of ``L_total`` queries and ``S_total`` keys (so that
+    bottom-right alignment refers to the whole problem). The result evaluates ``mask(b, h, q + q_offset,
+    kv + kv_offset)`` and shifts the analytic tile bounds alike.
+    """
+    m = as_mask_mod(mask)
+    if q_offset == 0 and kv_offset == 0 and getattr(m, "_binder", None) is None:
+        return m
+    name = f"{m.name} @ (q+{q_offset}, kv+{kv_offset})"
+
+    def binder(L, S, device):
+        inner = m.bind(L_total, S_total, device)
+
+        def fn(b, h, q, kv):
+            return inner(b, h, q + q_offset, kv + kv_offset)
+
+        def tiles(ctx):
+            c2 = TileContext(ctx.B, ctx.H, L_total, S_total, ctx.q_start + q_offset, ctx.q_end + q_offset,
+                             ctx.k_start + kv_offset, ctx.k_end + kv_offset, ctx.device)
+            return inner.tile_bounds(c2)
+
+        has_tiles = getattr(inner, "_tiles", None) is not None
+        return MaskMod(fn, name, tiles=tiles if has_tiles else None, relative=m.relative)
+
+    out = MaskMod(None, name, binder=binder)
+    out.relative = m.relative
+    return out
+
+
+def shift_score_mod(mod, q_offset: int, kv_offset: int = 0) -> ScoreMod:
+    """``mod`` evaluated at global indices ``q + q_offset``, ``kv + kv_offset`` (pointwise mods unchanged)."""
+    m = as_score_mod(mod)
+    if (q_offset == 0 and kv_offset == 0) or m.pointwise:
+        return m
+
+    def fn(score, b, h, q, kv):
+        return m(score, b, h, q + q_offset, kv + kv_offset)
+
+    out = ScoreMod(fn, f"{m.name} @ (q+{q_offset}, kv+{kv_offset})", relative=m.relative)
+    out._mover = lambda dev: shift_score_mod(m.to(dev), q_offset, kv_offset)
+    return out
+
+
+def cache_mask(mask, offset: int, L: int, S: int):
+    """The mask for L new queries at global positions ``offset ..`` over S = offset + L cached keys.
+
+    Top-left causal becomes bottom-right causal (a named mask the kernels know); a single decoding step of
+    a causal mask sees every key (no mask). Anything else is shifted with :func:`shift_mask`.
+    """
+    if mask is None or offset == 0:
+        return mask
+    if is_top_left_causal(mask) and S == offset + L:
+        return None if L == 1 else causal(align="bottom_right")
+    return shift_mask(mask, offset, 0, offset + L, S)
+
+
+def lengths_from_padding(key_padding_mask: torch.Tensor, who: str) -> torch.Tensor:
+    """Per-row key counts (B,) of a right-padded ``key_padding_mask`` (B, S) (True = padding)."""
+    valid = ~key_padding_mask
+    lengths = valid.sum(-1)
+    S = key_padding_mask.shape[-1]
+    expected = torch.arange(S, device=valid.device).view(1, -1) < lengths.view(-1, 1)
+    if not bool((expected == valid).all()):
+        raise ValueError(
+            f"{who} handles right padding only (each row: real keys first, then padding); the key_padding_mask "
+            "given has padding before real keys. Reorder the sequence or use exact attention (core=None)."
+        )
+    return lengths

@@ -1,0 +1,457 @@
+"""Multi-head attention: self and cross attention, MHA / GQA / MQA, masks, positional schemes, KV cache.
+
+Tensors at the module boundary are ``(B, L, E)`` (batch first); inside, queries, keys and values are laid
+out ``(B, H, L, D)`` and handed to :func:`salience.attention`, so every mask of :mod:`salience.masks`, every
+score_mod of :mod:`salience.scores` and every fast kernel of the functional core applies.
+
+Example:
+    >>> import torch
+    >>> from salience import masks
+    >>> from salience.layers import MultiHeadAttention, KVCache
+    >>> mha = MultiHeadAttention(32, num_heads=4, num_kv_heads=2, mask=masks.causal())
+    >>> x = torch.randn(2, 10, 32)
+    >>> full = mha(x).output
+    >>> cache = KVCache()
+    >>> steps = torch.cat([mha(x[:, i : i + 1], cache=cache).output for i in range(10)], dim=1)
+    >>> torch.allclose(full, steps, atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import _hooks
+from ..functional import attention, attention_weights
+from ..masks import as_mask_mod, dense, padding
+from ._util import cache_mask, check_bool, check_int, check_prob, lengths_from_padding, shift_score_mod
+from .positional import ALiBi, RotaryEmbedding, T5RelativeBias
+
+__all__ = ["MultiHeadAttention", "MultiHeadOutput", "KVCache", "StaticKVCache"]
+
+
+@dataclass
+class MultiHeadOutput:
+    """What :class:`MultiHeadAttention` returns.
+
+    Attributes:
+        output: (B, L, E).
+        weights: per-head attention weights (B, H, L, S) when ``need_weights=True``, else None.
+        lse: logsumexp of the scores (B, H, L) when it was computed (weights asked for, or a recorder active).
+
+    Unpacks to ``(output, weights)`` like ``torch.nn.MultiheadAttention`` (always two values).
+    """
+
+    output: torch.Tensor
+    weights: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+
+    def __iter__(self):
+        return iter((self.output, self.weights))
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for incremental decoding with self-attention.
+
+    Holds ``k`` (B, Hkv, S, D) and ``v`` (B, Hkv, S, Dv) after projection and RoPE. Each call of the layer with
+    ``cache=`` appends the new tokens, and its queries take positions ``length .. length + L - 1``, so feeding
+    a sequence in pieces gives the outputs of the full sequence. One cache per layer and sequence batch.
+
+    Example:
+        >>> c = KVCache()
+        >>> _ = c.append(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+        >>> c.length
+        3
+    """
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """How many positions are cached (0 when empty)."""
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """Append new keys/values along the length axis; return all keys and values."""
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            if k.shape[0] != self.k.shape[0] or k.shape[1] != self.k.shape[1] or k.shape[3] != self.k.shape[3]:
+                raise ValueError(
+                    f"new keys {tuple(k.shape)} do not continue the cached keys {tuple(self.k.shape)}: batch, heads "
+                    "and head dim must match. Use one KVCache per layer and batch (cache.reset() to start over)."
+                )
+            self.k = torch.cat((self.k, k), dim=2)
+            self.v = torch.cat((self.v, v), dim=2)
+        return self.k, self.v
+
+    def reset(self) -> None:
+        """Forget everything cached."""
+        self.k = self.v = None
+
+    def __repr__(self) -> str:
+        return f"KVCache(length={self.length})"
+
+
+class StaticKVCache:
+    """Cross-attention cache: the encoder's keys and values, projected on the first call and reused after.
+
+    Example:
+        >>> mha = MultiHeadAttention(8, 2)
+        >>> memory, cache = torch.randn(1, 5, 8), StaticKVCache()
+        >>> a = mha(torch.randn(1, 1, 8), memory, cache=cache).output
+        >>> cache.length
+        5
+    """
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def filled(self) -> bool:
+        return self.k is not None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def reset(self) -> None:
+        self.k = self.v = None
+
+    def __repr__(self) -> str:
+        return f"StaticKVCache(length={self.length})"
+
+
+def _check_positional(positional):
+    if positional is None or isinstance(positional, (RotaryEmbedding, ALiBi, T5RelativeBias)):
+        return positional
+    raise TypeError(
+        "positional must be None, a RotaryEmbedding, an ALiBi or a T5RelativeBias (salience.layers); got "
+        f"{type(positional).__name__}. Absolute encodings (SinusoidalPositionalEncoding) go on the embeddings."
+    )
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention over the functional core: ``out_proj(attention(q_proj(x), k_proj(y), v_proj(y)))``.
+
+    Self-attention when called with one tensor, cross-attention with ``key`` (and ``value``). ``num_kv_heads``
+    below ``num_heads`` gives grouped-query attention (MQA with 1): query head i reads kv head
+    ``i // (num_heads // num_kv_heads)``. With weights copied by :meth:`from_torch`, outputs and gradients match
+    ``torch.nn.MultiheadAttention``.
+
+    Args:
+        embed_dim: E, the size of the query input and of the output.
+        num_heads: H query heads.
+        num_kv_heads: Hkv key/value heads, dividing H (default H).
+        kdim, vdim: sizes of the key and value inputs (default E).
+        head_dim: D per head (default E // H; then E must be divisible by H).
+        bias: biases in the four projections.
+        dropout: dropout on the attention weights during training.
+        positional: a :class:`RotaryEmbedding` (rotates q, k), :class:`ALiBi` or :class:`T5RelativeBias`
+            (score_mods); positions continue across KV-cache calls.
+        mask: a mask applied on every call (e.g. ``salience.masks.causal()`` for a decoder), in global positions.
+        scale: softmax scale (default 1/sqrt(D)).
+        core: optional head-level module replacing exact attention (e.g. ``PerformerAttention``); called
+            ``core(q, k, v, mask=, score_mod=, scale=, kv_lengths=)``. No KV cache with a core.
+        name, layer_index: how the layer identifies itself to interpretability recorders.
+
+    Call:
+        ``mha(query, key=None, value=None, *, mask=None, key_padding_mask=None, key_lengths=None,
+        need_weights=False, cache=None, positions=None) -> MultiHeadOutput``
+
+        * query (B, L, E); key (B, S, kdim); value (B, S, vdim).
+        * mask: any salience mask (True = visible), combined with the layer's mask.
+        * key_padding_mask: bool (B, S), **True = padding** (torch's convention); or key_lengths (B,).
+          With a cache they cover all S keys (cached + new).
+        * need_weights: also return per-head weights (B, H, L, S), from :func:`salience.attention_weights`.
+        * cache: a :class:`KVCache` (self-attention) or :class:`StaticKVCache` (cross-attention).
+        * positions: explicit token positions (L,) or (B, L) for RoPE (e.g. a shard of a long sequence).
+
+    Example:
+        >>> mha = MultiHeadAttention(16, 4, positional=RotaryEmbedding(4))
+        >>> out = mha(torch.randn(2, 7, 16), key_lengths=[7, 5], need_weights=True)
+        >>> out.output.shape, out.weights.shape, out.weights[1, :, :, 5:].abs().sum().item()
+        (torch.Size([2, 7, 16]), torch.Size([2, 4, 7, 7]), 0.0)
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        *,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        positional=None,
+        mask=None,
+        scale: float | None = None,
+        core: nn.Module | None = None,
+        name: str | None = None,
+        layer_index: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        check_int(embed_dim, "embed_dim")
+        check_int(num_heads, "num_heads")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        check_int(num_kv_heads, "num_kv_heads")
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} (query head i reads kv "
+                f"head i // (num_heads // num_kv_heads)); choose num_kv_heads dividing {num_heads}."
+            )
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(
+                    f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; choose them so, or pass "
+                    "head_dim= explicitly."
+                )
+            head_dim = embed_dim // num_heads
+        check_int(head_dim, "head_dim")
+        kdim = embed_dim if kdim is None else check_int(kdim, "kdim")
+        vdim = embed_dim if vdim is None else check_int(vdim, "vdim")
+        check_bool(bias, "bias")
+        self.dropout = check_prob(dropout, "dropout")
+        self.positional = _check_positional(positional)
+        if isinstance(positional, RotaryEmbedding) and positional.head_dim != head_dim:
+            raise ValueError(f"positional RotaryEmbedding has head_dim={positional.head_dim} but the layer's head_dim is {head_dim}.")
+        if isinstance(positional, (ALiBi, T5RelativeBias)) and positional.num_heads != num_heads:
+            raise ValueError(
+                f"positional {type(positional).__name__} has num_heads={positional.num_heads} but the layer has "
+                f"num_heads={num_heads}; build it with {num_heads}."
+            )
+        self.mask = None if mask is None else as_mask_mod(mask, "mask")
+        if scale is not None:
+            from .._layout import check_scale
+
+            scale = check_scale(scale, head_dim)
+        if core is not None and not callable(core):
+            raise TypeError(f"core must be a callable head-level attention module; got {type(core).__name__}.")
+        self.core = core
+        self.scale = scale
+        self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
+        self.kdim, self.vdim = kdim, vdim
+        self.name = name if name is not None else type(self).__name__
+        self.layer_index = layer_index
+        fk = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias, **fk)
+        self.k_proj = nn.Linear(kdim, num_kv_heads * head_dim, bias=bias, **fk)
+        self.v_proj = nn.Linear(vdim, num_kv_heads * head_dim, bias=bias, **fk)
+        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **fk)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform projections and zero biases (the initialisation of torch.nn.MultiheadAttention)."""
+        for lin in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        if self.out_proj.bias is not None:
+            nn.init.zeros_(self.out_proj.bias)
+
+    def extra_repr(self) -> str:
+        s = (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+             f"head_dim={self.head_dim}, dropout={self.dropout}")
+        if self.mask is not None:
+            s += f", mask={self.mask}"
+        return s
+
+    # ------------------------------------------------------------------------------------------- torch peer
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention) -> MultiHeadAttention:
+        """A MultiHeadAttention with the weights of a ``torch.nn.MultiheadAttention`` (same outputs).
+
+        ``add_bias_kv`` and ``add_zero_attn`` have no counterpart and are rejected. Inputs here are batch
+        first whatever ``mha.batch_first`` says.
+        """
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be a torch.nn.MultiheadAttention; got {type(mha).__name__}.")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("add_bias_kv / add_zero_attn have no counterpart in salience; build mha without them.")
+        w = mha.in_proj_weight if mha._qkv_same_embed_dim else mha.q_proj_weight
+        bias = mha.in_proj_bias is not None
+        layer = cls(mha.embed_dim, mha.num_heads, kdim=mha.kdim, vdim=mha.vdim, bias=bias, dropout=mha.dropout,
+                    device=w.device, dtype=w.dtype)
+        E = mha.embed_dim
+        with torch.no_grad():
+            if mha._qkv_same_embed_dim:
+                wq, wk, wv = mha.in_proj_weight.chunk(3)
+            else:
+                wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+            layer.q_proj.weight.copy_(wq)
+            layer.k_proj.weight.copy_(wk)
+            layer.v_proj.weight.copy_(wv)
+            layer.out_proj.weight.copy_(mha.out_proj.weight)
+            if bias:
+                b = mha.in_proj_bias
+                layer.q_proj.bias.copy_(b[:E])
+                layer.k_proj.bias.copy_(b[E : 2 * E])
+                layer.v_proj.bias.copy_(b[2 * E :])
+                layer.out_proj.bias.copy_(mha.out_proj.bias)
+        return layer
+
+    # --------------------------------------------------------------------------------------------- forward
+    def _check_input(self, t, argname: str, dim: int, B: int | None = None) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{argname} must be a torch.Tensor (B, L, {dim}); got {type(t).__name__}.")
+        if t.dim() != 3 or t.shape[-1] != dim:
+            raise ValueError(
+                f"{argname} must have shape (B, L, {dim}) (batch first); got {tuple(t.shape)}. "
+                f"Unbatched input: {argname}.unsqueeze(0)."
+            )
+        w = self.q_proj.weight
+        if t.dtype != w.dtype:
+            raise TypeError(f"{argname} has dtype {t.dtype} but the layer's weights are {w.dtype}; cast one of them.")
+        if B is not None and t.shape[0] != B:
+            raise ValueError(f"{argname} has batch size {t.shape[0]} but query has {B}; they must match.")
+        if t.shape[1] == 0:
+            raise ValueError(f"{argname} is empty along the length axis (shape {tuple(t.shape)}).")
+
+    def _split(self, x, n_heads):
+        B, L, _ = x.shape
+        return x.view(B, L, n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        *,
+        mask=None,
+        key_padding_mask: torch.Tensor | None = None,
+        key_lengths=None,
+        need_weights: bool = False,
+        cache: KVCache | StaticKVCache | None = None,
+        positions=None,
+    ) -> MultiHeadOutput:
+        self._check_input(query, "query", self.embed_dim)
+        B, L, _ = query.shape
+        check_bool(need_weights, "need_weights")
+        if key is None and value is not None:
+            raise ValueError("value was given without key; pass key= as well for cross-attention (or neither).")
+        cross = key is not None or isinstance(cache, StaticKVCache)
+        if cache is not None and not isinstance(cache, (KVCache, StaticKVCache)):
+            raise TypeError(f"cache must be a KVCache, a StaticKVCache or None; got {type(cache).__name__}.")
+        if isinstance(cache, KVCache) and cross:
+            raise ValueError("a KVCache appends self-attention keys; for cross-attention pass a StaticKVCache.")
+        if cache is not None and self.core is not None:
+            raise ValueError(f"core {type(self.core).__name__} has no KV cache; decode with core=None (exact attention).")
+        if cross and self.positional is not None:
+            raise ValueError(
+                "positional encodings apply to self-attention; this call is cross-attention (key= or a "
+                "StaticKVCache). Build the cross-attention layer without positional=."
+            )
+        if positions is not None and not isinstance(self.positional, RotaryEmbedding):
+            raise ValueError("positions= sets RoPE positions and needs positional=RotaryEmbedding(...).")
+        if mask is not None:
+            mask = as_mask_mod(mask, "mask")
+
+        q = self._split(self.q_proj(query), self.num_heads)
+        offset = 0
+        if isinstance(cache, StaticKVCache) and cache.filled:
+            if cache.k.shape[0] != B:
+                raise ValueError(f"the StaticKVCache holds batch size {cache.k.shape[0]} but query has {B}.")
+            k, v = cache.k, cache.v
+        else:
+            if cross:
+                if key is None:
+                    raise ValueError("an empty StaticKVCache needs key= (the encoder output) on the first call.")
+                value = key if value is None else value
+                self._check_input(key, "key", self.kdim, B)
+                self._check_input(value, "value", self.vdim, B)
+                if value.shape[1] != key.shape[1]:
+                    raise ValueError(f"key has length {key.shape[1]} but value has {value.shape[1]}; they must match.")
+            else:
+                key = value = query
+            k = self._split(self.k_proj(key), self.num_kv_heads)
+            v = self._split(self.v_proj(value), self.num_kv_heads)
+            if isinstance(self.positional, RotaryEmbedding):
+                offset = cache.length if isinstance(cache, KVCache) else 0
+                q = self.positional(q, offset=offset, positions=positions)
+                k = self.positional(k, offset=offset, positions=positions)
+            if isinstance(cache, KVCache):
+                offset = cache.length
+                k, v = cache.append(k, v)
+            elif isinstance(cache, StaticKVCache):
+                cache.k, cache.v = k, v
+        S = k.shape[2]
+
+        # masks are written in global positions; with a cache the queries start at `offset`
+        m = self.mask
+        if mask is not None:
+            m = mask if m is None else m & mask
+        m_base = cache_mask(m, offset, L, S)
+        m = self._with_padding(m_base, key_padding_mask, key_lengths, B, S, query.device)
+        sm = None
+        if isinstance(self.positional, (ALiBi, T5RelativeBias)):
+            sm = shift_score_mod(self.positional.score_mod(), offset, 0)
+        p = self.dropout if self.training else 0.0
+
+        if self.core is not None:
+            return self._forward_core(q, k, v, m_base, sm, key_padding_mask, key_lengths, need_weights, B, L)
+
+        need_lse = need_weights or _hooks.recording()
+        res = attention(q, k, v, mask=m, score_mod=sm, scale=self.scale, dropout_p=p, return_lse=need_lse)
+        out, lse = (res.out, res.lse) if need_lse else (res, None)
+        weights = None
+        if need_weights:
+            weights = attention_weights(q, k, mask=m, score_mod=sm, scale=self.scale, lse=lse)
+        if lse is not None and _hooks.recording():
+            _hooks.emit(_hooks.AttentionEvent(name=self.name, q=q, k=k, mask=m, score_mod=sm, scale=self.scale,
+                                              lse=lse, layer_index=self.layer_index, module=self))
+        out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)
+        return MultiHeadOutput(self.out_proj(out), weights, lse)
+
+    def _with_padding(self, m, key_padding_mask, key_lengths, B, S, device):
+        if key_padding_mask is not None and key_lengths is not None:
+            raise ValueError("give key_padding_mask or key_lengths, not both.")
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+                seen = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+                raise TypeError(
+                    f"key_padding_mask must be a bool tensor (B, S) with True = padding; got {seen}. For an additive "
+                    "float mask use mask= with a score_mod, or convert: key_padding_mask = float_mask == float('-inf')."
+                )
+            if tuple(key_padding_mask.shape) != (B, S):
+                raise ValueError(
+                    f"key_padding_mask must have shape (B, S) = ({B}, {S}) (True = padding; with a KVCache it covers "
+                    f"cached and new keys); got {tuple(key_padding_mask.shape)}."
+                )
+            pm = dense(~key_padding_mask.to(device).view(B, 1, 1, S))
+            return pm if m is None else m & pm
+        if key_lengths is not None:
+            kl = torch.as_tensor(key_lengths, device=device)
+            if kl.dim() != 1 or kl.shape[0] != B or kl.dtype.is_floating_point or kl.dtype == torch.bool:
+                raise ValueError(f"key_lengths must be B={B} integer lengths (B,); got {kl.dtype} {tuple(kl.shape)}.")
+            if bool(((kl < 0) | (kl > S)).any()):
+                raise ValueError(f"key_lengths must lie in [0, S={S}]; got {kl.tolist()}.")
+            pm = padding(kv_lengths=kl)
+            return pm if m is None else m & pm
+        return m
+
+    def _forward_core(self, q, k, v, m_base, sm, key_padding_mask, key_lengths, need_weights, B, L):
+        # the core receives the layer/call mask without padding, and padding as right-padded lengths
+        lengths = None
+        if key_padding_mask is not None:
+            lengths = lengths_from_padding(key_padding_mask, type(self.core).__name__)
+        elif key_lengths is not None:
+            lengths = torch.as_tensor(key_lengths, device=q.device)
+        kw = {"mask": m_base, "score_mod": sm, "scale": self.scale, "kv_lengths": lengths}
+        out = self.core(q, k, v, **kw)
+        weights = None
+        if need_weights:
+            if not hasattr(self.core, "weights"):
+                raise ValueError(f"core {type(self.core).__name__} does not expose attention weights.")
+            weights = self.core.weights(q, k, **kw)
+        out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)
+        return MultiHeadOutput(self.out_proj(out), weights, None)
