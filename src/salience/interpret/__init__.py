@@ -1,0 +1,41 @@
+"""See what a model attends to: capture, methods, faithfulness and pictures.
+
+* :class:`capture` records attention maps from salience layers and from Hugging Face models running
+  ``attn_implementation="salience"`` (no eager fallback), for chosen layers, heads and query rows, in
+  chunks, at reduced precision or aggregated; the result is an :class:`AttentionMaps` (tokens, maps,
+  metadata) that saves to and loads from ``.npz``.
+* :mod:`~salience.interpret.methods`: raw maps, rollout, flow, gradient x attention, entropy, confidence,
+  head roles, head importance through gates.
+* :mod:`~salience.interpret.faithfulness`: how well attention-derived token importance agrees with
+  gradient x input and leave-one-out erasure (Spearman and Kendall), with a uniform-attention baseline.
+* :mod:`~salience.interpret.render`: PNG/SVG/PDF figures (matplotlib, the ``viz`` extra) and one
+  self-contained HTML report.
+
+Layout of maps for one input: ``(layers, H, L, S)``.
+
+Example:
+    >>> import torch
+    >>> from salience.layers import MultiHeadAttention
+    >>> from salience.interpret import capture, methods
+    >>> layers = [MultiHeadAttention(16, 4, name=f"l{i}", layer_index=i) for i in range(2)]
+    >>> with capture() as rec:
+    ...     x = torch.randn(1, 6, 16)
+    ...     for layer in layers:
+    ...         x = layer(x).output
+    >>> attn = rec.result().stack()          # (layers, H, L, S)
+    >>> methods.rollout(attn).shape
+    torch.Size([6, 6])
+"""
+
+from . import methods
+from .capture import AttentionMaps, Recorder, capture
+
+__all__ = ["AttentionMaps", "Recorder", "capture", "methods", "faithfulness", "render"]
+
+
+def __getattr__(name):  # faithfulness and render import lazily (render needs matplotlib only for PNGs)
+    if name in ("faithfulness", "render"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
