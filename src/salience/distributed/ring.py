@@ -99,13 +99,17 @@ class _Ring:
             raise self._error(what, e) from e
         return recv
 
-    def _error(self, what: str, e: Exception) -> RingError:
+    def _error(self, what: str, e: Exception, peers: str | None = None) -> RingError:
         t = f"{self.timeout.total_seconds():g} s" if self.timeout is not None else "the process group's timeout"
+        if peers is None:
+            peers = (f"receiving from rank {(self.rank - 1) % self.world} and sending to rank "
+                     f"{(self.rank + 1) % self.world}")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return RingError(
-            f"ring_attention: rank {self.rank} of {self.world} failed during {what} exchanging with rank "
-            f"{(self.rank - 1) % self.world} (previous) / {(self.rank + 1) % self.world} (next) within {t}: "
-            f"a peer has died, stalled, or did not call ring_attention/backward the same number of times. "
-            f"Original error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+            f"ring_attention: rank {self.rank} of {self.world} failed in {what}, {peers} (timeout {t}): a peer "
+            f"has died, stalled, or did not call ring_attention/backward as often as this rank. Check the other "
+            f"ranks' logs; exit this process (torch's gloo teardown may wait for the process group's timeout). "
+            f"Original error: {first}"
         )
 
 
@@ -290,7 +294,7 @@ def _agree(ring: _Ring, meta: list[int], device) -> None:
         else:
             work.wait(ring.timeout)
     except RuntimeError as e:
-        raise ring._error("the shape check before the ring", e) from e
+        raise ring._error("the shape check before the ring", e, "waiting for every rank of the group") from e
     names = ("B", "H", "Hkv", "L/W", "S/W", "D", "Dv", "dtype", "layout")
     for r, m in enumerate(allm):
         if not torch.equal(m, allm[0]):
@@ -343,12 +347,12 @@ def ring_attention(
     Example:
         >>> import torch, torch.distributed as dist, salience
         >>> from salience.distributed import ring_attention
-        >>> if not dist.is_initialized():  # a one-process ring, to show the call
-        ...     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a 1-process ring
         >>> q = torch.randn(1, 2, 16, 8)
         >>> out = ring_attention(q, q, q, mask=salience.masks.causal())
         >>> bool(torch.allclose(out, salience.attention(q, q, q, mask=salience.masks.causal()), atol=1e-6))
         True
+        >>> dist.destroy_process_group()
     """
     shp = check_qkv(q, k, v)
     if q.dtype not in _DTYPES:

@@ -1,0 +1,480 @@
+"""Ring attention (salience.distributed): sharding helpers, per-block maths, and 2- and 3-process rings on
+gloo over 127.0.0.1 against the single-process float64 reference, forward and backward; dead and stalled
+ranks give a clear error within a timeout.
+
+Every multi-process launch is bounded: the process group and the ring have timeouts, and the test joins its
+processes with a deadline and kills what is left.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import multiprocessing
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import salience
+from salience import masks as M
+from salience import scores as Sc
+from salience.distributed import (
+    LAYOUTS,
+    RingError,
+    positions,
+    ring_attention,
+    segments,
+    shard,
+    unshard,
+)
+from salience.distributed import _block
+from salience.kernels.merge import merge
+from salience.testing import assert_rel_close
+
+#: seconds a whole launch may take before its processes are killed and the test fails
+JOIN_TIMEOUT = 90
+#: seconds the ring waits for a peer inside the workers
+RING_TIMEOUT = 20
+
+N = 48  # global length: divisible by 2 * W for W in (2, 3)
+DOC_IDS = [0] * 7 + [1] * 20 + [2] * 5 + [3] * 16  # documents that span shards for W = 2 and 3
+
+
+# ------------------------------------------------------------------------------------------ cases
+
+
+def _custom_mask(b, h, q_idx, kv_idx):  # a plain callable: no analytic tile bounds, classified by evaluation
+    return ((q_idx + 2 * kv_idx) % 5 != 0) | (q_idx == kv_idx)
+
+
+def _case_list():
+    cases = []
+    for dtype in ("float64", "float32"):
+        for mask in ("none", "causal", "sliding_window", "documents"):
+            for layout in LAYOUTS:
+                cases.append(dict(name=f"{mask}-{layout}-{dtype}", mask=mask, layout=layout, dtype=dtype))
+    cases += [
+        dict(name="gqa-alibi-causal-zigzag-float32", mask="causal", layout="zigzag", dtype="float32",
+             score_mod="alibi", H=4, Hkv=2),
+        dict(name="custom-softcap-contiguous-float64", mask="custom", layout="contiguous", dtype="float64",
+             score_mod="softcap"),
+        dict(name="documents-causal-zigzag-float32", mask="documents_causal", layout="zigzag", dtype="float32"),
+        dict(name="padding-rows-zigzag-float64", mask="padding", layout="zigzag", dtype="float64"),
+        dict(name="cross-dv-contiguous-float32", mask="none", layout="contiguous", dtype="float32", S=72, Dv=5),
+        dict(name="causal-zigzag-bfloat16", mask="causal", layout="zigzag", dtype="bfloat16"),
+    ]
+    return cases
+
+
+CASES = _case_list()
+
+
+def _mask(name):
+    return {
+        "none": None,
+        "causal": M.causal(),
+        "sliding_window": M.sliding_window(6, 2),
+        "documents": M.document(DOC_IDS),
+        "documents_causal": M.document(DOC_IDS) & M.causal(),
+        "custom": _custom_mask,
+        "padding": M.padding(q_lengths=[40, 13]) & M.causal(),
+    }[name]
+
+
+def _score_mod(name, H):
+    return {None: None, "alibi": Sc.alibi(H), "softcap": Sc.softcap(1.5)}[name]
+
+
+def _inputs(case):
+    """Global float64 q, k, v, dout for a case (the same in every process)."""
+    g = torch.Generator().manual_seed(1234)
+    B, H, Hkv = 2, case.get("H", 2), case.get("Hkv", case.get("H", 2))
+    S, D, Dv = case.get("S", N), 8, case.get("Dv", 8)
+    q = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, Dv, generator=g, dtype=torch.float64)
+    do = torch.randn(B, H, N, Dv, generator=g, dtype=torch.float64)
+    return q, k, v, do
+
+
+# ---------------------------------------------------------------------------------------- launching
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank, world, port, pg_timeout=30):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=pg_timeout))
+
+
+def _save_and_exit(obj, outdir, rank):
+    torch.save(obj, os.path.join(outdir, f"rank{rank}.pt"))
+    os._exit(0)  # skip gloo teardown, which may wait for a stalled peer
+
+
+def _launch(target, world, outdir, *args, expendable=()):
+    """Run target(rank, world, port, outdir, *args) in ``world`` spawned processes; kill them at the deadline
+    (ranks in ``expendable`` are killed as soon as the others have finished).
+    Returns (exit codes, seconds, per-rank saved objects or None)."""
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, str(outdir), *args), daemon=True) for r in range(world)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    for r, p in enumerate(procs):
+        if r not in expendable:
+            p.join(max(0.1, JOIN_TIMEOUT - (time.monotonic() - t0)))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    secs = time.monotonic() - t0
+    saved = []
+    for r in range(world):
+        f = os.path.join(str(outdir), f"rank{r}.pt")
+        saved.append(torch.load(f, weights_only=False) if os.path.exists(f) else None)
+    return [p.exitcode for p in procs], secs, saved
+
+
+def _cases_worker(rank, world, port, outdir):
+    """Run every case; save this rank's output, lse and gradients (or the error) per case."""
+    import torch.distributed as dist
+
+    _init(rank, world, port)
+    _block.TILE = 8  # small tiles so that the tiled path splits the shards into several tiles
+    results = {}
+    for case in CASES:
+        try:
+            dt = getattr(torch, case["dtype"])
+            q, k, v, do = _inputs(case)
+            lay = case["layout"]
+            ql, kl, vl = (shard(t, rank, world, lay).to(dt).clone().requires_grad_(True) for t in (q, k, v))
+            res = ring_attention(ql, kl, vl, mask=_mask(case["mask"]), score_mod=_score_mod(case.get("score_mod"), q.shape[1]),
+                                 layout=lay, return_lse=True, timeout=RING_TIMEOUT)
+            res.out.backward(shard(do, rank, world, lay).to(dt))
+            results[case["name"]] = dict(out=res.out.detach(), lse=res.lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)
+        except Exception:  # report per case; the parent fails that case with the traceback
+            results[case["name"]] = dict(error=traceback.format_exc())
+    # ranks that disagree on the shard shapes: a ValueError on every rank, not a hang
+    try:
+        n = 8 if rank == 0 else 10
+        x = torch.randn(1, 1, n, 4)
+        ring_attention(x, x, x, timeout=RING_TIMEOUT)
+        results["mismatch"] = "no error"
+    except Exception as e:
+        results["mismatch"] = f"{type(e).__name__}: {e}"
+    dist.barrier()
+    _save_and_exit(results, outdir, rank)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2proc", "3proc"])
+def ring_run(request, tmp_path_factory):
+    world = request.param
+    outdir = tmp_path_factory.mktemp(f"ring{world}")
+    codes, secs, saved = _launch(_cases_worker, world, outdir)
+    return world, codes, secs, saved
+
+
+def _reference(case, dt):
+    q, k, v, do = _inputs(case)
+    outs = {}
+    for T in (torch.float64, dt):
+        qq, kk, vv = (t.to(T).clone().requires_grad_(True) for t in (q, k, v))
+        r = salience.reference.attention(qq, kk, vv, mask=_mask(case["mask"]),
+                                         score_mod=_score_mod(case.get("score_mod"), q.shape[1]))
+        r.out.backward(do.to(T))
+        outs[T] = dict(out=r.out.detach(), lse=r.lse, dq=qq.grad, dk=kk.grad, dv=vv.grad)
+    return outs
+
+
+def test_ring_processes_exit_cleanly(ring_run):
+    world, codes, secs, saved = ring_run
+    assert codes == [0] * world, f"exit codes {codes} after {secs:.1f} s"
+    assert all(s is not None for s in saved)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_ring_matches_reference(ring_run, case):
+    world, codes, secs, saved = ring_run
+    assert all(s is not None for s in saved), f"a rank saved nothing (exit codes {codes})"
+    per_rank = [s[case["name"]] for s in saved]
+    for r, res in enumerate(per_rank):
+        assert "error" not in res, f"rank {r} of {world} failed:\n{res['error']}"
+    dt = getattr(torch, case["dtype"])
+    ref = _reference(case, dt)
+    lay = case["layout"]
+    for key in ("out", "lse", "dq", "dk", "dv"):
+        got = unshard([res[key] for res in per_rank], layout=lay)
+        assert_rel_close(got, ref[dt][key], ref[torch.float64][key], what=f"{case['name']} {key} ({world} ranks)")
+
+
+def test_ring_padding_rows_are_zero_not_nan(ring_run):
+    world, _, _, saved = ring_run
+    res = [s["padding-rows-zigzag-float64"] for s in saved]
+    out = unshard([r["out"] for r in res], layout="zigzag")
+    lse = unshard([r["lse"] for r in res], layout="zigzag")
+    dq = unshard([r["dq"] for r in res], layout="zigzag")
+    assert not torch.isnan(out).any() and not torch.isnan(dq).any()
+    assert (out[1, :, 13:] == 0).all() and (dq[1, :, 13:] == 0).all()
+    assert torch.isneginf(lse[1, :, 13:]).all() and torch.isfinite(lse[1, :, :13]).all()
+
+
+def test_ring_mismatched_shards_raise_on_every_rank(ring_run):
+    world, _, _, saved = ring_run
+    for r, s in enumerate(saved):
+        msg = s["mismatch"]
+        assert msg.startswith("ValueError") and "L/W: 8 vs 10" in msg, f"rank {r}: {msg}"
+
+
+# ------------------------------------------------------------------------------ dead and stalled ranks
+
+
+def _failure_worker(rank, world, port, outdir, mode, victim):
+    _init(rank, world, port, pg_timeout=30)
+    q = torch.randn(1, 2, 16, 8, requires_grad=True)
+    if rank == victim and mode == "dies":
+        os._exit(3)
+    if rank == victim and mode == "stalls_forward":
+        time.sleep(JOIN_TIMEOUT)  # killed by the parent
+    t0 = time.monotonic()
+    try:
+        out = ring_attention(q, q, q, mask=M.causal(), timeout=2.0)
+        if rank == victim and mode == "skips_backward":
+            time.sleep(JOIN_TIMEOUT)
+        out.sum().backward()
+        res = dict(error=None)
+    except Exception as e:
+        res = dict(error=type(e).__name__, message=str(e))
+    res["seconds"] = time.monotonic() - t0
+    _save_and_exit(res, outdir, rank)
+
+
+@pytest.mark.parametrize(
+    "world, mode, victim",
+    [(2, "dies", 1), (3, "stalls_forward", 2), (2, "skips_backward", 1)],
+    ids=["2proc-rank-dies", "3proc-rank-stalls", "2proc-rank-skips-backward"],
+)
+def test_ring_dead_or_stalled_rank_fails_within_timeout(tmp_path, world, mode, victim):
+    codes, secs, saved = _launch(_failure_worker, world, tmp_path, mode, victim, expendable=(victim,))
+    assert secs < JOIN_TIMEOUT, "the launch hit the join deadline: something hung"
+    for r in range(world):
+        if r == victim:
+            continue
+        res = saved[r]
+        assert res is not None, f"rank {r} saved nothing (exit codes {codes})"
+        assert res["error"] == "RingError", res
+        assert f"rank {r} of {world}" in res["message"] and "died, stalled" in res["message"]
+        assert res["seconds"] < 2.0 + 8.0, res  # the 2 s ring timeout, plus slack for a loaded machine
+
+
+# ----------------------------------------------------------------------------- in-process: sharding
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shard_unshard_roundtrip_and_positions(layout, world):
+    x = torch.randn(2, 3, 12, 4)
+    parts = [shard(x, r, world, layout) for r in range(world)]
+    assert torch.equal(unshard(parts, layout), x)
+    for r in range(world):
+        pos = positions(12, r, world, layout)
+        assert torch.equal(parts[r], x[:, :, pos])
+        assert sum(n for _, n in segments(12, r, world, layout)) == 12 // world
+    allpos = torch.cat([positions(12, r, world, layout) for r in range(world)])
+    assert torch.equal(allpos.sort().values, torch.arange(12))
+    ids = torch.arange(12)
+    assert torch.equal(unshard([shard(ids, r, world, layout, dim=0) for r in range(world)], layout, dim=0), ids)
+
+
+def test_zigzag_balances_causal_work():
+    world, n = 4, 64
+    work = []
+    for r in range(world):
+        pos = positions(n, r, world, "zigzag")
+        work.append(int((pos + 1).sum()))  # visible keys per query under causal
+    assert max(work) == min(work)
+
+
+def test_sharding_errors():
+    x = torch.randn(1, 1, 10, 2)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        shard(x, 0, 2, layout="striped")
+    with pytest.raises(ValueError, match="multiple of 4.*Pad it by 2"):
+        shard(x, 0, 2, layout="zigzag")
+    with pytest.raises(ValueError, match="multiple of 3"):
+        shard(x, 0, 3)
+    with pytest.raises(ValueError, match="rank must be < world"):
+        shard(x, 2, 2)
+    with pytest.raises(TypeError, match="world must be an int"):
+        shard(x, 0, 2.0)
+    with pytest.raises(ValueError, match="dim must be an int"):
+        shard(x, 0, 2, dim=4)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        shard([1, 2], 0, 2)
+    with pytest.raises(ValueError, match="parts\\[1\\] has shape"):
+        unshard([torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 4, 2)])
+    with pytest.raises(TypeError, match="non-empty list"):
+        unshard([])
+    with pytest.raises(ValueError, match="must be even"):
+        unshard([torch.zeros(1, 1, 3, 2)] * 2, layout="zigzag")
+
+
+# ---------------------------------------------------------------------- in-process: argument errors
+
+
+def test_ring_attention_argument_errors():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ring_attention(q, q, q, layout="ring")
+    with pytest.raises(ValueError, match="local length of q must be even"):
+        ring_attention(torch.randn(1, 2, 7, 4), q, q, layout="zigzag")
+    with pytest.raises(TypeError, match="timeout must be seconds"):
+        ring_attention(q, q, q, timeout="10s")
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        ring_attention(q, q, q, timeout=-1)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        ring_attention(q, q, q, return_lse=1)
+    with pytest.raises(TypeError, match="floating-point"):
+        ring_attention(q.long(), q.long(), q.long())
+    with pytest.raises(ValueError, match="4 dimensions"):
+        ring_attention(q[0], q, q)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        ring_attention(q, q, q, scale=0.0)
+
+
+def test_ring_attention_needs_a_process_group():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ring_attention(q, q, q)
+
+
+def test_ring_attention_rejects_a_non_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        q = torch.randn(1, 2, 8, 4)
+        with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+            ring_attention(q, q, q, group="world")
+        # a one-process ring is plain attention
+        out = ring_attention(q, q, q, mask=M.sliding_window(2), layout="zigzag")
+        assert torch.allclose(out, salience.attention(q, q, q, mask=M.sliding_window(2)), atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- in-process: the per-block maths
+
+
+_MASKS = ["none", "causal", "sliding_window", "documents", "custom", "padding"]
+
+
+def _spec(mask_name, score_mod, B, H, Hkv, L, S, D, Dv, use_flash):
+    m = _mask(mask_name)
+    m = None if m is None else M.as_mask_mod(m).bind(L, S, None)
+    return _block.Spec(mask=m, score_mod=score_mod, scale=1 / math.sqrt(D), L=L, S=S, B=B, H=H, Hkv=Hkv, D=D,
+                       Dv=Dv, use_flash=use_flash)
+
+
+def _cuts(draw, n, most):
+    pts = sorted(set(draw(st.lists(st.integers(1, n - 1), max_size=most))))
+    edges = [0] + pts + [n]
+    return [(a, b - a) for a, b in zip(edges[:-1], edges[1:])]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_blocks_merge_to_the_reference(data):
+    """Any split of the query and key positions into blocks, computed block by block with global offsets and
+    merged with logsumexps (forward) and with the global out/lse (backward), equals the reference."""
+    draw = data.draw
+    mask_name = draw(st.sampled_from(_MASKS))
+    mod = draw(st.sampled_from([None, "alibi", "softcap"]))
+    use_flash = draw(st.booleans())
+    dt = draw(st.sampled_from([torch.float64, torch.float32]))
+    _block_tile = draw(st.sampled_from([4, 8, 128]))
+    B, H, Hkv, D = 2, 2, draw(st.sampled_from([1, 2])), 4
+    Dv = draw(st.sampled_from([4, 3]))
+    L = S = N
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    q64 = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
+    k64 = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    v64 = torch.randn(B, Hkv, S, Dv, generator=g, dtype=torch.float64)
+    do64 = torch.randn(B, H, L, Dv, generator=g, dtype=torch.float64)
+    sm = _score_mod(mod, H)
+    qsegs, ksegs = _cuts(draw, L, 3), _cuts(draw, S, 3)
+    old = _block.TILE
+    _block.TILE = _block_tile
+    try:
+        spec = _spec(mask_name, sm, B, H, Hkv, L, S, D, Dv, use_flash and Dv == D)
+        q, k, v, do = (t.to(dt) for t in (q64, k64, v64, do64))
+        acc = _block.acc_dtype(dt)
+        outs, lses = [], []
+        for q0, nq in qsegs:
+            part = None
+            for k0, nk in ksegs:
+                r = _block.block_forward(spec, q[:, :, q0:q0 + nq], k[:, :, k0:k0 + nk], v[:, :, k0:k0 + nk], q0, k0)
+                if r is None:
+                    continue
+                part = (r.out.to(acc), r.lse) if part is None else tuple(merge(part[0], part[1], r.out.to(acc), r.lse))
+            if part is None:
+                part = (torch.zeros(B, H, nq, Dv, dtype=acc), torch.full((B, H, nq), float("-inf"), dtype=acc))
+            outs.append(part[0])
+            lses.append(part[1])
+        out, lse = torch.cat(outs, 2).to(dt), torch.cat(lses, 2)
+        ls = _block.safe_lse(lse)
+        delta = (do.to(acc) * out.to(acc)).sum(-1)
+        dq = torch.zeros(q.shape, dtype=acc)
+        dk = torch.zeros(k.shape, dtype=acc)
+        dv = torch.zeros(v.shape, dtype=acc)
+        for q0, nq in qsegs:
+            qs = slice(q0, q0 + nq)
+            for k0, nk in ksegs:
+                ks = slice(k0, k0 + nk)
+                gr = _block.block_backward(spec, q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs], ls[:, :, qs],
+                                           do[:, :, qs], delta[:, :, qs], q0, k0)
+                if gr is not None:
+                    dq[:, :, qs] += gr[0]
+                    dk[:, :, ks] += gr[1]
+                    dv[:, :, ks] += gr[2]
+    finally:
+        _block.TILE = old
+    ref = {}
+    for T in (torch.float64, dt):
+        qq, kk, vv = (t.to(T).clone().requires_grad_(True) for t in (q64, k64, v64))
+        r = salience.reference.attention(qq, kk, vv, mask=_mask(mask_name), score_mod=sm)
+        r.out.backward(do64.to(T))
+        ref[T] = dict(out=r.out.detach(), lse=r.lse, dq=qq.grad, dk=kk.grad, dv=vv.grad)
+    got = dict(out=out, lse=lse, dq=dq.to(dt), dk=dk.to(dt), dv=dv.to(dt))
+    for key, val in got.items():
+        assert not torch.isnan(val).any(), key
+        assert_rel_close(val, ref[dt][key], ref[torch.float64][key], what=f"{key} {mask_name} {mod} {qsegs} {ksegs}")
+
+
+def test_blocks_skip_empty_and_use_the_fused_kernel():
+    spec = _spec("causal", None, 1, 1, 1, 64, 64, 4, 4, True)
+    assert _block.plan_block(spec, 0, 16, 32, 16, None).kind == "empty"  # keys after every query
+    assert _block.plan_block(spec, 32, 16, 0, 16, None).kind == "full"
+    assert _block.plan_block(spec, 16, 16, 16, 16, None).kind == "causal"
+    spec = _spec("sliding_window", None, 1, 1, 1, 64, 64, 4, 4, True)
+    assert _block.plan_block(spec, 48, 16, 0, 16, None).kind == "empty"
+    p = _block.plan_block(spec, 16, 16, 0, 32, None)
+    assert p.kind == "tiled" and p.spans
