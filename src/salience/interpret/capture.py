@@ -37,7 +37,8 @@ import torch
 from .. import _hooks
 from ..functional import attention_weights
 
-__all__ = ["AttentionMaps", "capture", "Recorder", "STORE_DTYPES", "AGGREGATES"]
+__all__ = ["AttentionMaps", "capture", "Recorder", "capture_with_grad", "GradRecorder", "STORE_DTYPES", "AGGREGATES",
+           "EXPLICIT_IMPLEMENTATION"]
 
 #: storage dtypes accepted by :class:`capture` (reduced precision halves or quarters the recorded size)
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -397,4 +398,123 @@ class capture:
 
     def __exit__(self, *exc) -> None:
         _hooks.unsubscribe(self.recorder)
+        return None
+
+
+#: the transformers attention implementation :class:`capture_with_grad` switches a model to while it is open
+EXPLICIT_IMPLEMENTATION = "salience_explicit"
+
+
+class GradRecorder:
+    """What :class:`capture_with_grad` yields: ``weights`` (one ``(B, H, L, S)`` tensor per attention call,
+    part of the autograd graph) and, after ``backward()``, :meth:`grads`."""
+
+    def __init__(self):
+        self.weights: list[torch.Tensor] = []
+        self.names: list[str] = []
+
+    def grads(self) -> list[torch.Tensor]:
+        """``dF/dA`` per call (zeros where the explained scalar did not depend on a layer)."""
+        if not self.weights:
+            raise RuntimeError("no attention call was recorded; run the model inside the capture_with_grad block.")
+        out = []
+        for w in self.weights:
+            if w.grad is None and not w.requires_grad:
+                raise RuntimeError(
+                    "the recorded weights are not part of an autograd graph: run the forward pass with gradients "
+                    "enabled (not under torch.no_grad()) and call backward() on the explained scalar."
+                )
+            out.append(torch.zeros_like(w) if w.grad is None else w.grad.detach())
+        return out
+
+    def maps(self) -> torch.Tensor:
+        """The weights of example 0 as ``(layers, H, L, S)``, detached."""
+        return torch.stack([w.detach()[0] for w in self.weights])
+
+
+def _explicit_forward_factory(rec_stack: list):
+    from .._layout import expand_kv
+    from ..integrations import hf as _hf
+
+    def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+        box: list = []
+        _hooks.subscribe(box.append)  # read the mask, score_mod and scale salience derives for this call
+        try:
+            _hf.attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
+                                  **{k: v for k, v in kwargs.items() if k != "output_attentions"})
+        finally:
+            _hooks.unsubscribe(box.append)
+        ev = [e for e in box if e.q is query][-1]
+        w = attention_weights(query, key, mask=ev.mask, score_mod=ev.score_mod, scale=ev.scale)
+        if w.requires_grad:
+            w.retain_grad()
+        if rec_stack:
+            rec_stack[-1].weights.append(w)
+            rec_stack[-1].names.append(ev.name)
+        out = w.to(value.dtype) @ expand_kv(value, query.shape[1])
+        return out.transpose(1, 2).contiguous(), (w if kwargs.get("output_attentions") else None)
+
+    return forward
+
+
+_GRAD_STACK: list[GradRecorder] = []
+
+
+class capture_with_grad:
+    """Context manager giving attention weights that are part of the autograd graph, for gradient x attention.
+
+    The fused kernels never form the weights, so ``dF/dA`` does not exist in a normal forward pass. While
+    open, a Hugging Face model running salience attention is switched to ``"salience_explicit"``: the
+    same masks and score_mods (read from the salience attention call), but the output is computed as
+    ``attention_weights(q, k) @ v`` so that ``A.grad`` fills in on ``backward()``. This materialises
+    ``(B, H, L, S)`` per layer: meant for inputs of a few hundred tokens. The previous implementation is
+    restored on exit.
+
+    Only Hugging Face models are supported: salience's own layers emit no values in their attention events,
+    so for them compute the gradients yourself and call :func:`salience.interpret.methods.gradient_x_attention`.
+
+    Example:
+        >>> import torch, salience.models
+        >>> from salience.interpret.capture import capture_with_grad
+        >>> model, tok = salience.models.minilm()
+        >>> enc = tok(["attention is all you need"], return_tensors="pt")
+        >>> with capture_with_grad(model) as rec:
+        ...     model(**enc).last_hidden_state[:, 0].sum().backward()
+        >>> len(rec.grads()), rec.grads()[0].shape
+        (6, torch.Size([1, 12, 7, 7]))
+    """
+
+    def __init__(self, model):
+        if not (isinstance(model, torch.nn.Module) and hasattr(model, "set_attn_implementation")):
+            raise NotImplementedError(
+                f"capture_with_grad supports transformers models (got {type(model).__name__}): salience layers' "
+                "attention events carry no values, so dF/dA cannot be formed from them. Compute the gradient of "
+                "your scalar with respect to explicit weights and call methods.gradient_x_attention."
+            )
+        impl = model.config._attn_implementation
+        if impl != "salience":
+            raise ValueError(
+                f"this model runs attn_implementation={impl!r}; enable salience attention first with "
+                "salience.integrations.hf.enable(model)."
+            )
+        self.model = model
+        self.recorder: GradRecorder | None = None
+
+    def __enter__(self) -> GradRecorder:
+        from transformers import AttentionInterface
+        from transformers import masking_utils as mu
+
+        from ..integrations import hf as _hf
+
+        AttentionInterface.register(EXPLICIT_IMPLEMENTATION, _explicit_forward_factory(_GRAD_STACK))
+        mu.AttentionMaskInterface.register(EXPLICIT_IMPLEMENTATION, _hf.mask_function)
+        self.recorder = GradRecorder()
+        _GRAD_STACK.append(self.recorder)
+        self.model.set_attn_implementation(EXPLICIT_IMPLEMENTATION)
+        return self.recorder
+
+    def __exit__(self, *exc) -> None:
+        self.model.set_attn_implementation("salience")
+        if self.recorder in _GRAD_STACK:
+            _GRAD_STACK.remove(self.recorder)
         return None
