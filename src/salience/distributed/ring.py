@@ -195,21 +195,32 @@ class _Runner:
             src = (rank - s) % W
             h = self.ring.exchange(buf, f"backward step {s + 1}/{W}") if s < W - 1 else None
             kc, vc = _unpack(buf, kshape, vshape)
-            dk_loc = torch.zeros(kshape, dtype=acc, device=q.device)
-            dv_loc = torch.zeros(vshape, dtype=acc, device=q.device)
+            # this step's dK, dV for the held shard, packed for the trip round the ring; each key segment is
+            # written by its first block and accumulated by the next, and zeroed only if no block saw it
+            local = torch.empty(math.prod(kshape) + math.prod(vshape), dtype=acc, device=q.device)
+            dk_loc, dv_loc = _unpack(local, kshape, vshape)
+            written = set()
             for qo, q0, nq, ko, k0, nk in self.blocks(src):
-                sl = slice(qo, qo + nq)
+                sl, ks = slice(qo, qo + nq), slice(ko, ko + nk)
                 g = _block.block_backward(
-                    spec, q[:, :, sl], kc[:, :, ko : ko + nk], vc[:, :, ko : ko + nk], out[:, :, sl],
+                    spec, q[:, :, sl], kc[:, :, ks], vc[:, :, ks], out[:, :, sl],
                     lse_safe[:, :, sl], dout[:, :, sl], delta[:, :, sl], q0, k0,
                 )
                 if g is None:
                     continue
                 dq[:, :, sl] += g[0]
-                dk_loc[:, :, ko : ko + nk] += g[1]
-                dv_loc[:, :, ko : ko + nk] += g[2]
-            local = _pack(dk_loc, dv_loc)
-            dkv = local if hd is None else self.ring.wait(hd) + local
+                if ko in written:
+                    dk_loc[:, :, ks] += g[1]
+                    dv_loc[:, :, ks] += g[2]
+                else:
+                    dk_loc[:, :, ks] = g[1]
+                    dv_loc[:, :, ks] = g[2]
+                    written.add(ko)
+            for ko, _k0, nk in self.kv_segs[src]:
+                if ko not in written:
+                    dk_loc[:, :, ko : ko + nk] = 0
+                    dv_loc[:, :, ko : ko + nk] = 0
+            dkv = local if hd is None else self.ring.wait(hd).add_(local)
             if W > 1:
                 hd = self.ring.exchange(dkv, f"backward gradient step {s + 1}/{W}")
             if h is not None:
