@@ -4,6 +4,7 @@ Small randomly initialised Llama-style and Mistral-style (sliding window) models
 downloads. MiniLM parity lives in test_hf_minilm.py.
 """
 
+import inspect
 import subprocess
 import sys
 
@@ -59,11 +60,21 @@ def test_registered_under_salience():
 # ------------------------------------------------------------------------------------------ mask translation
 
 
+_NEW_SIGNATURE = "q_length" in inspect.signature(mu.sdpa_mask).parameters
+
+
 def _hf_dense(B, L, S, qo, ko, fn, pad):
     """What transformers gives SDPA: a (B, 1, L, S) bool mask (the ground truth)."""
-    m = mu.sdpa_mask(batch_size=B, q_length=L, kv_length=S, q_offset=qo, kv_offset=ko, mask_function=fn,
-                     attention_mask=pad, allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    where = dict(q_length=L, q_offset=qo) if _NEW_SIGNATURE else dict(cache_position=torch.arange(qo, qo + L))
+    m = mu.sdpa_mask(batch_size=B, kv_length=S, kv_offset=ko, mask_function=fn, attention_mask=pad,
+                     allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **where)
     return m.expand(B, 1, L, S)
+
+
+def _hf_mask(B, L, S, qo=0, ko=0, **kw):
+    """Call the registered mask function the way this transformers version's models do."""
+    where = dict(q_length=L, q_offset=qo) if _NEW_SIGNATURE else dict(cache_position=torch.arange(qo, qo + L))
+    return shf.mask_function(batch_size=B, kv_length=S, kv_offset=ko, **where, **kw)
 
 
 def _ours_dense(hm, B, L, S):
@@ -92,8 +103,9 @@ FUNCS = {
     "causal": lambda: mu.causal_mask_function,
     "bidirectional": lambda: mu.bidirectional_mask_function,
     "sliding_causal": lambda: mu.sliding_window_causal_mask_function(5),
-    "sliding_bidirectional": lambda: mu.sliding_window_bidirectional_mask_function(3),
 }
+if hasattr(mu, "sliding_window_bidirectional_mask_function"):  # newer transformers
+    FUNCS["sliding_bidirectional"] = lambda: mu.sliding_window_bidirectional_mask_function(3)
 
 
 @pytest.mark.parametrize("fn_name", sorted(FUNCS))
@@ -104,8 +116,7 @@ def test_translation_equals_transformers_dense_mask(fn_name, pad, L, S, qo, ko):
     B = 3
     fn = FUNCS[fn_name]()
     keep = _pad(pad, B, ko + S, g)
-    hm = shf.mask_function(batch_size=B, q_length=L, kv_length=S, q_offset=qo, kv_offset=ko, mask_function=fn,
-                           attention_mask=None if keep is None else keep.bool())
+    hm = _hf_mask(B, L, S, qo, ko, mask_function=fn, attention_mask=None if keep is None else keep.bool())
     assert isinstance(hm, shf.HFMask) and not hm.dense, hm  # structured, no L x S tensor
     expected = _hf_dense(B, L, S, qo, ko, fn, None if keep is None else keep.bool())
     assert torch.equal(_ours_dense(hm, B, L, S), expected), (hm, expected[:, 0].int())
@@ -146,9 +157,11 @@ def test_packed_sequences_become_a_document_mask():
     B, L = 2, 10
     pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]])
     packed = mu.find_packed_sequence_indices(pos)
-    fn = mu.and_masks(mu.remap_positions_for_packed_sequence(mu.causal_mask_function, pos),
-                      mu.packed_sequence_mask_function(packed))
-    hm = shf.mask_function(batch_size=B, q_length=L, kv_length=L, mask_function=fn)
+    causal = mu.causal_mask_function
+    if hasattr(mu, "remap_positions_for_packed_sequence"):  # newer transformers remap positions per sequence
+        causal = mu.remap_positions_for_packed_sequence(causal, pos)
+    fn = mu.and_masks(causal, mu.packed_sequence_mask_function(packed))
+    hm = _hf_mask(B, L, L, mask_function=fn)
     assert not hm.dense and "document(" in hm.structure
     assert torch.equal(_ours_dense(hm, B, L, L), _hf_dense(B, L, L, 0, 0, fn, None))
 
@@ -158,7 +171,7 @@ def test_unreadable_mask_falls_back_to_the_dense_sdpa_mask():
         return kv < 2
 
     fn = mu.or_masks(mu.causal_mask_function, custom)
-    hm = shf.mask_function(batch_size=2, q_length=6, kv_length=6, mask_function=fn, use_vmap=True)
+    hm = _hf_mask(2, 6, 6, mask_function=fn, use_vmap=True)
     assert hm.dense
     assert torch.equal(_ours_dense(hm, 2, 6, 6), _hf_dense(2, 6, 6, 0, 0, fn, None))
 
@@ -172,7 +185,7 @@ def test_cache_position_signature_of_transformers_4():
 
 @settings(max_examples=40, deadline=None)
 @given(L=st.integers(1, 12), extra=st.integers(0, 12), ko=st.integers(0, 4), w=st.integers(1, 8),
-       kind=st.sampled_from(sorted(FUNCS) + ["sliding_causal_w"]), pad=st.sampled_from([None, "right", "left", "holes"]),
+       kind=st.sampled_from([*sorted(FUNCS), "sliding_causal_w"]), pad=st.sampled_from([None, "right", "left", "holes"]),
        seed=st.integers(0, 10**6))
 def test_translation_property(L, extra, ko, w, kind, pad, seed):
     S = L + extra
@@ -180,8 +193,7 @@ def test_translation_property(L, extra, ko, w, kind, pad, seed):
     fn = mu.sliding_window_causal_mask_function(w) if kind == "sliding_causal_w" else FUNCS[kind]()
     keep = _pad(pad, 2, ko + S, torch.Generator().manual_seed(seed))
     keep = None if keep is None else keep.bool()
-    hm = shf.mask_function(batch_size=2, q_length=L, kv_length=S, q_offset=qo, kv_offset=ko, mask_function=fn,
-                           attention_mask=keep)
+    hm = _hf_mask(2, L, S, qo, ko, mask_function=fn, attention_mask=keep)
     assert not hm.dense
     assert torch.equal(_ours_dense(hm, 2, L, S), _hf_dense(2, L, S, qo, ko, fn, keep))
 
@@ -209,7 +221,7 @@ def test_attention_forward_matches_reference_forward_and_backward(fn_name):
     B, L = 2, 12
     pad = torch.ones(B, L, dtype=torch.bool)
     pad[1, 9:] = False
-    hm = shf.mask_function(batch_size=B, q_length=L, kv_length=L, mask_function=FUNCS[fn_name](), attention_mask=pad)
+    hm = _hf_mask(B, L, L, mask_function=FUNCS[fn_name](), attention_mask=pad)
     q64, k64, v64 = _qkv(grad=True)
     q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q64, k64, v64))
     qr, kr, vr = (t.detach().float().requires_grad_(True) for t in (q64, k64, v64))

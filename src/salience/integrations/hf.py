@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -361,12 +362,16 @@ def mask_function(
                         device)
     if hm is not None:
         return hm
-    dense = _mu.sdpa_mask(
-        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
-        mask_function=mask_function, attention_mask=attention_mask, cache_position=cache_position,
-        device=device if device is not None else "cpu",
-        **{**kwargs, "allow_is_causal_skip": False, "allow_is_bidirectional_skip": False},
-    )
+    args = dict(kwargs)
+    args.update(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, mask_function=mask_function,
+                attention_mask=attention_mask, allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    if "q_length" in inspect.signature(_mu.sdpa_mask).parameters:
+        args.update(q_length=q_length, q_offset=q_offset, device=device if device is not None else "cpu")
+    else:  # transformers releases whose sdpa_mask reads the query positions from cache_position
+        if cache_position is None:
+            cache_position = torch.arange(q_length, device=device) + _as_int(q_offset)
+        args.update(cache_position=cache_position)
+    dense = _mu.sdpa_mask(**args)
     mm = M.dense(dense)
     return HFMask(mm, int(q_length), int(kv_length), int(batch_size), mm.name, dense=True)
 
@@ -408,16 +413,24 @@ def _tensor_mask(t: torch.Tensor, L: int, S: int):
     return mask, mod
 
 
-def _wants_attentions(kwargs) -> bool:
-    if kwargs.get("output_attentions"):
-        return True
-    try:  # output_attentions set in the config reaches only transformers' output collector
-        from transformers.utils.output_capturing import _active_collector
+try:  # transformers >= 5.x with hook-based output capture: output_attentions set in the config shows here
+    from transformers.utils.output_capturing import _active_collector as _COLLECTOR
+except ImportError:  # older 5.x releases wrap forwards instead; the config flag is read directly
+    _COLLECTOR = None
 
-        c = _active_collector.get()
-        return bool(c) and ("attentions" in c or "cross_attentions" in c)
-    except Exception:
-        return False
+
+def _wants_attentions(module, kwargs) -> bool:
+    """Whether the caller asked for the attention maps: the call's flag, else transformers' collector or config."""
+    if "output_attentions" in kwargs and kwargs["output_attentions"] is not None:
+        return bool(kwargs["output_attentions"])
+    if _COLLECTOR is not None:
+        try:
+            c = _COLLECTOR.get()
+        except Exception:  # pragma: no cover - a changed private API: fall back to the config flag
+            c = None
+        else:
+            return bool(c) and ("attentions" in c or "cross_attentions" in c)
+    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
 
 
 def _module_name(module) -> str:
@@ -505,7 +518,7 @@ def attention_forward(
     if softcap is not None:
         cap = _scores.softcap(float(softcap))
         score_mod = cap if score_mod is None else _scores.compose(cap, score_mod)
-    want_weights = _wants_attentions(kwargs)
+    want_weights = _wants_attentions(module, kwargs)
     record = _hooks.recording()
     lse = weights = None
     if want_weights or record:
