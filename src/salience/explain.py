@@ -1,0 +1,292 @@
+"""``salience explain "TEXT"``: what a model attends to, as an HTML report, PNGs and a terminal summary.
+
+Runs the model once with salience attention while :class:`salience.interpret.capture` records the maps
+(no eager attention), then computes rollout, flow (when short enough), entropy and head roles, the
+faithfulness table (attention importance vs gradient x input and leave-one-out erasure), and writes:
+
+* ``DIR/report.html``: one self-contained page (model view, head view, matrix view, bars, tables);
+* ``DIR/grid.png``, ``DIR/last_layer.png``, ``DIR/importance.png``, ``DIR/entropy.png``;
+* ``DIR/maps.npz``: the recorded :class:`~salience.interpret.AttentionMaps`.
+
+The default model is the embedded all-MiniLM-L6-v2 (``--model minilm``); ``--model PATH`` loads any local
+transformers encoder or sequence classifier. Nothing is downloaded.
+
+Example:
+    >>> from salience.explain import build_parser
+    >>> args = build_parser().parse_args(["The cat sat.", "--layers", "0,5", "--method", "rollout,entropy"])
+    >>> args.layers, args.method
+    ([0, 5], ['rollout', 'entropy'])
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["add_arguments", "run", "build_parser", "METHODS", "parse_layers", "parse_methods", "Progress"]
+
+#: what ``--method`` accepts
+METHODS = ("raw", "rollout", "flow", "grad", "entropy", "roles", "faithfulness")
+
+
+def parse_layers(text: str):
+    """``"all"`` -> None; ``"0,2,5"`` -> [0, 2, 5]; ``"1-3"`` -> [1, 2, 3]; negative indices count from the end."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(-?\d+)-(-?\d+)", part)
+        try:
+            out += list(range(int(m.group(1)), int(m.group(2)) + 1)) if m else [int(part)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--layers takes 'all', a comma list (0,2,5) or a range (1-3); got {text!r}.") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"--layers selects nothing: {text!r}.")
+    return out
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"all"`` or a comma list of :data:`METHODS`."""
+    if text.strip().lower() == "all":
+        return list(METHODS)
+    out = [m.strip().lower() for m in text.split(",") if m.strip()]
+    bad = [m for m in out if m not in METHODS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(
+            f"--method takes 'all' or a comma list of {', '.join(METHODS)}; got {text!r}.")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", help="the input text")
+    p.add_argument("--model", default="minilm",
+                   help="'minilm' (the embedded all-MiniLM-L6-v2, default) or a local transformers model directory")
+    p.add_argument("--out", default="salience-report", help="output directory (default: ./salience-report)")
+    p.add_argument("--layers", type=parse_layers, default=None,
+                   help="layers to record: all (default), a list 0,2,5 or a range 1-3 (negative: from the end)")
+    p.add_argument("--heads", type=parse_layers, default=None, help="heads to record (default all)")
+    p.add_argument("--method", type=parse_methods, default=list(METHODS),
+                   help=f"comma list of {', '.join(METHODS)}, or all (default)")
+    p.add_argument("--pair", default=None,
+                   help="a second sentence: explain the embedding similarity with it (encoders)")
+    p.add_argument("--label", type=int, default=None, help="class to explain (classifiers; default: predicted)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="storage precision of the recorded maps")
+    p.add_argument("--pool", type=int, default=1, help="store maps pooled over blocks of this many tokens")
+    p.add_argument("--max-tokens", type=int, default=128,
+                   help="longest input for the faithfulness table (erasure costs one pass per token)")
+    p.add_argument("--flow-seconds", type=float, default=10.0, help="refuse attention flow beyond this estimate")
+    p.add_argument("--no-png", action="store_true", help="skip the matplotlib PNGs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="salience explain", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return p
+
+
+class Progress:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, total: int, enabled: bool = True, width: int = 24, stream=None):
+        self.total, self.done, self.enabled, self.width = total, 0, enabled, width
+        self.stream = stream or sys.stderr
+        self.t0 = time.perf_counter()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        n = int(self.width * self.done / self.total)
+        bar = "#" * n + "." * (self.width - n)
+        line = f"[{bar}] {self.done}/{self.total} {label} ({time.perf_counter() - self.t0:.1f} s)"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(78) + ("\n" if self.done >= self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _load(model_arg: str):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .integrations import hf
+
+    if model_arg == "minilm":
+        from .models import minilm
+
+        return minilm()
+    path = Path(model_arg)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise SystemExit(
+            f"salience explain: --model must be 'minilm' or a local transformers model directory with config.json; "
+            f"got {model_arg!r} (nothing is downloaded)."
+        )
+    import json
+
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    arch = json.loads((path / "config.json").read_text()).get("architectures") or []
+    cls = AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification") for a in arch) else AutoModel
+    model = cls.from_pretrained(str(path), attn_implementation="salience", local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    hf.name_modules(model)
+    return model, tok
+
+
+def run(args) -> int:
+    from .interpret import capture
+    from .interpret import methods as M
+    from .interpret.faithfulness import evaluate
+    from .interpret.render import html
+
+    text = args.text
+    if not isinstance(text, str) or not text.strip():
+        print("salience explain: TEXT is empty; pass the text to explain in quotes.", file=sys.stderr)
+        return 2
+    if args.pool < 1:
+        print(f"salience explain: --pool must be >= 1; got {args.pool}.", file=sys.stderr)
+        return 2
+    methods = args.method
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = 4 + ("faithfulness" in methods or "grad" in methods) + (not args.no_png)
+    bar = Progress(steps, enabled=not args.quiet)
+
+    model, tok = _load(args.model)
+    bar.step(f"loaded {args.model}")
+
+    limit = getattr(tok, "model_max_length", None)
+    limit = limit if isinstance(limit, int) and limit < 10**6 else getattr(model.config, "max_position_embeddings", None)
+    enc = tok(text, return_tensors="pt", truncation=limit is not None, max_length=limit)
+    ids = enc["input_ids"]
+    L = ids.shape[1]
+    tokens = tok.convert_ids_to_tokens(ids[0].tolist())
+    n_text = len(tok(text)["input_ids"]) if limit is not None else L
+    with torch.no_grad(), capture(model, layers=args.layers, heads=args.heads, dtype=args.dtype,
+                                  pool=args.pool) as rec:
+        model(**enc)
+    maps = rec.result(tokens=tokens)
+    if not maps.maps:
+        print("salience explain: no attention was recorded (check --layers).", file=sys.stderr)
+        return 1
+    maps.save(out / "maps.npz")
+    attn = maps.stack()  # (layers, H, L', S')
+    names = [e["name"] for e in maps.entries]
+    layer_ids = [e["layer"] for e in maps.entries]
+    bar.step(f"captured {len(maps.maps)} layer(s), {L} tokens")
+
+    # --------------------------------------------------------------------------------- methods
+    importances, notes = {}, []
+    square = attn.shape[-1] == attn.shape[-2] and args.pool == 1
+    special = set()
+    if hasattr(tok, "get_special_tokens_mask"):
+        sm = tok.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True)
+        special = {i for i, s in enumerate(sm) if s}
+    if square and "rollout" in methods:
+        importances["rollout"] = M.token_importance(M.rollout(attn), "mean")
+    if square and "flow" in methods:
+        est = M.flow_cost(attn.shape[0], attn.shape[-1], attn.shape[-1])
+        if est <= args.flow_seconds:
+            importances["flow"] = M.token_importance(M.flow(attn, max_seconds=None), "mean")
+        else:
+            notes.append(f"flow: refused, estimated {est:.0f} s for {L} tokens (> --flow-seconds {args.flow_seconds:g}); "
+                         "rollout shown instead")
+    if not square and ("rollout" in methods or "flow" in methods):
+        notes.append("rollout/flow need all rows of every layer at full resolution (no --pool)")
+    received = M.fuse_heads(attn).mean(1)  # (layers, S): attention each key receives
+    importances["attention received (mean)"] = received.mean(0)
+    ent = M.entropy(attn)
+    roles = M.head_roles(attn) if ("roles" in methods and square) else None
+    bar.step("methods")
+
+    faith = None
+    if ("faithfulness" in methods or "grad" in methods) and args.pool == 1:
+        if L > args.max_tokens:
+            notes.append(f"faithfulness: skipped, {L} tokens > --max-tokens {args.max_tokens}")
+        else:
+            fm = ["raw_last", "raw_mean", "rollout", "uniform"]
+            fm += ["flow"] if "flow" in methods else []
+            fm += ["grad_attention"] if ("grad" in methods or "faithfulness" in methods) else []
+            fm = [m for m in ("raw_last", "raw_mean", "rollout", "flow", "grad_attention", "uniform") if m in fm]
+            try:
+                faith = evaluate(model, tok, text, pair=args.pair, label=args.label, methods=fm,
+                                 max_tokens=args.max_tokens, flow_max_seconds=args.flow_seconds)
+            except ValueError as e:
+                notes.append(f"faithfulness: skipped ({e})")
+            if faith is not None:
+                for k in ("gradient_x_input", "erasure"):
+                    importances[k] = faith.references[k]
+                if "grad_attention" in faith.importances:
+                    importances["gradient x attention"] = faith.importances["grad_attention"]
+        bar.step("faithfulness")
+
+    # ---------------------------------------------------------------------------------- files
+    files = [out / "maps.npz"]
+    if not args.no_png:
+        try:
+            from .interpret.render import png
+
+            files.append(png.save(png.layer_head_grid(attn, title="attention per layer x head",
+                                                      layer_names=[f"L{i}" for i in layer_ids]), out / "grid.png"))
+            files.append(png.save(png.head_heatmap(M.fuse_heads(attn[-1:])[0], tokens=tokens if square else None,
+                                                   title=f"{names[-1]}: mean of heads"), out / "last_layer.png"))
+            bars_ = {k: v for k, v in importances.items() if k in ("rollout", "flow", "gradient_x_input", "erasure")}
+            files.append(png.save(png.importance_bars(bars_ or importances, tokens=tokens,
+                                                      title="token importance (each scaled to its max)"),
+                                  out / "importance.png"))
+            files.append(png.save(png.head_matrix(ent, title="entropy per head (nats)", label="nats"),
+                                  out / "entropy.png"))
+        except ImportError as e:
+            notes.append(f"PNGs skipped: {e}")
+        bar.step("PNGs")
+    summary = f"{L} tokens" + (f" (truncated from {n_text})" if n_text > L else "") + f"; {maps.summary()}"
+    files.insert(0, html.report(maps, tokens, out / "report.html", importances=importances, faithfulness=faith,
+                                entropy=ent, layer_names=names, title=f"salience explain: {text[:80]}",
+                                summary=summary))
+    bar.step("HTML report")
+
+    # ------------------------------------------------------------------------------ terminal
+    p = print
+    p(f"\n{args.model}: {summary}")
+    p("\nmost-attended tokens per layer (attention received, mean over heads and rows):")
+    for i, la in enumerate(layer_ids):
+        r = received[i]
+        top = torch.argsort(r, descending=True)[:4].tolist()
+        blk = args.pool
+        lab = [f"{tokens[j * blk] if j * blk < len(tokens) else j}{'*' if j * blk in special else ''} {float(r[j]):.2f}"
+               for j in top]
+        p(f"  layer {la:>2}: " + ", ".join(lab))
+    if special:
+        p("  (* special token)")
+    p("\nentropy per head (nats; low = focused):")
+    p("          " + " ".join(f"{'h' + str(h):>5}" for h in range(ent.shape[1])))
+    for i, la in enumerate(layer_ids):
+        p(f"  layer {la:>2} " + " ".join(f"{float(x):5.2f}" for x in ent[i]))
+    if roles is not None:
+        best = roles.best(0.5)
+        if best:
+            p("\nhead roles (score >= 0.5):")
+            p("  " + ", ".join(f"L{layer_ids[la]}.h{h} {role} {s:.2f}" for la, h, role, s in best[:12]))
+    if "rollout" in importances:
+        r = importances["rollout"]
+        top = [j for j in torch.argsort(r, descending=True).tolist() if j not in special][:5]
+        p("\nrollout, top tokens: " + ", ".join(f"{tokens[j]} {float(r[j]):.3f}" for j in top))
+    if faith is not None:
+        p("\nfaithfulness:")
+        p(faith.table())
+    for n in notes:
+        p(f"note: {n}")
+    p("\nwrote: " + ", ".join(str(f) for f in files))
+    return 0

@@ -1,0 +1,383 @@
+"""One self-contained HTML report: inline CSS and JavaScript, the data embedded, no CDN, no network.
+
+The page has four parts, all drawn on ``<canvas>`` so that it stays responsive at 2,000+ tokens:
+
+* **model view**: every layer x head map as a thumbnail (plus the mean over heads); click one to select it;
+* **head view**: queries on the left, keys on the right, a line per weight (opacity = weight); hover a token
+  to keep only its lines; long inputs show a window of tokens (slider) and gather the weight that leaves
+  the window into the "above" / "below" markers;
+* **matrix view**: the selected map as a heatmap with zoom (mouse wheel), pan (drag), reset (double click)
+  and the tokens and weight under the cursor;
+* **token importance** bars (rollout, flow, gradient x input, erasure...), the **faithfulness table** and
+  the per-head **entropy**.
+
+Maps longer than ``detail`` tokens are pooled to ``detail`` blocks per side (mean over query rows, sum over
+keys, so rows keep their mass) and each map is stored as 8-bit levels of its own maximum; the page says
+so. A 2,048-token, 6 x 12-head report is about 3.5 MB.
+
+Example:
+    >>> import torch, tempfile, os
+    >>> from salience.interpret.render import html
+    >>> attn = torch.softmax(torch.randn(2, 2, 5, 5), -1)
+    >>> path = html.report(attn, ["a", "b", "c", "d", "e"], os.path.join(tempfile.mkdtemp(), "r.html"))
+    >>> path.read_text().count("<script")      # the error trap, the data, the code: nothing external
+    3
+"""
+
+from __future__ import annotations
+
+import base64
+import html as _html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .. import methods as _m
+from .png import pool_map
+
+__all__ = ["report", "payload", "DETAIL"]
+
+#: largest map side (in tokens or token blocks) embedded at full resolution
+DETAIL = 192
+
+
+def _clean(v):
+    if isinstance(v, float):
+        return None if (math.isnan(v) or math.isinf(v)) else round(v, 6)
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return _clean(v.tolist())
+    return v
+
+
+def payload(attn, tokens: Sequence[str] | None = None, *, row_index: Sequence[int] | None = None,
+            importances: dict | None = None, faithfulness=None, entropy=None, layer_names=None,
+            title: str = "salience attention report", summary: str = "", detail: int = DETAIL) -> dict:
+    """The JSON-ready data the page embeds (see :func:`report` for the arguments)."""
+    from ..capture import AttentionMaps
+
+    if isinstance(attn, AttentionMaps):
+        maps = attn
+        attn = maps.stack()
+        tokens = tokens if tokens is not None else (maps.tokens[0] if maps.tokens and isinstance(maps.tokens[0], list)
+                                                     else maps.tokens)
+        e0 = maps.entries[0] if maps.entries else {}
+        if row_index is None and e0.get("rows") is not None and e0.get("pool", 1) == 1:
+            row_index = e0["rows"]
+        layer_names = layer_names or [e["name"] for e in maps.entries if e.get("call", 0) == 0]
+        summary = summary or maps.summary()
+    a = _m.check_maps(attn).detach().cpu().float()
+    n, H, R, S = a.shape
+    if isinstance(detail, bool) or not isinstance(detail, int) or detail < 8:
+        raise ValueError(f"detail must be an int >= 8 (cells per side); got {detail!r}.")
+    if tokens is None:
+        tokens = [str(i) for i in range(S)]
+    tokens = [str(t) for t in tokens]
+    if len(tokens) != S:
+        raise ValueError(f"tokens has {len(tokens)} entries but the maps have S={S} keys; give one token per key.")
+    if row_index is None:
+        if R != S:
+            raise ValueError(f"the maps have {R} rows and {S} keys; pass row_index (the position of each row).")
+        row_index = list(range(R))
+    row_index = [int(r) for r in row_index]
+    if len(row_index) != R:
+        raise ValueError(f"row_index has {len(row_index)} entries for {R} map rows.")
+    pooled, block = pool_map(a, detail)
+    Rd, Sd = pooled.shape[-2:]
+    mx = pooled.amax(dim=(-2, -1)).clamp(min=1e-30)
+    q = torch.round(pooled / mx[..., None, None] * 255).clamp(0, 255).to(torch.uint8)
+    if entropy is None:
+        entropy = _m.entropy(a)
+    imps = {}
+    for k, v in (importances or {}).items():
+        t = torch.as_tensor(v).detach().double().reshape(-1)
+        if t.numel() != S:
+            raise ValueError(f"importances[{k!r}] has {t.numel()} values for {S} tokens.")
+        imps[str(k)] = [None if not math.isfinite(x) else round(x, 6) for x in t.tolist()]
+    faith = faithfulness.to_dict() if hasattr(faithfulness, "to_dict") else faithfulness
+    if faith is not None:
+        faith = {k: faith.get(k) for k in ("target", "rows", "labels", "reference_agreement", "chance", "verdict")}
+    return _clean({
+        "title": title,
+        "summary": summary,
+        "tokens": tokens,
+        "row_index": row_index,
+        "layer_names": list(layer_names) if layer_names else [f"layer {i}" for i in range(n)],
+        "maps": {"layers": n, "heads": H, "rows": Rd, "cols": Sd, "block": block, "R": R, "S": S,
+                 "max": mx.reshape(-1).tolist(), "data": base64.b64encode(q.numpy().tobytes()).decode("ascii")},
+        "entropy": torch.as_tensor(entropy).double().tolist(),
+        "importances": imps,
+        "faithfulness": faith,
+    })
+
+
+def report(attn, tokens: Sequence[str] | None = None, path=None, *, row_index: Sequence[int] | None = None,
+           importances: dict | None = None, faithfulness=None, entropy=None, layer_names=None,
+           title: str = "salience attention report", summary: str = "", detail: int = DETAIL):
+    """Write (or return) the HTML report.
+
+    Args:
+        attn: ``(layers, H, R, S)`` maps of one input, or an :class:`~salience.interpret.AttentionMaps`.
+        tokens: one label per key (S).
+        path: where to write; None returns the HTML text instead.
+        row_index: the position of each map row when only some rows were recorded (default: all rows).
+        importances: ``{name: (S,) values}`` for the bar chart (rollout, flow, gradient x input...).
+        faithfulness: a :class:`~salience.interpret.faithfulness.FaithfulnessReport` (or its ``to_dict()``).
+        entropy: ``(layers, H)``; computed from the maps when omitted.
+        layer_names: labels of the layers. title, summary: page header.
+        detail: maps longer than this are pooled to ``detail`` blocks per side.
+
+    Returns:
+        the written :class:`pathlib.Path`, or the HTML string when ``path`` is None.
+    """
+    data = payload(attn, tokens, row_index=row_index, importances=importances, faithfulness=faithfulness,
+                   entropy=entropy, layer_names=layer_names, title=title, summary=summary, detail=detail)
+    blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    page = (_PAGE.replace("__TITLE__", _html.escape(title))
+            .replace("__CSS__", _CSS).replace("__DATA__", blob).replace("__JS__", _JS))
+    if path is None:
+        return page
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__</title>
+<style>__CSS__</style>
+<script>window.__salienceErrors=[];window.addEventListener("error",function(e){window.__salienceErrors.push(String(e.message));document.documentElement.setAttribute("data-errors",String(window.__salienceErrors.length));});</script>
+</head><body>
+<header><h1 id="title"></h1><p id="summary"></p><p class="note" id="note"></p></header>
+<main>
+<section id="model"><h2>Model view <small>layer x head; click to select, last column: mean of heads</small></h2><div id="grid"></div></section>
+<section id="views">
+ <div class="panel"><h2>Head view <small id="hv-sel"></small></h2>
+  <div class="controls"><label>window <input type="range" id="hv-offset" min="0" max="0" value="0"></label> <span id="hv-range"></span></div>
+  <canvas id="hv" width="560" height="400"></canvas></div>
+ <div class="panel"><h2>Matrix view <small>wheel: zoom, drag: pan, double click: reset</small></h2>
+  <canvas id="mx" width="560" height="560"></canvas><div id="mx-info" class="info">&nbsp;</div></div>
+</section>
+<section id="bars-sec"><h2>Token importance <select id="series"></select></h2>
+ <canvas id="bars" width="1100" height="240"></canvas><div id="bars-info" class="info">&nbsp;</div><p id="top"></p></section>
+<section id="faith-sec"><h2>Faithfulness <small id="faith-target"></small></h2><div id="faith"></div></section>
+<section id="ent-sec"><h2>Entropy per head <small>mean over rows, nats; low = focused</small></h2><div id="ent"></div></section>
+</main>
+<script type="application/json" id="salience-data">__DATA__</script>
+<script>__JS__</script>
+</body></html>
+"""
+
+_CSS = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#fafafa;color:#222}
+header{padding:12px 20px;background:#20232a;color:#eee}header h1{margin:0;font-size:20px}
+header p{margin:4px 0}.note{color:#bbb;font-size:12px}
+main{padding:10px 20px}section{margin:14px 0}h2{font-size:16px;margin:6px 0}h2 small,small{font-weight:normal;color:#777}
+#grid{display:grid;gap:3px;align-items:center;overflow-x:auto}
+#grid canvas{border:2px solid transparent;cursor:pointer;image-rendering:auto}
+#grid canvas.sel{border-color:#e4572e}#grid .lab{font-size:11px;color:#555;text-align:right;padding-right:4px}
+#grid .hl{font-size:11px;color:#555;text-align:center}
+#views{display:flex;flex-wrap:wrap;gap:20px}.panel{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px}
+canvas{display:block}.info{font-size:12px;color:#444;min-height:1.4em;font-family:ui-monospace,monospace}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
+th{background:#f0f0f0}td.l{text-align:left}.controls{font-size:12px;margin-bottom:4px}
+#bars{background:#fff;border:1px solid #ddd;max-width:100%}
+"""
+
+_JS = r"""
+(function(){
+"use strict";
+var D = JSON.parse(document.getElementById("salience-data").textContent);
+var M = D.maps, nL = M.layers, nH = M.heads, R = M.rows, C = M.cols, B = M.block;
+function b64(s){var bin = atob(s), a = new Uint8Array(bin.length);for (var i = 0; i < bin.length; i++) a[i] = bin.charCodeAt(i);return a;}
+var Q = b64(M.data);
+var VIR = [[68,1,84],[59,82,139],[33,145,140],[94,201,98],[253,231,37]];
+function color(t){t = Math.max(0, Math.min(1, t));var x = t * 4, i = Math.min(3, Math.floor(x)), f = x - i, a = VIR[i], b = VIR[i+1];
+ return [Math.round(a[0]+(b[0]-a[0])*f), Math.round(a[1]+(b[1]-a[1])*f), Math.round(a[2]+(b[2]-a[2])*f)];}
+var cache = {};
+function mapAt(l, h){ // Float32Array R*C of weights (h == nH: mean of heads)
+ var key = l + ":" + h; if (cache[key]) return cache[key];
+ var out = new Float32Array(R*C);
+ if (h < nH){var base = (l*nH + h)*R*C, s = M.max[l*nH + h]/255;for (var i = 0; i < R*C; i++) out[i] = Q[base+i]*s;}
+ else {for (var hh = 0; hh < nH; hh++){var m = mapAt(l, hh);for (var j = 0; j < R*C; j++) out[j] += m[j]/nH;}}
+ cache[key] = out; return out;}
+function maxOf(a){var m = 0;for (var i = 0; i < a.length; i++) if (a[i] > m) m = a[i];return m || 1;}
+var offs = {};
+function offscreen(l, h){ // canvas C x R with the map coloured by its own maximum
+ var key = l + ":" + h; if (offs[key]) return offs[key];
+ var m = mapAt(l, h), mx = maxOf(m), cv = document.createElement("canvas"); cv.width = C; cv.height = R;
+ var ctx = cv.getContext("2d"), img = ctx.createImageData(C, R);
+ for (var i = 0; i < R*C; i++){var c = color(m[i]/mx);img.data[4*i] = c[0];img.data[4*i+1] = c[1];img.data[4*i+2] = c[2];img.data[4*i+3] = 255;}
+ ctx.putImageData(img, 0, 0); offs[key] = cv; return cv;}
+function tok(i){return D.tokens[i] === undefined ? "?" : D.tokens[i];}
+function colLabel(c){if (B === 1) return tok(c);var a = c*B, b = Math.min(D.tokens.length, a + B) - 1;return tok(a) + "\u2026" + tok(b) + " [" + a + "-" + b + "]";}
+function rowLabel(r){if (B === 1) return tok(D.row_index[r]);var a = r*B, b = Math.min(D.row_index.length, a + B) - 1;
+ return tok(D.row_index[a]) + "\u2026" + tok(D.row_index[b]) + " [rows " + a + "-" + b + "]";}
+var st = {layer: nL - 1, head: nH > 1 ? nH : 0, q: null, k: null, off: 0, view: null};
+function headName(h){return h === nH ? "mean of heads" : "head " + h;}
+
+// ---- header
+document.getElementById("title").textContent = D.title;
+document.getElementById("summary").textContent = D.summary || (D.tokens.length + " tokens, " + nL + " layers x " + nH + " heads");
+document.getElementById("note").textContent = (B > 1 ? "Maps pooled to blocks of " + B + " tokens (" + R + " x " + C + " cells: mean over query rows, sum over keys). " : "")
+ + "Weights stored as 8-bit levels of each map's maximum (values shown are approximate).";
+
+// ---- model view
+var grid = document.getElementById("grid"), thumbs = [], TS = Math.max(36, Math.min(72, Math.floor(900/(nH + 2))));
+grid.style.gridTemplateColumns = "70px repeat(" + (nH + (nH > 1 ? 1 : 0)) + ", " + (TS + 4) + "px)";
+grid.appendChild(document.createElement("div"));
+for (var h = 0; h < nH + (nH > 1 ? 1 : 0); h++){var d = document.createElement("div");d.className = "hl";d.textContent = h === nH ? "mean" : "h" + h;grid.appendChild(d);}
+for (var l = 0; l < nL; l++){
+ var lab = document.createElement("div"); lab.className = "lab"; lab.textContent = D.layer_names[l] && D.layer_names[l].length < 12 ? D.layer_names[l] : "L" + l;
+ lab.title = D.layer_names[l] || ""; grid.appendChild(lab);
+ for (var h2 = 0; h2 < nH + (nH > 1 ? 1 : 0); h2++){
+  var cv = document.createElement("canvas"); cv.width = TS; cv.height = TS; cv.dataset.l = l; cv.dataset.h = h2;
+  var e = (h2 < nH && D.entropy[l]) ? " entropy " + D.entropy[l][h2].toFixed(2) : "";
+  cv.title = "layer " + l + ", " + headName(h2) + e;
+  cv.addEventListener("click", function(ev){st.layer = +ev.target.dataset.l; st.head = +ev.target.dataset.h; st.view = null; drawAll();});
+  grid.appendChild(cv); thumbs.push(cv);}}
+function drawThumbs(){
+ thumbs.forEach(function(cv){var l = +cv.dataset.l, h = +cv.dataset.h, ctx = cv.getContext("2d");
+  ctx.imageSmoothingEnabled = true; ctx.drawImage(offscreen(l, h), 0, 0, cv.width, cv.height);
+  cv.className = (l === st.layer && h === st.head) ? "sel" : "";});}
+
+// ---- head view
+var hv = document.getElementById("hv"), hctx = hv.getContext("2d"), ROWH = 18, WR = Math.min(R, 40), WC = Math.min(C, 40), WIN = Math.max(WR, WC);
+var slider = document.getElementById("hv-offset");
+slider.max = String(Math.max(0, R - WR, C - WC));
+slider.addEventListener("input", function(){st.off = +slider.value; drawHead();});
+hv.height = 40 + ROWH*WIN;
+function drawHead(){
+ var m = mapAt(st.layer, st.head), mx = maxOf(m), W = hv.width, X0 = 215, X1 = 345, top = 28;
+ hctx.clearRect(0, 0, W, hv.height); hctx.font = "12px system-ui, sans-serif";
+ var r0 = Math.min(st.off, R - WR), c0 = Math.min(st.off, C - WC);
+ var r1 = r0 + WR, c1 = c0 + WC;
+ document.getElementById("hv-sel").textContent = "layer " + st.layer + ", " + headName(st.head) + " (hover a token)";
+ document.getElementById("hv-range").textContent = "rows " + r0 + "-" + (r1-1) + " of " + R + ", keys " + c0 + "-" + (c1-1) + " of " + C;
+ hctx.fillStyle = "#777"; hctx.fillText("queries", X0 - 60, 14); hctx.fillText("keys", X1 + 8, 14);
+ var yAbove = top - 8, yBelow = top + ROWH*WC + 2;
+ if (c0 > 0){hctx.fillText("\u25b2 above", X1 + 8, yAbove + 4);} if (c1 < C){hctx.fillText("\u25bc below", X1 + 8, yBelow + 4);}
+ for (var r = r0; r < r1; r++){
+  if (st.q !== null && st.q !== r) continue;
+  var y = top + (r - r0)*ROWH + ROWH/2, above = 0, below = 0;
+  for (var c = 0; c < C; c++){
+   var w = m[r*C + c]; if (w <= 0) continue;
+   if (st.k !== null && st.k !== c) continue;
+   if (c < c0){above += w; continue;} if (c >= c1){below += w; continue;}
+   if (w <= 0.02*mx && st.q === null) continue;
+   var yk = top + (c - c0)*ROWH + ROWH/2;
+   hctx.strokeStyle = "rgba(228,87,46," + Math.min(1, w/mx).toFixed(3) + ")"; hctx.lineWidth = st.q !== null ? 2.5 : 1.5;
+   hctx.beginPath(); hctx.moveTo(X0, y); hctx.lineTo(X1, yk); hctx.stroke();}
+  if (st.k === null){
+   if (above > 0){hctx.strokeStyle = "rgba(60,60,200," + Math.min(1, above).toFixed(3) + ")"; hctx.beginPath(); hctx.moveTo(X0, y); hctx.lineTo(X1, yAbove); hctx.stroke();}
+   if (below > 0){hctx.strokeStyle = "rgba(60,60,200," + Math.min(1, below).toFixed(3) + ")"; hctx.beginPath(); hctx.moveTo(X0, y); hctx.lineTo(X1, yBelow); hctx.stroke();}}}
+ hctx.textAlign = "right";
+ for (var r2 = r0; r2 < r1; r2++){hctx.fillStyle = r2 === st.q ? "#e4572e" : "#222"; hctx.fillText(rowLabel(r2).slice(0, 30), X0 - 6, top + (r2 - r0)*ROWH + ROWH/2 + 4);}
+ hctx.textAlign = "left";
+ for (var c2 = c0; c2 < c1; c2++){
+  var wq = st.q !== null ? m[st.q*C + c2] : null;
+  hctx.fillStyle = c2 === st.k ? "#e4572e" : "#222";
+  hctx.fillText(colLabel(c2).slice(0, 24) + (wq !== null ? "  " + wq.toFixed(3) : ""), X1 + 6, top + (c2 - c0)*ROWH + ROWH/2 + 4);}
+}
+hv.addEventListener("mousemove", function(ev){
+ var rect = hv.getBoundingClientRect(), x = (ev.clientX - rect.left)*hv.width/rect.width, y = (ev.clientY - rect.top)*hv.height/rect.height;
+ var r0 = Math.min(st.off, R - WR), c0 = Math.min(st.off, C - WC), i = Math.floor((y - 28)/ROWH);
+ var q = null, k = null;
+ if (i >= 0){if (x < 280 && i < WR) q = r0 + i; else if (x >= 280 && i < WC) k = c0 + i;}
+ if (q !== st.q || k !== st.k){st.q = q; st.k = k; drawHead();}});
+hv.addEventListener("mouseleave", function(){st.q = null; st.k = null; drawHead();});
+
+// ---- matrix view
+var mxc = document.getElementById("mx"), mctx = mxc.getContext("2d"), info = document.getElementById("mx-info");
+function fullView(){return {x0: 0, y0: 0, x1: C, y1: R};}
+function drawMatrix(){
+ if (!st.view) st.view = fullView();
+ var v = st.view; mctx.imageSmoothingEnabled = false; mctx.fillStyle = "#fff"; mctx.fillRect(0, 0, mxc.width, mxc.height);
+ mctx.drawImage(offscreen(st.layer, st.head), v.x0, v.y0, v.x1 - v.x0, v.y1 - v.y0, 0, 0, mxc.width, mxc.height);}
+function cellAt(ev){var rect = mxc.getBoundingClientRect(), v = st.view;
+ var fx = (ev.clientX - rect.left)/rect.width, fy = (ev.clientY - rect.top)/rect.height;
+ return {fx: fx, fy: fy, c: v.x0 + fx*(v.x1 - v.x0), r: v.y0 + fy*(v.y1 - v.y0)};}
+mxc.addEventListener("wheel", function(ev){ev.preventDefault(); var p = cellAt(ev), v = st.view, f = ev.deltaY < 0 ? 0.8 : 1.25;
+ var w = Math.max(2, Math.min(C, (v.x1 - v.x0)*f)), hgt = Math.max(2, Math.min(R, (v.y1 - v.y0)*f));
+ var x0 = Math.max(0, Math.min(C - w, p.c - p.fx*w)), y0 = Math.max(0, Math.min(R - hgt, p.r - p.fy*hgt));
+ st.view = {x0: x0, y0: y0, x1: x0 + w, y1: y0 + hgt}; drawMatrix();}, {passive: false});
+var drag = null;
+mxc.addEventListener("mousedown", function(ev){drag = {x: ev.clientX, y: ev.clientY, v: st.view};});
+window.addEventListener("mouseup", function(){drag = null;});
+mxc.addEventListener("mousemove", function(ev){
+ if (drag){var rect = mxc.getBoundingClientRect(), v = drag.v, w = v.x1 - v.x0, hgt = v.y1 - v.y0;
+  var dx = (ev.clientX - drag.x)/rect.width*w, dy = (ev.clientY - drag.y)/rect.height*hgt;
+  var x0 = Math.max(0, Math.min(C - w, v.x0 - dx)), y0 = Math.max(0, Math.min(R - hgt, v.y0 - dy));
+  st.view = {x0: x0, y0: y0, x1: x0 + w, y1: y0 + hgt}; drawMatrix(); return;}
+ var p = cellAt(ev), r = Math.floor(p.r), c = Math.floor(p.c);
+ if (r >= 0 && r < R && c >= 0 && c < C){var w2 = mapAt(st.layer, st.head)[r*C + c];
+  info.textContent = rowLabel(r) + "  \u2192  " + colLabel(c) + "   weight \u2248 " + w2.toFixed(4);}});
+mxc.addEventListener("dblclick", function(){st.view = fullView(); drawMatrix();});
+mxc.addEventListener("click", function(ev){var p = cellAt(ev), r = Math.floor(p.r);
+ if (r >= 0 && r < R){st.off = Math.max(0, r - Math.floor(WR/2)); slider.value = String(st.off); drawHead();}});
+
+// ---- importance bars
+var series = Object.keys(D.importances || {}), sel = document.getElementById("series");
+series.forEach(function(s){var o = document.createElement("option"); o.value = s; o.textContent = s; sel.appendChild(o);});
+var bars = document.getElementById("bars"), bctx = bars.getContext("2d"), binfo = document.getElementById("bars-info");
+function binned(){var v = D.importances[sel.value] || [], n = v.length, nb = Math.min(n, 550), bs = Math.ceil(n/Math.max(1, nb));
+ var out = []; for (var b = 0; b*bs < n; b++){var m = 0, arg = b*bs;
+  for (var i = b*bs; i < Math.min(n, (b+1)*bs); i++){var x = Math.abs(v[i] || 0); if (x > m){m = x; arg = i;}}
+  out.push({v: m, a: b*bs, b: Math.min(n, (b+1)*bs) - 1, arg: arg});} return out;}
+function drawBars(){
+ bctx.clearRect(0, 0, bars.width, bars.height);
+ if (!series.length){bctx.fillStyle = "#777"; bctx.fillText("no token importance given", 10, 20); return;}
+ var bs = binned(), mx = 0; bs.forEach(function(b){if (b.v > mx) mx = b.v;}); mx = mx || 1;
+ var labels = bs.length <= 120 && bs[0] && bs[0].a === bs[0].b, H0 = labels ? 150 : 220, bw = (bars.width - 20)/bs.length;
+ bctx.fillStyle = "#3b528b";
+ bs.forEach(function(b, i){var h = (b.v/mx)*(H0 - 10); bctx.fillRect(10 + i*bw, H0 - h, Math.max(1, bw - 1), h);});
+ if (labels){bctx.save(); bctx.font = "11px system-ui, sans-serif"; bctx.fillStyle = "#222";
+  bs.forEach(function(b, i){bctx.save(); bctx.translate(10 + i*bw + bw/2 + 4, H0 + 4); bctx.rotate(Math.PI/2); bctx.fillText(tok(b.a).slice(0, 14), 0, 0); bctx.restore();});
+  bctx.restore();}
+ var v = D.importances[sel.value], idx = v.map(function(x, i){return i;}).filter(function(i){return v[i] !== null;});
+ idx.sort(function(a, b){return Math.abs(v[b]) - Math.abs(v[a]);});
+ document.getElementById("top").textContent = "top tokens: " + idx.slice(0, 10).map(function(i){return tok(i) + " (" + (+v[i]).toPrecision(3) + ")";}).join(", ");}
+sel.addEventListener("change", drawBars);
+bars.addEventListener("mousemove", function(ev){var bs = binned(); if (!bs.length) return; var rect = bars.getBoundingClientRect();
+ var i = Math.floor(((ev.clientX - rect.left)*bars.width/rect.width - 10)/((bars.width - 20)/bs.length));
+ if (i >= 0 && i < bs.length){var b = bs[i]; binfo.textContent = (b.a === b.b ? tok(b.a) + " [" + b.a + "]" : "tokens " + b.a + "-" + b.b + ", max at " + tok(b.arg) + " [" + b.arg + "]") + "  " + (+b.v).toPrecision(4);}});
+
+// ---- faithfulness table
+function faith(){var F = D.faithfulness, el = document.getElementById("faith");
+ if (!F){el.textContent = "not computed for this report."; return;}
+ document.getElementById("faith-target").textContent = F.target || "";
+ var refs = Object.keys(F.labels || {}).filter(function(k){return F.rows.length && (k + "_spearman") in F.rows[0];});
+ var t = document.createElement("table"), hd = "<tr><th>attention-derived importance</th>";
+ refs.forEach(function(r){hd += "<th>Spearman vs " + F.labels[r] + "</th><th>Kendall vs " + F.labels[r] + "</th>";});
+ hd += "<th>note</th></tr>"; var body = "";
+ function fmt(x){return x === null || x === undefined ? "n/a" : (x >= 0 ? "+" : "") + x.toFixed(2);}
+ function esc(s){var d = document.createElement("div"); d.textContent = s; return d.innerHTML;}
+ F.rows.forEach(function(r){body += "<tr><td class='l'>" + esc(r.label) + "</td>";
+  refs.forEach(function(ref){body += "<td>" + fmt(r[ref + "_spearman"]) + "</td><td>" + fmt(r[ref + "_kendall"]) + "</td>";});
+  body += "<td class='l'>" + esc(r.note || "") + "</td></tr>";});
+ t.innerHTML = hd + body; el.appendChild(t);
+ var p = document.createElement("p"); var ch = F.chance || {};
+ p.textContent = (ch.n ? "Chance band (" + Math.round(100*ch.level) + "%, " + ch.n + " tokens): |Spearman| \u2264 " + ch.spearman.toFixed(2) + ", |Kendall| \u2264 " + ch.kendall.toFixed(2) + ". " : "") + (F.verdict || "");
+ el.appendChild(p);}
+
+// ---- entropy table
+function ent(){var E = D.entropy, el = document.getElementById("ent"); if (!E || !E.length){el.textContent = "n/a"; return;}
+ var mx = 0; E.forEach(function(r){r.forEach(function(x){if (x > mx) mx = x;});}); mx = mx || 1;
+ var s = "<tr><th></th>"; for (var h = 0; h < E[0].length; h++) s += "<th>h" + h + "</th>"; s += "</tr>";
+ E.forEach(function(r, l){s += "<tr><th>L" + l + "</th>"; r.forEach(function(x){var c = color(x/mx);
+  s += "<td style='background:rgb(" + c.join(",") + ");color:" + (x/mx > 0.6 ? "#000" : "#fff") + "'>" + x.toFixed(2) + "</td>";}); s += "</tr>";});
+ var t = document.createElement("table"); t.innerHTML = s; el.appendChild(t);}
+
+function drawAll(){drawThumbs(); drawHead(); drawMatrix();}
+drawAll(); drawBars(); faith(); ent();
+document.body.setAttribute("data-ready", "1");
+})();
+"""

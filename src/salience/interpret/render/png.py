@@ -1,0 +1,221 @@
+"""Static figures with matplotlib (the ``viz`` extra): PNG, SVG or PDF by file suffix.
+
+* :func:`head_heatmap`: one head's ``(L, S)`` map with token labels;
+* :func:`layer_head_grid`: every layer x head map of one input as thumbnails;
+* :func:`importance_bars`: one or more token-importance vectors as bars (each scaled to its maximum);
+* :func:`head_matrix`: a ``(layers, H)`` score (entropy, importance, a role) as a labelled matrix;
+* :func:`save`: write a figure, format from the suffix.
+
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot global state, no display needed). Long
+inputs are pooled to at most ``max_cells`` rows and columns (mean over rows, sum over keys) and label
+every n-th token.
+
+Example:
+    >>> import torch, tempfile, os
+    >>> from salience.interpret.render import png
+    >>> fig = png.head_heatmap(torch.softmax(torch.randn(4, 4), -1), tokens=["a", "b", "c", "d"])
+    >>> path = png.save(fig, os.path.join(tempfile.mkdtemp(), "head.svg"))
+    >>> path.suffix
+    '.svg'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["FORMATS", "head_heatmap", "layer_head_grid", "importance_bars", "head_matrix", "save", "pool_map"]
+
+#: file formats :func:`save` writes
+FORMATS = (".png", ".svg", ".pdf")
+
+
+def _mpl():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("pictures need matplotlib: pip install 'salience[viz]'") from e
+    return Figure
+
+
+def _as_2d(m, argname: str) -> torch.Tensor:
+    t = torch.as_tensor(m).detach().cpu()
+    if t.dim() != 2:
+        raise ValueError(f"{argname} must be a 2-D map (L, S); got shape {tuple(t.shape)}. Pick one layer and head.")
+    return t.float()
+
+
+def pool_map(m: torch.Tensor, max_cells: int) -> tuple[torch.Tensor, int]:
+    """Pool a ``(..., L, S)`` map to at most ``max_cells`` per side: mean over blocks of rows, sum over blocks
+    of keys (rows keep their mass). Returns ``(pooled, block)``."""
+    L, S = m.shape[-2:]
+    p = max(1, math.ceil(max(L, S) / max_cells))
+    if p == 1:
+        return m, 1
+    lead = m.shape[:-2]
+    x = m.reshape(-1, L, S).float()
+    Lp, Sp = math.ceil(L / p), math.ceil(S / p)
+    x = torch.nn.functional.pad(x, (0, Sp * p - S, 0, Lp * p - L))
+    x = x.view(-1, Lp, p, Sp, p).sum((2, 4))
+    counts = torch.full((Lp,), float(p))
+    counts[-1] = L - (Lp - 1) * p
+    return (x / counts.view(1, Lp, 1)).view(*lead, Lp, Sp), p
+
+
+def _labels(tokens, n: int, block: int, max_labels: int = 60):
+    if tokens is None:
+        return None, None
+    toks = list(tokens)
+    if block > 1:
+        toks = [f"{toks[i * block]}..({i * block})" if i * block < len(toks) else "" for i in range(n)]
+    toks = toks[:n] + [""] * max(0, n - len(toks))
+    step = max(1, math.ceil(n / max_labels))
+    idx = list(range(0, n, step))
+    return idx, [toks[i] for i in idx]
+
+
+def head_heatmap(m, tokens: Sequence[str] | None = None, key_tokens: Sequence[str] | None = None,
+                 title: str = "", max_cells: int = 256, cmap: str = "viridis"):
+    """One head's map ``(L, S)`` as a heatmap (rows: queries, columns: keys).
+
+    Args:
+        m: the map (L, S). tokens: query labels (and key labels when ``key_tokens`` is None).
+        title: figure title. max_cells: pool longer inputs to this many cells per side.
+    """
+    Figure = _mpl()
+    a = _as_2d(m, "m")
+    a, block = pool_map(a, max_cells)
+    L, S = a.shape
+    size = min(12.0, 3.0 + 0.22 * max(L, S))
+    fig = Figure(figsize=(size + 1.2, size))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(a.numpy(), cmap=cmap, aspect="auto", interpolation="nearest", vmin=0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="weight" + (f" (blocks of {block})" if block > 1 else ""))
+    yi, yl = _labels(tokens, L, block)
+    xi, xl = _labels(key_tokens if key_tokens is not None else tokens, S, block)
+    if yi is not None:
+        ax.set_yticks(yi, yl, fontsize=8)
+    if xi is not None:
+        ax.set_xticks(xi, xl, fontsize=8, rotation=90)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def layer_head_grid(attn, title: str = "", max_cells: int = 64, layer_names: Sequence[str] | None = None,
+                    cmap: str = "viridis"):
+    """All maps of one input ``(layers, H, L, S)`` as a layer x head grid of thumbnails (each scaled to its
+    own maximum so that sharp and diffuse heads are both visible)."""
+    Figure = _mpl()
+    a = torch.as_tensor(attn).detach().cpu().float()
+    if a.dim() != 4:
+        raise ValueError(f"attn must be (layers, H, L, S); got shape {tuple(a.shape)}.")
+    a, _ = pool_map(a, max_cells)
+    n, H = a.shape[:2]
+    cell = 1.1 if H <= 12 else 0.8
+    fig = Figure(figsize=(0.8 + cell * H, 0.6 + cell * n))
+    axes = fig.subplots(n, H, squeeze=False)
+    for la in range(n):
+        for h in range(H):
+            ax = axes[la][h]
+            m = a[la, h]
+            ax.imshow((m / m.max().clamp(min=1e-12)).numpy(), cmap=cmap, aspect="auto", interpolation="nearest",
+                      vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if la == 0:
+                ax.set_title(f"h{h}", fontsize=8)
+            if h == 0:
+                ax.set_ylabel(layer_names[la] if layer_names else f"L{la}", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def importance_bars(values, tokens: Sequence[str] | None = None, title: str = "", max_bars: int = 200):
+    """Token importance as bars. ``values``: a ``(L,)`` tensor or ``{name: (L,)}``; each series is divided by
+    its maximum |value| so that series on different scales share one axis. Beyond ``max_bars`` tokens,
+    bars are pooled (mean of each block)."""
+    Figure = _mpl()
+    series = values if isinstance(values, dict) else {"importance": values}
+    if not series:
+        raise ValueError("values is empty; pass a (L,) tensor or a dict of them.")
+    vecs = {}
+    L = None
+    for k, v in series.items():
+        t = torch.as_tensor(v).detach().cpu().double()
+        if t.dim() != 1:
+            raise ValueError(f"values[{k!r}] must be 1-D (one value per token); got shape {tuple(t.shape)}.")
+        if L is not None and t.numel() != L:
+            raise ValueError(f"values[{k!r}] has {t.numel()} tokens but the first series has {L}.")
+        L = t.numel()
+        vecs[k] = torch.nan_to_num(t)
+    block = max(1, math.ceil(L / max_bars))
+    if block > 1:
+        n = math.ceil(L / block)
+        vecs = {k: torch.nn.functional.pad(v, (0, n * block - L)).view(n, block).mean(1) for k, v in vecs.items()}
+    n = next(iter(vecs.values())).numel()
+    width = min(18.0, 2.0 + 0.32 * n)
+    fig = Figure(figsize=(width, 3.2))
+    ax = fig.add_subplot(1, 1, 1)
+    k = len(vecs)
+    bw = 0.8 / k
+    for s, (name, v) in enumerate(vecs.items()):
+        mx = float(v.abs().max())
+        ax.bar([i + (s - (k - 1) / 2) * bw for i in range(n)], (v / mx if mx > 0 else v).tolist(), width=bw,
+               label=name)
+    idx, lab = _labels(tokens, n, block)
+    if idx is not None:
+        ax.set_xticks(idx, lab, rotation=90, fontsize=8)
+    ax.set_ylabel("importance / max")
+    if k > 1:
+        ax.legend(fontsize=8, ncols=min(k, 4))
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def head_matrix(values, title: str = "", label: str = "", fmt: str = "{:.2f}", cmap: str = "magma"):
+    """A ``(layers, H)`` score as a matrix with the values written in the cells (for up to 16 x 16)."""
+    Figure = _mpl()
+    v = torch.as_tensor(values).detach().cpu().double()
+    if v.dim() != 2:
+        raise ValueError(f"values must be (layers, H); got shape {tuple(v.shape)}.")
+    n, H = v.shape
+    fig = Figure(figsize=(1.5 + 0.6 * H, 1.0 + 0.45 * n))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(v.numpy(), cmap=cmap, aspect="auto")
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_xticks(range(H), [f"h{h}" for h in range(H)], fontsize=8)
+    ax.set_yticks(range(n), [f"L{la}" for la in range(n)], fontsize=8)
+    if n <= 16 and H <= 16:
+        mid = float(v.mean())
+        for la in range(n):
+            for h in range(H):
+                ax.text(h, la, fmt.format(float(v[la, h])), ha="center", va="center", fontsize=7,
+                        color="black" if float(v[la, h]) > mid else "white")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path``; the suffix picks the format (.png, .svg or .pdf). Returns the path."""
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(f"path must end in one of {', '.join(FORMATS)}; got {str(path)!r}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
