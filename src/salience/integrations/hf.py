@@ -218,7 +218,9 @@ def _offset_band(lo: int, hi: int) -> M.MaskMod:
         dmax = (ctx.k_end - 1) - ctx.q_start
         return (dmax >= lo) & (dmin <= hi), (dmin >= lo) & (dmax <= hi)
 
-    return M.MaskMod(fn, f"band({lo} <= kv - q <= {hi})", tiles=tiles, relative=True)
+    m = M.MaskMod(fn, f"band({lo} <= kv - q <= {hi})", tiles=tiles, relative=True)
+    m.band = (lo, hi)  # the same (lo, hi) attribute the named band masks carry, read by the kernels
+    return m
 
 
 def _key_mask(keep: torch.Tensor) -> M.MaskMod:
@@ -241,14 +243,28 @@ def _key_mask(keep: torch.Tensor) -> M.MaskMod:
     return m
 
 
-def _keys_to_mask(keep: torch.Tensor) -> M.MaskMod | None:
-    """A (B, S) key-visibility tensor as the simplest salience mask: None, padding(kv_lengths) or key_mask."""
+def _left_padding(keep: torch.Tensor, L: int) -> M.MaskMod:
+    """Left padding (batch b sees keys ``j >= start[b]``) as a two-document mask: every query belongs to
+    document 1 and keys are 0 (padding) or 1 (real), sorted, so kernels see one key interval per row."""
+    B, S = keep.shape
+    starts = (S - keep.sum(-1)).cpu()
+    m = M.document(torch.ones(B, L, dtype=torch.long), keep.long().cpu())
+    shown = starts.tolist() if B <= 8 else f"<{B} starts>"
+    m.name = m.__name__ = f"left_padding(kv_starts={shown})"
+    return m
+
+
+def _keys_to_mask(keep: torch.Tensor, L: int) -> M.MaskMod | None:
+    """A (B, S) key-visibility tensor as the simplest salience mask: None, ``padding(kv_lengths=...)`` (right
+    padding), left padding, or a general per-key mask (holes)."""
     if bool(keep.all()):
         return None
-    lengths = keep.sum(-1)
-    right = torch.arange(keep.shape[-1], device=keep.device).unsqueeze(0) < lengths.unsqueeze(-1)
-    if bool((right == keep).all()):
-        return M.padding(kv_lengths=lengths.cpu())
+    counts = keep.sum(-1, keepdim=True)
+    pos = torch.arange(keep.shape[-1], device=keep.device).unsqueeze(0)
+    if bool(((pos < counts) == keep).all()):
+        return M.padding(kv_lengths=counts.view(-1).cpu())
+    if bool(((pos >= keep.shape[-1] - counts) == keep).all()):
+        return _left_padding(keep, L)
     return _key_mask(keep)
 
 
@@ -316,13 +332,13 @@ def translate_mask(
                 return None
             parts.append(M.document(ids[:, qo : qo + L].cpu(), ids[:, ko : ko + S].cpu()))
         elif t[0] == "keys":
-            km = _keys_to_mask(_slice_keys(t[1], ko, S))
+            km = _keys_to_mask(_slice_keys(t[1], ko, S), L)
             if km is not None:
                 parts.append(km)
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             return None
-        km = _keys_to_mask(_slice_keys(attention_mask, ko, S))
+        km = _keys_to_mask(_slice_keys(attention_mask, ko, S), L)
         if km is not None:
             parts.append(km)
     mask = None
