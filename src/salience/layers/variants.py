@@ -159,9 +159,10 @@ def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 CHUNK = 512
 
 
-def _rowwise(q, k, v, mask, score_mod, scale, fn, chunk: int = CHUNK):
-    """Apply ``fn(scores) -> weights`` to the spec's masked scores, ``chunk`` query rows at a time, and
+def _rowwise(q, k, v, mask, score_mod, scale, fn):
+    """Apply ``fn(scores) -> weights`` to the spec's masked scores, :data:`CHUNK` query rows at a time, and
     return (output (B, H, L, Dv) or None when v is None, weights list)."""
+    chunk = CHUNK
     shp = check_qkv(q, k, v)
     H = shp.H
     ke = k.repeat_interleave(shp.group, 1) if shp.group > 1 else k
