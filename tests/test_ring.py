@@ -26,14 +26,13 @@ from salience import masks as M
 from salience import scores as Sc
 from salience.distributed import (
     LAYOUTS,
-    RingError,
+    _block,
     positions,
     ring_attention,
     segments,
     shard,
     unshard,
 )
-from salience.distributed import _block
 from salience.kernels.merge import merge
 from salience.testing import assert_rel_close
 
@@ -120,15 +119,16 @@ def _init(rank, world, port, pg_timeout=30):
                             timeout=datetime.timedelta(seconds=pg_timeout))
 
 
-def _save_and_exit(obj, outdir, rank):
-    torch.save(obj, os.path.join(outdir, f"rank{rank}.pt"))
-    os._exit(0)  # skip gloo teardown, which may wait for a stalled peer
+def _save(obj, outdir, name):
+    path = os.path.join(outdir, name)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def _launch(target, world, outdir, *args, expendable=()):
     """Run target(rank, world, port, outdir, *args) in ``world`` spawned processes; kill them at the deadline
     (ranks in ``expendable`` are killed as soon as the others have finished).
-    Returns (exit codes, seconds, per-rank saved objects or None)."""
+    Returns (exit codes, seconds)."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=target, args=(r, world, port, str(outdir), *args), daemon=True) for r in range(world)]
@@ -142,16 +142,22 @@ def _launch(target, world, outdir, *args, expendable=()):
         if p.is_alive():
             p.kill()
             p.join(5)
-    secs = time.monotonic() - t0
-    saved = []
-    for r in range(world):
-        f = os.path.join(str(outdir), f"rank{r}.pt")
-        saved.append(torch.load(f, weights_only=False) if os.path.exists(f) else None)
-    return [p.exitcode for p in procs], secs, saved
+    return [p.exitcode for p in procs], time.monotonic() - t0
 
 
-def _cases_worker(rank, world, port, outdir):
-    """Run every case; save this rank's output, lse and gradients (or the error) per case."""
+def _load(outdir, name):
+    f = os.path.join(str(outdir), name)
+    return torch.load(f, weights_only=False) if os.path.exists(f) else None
+
+
+#: per world size, how one rank (the victim) fails after the cases: it dies, or stalls instead of the backward
+FAILURES = {2: ("dies", 1), 3: ("skips_backward", 2)}
+
+
+def _cases_worker(rank, world, port, outdir, mode, victim):
+    """Run every case and save this rank's output, lse and gradients (or the error) per case; then check
+    that shards of different shapes raise on every rank; then let ``victim`` die or stall and record the
+    error the other ranks get."""
     import torch.distributed as dist
 
     _init(rank, world, port)
@@ -178,15 +184,36 @@ def _cases_worker(rank, world, port, outdir):
     except Exception as e:
         results["mismatch"] = f"{type(e).__name__}: {e}"
     dist.barrier()
-    _save_and_exit(results, outdir, rank)
+    _save(results, outdir, f"rank{rank}.pt")
+    dist.barrier()
+
+    # a dead or stalled rank: the others fail with RingError within the ring's timeout
+    q = torch.randn(1, 2, 16, 8, requires_grad=True)
+    if rank == victim and mode == "dies":
+        os._exit(3)
+    t0 = time.monotonic()
+    try:
+        out = ring_attention(q, q, q, mask=M.causal(), timeout=2.0)
+        if rank == victim and mode == "skips_backward":
+            time.sleep(JOIN_TIMEOUT)  # killed by the parent
+        out.sum().backward()
+        res = dict(error=None)
+    except Exception as e:
+        res = dict(error=type(e).__name__, message=str(e))
+    res["seconds"] = time.monotonic() - t0
+    _save(res, outdir, f"rank{rank}-failure.pt")
+    os._exit(0)  # skip gloo teardown, which may wait for the stalled peer
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2proc", "3proc"])
 def ring_run(request, tmp_path_factory):
     world = request.param
     outdir = tmp_path_factory.mktemp(f"ring{world}")
-    codes, secs, saved = _launch(_cases_worker, world, outdir)
-    return world, codes, secs, saved
+    mode, victim = FAILURES[world]
+    codes, secs = _launch(_cases_worker, world, outdir, mode, victim, expendable=(victim,))
+    saved = [_load(outdir, f"rank{r}.pt") for r in range(world)]
+    failures = [_load(outdir, f"rank{r}-failure.pt") for r in range(world)]
+    return world, codes, secs, saved, failures
 
 
 def _reference(case, dt):
@@ -202,14 +229,15 @@ def _reference(case, dt):
 
 
 def test_ring_processes_exit_cleanly(ring_run):
-    world, codes, secs, saved = ring_run
-    assert codes == [0] * world, f"exit codes {codes} after {secs:.1f} s"
+    world, codes, secs, saved, _ = ring_run
+    victim = FAILURES[world][1]
+    assert [c for r, c in enumerate(codes) if r != victim] == [0] * (world - 1), f"exit codes {codes} after {secs:.1f} s"
     assert all(s is not None for s in saved)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_ring_matches_reference(ring_run, case):
-    world, codes, secs, saved = ring_run
+    world, codes, secs, saved, _ = ring_run
     assert all(s is not None for s in saved), f"a rank saved nothing (exit codes {codes})"
     per_rank = [s[case["name"]] for s in saved]
     for r, res in enumerate(per_rank):
@@ -223,7 +251,7 @@ def test_ring_matches_reference(ring_run, case):
 
 
 def test_ring_padding_rows_are_zero_not_nan(ring_run):
-    world, _, _, saved = ring_run
+    world, _, _, saved, _ = ring_run
     res = [s["padding-rows-zigzag-float64"] for s in saved]
     out = unshard([r["out"] for r in res], layout="zigzag")
     lse = unshard([r["lse"] for r in res], layout="zigzag")
@@ -234,7 +262,7 @@ def test_ring_padding_rows_are_zero_not_nan(ring_run):
 
 
 def test_ring_mismatched_shards_raise_on_every_rank(ring_run):
-    world, _, _, saved = ring_run
+    world, _, _, saved, _ = ring_run
     for r, s in enumerate(saved):
         msg = s["mismatch"]
         assert msg.startswith("ValueError") and "L/W: 8 vs 10" in msg, f"rank {r}: {msg}"
@@ -243,42 +271,22 @@ def test_ring_mismatched_shards_raise_on_every_rank(ring_run):
 # ------------------------------------------------------------------------------ dead and stalled ranks
 
 
-def _failure_worker(rank, world, port, outdir, mode, victim):
-    _init(rank, world, port, pg_timeout=30)
-    q = torch.randn(1, 2, 16, 8, requires_grad=True)
-    if rank == victim and mode == "dies":
-        os._exit(3)
-    if rank == victim and mode == "stalls_forward":
-        time.sleep(JOIN_TIMEOUT)  # killed by the parent
-    t0 = time.monotonic()
-    try:
-        out = ring_attention(q, q, q, mask=M.causal(), timeout=2.0)
-        if rank == victim and mode == "skips_backward":
-            time.sleep(JOIN_TIMEOUT)
-        out.sum().backward()
-        res = dict(error=None)
-    except Exception as e:
-        res = dict(error=type(e).__name__, message=str(e))
-    res["seconds"] = time.monotonic() - t0
-    _save_and_exit(res, outdir, rank)
-
-
-@pytest.mark.parametrize(
-    "world, mode, victim",
-    [(2, "dies", 1), (3, "stalls_forward", 2), (2, "skips_backward", 1)],
-    ids=["2proc-rank-dies", "3proc-rank-stalls", "2proc-rank-skips-backward"],
-)
-def test_ring_dead_or_stalled_rank_fails_within_timeout(tmp_path, world, mode, victim):
-    codes, secs, saved = _launch(_failure_worker, world, tmp_path, mode, victim, expendable=(victim,))
+def test_ring_dead_or_stalled_rank_fails_within_timeout(ring_run):
+    """2 ranks: rank 1 dies before a call; 3 ranks: rank 2 runs the forward but never the backward. The other
+    ranks raise RingError naming themselves, within the 2 s ring timeout (plus slack), and exit."""
+    world, codes, secs, saved, failures = ring_run
+    mode, victim = FAILURES[world]
     assert secs < JOIN_TIMEOUT, "the launch hit the join deadline: something hung"
     for r in range(world):
         if r == victim:
             continue
-        res = saved[r]
-        assert res is not None, f"rank {r} saved nothing (exit codes {codes})"
+        res = failures[r]
+        assert res is not None, f"rank {r} saved nothing after the {mode} failure (exit codes {codes})"
         assert res["error"] == "RingError", res
         assert f"rank {r} of {world}" in res["message"] and "died, stalled" in res["message"]
         assert res["seconds"] < 2.0 + 8.0, res  # the 2 s ring timeout, plus slack for a loaded machine
+        if mode == "skips_backward":
+            assert "backward" in res["message"]
 
 
 # ----------------------------------------------------------------------------- in-process: sharding

@@ -139,14 +139,29 @@ def _peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _timed(fn, device):
+def _timed(fn, device, cpu: list | None = None):
+    """(result, wall seconds); appends the process CPU seconds (all threads) to ``cpu`` if given."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     r = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return r, time.perf_counter() - t0
+    t = time.perf_counter() - t0
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
+    return r, t
+
+
+def _single_once(full, mask, backward: bool, device, cpu: list):
+    """Single-process salience.attention on the whole sequence: (forward s, backward s)."""
+    from .. import attention
+
+    qq, kk, vv = (t.detach().requires_grad_(backward) for t in full[:3])
+    out, tf = _timed(lambda: attention(qq, kk, vv, mask=mask), device, cpu)
+    tb = _timed(lambda: out.backward(full[3]), device, cpu)[1] if backward else 0.0
+    return tf, tb
 
 
 def _rank_main(args, rank: int, world: int, device) -> int:
@@ -161,33 +176,39 @@ def _rank_main(args, rank: int, world: int, device) -> int:
     q, k, v, do = _make(args, world, _my_chunks(args, rank, world), device, dtype)
     backward = not args.no_backward
 
-    def ring_once():
+    def ring_once(cpu=None):
         qq, kk, vv = (t.detach().requires_grad_(backward) for t in (q, k, v))
-        out, tf = _timed(lambda: ring_attention(qq, kk, vv, mask=mask, layout=args.layout, timeout=args.timeout), device)
+        out, tf = _timed(lambda: ring_attention(qq, kk, vv, mask=mask, layout=args.layout, timeout=args.timeout),
+                         device, cpu)
         tb = 0.0
         if backward:
-            _, tb = _timed(lambda: out.backward(do), device)
+            _, tb = _timed(lambda: out.backward(do), device, cpu)
         return (out.detach(), qq.grad, kk.grad, vv.grad), tf, tb
 
     for _ in range(args.warmup):
         ring_once()
-    fwd, bwd = [], []
+    fwd, bwd, cpu = [], [], []
+    load0 = os.getloadavg()[0]
     for _ in range(args.repeat):
         dist.barrier()
-        res, tf, tb = ring_once()
+        c = []
+        res, tf, tb = ring_once(c)
         fwd.append(tf)
         bwd.append(tb)
-    mine = torch.tensor([statistics.median(fwd), statistics.median(bwd), _peak_mb(device)], dtype=torch.float64)
-    allt = [torch.zeros(3, dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(allt, mine)  # gloo and NCCL both take these through the default group on the CPU/GPU
+        cpu.append(sum(c))
+    mine = torch.tensor([statistics.median(fwd), statistics.median(bwd), _peak_mb(device), statistics.median(cpu)],
+                        dtype=torch.float64, device=device)
+    allt = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(allt, mine)
     gathered = [gather(t, layout=args.layout) for t in res if t is not None]
 
     summary = dict(
         seq=args.seq, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads or args.heads, dim=args.dim,
         dtype=args.dtype, mask=args.mask, layout=args.layout, world=world, threads_per_rank=torch.get_num_threads(),
         backend=dist.get_backend(), backward=backward,
-        ranks=[dict(rank=r, forward_ms=1e3 * float(t[0]), backward_ms=1e3 * float(t[1]), peak_mb=float(t[2]))
-               for r, t in enumerate(allt)],
+        ranks=[dict(rank=r, forward_ms=1e3 * float(t[0]), backward_ms=1e3 * float(t[1]), peak_mb=float(t[2]),
+                    cpu_ms=1e3 * float(t[3])) for r, t in enumerate(allt)],
+        load_average=load0,
     )
     ok = True
     if rank == 0:
@@ -200,13 +221,13 @@ def _rank_main(args, rank: int, world: int, device) -> int:
                     torch.set_num_threads(nt)
                 ts = []
                 for i in range(args.warmup + args.repeat):
-                    qq, kk, vv = (t.detach().requires_grad_(backward) for t in full[:3])
-                    out, tf = _timed(lambda: attention(qq, kk, vv, mask=mask), device)
-                    tb = _timed(lambda: out.backward(full[3]), device)[1] if backward else 0.0
+                    c = []
+                    tf, tb = _single_once(full, mask, backward, device, c)
                     if i >= args.warmup:
-                        ts.append((tf, tb))
+                        ts.append((tf, tb, sum(c)))
                 single[nt] = dict(forward_ms=1e3 * statistics.median(t[0] for t in ts),
-                                  backward_ms=1e3 * statistics.median(t[1] for t in ts))
+                                  backward_ms=1e3 * statistics.median(t[1] for t in ts),
+                                  cpu_ms=1e3 * statistics.median(t[2] for t in ts))
             if device.type == "cpu":
                 torch.set_num_threads(threads)
             summary["single_process"] = {f"{nt}_threads": s for nt, s in single.items()}
@@ -239,22 +260,26 @@ def _report(s: dict) -> None:
     print(
         f"salience ring attention: N={s['seq']} B={s['batch']} H={s['heads']} Hkv={s['kv_heads']} D={s['dim']} "
         f"{s['dtype']} mask={s['mask']} layout={s['layout']}; {s['world']} ranks x {s['threads_per_rank']} "
-        f"thread(s), {s['backend']}"
+        f"thread(s), {s['backend']}; load average {s['load_average']:.2f}"
     )
-    print(f"{'rank':>4}  {'forward ms':>10}  {'backward ms':>11}  {'peak MB':>8}")
+    print(f"{'rank':>4}  {'forward ms':>10}  {'backward ms':>11}  {'CPU ms':>8}  {'peak MB':>8}")
     for r in s["ranks"]:
-        print(f"{r['rank']:>4}  {r['forward_ms']:>10.1f}  {r['backward_ms']:>11.1f}  {r['peak_mb']:>8.0f}")
+        print(f"{r['rank']:>4}  {r['forward_ms']:>10.1f}  {r['backward_ms']:>11.1f}  {r['cpu_ms']:>8.1f}  "
+              f"{r['peak_mb']:>8.0f}")
     ring_f = max(r["forward_ms"] for r in s["ranks"])
     ring_b = max(r["backward_ms"] for r in s["ranks"])
-    print(f"ring (slowest rank): forward {ring_f:.1f} ms, backward {ring_b:.1f} ms, total {ring_f + ring_b:.1f} ms")
+    ring_c = max(r["cpu_ms"] for r in s["ranks"])
+    print(f"ring (slowest rank): forward {ring_f:.1f} ms, backward {ring_b:.1f} ms, total {ring_f + ring_b:.1f} ms, "
+          f"CPU {ring_c:.1f} ms")
     for key, t in s.get("single_process", {}).items():
         tot = t["forward_ms"] + t["backward_ms"]
         nt = int(key.split("_")[0])
         line = (f"one process, {nt} thread(s): forward {t['forward_ms']:.1f} ms, backward {t['backward_ms']:.1f} ms, "
-                f"total {tot:.1f} ms")
+                f"total {tot:.1f} ms, CPU {t['cpu_ms']:.1f} ms")
         if nt == s["threads_per_rank"]:
-            ideal = tot / s["world"]
-            line += f"; ideal per rank {ideal:.1f} ms; ring overhead {(ring_f + ring_b) / ideal:.2f}x"
+            ideal, ideal_c = tot / s["world"], t["cpu_ms"] / s["world"]
+            line += (f"; ideal per rank {ideal:.1f} ms; ring overhead {(ring_f + ring_b) / ideal:.2f}x wall, "
+                     f"{ring_c / ideal_c:.2f}x CPU")
         else:
             line += f"; ring speed-up over it {tot / (ring_f + ring_b):.2f}x"
         print(line)

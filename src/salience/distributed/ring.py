@@ -74,20 +74,20 @@ class _Ring:
             return r
         return dist.get_global_rank(self.group, r)
 
-    def exchange(self, send: torch.Tensor, what: str):
-        """Start sending ``send`` to the next rank and receiving a tensor like it from the previous one."""
-        recv = torch.empty_like(send)
+    def exchange(self, send: tuple, what: str, tag: int = 0):
+        """Start sending the (contiguous) tensors ``send`` to the next rank and receiving tensors like them
+        from the previous one; message i uses tag ``tag + i``. Returns a handle for :meth:`wait`."""
+        recv = tuple(torch.empty_like(t) for t in send)
         try:
-            ops = [
-                dist.P2POp(dist.isend, send, self.next, self.group),
-                dist.P2POp(dist.irecv, recv, self.prev, self.group),
-            ]
+            ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag + i) for i, t in enumerate(send)]
+            ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag + i) for i, t in enumerate(recv)]
             works = dist.batch_isend_irecv(ops)
         except RuntimeError as e:  # a peer already gone
             raise self._error(what, e) from e
         return works, recv, send, what
 
-    def wait(self, handle) -> torch.Tensor:
+    def wait(self, handle) -> tuple:
+        """Wait for an exchange (within the timeout) and return the received tensors."""
         works, recv, _send, what = handle
         try:
             for w in works:
@@ -113,19 +113,6 @@ class _Ring:
         )
 
 
-def _pack(*ts: torch.Tensor) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def _unpack(buf: torch.Tensor, *shapes):
-    out, i = [], 0
-    for s in shapes:
-        n = math.prod(s)
-        out.append(buf[i : i + n].view(s))
-        i += n
-    return out
-
-
 # ----------------------------------------------------------------------------------------- autograd
 
 
@@ -149,12 +136,10 @@ class _Runner:
         W, rank, spec = self.W, self.rank, self.spec
         acc = _block.acc_dtype(q.dtype)
         parts: dict[int, AttentionResult] = {}
-        shapes = (tuple(k.shape), tuple(v.shape))
-        buf = _pack(k, v)
+        kc, vc = k.contiguous(), v.contiguous()
         for s in range(W):
             src = (rank - s) % W
-            h = self.ring.exchange(buf, f"forward step {s + 1}/{W}") if s < W - 1 else None
-            kc, vc = _unpack(buf, *shapes)
+            h = self.ring.exchange((kc, vc), f"forward step {s + 1}/{W}") if s < W - 1 else None
             for qo, q0, nq, ko, k0, nk in self.blocks(src):
                 r = _block.block_forward(spec, q[:, :, qo : qo + nq], kc[:, :, ko : ko + nk], vc[:, :, ko : ko + nk],
                                          q0, k0)
@@ -165,7 +150,7 @@ class _Runner:
                     prev.out, prev.lse, r.out.to(acc), r.lse
                 )
             if h is not None:
-                buf = self.ring.wait(h)
+                kc, vc = self.ring.wait(h)
         outs, lses = [], []
         B, H, Dv = q.shape[0], q.shape[1], v.shape[-1]
         for qo, _q0, nq in self.q_segs:
@@ -187,18 +172,15 @@ class _Runner:
         lse_safe = _block.safe_lse(lse)
         delta = (dout.to(acc) * out.to(acc)).sum(-1)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        kshape, vshape = tuple(k.shape), tuple(v.shape)
-        buf = _pack(k, v)
+        kc, vc = k.contiguous(), v.contiguous()
         hd = None
-        dkv = None
         for s in range(W):
             src = (rank - s) % W
-            h = self.ring.exchange(buf, f"backward step {s + 1}/{W}") if s < W - 1 else None
-            kc, vc = _unpack(buf, kshape, vshape)
-            # this step's dK, dV for the held shard, packed for the trip round the ring; each key segment is
-            # written by its first block and accumulated by the next, and zeroed only if no block saw it
-            local = torch.empty(math.prod(kshape) + math.prod(vshape), dtype=acc, device=q.device)
-            dk_loc, dv_loc = _unpack(local, kshape, vshape)
+            h = self.ring.exchange((kc, vc), f"backward step {s + 1}/{W}") if s < W - 1 else None
+            # this step's dK, dV for the held shard, to travel with it; each key segment is written by its
+            # first block and accumulated by the next, and zeroed only if no block saw it
+            dk_loc = torch.empty(k.shape, dtype=acc, device=q.device)
+            dv_loc = torch.empty(v.shape, dtype=acc, device=q.device)
             written = set()
             for qo, q0, nq, ko, k0, nk in self.blocks(src):
                 sl, ks = slice(qo, qo + nq), slice(ko, ko + nk)
@@ -220,14 +202,18 @@ class _Runner:
                 if ko not in written:
                     dk_loc[:, :, ko : ko + nk] = 0
                     dv_loc[:, :, ko : ko + nk] = 0
-            dkv = local if hd is None else self.ring.wait(hd).add_(local)
+            if hd is None:
+                dk, dv = dk_loc, dv_loc
+            else:
+                dk, dv = self.ring.wait(hd)
+                dk.add_(dk_loc)
+                dv.add_(dv_loc)
             if W > 1:
-                hd = self.ring.exchange(dkv, f"backward gradient step {s + 1}/{W}")
+                hd = self.ring.exchange((dk, dv), f"backward gradient step {s + 1}/{W}", tag=2)
             if h is not None:
-                buf = self.ring.wait(h)
+                kc, vc = self.ring.wait(h)
         if hd is not None:
-            dkv = self.ring.wait(hd)
-        dk, dv = _unpack(dkv, kshape, vshape)
+            dk, dv = self.ring.wait(hd)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

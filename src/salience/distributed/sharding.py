@@ -154,7 +154,6 @@ def unshard(parts, layout: str = "contiguous", dim: int = 2) -> torch.Tensor:
     if isinstance(parts, torch.Tensor) or not hasattr(parts, "__len__") or len(parts) == 0:
         raise TypeError("parts must be a non-empty list of tensors, one shard per rank in rank order.")
     check_layout(layout)
-    world = len(parts)
     d = _check_dim(parts[0], dim, "parts[0]")
     shape0 = tuple(parts[0].shape)
     for i, p in enumerate(parts):
