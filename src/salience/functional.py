@@ -52,7 +52,7 @@ def plan(q, k, v=None, *, mask=None, score_mod=None, scale=None, compatibility=N
     v = k if v is None else v
     q, k, v, m, sm, scale, compat, _, _ = _prepare(q, k, v, mask, score_mod, scale, compatibility)
     return dispatch.choose(q, k, v, mask=m, score_mod=sm, compatibility=compat, need_lse=return_lse,
-                           backend=backend)
+                           backend=backend, scale=scale)
 
 
 def attention(
@@ -95,12 +95,10 @@ def attention(
         torch.Size([2, 8, 16, 32])
     """
     q, k, v, m, sm, scale, compat, p, _ = _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p)
-    pl = dispatch.choose(q, k, v, mask=m, score_mod=sm, compatibility=compat, need_lse=return_lse, backend=backend)
-    res = dispatch.run(pl, q, k, v, mask=m, score_mod=sm, scale=scale, compatibility=compat, dropout_p=p)
-    if isinstance(res, torch.Tensor):
-        if return_lse:
-            raise RuntimeError(f"backend {pl.backend!r} does not provide the logsumexp; use backend=None.")
-        return res
+    pl, res = dispatch.attend(q, k, v, mask=m, score_mod=sm, scale=scale, compatibility=compat, dropout_p=p,
+                              need_lse=return_lse, backend=backend)
+    if return_lse and res.lse is None:
+        raise RuntimeError(f"backend {pl.backend!r} does not provide the logsumexp here; use backend=None.")
     return res if return_lse else res.out
 
 

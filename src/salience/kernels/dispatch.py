@@ -1,90 +1,435 @@
-"""Choose the compute path for one attention call and run it.
+"""Choose the compute path for one attention call, and run it with a memory-light backward.
 
-Backends:
+Backends (all exact; each returns the output and the logsumexp):
 
-* ``"sdpa"``: torch's fused ``scaled_dot_product_attention``, used for no mask and top-left causal with no
-  score_mod (no mask tensor is built; causal goes through ``is_causal``).
-* ``"reference"``: the textbook computation, chunked over query rows so memory stays O(chunk x S); any mask,
-  score_mod or compatibility function.
+* ``"sdpa"``: torch's fused CPU flash kernel, for no mask and top-left causal with no score_mod (causal goes
+  through ``is_causal``; no mask tensor is built). Forced with a mask, it materialises the equivalent dense
+  mask, like calling torch SDPA with a boolean mask (useful as a baseline).
+* ``"spans"``: masks whose visible keys form one interval per query row (documents, sliding windows,
+  prefix-LM, padding, bottom-right causal and their ``&``): fused calls over just the keys each run of rows
+  needs (:mod:`salience.kernels.spans`). With a band mask (causal, windows) and an additive relative
+  score_mod (ALiBi, T5 relative bias, with temperature), the bias goes into the fused call as a strided
+  Toeplitz view, never materialised.
+* ``"blockwise"``: everything else (any mask_mod, any score_mod such as softcap): online softmax over
+  (query tile, key tile) pairs that skips empty tiles (:mod:`salience.kernels.blockwise`).
+* ``"reference"``: the textbook computation chunked over query rows: dropout, non-dot compatibility
+  functions, and tiny problems where one dense pass is fastest.
 
-``plan(...)`` returns the choice and the reason without computing anything; ``backend=`` forces a path.
+Training: every path except ``"reference"`` runs under one ``autograd.Function`` that saves only q, k, v,
+the output and the logsumexp and recomputes the rest in the backward (FlashAttention-2 style), so memory is
+O(L * D), not O(L * S); fully masked rows get zero gradients.
+
+``choose(...)`` returns a :class:`Plan` (backend, reason, share of work skipped) without computing
+attention; ``backend=`` forces a path.
+
+Example:
+    >>> import torch, salience
+    >>> q = torch.randn(1, 2, 4096, 16)
+    >>> p = salience.plan(q, q, q, mask=salience.masks.sliding_window(128))
+    >>> p.backend, p.details["skipped"] > 0.9
+    ('spans', True)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .._layout import expand_kv
 from .._result import AttentionResult
 from ..masks import MaskMod
 from ..reference import _acc_dtype, scores, softmax_from_scores
+from . import fused
+from .blockwise import TileKernel
+from .spans import BiasPlan, plan_spans, relative_band, row_spans
 
-__all__ = ["Plan", "BACKENDS", "choose", "run"]
+__all__ = ["Plan", "BACKENDS", "choose", "run", "attend", "AttentionFunction"]
 
-BACKENDS = ("sdpa", "reference")
+BACKENDS = ("sdpa", "spans", "blockwise", "reference")
 
 #: query rows per chunk on the reference path
 REFERENCE_CHUNK = 512
+#: problems with at most this many score elements (B * H * L * S) that need a mask or score_mod run in
+#: one dense pass (kernel set-up would cost more than the work)
+TINY = 1 << 15
+#: the span path is used when it computes at least this share of useful score elements
+MIN_SPAN_EFFICIENCY = 0.2
 
 
 @dataclass
 class Plan:
-    """What :func:`salience.attention` will do for given inputs: the backend and why."""
+    """What :func:`salience.attention` will do for given inputs: the backend, why, and details such as
+    ``skipped`` (share of the L x S score elements not computed)."""
 
     backend: str
     reason: str
     details: dict = field(default_factory=dict)
+    executor: object = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         extra = "".join(f", {k}={v}" for k, v in self.details.items())
         return f"Plan(backend={self.backend!r}: {self.reason}{extra})"
 
 
+# ----------------------------------------------------------------------------------------- score mods
+
+
+def _probe_compose_code():
+    from ..scores import compose, temperature
+
+    fn = compose(temperature(1.0), temperature(2.0)).fn
+    return getattr(fn, "__code__", None)
+
+
+_COMPOSE_CODE = _probe_compose_code()
+
+
+def _mod_parts(mod):
+    """The component mods of a composition, in order (a mod that is not a composition: [mod])."""
+    parts = getattr(mod, "parts", None)
+    if parts is not None:
+        return [p for m in parts for p in _mod_parts(m)]
+    fn = getattr(mod, "fn", None)
+    code = getattr(fn, "__code__", None)
+    if code is not None and code is _COMPOSE_CODE and fn.__closure__:
+        cells = dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__)))
+        ms = cells.get("ms")
+        if isinstance(ms, (list, tuple)):
+            return [p for m in ms for p in _mod_parts(m)]
+    return [mod]
+
+
+def _is_temperature(m):
+    return isinstance(getattr(m, "t", None), float) and getattr(m, "name", "").startswith("temperature(")
+
+
+def _is_relative_additive(m):
+    name = getattr(m, "name", "")
+    return (name.startswith("alibi(") and hasattr(m, "slopes")) or (
+        name.startswith("relative_bias(") and hasattr(m, "table"))
+
+
+def linear_form(mod):
+    """``(alpha, [(bias_mod, beta), ...])`` when ``mod(s) = alpha * s + sum(beta * bias(h, kv - q))`` (a chain
+    of temperature, alibi and relative_bias); None otherwise. ``mod=None`` -> ``(1.0, [])``."""
+    if mod is None:
+        return 1.0, []
+    alpha, biases = 1.0, []
+    for m in _mod_parts(mod):
+        if _is_temperature(m):
+            alpha /= m.t
+            biases = [(b, w / m.t) for b, w in biases]
+        elif _is_relative_additive(m):
+            biases.append((m, 1.0))
+        else:
+            return None
+    return alpha, biases
+
+
+def grad_tensors(mod) -> list:
+    """Tensors requiring grad that a score_mod closes over (found in attributes, closures, modules)."""
+    found, seen = [], set()
+
+    def visit(obj, depth):
+        if depth > 6 or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.requires_grad and all(obj is not f for f in found):
+                found.append(obj)
+            return
+        if isinstance(obj, torch.nn.Module):
+            for p in obj.parameters():
+                visit(p, depth + 1)
+            return
+        if isinstance(obj, (list, tuple)):
+            for x in obj:
+                visit(x, depth + 1)
+            return
+        if isinstance(obj, dict):
+            for x in obj.values():
+                visit(x, depth + 1)
+            return
+        if callable(obj) or hasattr(obj, "__dict__"):
+            for attr in ("table", "slopes", "fn", "__self__", "__func__"):
+                if hasattr(obj, attr):
+                    visit(getattr(obj, attr), depth + 1)
+            clo = getattr(obj, "__closure__", None)
+            for c in clo or ():
+                try:
+                    visit(c.cell_contents, depth + 1)
+                except ValueError:
+                    pass
+            d = getattr(obj, "__dict__", None)
+            if isinstance(d, dict) and not isinstance(obj, type):
+                for k, x in d.items():
+                    if k not in ("fn", "table", "slopes"):
+                        visit(x, depth + 1)
+
+    visit(mod, 0)
+    return found
+
+
+def _grads_complete(mod, found, H, device) -> bool:
+    """True when every tensor the score_mod's output depends on (for grads) is in ``found``."""
+    s = torch.zeros(1, H, 2, 2, device=device)
+    b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    h = torch.arange(H, device=device).view(1, -1, 1, 1)
+    qi = torch.arange(2, device=device).view(1, 1, -1, 1)
+    ki = torch.arange(2, device=device).view(1, 1, 1, -1)
+    with torch.enable_grad():
+        try:
+            out = mod(s, b, h, qi, ki)
+        except Exception:
+            return False
+    if not isinstance(out, torch.Tensor) or not out.requires_grad:
+        return True
+    stop = {id(t.grad_fn) for t in found if t.grad_fn is not None}
+    leaves = {id(t) for t in found}
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen or id(node) in stop:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) not in leaves:
+            return False
+        stack.extend(n for n, _ in node.next_functions)
+    return True
+
+
+def _bias_fn(biases, H, Lg, device, dtype):
+    """d -> (H, n) sum of the additive relative biases at offsets d = kv_idx - q_idx."""
+
+    def fn(d):
+        q0 = max(0, -int(d.min())) if d.numel() else 0
+        qi = torch.full((1, 1, 1, 1), q0, dtype=torch.long, device=device)
+        ki = (q0 + d).view(1, 1, 1, -1)
+        h = torch.arange(H, device=device).view(1, -1, 1, 1)
+        b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+        z = torch.zeros(1, H, 1, d.numel(), dtype=dtype, device=device)
+        total = torch.zeros(H, d.numel(), dtype=dtype, device=device)
+        for m, w in biases:
+            mm = m.to(device) if hasattr(m, "to") else m
+            total += w * mm(z, b, h, qi, ki).to(dtype).view(H, -1)
+        return total
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------- executors
+
+
+class _SdpaExec:
+    def __init__(self, causal: bool, scale: float, bias=None):
+        self.causal, self.scale, self.bias = causal, scale, bias
+
+    def forward(self, q, k, v):
+        out, lse = fused.forward(q, k, v, scale=self.scale, causal=self.causal, bias=self.bias)
+        if self.bias is not None:
+            empty = torch.isneginf(self.bias).all(-1)
+            lse = lse.masked_fill(empty, float("-inf"))
+        return out, lse
+
+    def backward(self, q, k, v, out, lse, dout, dlse):
+        dq, dk, dv = fused.backward(dout, q, k, v, out, lse, scale=self.scale, causal=self.causal, bias=self.bias,
+                                    dlse=dlse)
+        return dq, dk, dv, []
+
+
+class _PlanExec:
+    def __init__(self, plan, scale: float):
+        self.plan, self.scale = plan, scale
+
+    def forward(self, q, k, v):
+        return self.plan.forward(q, k, v, self.scale)
+
+    def backward(self, q, k, v, out, lse, dout, dlse):
+        return (*self.plan.backward(q, k, v, out, lse, dout, dlse, self.scale), [])
+
+
+class _TileExec:
+    def __init__(self, kernel: TileKernel):
+        self.kernel = kernel
+
+    def forward(self, q, k, v):
+        return self.kernel.forward(q, k, v)
+
+    def backward(self, q, k, v, out, lse, dout, dlse):
+        return self.kernel.backward(q, k, v, out, lse, dout, dlse)
+
+
+class AttentionFunction(torch.autograd.Function):
+    """``apply(executor, q, k, v, *grad_tensors) -> (out, lse)``; saves q, k, v, out, lse only."""
+
+    @staticmethod
+    def forward(ctx, ex, q, k, v, *extras):
+        out, lse = ex.forward(q, k, v)
+        ctx.ex = ex
+        ctx.n_extra = len(extras)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, extra = ctx.ex.backward(q, k, v, out, lse, dout, dlse)
+        extra = list(extra) + [None] * (ctx.n_extra - len(extra))
+        return (None, dq, dk, dv, *extra)
+
+
+# ---------------------------------------------------------------------------------------------- choosing
+
+
 def _is_top_left_causal(mask) -> bool:
     return isinstance(mask, MaskMod) and getattr(mask, "kind", None) == ("causal", "top_left")
 
 
-def choose(q, k, v, *, mask, score_mod, compatibility, need_lse: bool, backend: str | None) -> Plan:
-    """Pick a backend for validated inputs (mask already a MaskMod or None)."""
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}.")
-        if backend == "sdpa" and (score_mod is not None or compatibility is not None):
-            raise ValueError("backend='sdpa' cannot apply a score_mod or compatibility function; use backend=None.")
-        return Plan(backend, "forced by backend=")
-    simple = score_mod is None and compatibility is None and not need_lse
-    if simple and mask is None:
-        return Plan("sdpa", "no mask, no score_mod: torch's fused kernel")
-    if simple and _is_top_left_causal(mask):
-        return Plan("sdpa", "top-left causal: torch's fused kernel with is_causal")
-    return Plan("reference", "general mask/score_mod/logsumexp: chunked textbook computation")
+def _ctx(q, k, v, q_offset, kv_offset, q_len, kv_len):
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    Lg = q_offset + L if q_len is None else q_len
+    Sg = kv_offset + S if kv_len is None else kv_len
+    return B, H, L, S, Lg, Sg
 
 
-def _sdpa(q, k, v, mask, scale, dropout_p) -> torch.Tensor:
-    H, Hkv = q.shape[1], k.shape[1]
-    causal = mask is not None
-    if mask is not None and not _is_top_left_causal(mask):
-        dense = mask.to_dense(q.shape[0], H, q.shape[2], k.shape[2], q.device)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=dense, dropout_p=dropout_p, scale=scale, enable_gqa=H != Hkv
-        )
-    return F.scaled_dot_product_attention(
-        q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale, enable_gqa=H != Hkv
-    )
+def choose(q, k, v, *, mask, score_mod, compatibility, need_lse: bool, backend: str | None, scale=None,
+           dropout_p: float = 0.0, q_offset: int = 0, kv_offset: int = 0, q_len: int | None = None,
+           kv_len: int | None = None, allow_reference: bool = True) -> Plan:
+    """Pick a backend for validated inputs (mask a MaskMod or None, score_mod a ScoreMod or None) and
+    prepare its executor. See the module docstring for the backends. ``q_offset``/``kv_offset``/``q_len``/
+    ``kv_len`` place the inputs in a larger problem (see :func:`salience.kernels.blockwise.block_forward`);
+    ``allow_reference=False`` keeps the choice on the kernels that support them."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}.")
+    B, H, L, S, Lg, Sg = _ctx(q, k, v, q_offset, kv_offset, q_len, kv_len)
+    dev = q.device
+    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    total = B * H * L * S
+    m = None if mask is None else mask.bind(Lg, Sg, dev)
+    if m is not None and getattr(m, "name", None) == "full()":
+        m = None
+
+    def reference(reason):
+        return Plan("reference", reason, {"skipped": 0.0})
+
+    if compatibility is not None:
+        if backend not in (None, "reference"):
+            raise ValueError(
+                f"backend={backend!r} cannot apply the compatibility function {type(compatibility).__name__} (it "
+                "is not a dot product); use backend=None or 'reference'.")
+        return reference(f"{type(compatibility).__name__} is not a dot product: chunked textbook computation")
+    if dropout_p > 0:
+        if backend not in (None, "reference", "sdpa"):
+            raise ValueError(f"dropout_p > 0 runs on backend 'reference' (or 'sdpa' without a mask); got {backend!r}.")
+        if backend != "reference" and score_mod is None and (m is None or _is_top_left_causal(m)) \
+                and q_offset == kv_offset and not need_lse:
+            return Plan("sdpa", "dropout: torch SDPA with dropout_p", {"skipped": 0.0, "dropout": True})
+        return reference("dropout on the weights: chunked textbook computation")
+    if backend == "reference":
+        return reference("forced by backend=")
+
+    lin = linear_form(score_mod)
+    alpha, biases = lin if lin is not None else (1.0, None)
+    eff_scale = sc * alpha
+    mod_rest = None if (lin is not None and not biases) else score_mod  # temperature alone folds into scale
+    fused_ok = fused.available(q)
+    aligned_causal = m is not None and _is_top_left_causal(m) and q_offset == kv_offset
+    plain = mod_rest is None and (m is None or aligned_causal)
+
+    # -- forced backends --------------------------------------------------------------------------
+    if backend == "sdpa":
+        if mod_rest is not None:
+            raise ValueError("backend='sdpa' cannot apply a score_mod (other than temperature); use backend=None.")
+        if not fused_ok:
+            raise ValueError(f"backend='sdpa' needs the fused CPU kernel; inputs are {q.dtype} on {q.device}.")
+        if plain:
+            return Plan("sdpa", "forced by backend=", {"skipped": 0.5 if aligned_causal else 0.0},
+                        _SdpaExec(aligned_causal, eff_scale))
+        dense = m.to_dense(B, H, L, S, dev) if (q_offset, kv_offset, Lg, Sg) == (0, 0, L, S) else _dense_shifted(
+            m, B, H, L, S, q_offset, kv_offset, dev)
+        bias = torch.zeros(dense.shape, dtype=fused.bias_dtype(q.dtype, True), device=dev).masked_fill_(
+            ~dense, float("-inf"))
+        return Plan("sdpa", "forced by backend=: dense L x S mask, like torch SDPA with a boolean mask",
+                    {"skipped": 0.0, "dense_mask_bytes": bias.numel() * bias.element_size()}, _SdpaExec(False, eff_scale, bias))
+
+    # -- automatic choice -------------------------------------------------------------------------
+    if plain and backend in (None, "sdpa") and fused_ok:
+        if m is None:
+            return Plan("sdpa", "no mask, no score_mod: torch's fused kernel", {"skipped": 0.0},
+                        _SdpaExec(False, eff_scale))
+        return Plan("sdpa", "top-left causal: torch's fused kernel with is_causal",
+                    {"skipped": round(1 - (L + 1) / (2 * S), 4) if L <= S else 0.5}, _SdpaExec(True, eff_scale))
+    if backend is None and total <= TINY and allow_reference:
+        return reference(f"tiny problem ({total} score elements): one dense pass is fastest")
+
+    gtensors = grad_tensors(score_mod) if score_mod is not None else []
+    if score_mod is not None and not _grads_complete(score_mod, gtensors, H, dev):
+        if backend is None and allow_reference:
+            return reference("the score_mod depends on tensors requiring grad that salience cannot find; the "
+                             "chunked reference keeps autograd exact")
+        raise ValueError(f"score_mod {score_mod!r} closes over tensors requiring grad that salience cannot find; "
+                         "use backend=None or 'reference' (or expose them as attributes of a ScoreMod).")
+
+    # spans: interval masks, no score_mod
+    if backend in (None, "spans") and fused_ok and mod_rest is None:
+        sp = row_spans(m, B, L, S, q_offset=q_offset, kv_offset=kv_offset, q_len=Lg, kv_len=Sg, device=dev)
+        if sp is not None:
+            plan = plan_spans(sp[0], sp[1], B, L, S, dtype=q.dtype, device=dev)
+            if backend == "spans" or plan.efficiency >= MIN_SPAN_EFFICIENCY:
+                det = {"skipped": round(1 - plan.computed / max(1, B * L * S), 4), **plan.summary()}
+                return Plan("spans", "each query row sees one key interval: fused calls over just those keys", det,
+                            _PlanExec(plan, eff_scale))
+    # spans with a Toeplitz bias: band mask + additive relative bias without trainable tensors
+    if backend in (None, "spans") and fused_ok and biases and not gtensors:
+        band = relative_band(m)
+        if band is not None:
+            bp = BiasPlan(band, _bias_fn(biases, H, Lg, dev, _acc_dtype(q.dtype)), B, H, L, S, q_offset=q_offset,
+                          kv_offset=kv_offset, dtype=q.dtype, device=dev)
+            det = {"skipped": round(1 - bp.computed / max(1, L * S), 4), **bp.summary()}
+            return Plan("spans", "band mask + relative additive bias: fused calls with a strided Toeplitz bias",
+                        det, _PlanExec(bp, eff_scale))
+    if backend == "spans":
+        raise ValueError(
+            f"backend='spans' needs a mask whose visible keys form one interval per query row (got {m!r}) and no "
+            f"score_mod other than temperature/alibi/relative_bias on a band mask (got {score_mod!r}); use "
+            "backend=None or 'blockwise'.")
+    tk = TileKernel(B, H, L, S, mask=m, score_mod=mod_rest, scale=eff_scale if mod_rest is None else sc,
+                    q_offset=q_offset, kv_offset=kv_offset, q_len=Lg, kv_len=Sg, device=dev, grad_tensors=gtensors)
+    det = {"skipped": round(tk.skipped_fraction(), 4)}
+    if tk.block_mask is not None:
+        det["tiles"] = tk.block_mask.counts()
+    reason = "forced by backend=" if backend == "blockwise" else (
+        "general mask/score_mod: online softmax over non-empty tiles")
+    return Plan("blockwise", reason, det, _TileExec(tk))
 
 
-def _reference_chunked(q, k, v, mask, score_mod, scale, compatibility, dropout_p) -> AttentionResult:
-    from .._layout import expand_kv
+def _dense_shifted(m, B, H, L, S, q_offset, kv_offset, dev):
+    b = torch.arange(B, device=dev).view(-1, 1, 1, 1)
+    h = torch.arange(H, device=dev).view(1, -1, 1, 1)
+    qi = (q_offset + torch.arange(L, device=dev)).view(1, 1, -1, 1)
+    ki = (kv_offset + torch.arange(S, device=dev)).view(1, 1, 1, -1)
+    return torch.as_tensor(m(b, h, qi, ki)).expand(B, H, L, S)
 
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def _reference_chunked(q, k, v, mask, score_mod, scale, compatibility, dropout_p, L_full=None) -> AttentionResult:
     H, L = q.shape[1], q.shape[2]
     ke, ve = expand_kv(k, H), expand_kv(v, H)
     outs, lses = [], []
     for i in range(0, L, REFERENCE_CHUNK):
         rows = torch.arange(i, min(i + REFERENCE_CHUNK, L), device=q.device)
-        s = scores(q[:, :, i : i + REFERENCE_CHUNK], ke, mask=mask, score_mod=score_mod, scale=scale,
-                   compatibility=compatibility, rows=rows, L=L)
+        s = scores(q[:, :, i:i + REFERENCE_CHUNK], ke, mask=mask, score_mod=score_mod, scale=scale,
+                   compatibility=compatibility, rows=rows, L=L if L_full is None else L_full)
         w, lse = softmax_from_scores(s)
         if dropout_p > 0:
             w = F.dropout(w, p=dropout_p)
@@ -95,8 +440,36 @@ def _reference_chunked(q, k, v, mask, score_mod, scale, compatibility, dropout_p
     return AttentionResult(out=out, lse=lse.to(_acc_dtype(q.dtype)))
 
 
-def run(plan: Plan, q, k, v, *, mask, score_mod, scale, compatibility, dropout_p) -> AttentionResult | torch.Tensor:
-    """Execute a plan; returns a tensor for sdpa (no lse) and an AttentionResult otherwise."""
-    if plan.backend == "sdpa":
-        return _sdpa(q, k, v, mask, scale, dropout_p)
-    return _reference_chunked(q, k, v, mask, score_mod, scale, compatibility, dropout_p)
+def run(plan: Plan, q, k, v, *, mask=None, score_mod=None, scale=None, compatibility=None,
+        dropout_p: float = 0.0) -> AttentionResult:
+    """Execute a plan from :func:`choose`; returns an :class:`AttentionResult` (lse None only for SDPA with
+    dropout, which does not produce it)."""
+    if plan.backend == "reference":
+        return _reference_chunked(q, k, v, mask, score_mod, scale, compatibility, dropout_p)
+    if plan.details.get("dropout"):
+        H, Hkv = q.shape[1], k.shape[1]
+        causal = mask is not None
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale,
+                                             enable_gqa=H != Hkv)
+        return AttentionResult(out=out, lse=None)
+    ex = plan.executor
+    if ex is None:
+        raise ValueError("this Plan has no executor; build it with salience.kernels.dispatch.choose.")
+    extras = list(getattr(getattr(ex, "kernel", None), "grad_tensors", ()))
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or any(t.requires_grad for t in extras))
+    if not needs_grad:
+        with torch.no_grad():
+            out, lse = ex.forward(q, k, v)
+        return AttentionResult(out=out, lse=lse)
+    out, lse = AttentionFunction.apply(ex, q, k, v, *extras)
+    return AttentionResult(out=out, lse=lse)
+
+
+@torch.compiler.disable
+def attend(q, k, v, *, mask, score_mod, scale, compatibility, dropout_p, need_lse, backend) -> tuple:
+    """``choose`` then ``run`` (opaque to torch.compile, which graph-breaks around it): ``(plan, result)``."""
+    pl = choose(q, k, v, mask=mask, score_mod=score_mod, compatibility=compatibility, need_lse=need_lse,
+                backend=backend, scale=scale, dropout_p=dropout_p)
+    return pl, run(pl, q, k, v, mask=mask, score_mod=score_mod, scale=scale, compatibility=compatibility,
+                   dropout_p=dropout_p)

@@ -1,0 +1,505 @@
+"""The blockwise kernel: online softmax over (query tile, key tile) pairs, for any mask and score_mod.
+
+For each query tile the kernel walks the key tiles that the :class:`~salience.blocks.BlockMask` says are
+not empty, in chunks of consecutive tiles (one large matmul per chunk):
+
+1. scores of the chunk, accumulated in float32 for bfloat16/float16 inputs;
+2. the score_mod on the chunk (softcap and temperature are folded into in-place passes);
+3. the mask, evaluated only on the chunk's *partial* tiles (full tiles are never evaluated) and cached
+   per tile offset when the mask depends only on ``kv_idx - q_idx`` (windows, causal);
+4. an online-softmax update of the running max, sum and output.
+
+It returns the output and the logsumexp. The backward (FlashAttention-2 style) recomputes each chunk from
+q, k, v, the output and the logsumexp, skipping the same tiles, so training memory is O(L * D) plus one
+chunk; fully masked rows get zero gradients. A score_mod that closes over tensors requiring grad (a learned
+relative-position table) gets its gradient too, through autograd on each chunk.
+
+Public functions for distributed and custom kernels: :func:`block_forward` and :func:`block_backward`
+compute one (query block, key block) pair of a larger problem, with global index offsets, so that a shard
+knows where its rows and keys sit (ring attention). They use the fastest exact path for the block.
+
+Example:
+    >>> import torch
+    >>> from salience import masks
+    >>> from salience.kernels.blockwise import block_forward
+    >>> q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    >>> res = block_forward(q, k, v, mask=masks.causal(), q_offset=64, kv_offset=0, q_len=128, kv_len=128)
+    >>> res.out.shape, res.lse.shape
+    (torch.Size([1, 2, 64, 16]), torch.Size([1, 2, 64]))
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .._result import AttentionResult
+from ..blocks import EMPTY, FULL, PARTIAL, BlockMask
+from ..masks import MaskMod, TileContext, as_mask_mod, check_mask_output
+
+__all__ = ["TileKernel", "BlockGrads", "block_forward", "block_backward", "classify"]
+
+#: query rows per tile and keys per tile
+Q_TILE = 128
+KV_TILE = 128
+#: at most this many score elements (B * H * rows * keys) per chunk
+CHUNK_ELEMENTS = 1 << 22
+#: cache of partial-tile masks (bytes) kept between tiles, forward and backward
+MASK_CACHE_BYTES = 64 << 20
+
+
+class BlockGrads(NamedTuple):
+    """Gradients returned by :func:`block_backward`: dq (B, H, L, D), dk (B, Hkv, S, D), dv (B, Hkv, S, Dv)."""
+
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+
+
+# ------------------------------------------------------------------------------------- tile classification
+
+
+def _shifted(mask: MaskMod, q_offset: int, kv_offset: int, L: int, S: int, q_len: int, kv_len: int) -> MaskMod:
+    """The bound global mask seen through local indices (local i = global i - offset), with no binder left,
+    so that binding it to the block's local sizes changes nothing."""
+    if q_offset == 0 and kv_offset == 0 and q_len == L and kv_len == S:
+        return mask
+
+    def fn(b, h, q, kv):
+        return mask(b, h, q + q_offset, kv + kv_offset)
+
+    tiles = None
+    if mask._tiles is not None:
+
+        def tiles(ctx):
+            g = TileContext(ctx.B, ctx.H, q_len, kv_len, ctx.q_start + q_offset, ctx.q_end + q_offset,
+                            ctx.k_start + kv_offset, ctx.k_end + kv_offset, ctx.device)
+            return mask._tiles(g)
+
+    return MaskMod(fn, f"{mask.name} @ (q+{q_offset}, kv+{kv_offset})", tiles=tiles,
+                   relative=mask.relative and q_offset == kv_offset)
+
+
+def classify(mask, B: int, H: int, L: int, S: int, *, q_block: int = Q_TILE, kv_block: int = KV_TILE,
+             q_offset: int = 0, kv_offset: int = 0, q_len: int | None = None, kv_len: int | None = None,
+             device=None) -> BlockMask:
+    """Classify the (query tile, key tile) pairs of a mask for a block at the given global offsets.
+
+    Analytic for the named factories; otherwise the mask is evaluated one query tile at a time, reducing
+    only over the batch/head axes the mask really depends on (a mask that ignores ``b`` and ``h`` costs
+    O(L * S), not O(B * H * L * S)).
+
+    Returns:
+        a :class:`~salience.blocks.BlockMask` over the local block (classes of shape (Bm, Hm, nq, nk)),
+        whose ``mask`` takes local indices.
+
+    Example:
+        >>> from salience import masks
+        >>> classify(masks.causal(), 1, 1, 256, 256).counts()
+        {'empty': 1, 'partial': 2, 'full': 1}
+    """
+    Lg = q_offset + L if q_len is None else q_len
+    Sg = kv_offset + S if kv_len is None else kv_len
+    m = as_mask_mod(mask).bind(Lg, Sg, device)
+    local = _shifted(m, q_offset, kv_offset, L, S, Lg, Sg)
+    if local._tiles is not None:
+        return BlockMask.from_mask(local, B, H, L, S, q_block=q_block, kv_block=kv_block, device=device)
+    nk = (S + kv_block - 1) // kv_block
+    pad = nk * kv_block - S
+    b = torch.arange(B, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(H, device=device).view(1, -1, 1, 1)
+    kv = torch.arange(S, device=device).view(1, 1, 1, -1)
+    out = []
+    for q0 in range(0, L, q_block):
+        n = min(q_block, L - q0)
+        qi = torch.arange(q0, q0 + n, device=device).view(1, 1, -1, 1)
+        raw = local(b, h, qi, kv)
+        check_mask_output(raw, local, (B, H, n, S))  # bool and broadcastable, or a clear error
+        raw = torch.as_tensor(raw)
+        raw = raw.view((1,) * (4 - raw.dim()) + tuple(raw.shape))
+        bm, hm = raw.shape[0], raw.shape[1]
+        vis = raw.expand(bm, hm, n, S)
+        any_ = torch.nn.functional.pad(vis, (0, pad), value=False).view(bm, hm, n, nk, kv_block).any(-1).any(2)
+        all_ = torch.nn.functional.pad(vis, (0, pad), value=True).view(bm, hm, n, nk, kv_block).all(-1).all(2)
+        out.append(torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8))
+    bm = max(o.shape[0] for o in out)
+    hm = max(o.shape[1] for o in out)
+    classes = torch.stack([o.expand(bm, hm, nk) for o in out], dim=2)
+    return BlockMask(classes, q_block, kv_block, L, S, local, False)
+
+
+# ------------------------------------------------------------------------------------------- score mods
+
+
+def _mod_form(mod):
+    """('softcap', cap) for a salience softcap, ('generic', mod) otherwise, None for no mod."""
+    if mod is None:
+        return None
+    cap = getattr(mod, "cap", None)
+    if getattr(mod, "pointwise", False) and isinstance(cap, float) and mod.name.startswith("softcap("):
+        return ("softcap", cap)
+    return ("generic", mod)
+
+
+def _apply_generic(mod, s, b, h, qi, ki):
+    s2 = mod(s, b, h, qi, ki)
+    if not isinstance(s2, torch.Tensor) or s2.shape != s.shape:
+        seen = tuple(s2.shape) if isinstance(s2, torch.Tensor) else type(s2).__name__
+        raise ValueError(
+            f"score_mod {getattr(mod, 'name', getattr(mod, '__name__', mod))} returned {seen} for scores of shape "
+            f"{tuple(s.shape)}; a score_mod must return a tensor of the score's shape (use torch ops that broadcast)."
+        )
+    return s2.to(s.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- the kernel
+
+
+class TileKernel:
+    """Forward and backward of the blockwise kernel for one problem.
+
+    Args:
+        B, H, L, S: batch, query heads, local query and key lengths.
+        mask: a mask (MaskMod, callable or bool tensor) in *global* indices, or None.
+        score_mod: a score_mod in global indices, or None.
+        scale: multiplier of q @ k^T.
+        q_offset, kv_offset, q_len, kv_len: where this block sits in the global problem (defaults: the
+            block is the whole problem).
+        grad_tensors: tensors the score_mod closes over that require grad; :meth:`backward` returns their
+            gradients.
+
+    ``forward(q, k, v)`` returns ``(out, lse)``; ``backward(q, k, v, out, lse, dout, dlse)`` returns
+    ``(dq, dk, dv, grads_of_grad_tensors)``. k and v may have fewer heads than q (grouped-query).
+    """
+
+    def __init__(self, B, H, L, S, *, mask=None, score_mod=None, scale: float, q_offset: int = 0, kv_offset: int = 0,
+                 q_len: int | None = None, kv_len: int | None = None, device=None, grad_tensors=(),
+                 q_tile: int = Q_TILE, kv_tile: int = KV_TILE):
+        self.B, self.H, self.L, self.S = B, H, L, S
+        self.scale = float(scale)
+        self.q_offset, self.kv_offset = q_offset, kv_offset
+        self.q_len = q_offset + L if q_len is None else q_len
+        self.kv_len = kv_offset + S if kv_len is None else kv_len
+        self.mod = score_mod
+        self.form = _mod_form(score_mod)
+        if self.form is not None and self.form[0] == "generic" and hasattr(score_mod, "to"):
+            self.mod = score_mod.to(device) if device is not None else score_mod
+            self.form = ("generic", self.mod)
+        self.grad_tensors = tuple(grad_tensors)
+        self.q_tile, self.kv_tile = q_tile, kv_tile
+        self.device = device
+        self.block_mask = None
+        nq, nk = (L + q_tile - 1) // q_tile, (S + kv_tile - 1) // kv_tile
+        if mask is None:
+            nonempty = torch.ones(nq, nk, dtype=torch.bool)
+            full = nonempty
+            self.local_mask = None
+        else:
+            self.block_mask = classify(mask, B, H, L, S, q_block=q_tile, kv_block=kv_tile, q_offset=q_offset,
+                                       kv_offset=kv_offset, q_len=self.q_len, kv_len=self.kv_len, device=device)
+            c = self.block_mask.classes.flatten(0, 1)
+            nonempty = (c != EMPTY).any(0).cpu()
+            full = (c == FULL).all(0).cpu()
+            self.local_mask = self.block_mask.mask
+        self.relative = self.local_mask is not None and bool(getattr(self.local_mask, "relative", False))
+        budget = max(kv_tile, CHUNK_ELEMENTS // max(1, B * H * q_tile))
+        max_tiles = max(1, budget // kv_tile)
+        self.plan = []  # per q tile: list of (k0, k1, [(a, b) partial column ranges relative to k0])
+        ne_l, full_l = nonempty.tolist(), full.tolist()
+        self.computed = 0
+        for i in range(nq):
+            chunks = []
+            j = 0
+            while j < nk:
+                if not ne_l[i][j]:
+                    j += 1
+                    continue
+                j0 = j
+                while j < nk and ne_l[i][j] and j - j0 < max_tiles:
+                    j += 1
+                k0, k1 = j0 * kv_tile, min(S, j * kv_tile)
+                partial = [(t * kv_tile - k0, min(S, (t + 1) * kv_tile) - k0) for t in range(j0, j) if not full_l[i][t]]
+                chunks.append((k0, k1, partial))
+                self.computed += (min(L, (i + 1) * q_tile) - i * q_tile) * (k1 - k0)
+            self.plan.append(chunks)
+        self._cache: dict = {}
+        self._cache_bytes = 0
+        self._bidx = torch.arange(B, device=device).view(-1, 1, 1, 1)
+        self._hidx = torch.arange(H, device=device).view(1, -1, 1, 1)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def skipped_fraction(self) -> float:
+        return 1.0 - self.computed / max(1, self.L * self.S)
+
+    def _hidden(self, r0: int, r1: int, a: int, b: int):
+        """Bool (Bm, Hm, r1-r0, b-a): True where the mask hides the key (local rows r0:r1, keys a:b)."""
+        key = (a - r0, r1 - r0, b - a) if self.relative else (r0, a, r1 - r0, b - a)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        dev = self.device
+        qi = torch.arange(r0, r1, device=dev).view(1, 1, -1, 1)
+        ki = torch.arange(a, b, device=dev).view(1, 1, 1, -1)
+        vis = self.local_mask(self._bidx, self._hidx, qi, ki)
+        vis = torch.as_tensor(vis)
+        hid = ~vis.view((1,) * (4 - vis.dim()) + tuple(vis.shape))
+        size = hid.numel()
+        if self._cache_bytes + size <= MASK_CACHE_BYTES:
+            self._cache[key] = hid
+            self._cache_bytes += size
+        return hid
+
+    def _scores(self, qt, kc, r0, r1, k0, k1, partial, need_aux=False):
+        """Scores of one chunk after score_mod and mask (a tensor not tracked by autograd), and for the
+        backward ``aux``: the tanh values for softcap, or ``(raw, modded)`` with an autograd graph for a
+        generic score_mod."""
+        s = torch.matmul(qt, kc.transpose(-1, -2))
+        aux = None
+        form = self.form
+        if form is not None:
+            if form[0] == "softcap":
+                s.tanh_()  # q was pre-scaled by scale / cap
+                if need_aux:
+                    aux = s.clone()
+                s.mul_(form[1])
+            else:
+                qi = (self.q_offset + torch.arange(r0, r1, device=s.device)).view(1, 1, -1, 1)
+                ki = (self.kv_offset + torch.arange(k0, k1, device=s.device)).view(1, 1, 1, -1)
+                if need_aux:
+                    raw = s.requires_grad_(True)
+                    with torch.enable_grad():
+                        modded = _apply_generic(form[1], raw, self._bidx, self._hidx, qi, ki)
+                    aux = (raw, modded)
+                    s = modded.detach().clone() if partial else modded.detach()
+                else:
+                    s = _apply_generic(form[1], s, self._bidx, self._hidx, qi, ki)
+        for a, b in partial:
+            s[..., a:b].masked_fill_(self._hidden(r0, r1, k0 + a, k0 + b), float("-inf"))
+        return s, aux
+
+    def _q_scale(self):
+        if self.form is not None and self.form[0] == "softcap":
+            return self.scale / self.form[1]
+        return self.scale
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(self, q, k, v):
+        """``(out, lse)``: out (B, H, L, Dv) in q's dtype, lse (B, H, L) float32 (float64 for float64)."""
+        B, H, L, _ = q.shape
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        ke = _expand(k, H).to(acc)
+        ve = _expand(v, H).to(acc)
+        Dv = v.shape[-1]
+        out = torch.zeros(B, H, L, Dv, dtype=q.dtype, device=q.device)
+        lse = torch.full((B, H, L), float("-inf"), dtype=acc, device=q.device)
+        qs = self._q_scale()
+        with torch.no_grad():
+            for i, chunks in enumerate(self.plan):
+                if not chunks:
+                    continue
+                r0, r1 = i * self.q_tile, min(L, (i + 1) * self.q_tile)
+                qt = q[:, :, r0:r1].to(acc) * qs
+                m = l = o = None
+                for k0, k1, partial in chunks:
+                    s, _ = self._scores(qt, ke[:, :, k0:k1], r0, r1, k0, k1, partial)
+                    cm = s.amax(-1)
+                    if m is None:
+                        m_new = cm
+                    else:
+                        m_new = torch.maximum(m, cm)
+                    m_safe = torch.where(torch.isneginf(m_new), torch.zeros((), dtype=acc, device=s.device), m_new)
+                    s.sub_(m_safe.unsqueeze(-1)).exp_()
+                    ps = s.sum(-1)
+                    po = torch.matmul(s, ve[:, :, k0:k1])
+                    if m is None:
+                        l, o = ps, po
+                    else:
+                        alpha = torch.exp(m - m_safe)
+                        l = l * alpha + ps
+                        o = o * alpha.unsqueeze(-1) + po
+                    m = m_new
+                    m_s = m_safe
+                nonzero = l > 0
+                lse[:, :, r0:r1] = torch.where(nonzero, m_s + torch.log(torch.where(nonzero, l, torch.ones_like(l))),
+                                               torch.full_like(l, float("-inf")))
+                out[:, :, r0:r1] = (o / torch.where(nonzero, l, torch.ones_like(l)).unsqueeze(-1)).to(q.dtype)
+        return out, lse
+
+    # -- backward -----------------------------------------------------------------------------------
+    def backward(self, q, k, v, out, lse, dout, dlse=None):
+        """``(dq, dk, dv, extra)`` from the output and logsumexp of :meth:`forward` (or of a larger problem
+        that this block is part of); ``dlse`` is the gradient of the logsumexp or None."""
+        B, H, L, D = q.shape
+        Hkv = k.shape[1]
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        ke = _expand(k, H).to(acc)
+        ve = _expand(v, H).to(acc)
+        dq = torch.zeros(B, H, L, D, dtype=acc, device=q.device)
+        dk = torch.zeros(ke.shape, dtype=acc, device=q.device)
+        dv = torch.zeros(ve.shape, dtype=acc, device=q.device)
+        extra = [None] * len(self.grad_tensors)
+        do = dout.to(acc)
+        delta = (do * out.to(acc)).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.to(acc)
+        lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(acc)
+        qs = self._q_scale()
+        generic = self.form is not None and self.form[0] == "generic"
+        for i, chunks in enumerate(self.plan):
+            if not chunks:
+                continue
+            r0, r1 = i * self.q_tile, min(L, (i + 1) * self.q_tile)
+            qt = q[:, :, r0:r1].to(acc)
+            qt_s = qt * qs
+            do_t = do[:, :, r0:r1]
+            dlt = delta[:, :, r0:r1].unsqueeze(-1)
+            lt = lse_safe[:, :, r0:r1].unsqueeze(-1)
+            for k0, k1, partial in chunks:
+                kc, vc = ke[:, :, k0:k1], ve[:, :, k0:k1]
+                with torch.no_grad():
+                    s, aux = self._scores(qt_s, kc, r0, r1, k0, k1, partial, need_aux=self.form is not None)
+                    p = (s - lt).exp_()
+                    dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), do_t)
+                    dp = torch.matmul(do_t, vc.transpose(-1, -2))
+                    ds = dp.sub_(dlt).mul_(p)
+                if self.form is not None and self.form[0] == "softcap":
+                    ds = ds.mul_(1.0 - aux * aux)  # d(cap * tanh(x / cap)) / dx
+                elif generic:
+                    raw, modded = aux
+                    grads = torch.autograd.grad(modded, (raw,) + self.grad_tensors, ds, allow_unused=True)
+                    ds = grads[0] if grads[0] is not None else torch.zeros_like(ds)
+                    for t, g in enumerate(grads[1:]):
+                        if g is not None:
+                            extra[t] = g if extra[t] is None else extra[t] + g
+                with torch.no_grad():
+                    ds = ds * self.scale
+                    dq[:, :, r0:r1] += torch.matmul(ds, kc)
+                    dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qt)
+        if Hkv != H:
+            dk = dk.view(B, Hkv, H // Hkv, *dk.shape[2:]).sum(2)
+            dv = dv.view(B, Hkv, H // Hkv, *dv.shape[2:]).sum(2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), extra
+
+
+def _expand(t: torch.Tensor, H: int) -> torch.Tensor:
+    if t.shape[1] == H:
+        return t
+    return t.repeat_interleave(H // t.shape[1], dim=1)
+
+
+# ------------------------------------------------------------------------------------- public block API
+
+
+def _check_block_args(q, k, v, q_offset, kv_offset, q_len, kv_len):
+    from .._layout import check_qkv
+
+    shp = check_qkv(q, k, v)
+    for name, val in (("q_offset", q_offset), ("kv_offset", kv_offset)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name} must be an int >= 0 (the global index of the block's first row); got {val!r}.")
+    for name, val, off, n in (("q_len", q_len, q_offset, shp.L), ("kv_len", kv_len, kv_offset, shp.S)):
+        if val is None:
+            continue
+        if isinstance(val, bool) or not isinstance(val, int) or val < off + n:
+            raise ValueError(
+                f"{name} is the global length and must be an int >= offset + block length = {off} + {n} = {off + n}; "
+                f"got {val!r}.")
+    return shp
+
+
+def _block_plan(q, k, v, mask, score_mod, scale, q_offset, kv_offset, q_len, kv_len, backend):
+    from .._layout import check_scale
+    from ..masks import as_mask_mod
+    from ..scores import as_score_mod
+    from . import dispatch
+
+    shp = _check_block_args(q, k, v, q_offset, kv_offset, q_len, kv_len)
+    sc = check_scale(scale, shp.D)
+    if backend == "reference":
+        raise ValueError("backend='reference' does not take block offsets; use None, 'sdpa', 'spans' or 'blockwise'.")
+    m = None if mask is None else as_mask_mod(mask)
+    sm = None if score_mod is None else as_score_mod(score_mod)
+    plan = dispatch.choose(q, k, v, mask=m, score_mod=sm, compatibility=None, need_lse=True, backend=backend,
+                           scale=sc, q_offset=q_offset, kv_offset=kv_offset, q_len=q_len, kv_len=kv_len,
+                           allow_reference=False)
+    return plan, sc
+
+
+def block_forward(q, k, v, *, mask=None, score_mod=None, scale=None, q_offset: int = 0, kv_offset: int = 0,
+                  q_len: int | None = None, kv_len: int | None = None, backend: str | None = None) -> AttentionResult:
+    """Attention of one query block against one key block of a larger problem: ``(out, lse)``.
+
+    The block's query rows are the global rows ``q_offset .. q_offset + L - 1`` and its keys the global keys
+    ``kv_offset .. kv_offset + S - 1``; ``mask`` and ``score_mod`` are evaluated at global indices and bound
+    to the global lengths ``q_len`` and ``kv_len`` (default: offset + block length). Results over disjoint
+    key blocks combine exactly with :func:`salience.merge`. Differentiable (the backward recomputes from
+    the saved output and logsumexp), or use :func:`block_backward` explicitly with the merged results.
+
+    Args:
+        q: (B, H, L, D); k: (B, Hkv, S, D); v: (B, Hkv, S, Dv).
+        mask, score_mod, scale: as in :func:`salience.attention`.
+        q_offset, kv_offset: global index of the first query row and key of the block.
+        q_len, kv_len: global query and key lengths.
+        backend: force ``"sdpa"``, ``"spans"`` or ``"blockwise"`` (default: the fastest exact one).
+
+    Returns:
+        :class:`~salience.AttentionResult`: out (B, H, L, Dv) in q's dtype, lse (B, H, L) float32 (float64 for
+        float64); rows that see no key of this block get out 0 and lse -inf.
+
+    Example:
+        >>> import torch, salience
+        >>> q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
+        >>> a = block_forward(q, k[:, :, :5], v[:, :, :5], mask=salience.masks.causal(), kv_len=8)
+        >>> b = block_forward(q, k[:, :, 5:], v[:, :, 5:], mask=salience.masks.causal(), kv_offset=5)
+        >>> whole = salience.attention(q, k, v, mask=salience.masks.causal())
+        >>> bool(torch.allclose(salience.merge(a.out, a.lse, b.out, b.lse).out, whole))
+        True
+    """
+    from . import dispatch
+
+    plan, sc = _block_plan(q, k, v, mask, score_mod, scale, q_offset, kv_offset, q_len, kv_len, backend)
+    return dispatch.run(plan, q, k, v, scale=sc)
+
+
+def block_backward(q, k, v, out, lse, dout, *, mask=None, score_mod=None, scale=None, q_offset: int = 0,
+                   kv_offset: int = 0, q_len: int | None = None, kv_len: int | None = None, dlse=None,
+                   backend: str | None = None) -> BlockGrads:
+    """Gradients of one (query block, key block) pair, given the *final* output and logsumexp of the rows.
+
+    When a row's attention is split over several key blocks (ring attention), pass the merged ``out`` and
+    ``lse`` (over all blocks) and the gradient ``dout`` of the merged output: each block's result is then its
+    exact share, and the sum over key blocks of ``dq`` is the full query gradient (FlashAttention-2's
+    ``dS = P * (dP - rowsum(dout * out))`` with ``P = exp(S - lse)``). Nothing of size L x S is stored.
+
+    Args:
+        q, k, v: the block's inputs, as in :func:`block_forward`.
+        out: (B, H, L, Dv) final output of the rows; lse: (B, H, L) their final logsumexp (-inf = no key).
+        dout: (B, H, L, Dv) gradient of the loss with respect to ``out``.
+        dlse: optional (B, H, L) gradient with respect to ``lse``.
+        mask, score_mod, scale, q_offset, kv_offset, q_len, kv_len, backend: as in :func:`block_forward`.
+
+    Returns:
+        :class:`BlockGrads` ``(dq, dk, dv)`` with the shapes and dtypes of q, k, v. Gradients of tensors a
+        score_mod closes over are not returned here (use autograd through :func:`block_forward` for those).
+
+    Example:
+        >>> import torch, salience
+        >>> q, k, v = (torch.randn(1, 1, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        >>> res = block_forward(q, k, v)
+        >>> do = torch.randn(1, 1, 6, 4, dtype=torch.float64)
+        >>> g = block_backward(q, k, v, res.out, res.lse, do)
+        >>> res.out.backward(do)
+        >>> bool(torch.allclose(g.dq, q.grad) and torch.allclose(g.dv, v.grad))
+        True
+    """
+    plan, _ = _block_plan(q, k, v, mask, score_mod, scale, q_offset, kv_offset, q_len, kv_len, backend)
+    B, H, L, _ = q.shape
+    for name, t, shape in (("out", out, (B, H, L, v.shape[-1])), ("lse", lse, (B, H, L)),
+                           ("dout", dout, (B, H, L, v.shape[-1])), ("dlse", dlse, (B, H, L))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (the block's rows); got {tuple(t.shape)}.")
+    with torch.no_grad():
+        dq, dk, dv, _ = plan.executor.backward(q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+                                               dout.detach(), None if dlse is None else dlse.detach())
+    return BlockGrads(dq, dk, dv)
