@@ -111,34 +111,35 @@ def head_heatmap(m, tokens: Sequence[str] | None = None, key_tokens: Sequence[st
     return fig
 
 
-def layer_head_grid(attn, title: str = "", max_cells: int = 64, layer_names: Sequence[str] | None = None,
+def layer_head_grid(attn, title: str = "", max_cells: int = 48, layer_names: Sequence[str] | None = None,
                     cmap: str = "viridis"):
     """All maps of one input ``(layers, H, L, S)`` as a layer x head grid of thumbnails (each scaled to its
-    own maximum so that sharp and diffuse heads are both visible)."""
+    own maximum so that sharp and diffuse heads are both visible), drawn as one mosaic image."""
     Figure = _mpl()
     a = torch.as_tensor(attn).detach().cpu().float()
     if a.dim() != 4:
         raise ValueError(f"attn must be (layers, H, L, S); got shape {tuple(a.shape)}.")
     a, _ = pool_map(a, max_cells)
-    n, H = a.shape[:2]
-    cell = 1.1 if H <= 12 else 0.8
-    fig = Figure(figsize=(0.8 + cell * H, 0.6 + cell * n))
-    axes = fig.subplots(n, H, squeeze=False)
+    n, H, r, c = a.shape
+    a = a / a.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-12)
+    gap = max(1, max(r, c) // 12)
+    mosaic = torch.full((n * (r + gap) - gap, H * (c + gap) - gap), float("nan"))
     for la in range(n):
         for h in range(H):
-            ax = axes[la][h]
-            m = a[la, h]
-            ax.imshow((m / m.max().clamp(min=1e-12)).numpy(), cmap=cmap, aspect="auto", interpolation="nearest",
-                      vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if la == 0:
-                ax.set_title(f"h{h}", fontsize=8)
-            if h == 0:
-                ax.set_ylabel(layer_names[la] if layer_names else f"L{la}", fontsize=8)
+            mosaic[la * (r + gap): la * (r + gap) + r, h * (c + gap): h * (c + gap) + c] = a[la, h]
+    cell = 0.9 if H <= 12 else 0.7
+    fig = Figure(figsize=(1.2 + cell * H, 0.8 + cell * n * r / max(c, 1)))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(mosaic.numpy(), cmap=cmap, vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+    ax.set_xticks([h * (c + gap) + c / 2 - 0.5 for h in range(H)], [f"h{h}" for h in range(H)], fontsize=8)
+    ax.set_yticks([la * (r + gap) + r / 2 - 0.5 for la in range(n)],
+                  list(layer_names) if layer_names else [f"L{la}" for la in range(n)], fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        ax.set_title(title)
+    fig.subplots_adjust(left=0.08, right=0.99, top=0.92 if title else 0.97, bottom=0.06)
     return fig
 
 
