@@ -38,6 +38,8 @@ def test_batches_are_real_padded_text():
     assert len(words) > 30 and sum(w.isalpha() for w in words) > 20
     assert (b["input_ids"][:, 0] == tok.cls_token_id).all()
     assert torch.equal(b["input_ids"][3:][b["attention_mask"][3:] == 0].unique(), torch.tensor([tok.pad_token_id]))
+    full = hf_bench.make_batch(tok, 64, 6, padded=False)
+    assert bool(full["attention_mask"].all())
 
 
 @pytest.mark.parametrize("kw,msg", [

@@ -76,9 +76,9 @@ def _corpus() -> list[str]:
     return [p.strip() for p in TEXT]
 
 
-def make_batch(tokenizer, length: int, batch_size: int, seed: int = 0):
-    """A padded batch (dict of (B, length) tensors) of real text: row i keeps ``length`` tokens for the first
-    half of the batch and 60-100% of ``length`` for the rest.
+def make_batch(tokenizer, length: int, batch_size: int, seed: int = 0, padded: bool = True):
+    """A batch (dict of (B, length) tensors) of real text: the first half of the rows have ``length`` tokens,
+    the rest 60-100% of ``length`` followed by padding (``padded=False``: every row full length).
 
     Example:
         >>> from transformers import AutoTokenizer
@@ -94,7 +94,8 @@ def make_batch(tokenizer, length: int, batch_size: int, seed: int = 0):
     texts, targets = [], []
     for i in range(batch_size):
         start = int(torch.randint(len(paras), (1,), generator=g))
-        target = length if i < (batch_size + 1) // 2 else int(length * (0.6 + 0.4 * float(torch.rand(1, generator=g))))
+        short = padded and i >= (batch_size + 1) // 2
+        target = int(length * (0.6 + 0.4 * float(torch.rand(1, generator=g)))) if short else length
         words, j, count = [], start, 0
         while count < target:  # count paragraph by paragraph (each well under the model's 512 limit)
             words.append(paras[j % len(paras)])
@@ -132,6 +133,7 @@ def run_model_bench(
     threads: int | None = None,
     show: bool = True,
     out: str | None = None,
+    padded: bool = True,
 ) -> list[dict]:
     """Time one forward pass of ``model`` per attention implementation and sequence length.
 
@@ -144,9 +146,11 @@ def run_model_bench(
         dtype: ``"float32"`` or ``"bfloat16"``.
         threads: torch threads (default: leave torch's setting).
         show: print the table; out: also write the rows as JSON to this path.
+        padded: mix full-length and shorter rows (real batched inference); False: every row full length,
+            so no padding mask is needed.
 
     Returns:
-        One dict per (length, impl): model, impl, length, batch, real_tokens, dtype, threads, ms_median,
+        One dict per (length, impl): model, impl, length, batch, padded, real_tokens, dtype, threads, ms_median,
         ms_min, ms_max, tokens_per_s, vs_sdpa (SDPA time / this time: > 1 is faster than SDPA) and
         max_abs_diff_vs_sdpa of the sentence embeddings.
     """
@@ -175,7 +179,7 @@ def run_model_bench(
     rows = []
     for length in lengths:
         bs = batch_size or max(1, 4096 // length)
-        batch = make_batch(tok, length, bs)
+        batch = make_batch(tok, length, bs, padded=padded)
         times = {i: [] for i in impls}
         emb = {}
         with torch.inference_mode():
@@ -194,7 +198,7 @@ def run_model_bench(
         for impl in impls:
             med = statistics.median(times[impl])
             rows.append({
-                "model": model, "impl": impl, "length": length, "batch": bs, "real_tokens": real,
+                "model": model, "impl": impl, "length": length, "batch": bs, "padded": bool(padded), "real_tokens": real,
                 "dtype": dtype, "threads": torch.get_num_threads(), "ms_median": round(med, 2),
                 "ms_min": round(min(times[impl]), 2), "ms_max": round(max(times[impl]), 2),
                 "tokens_per_s": round(real / (med / 1e3), 1),
@@ -212,13 +216,13 @@ def run_model_bench(
 
 def format_table(rows: list[dict]) -> str:
     """The rows of :func:`run_model_bench` as a fixed-width table."""
-    head = f"{'model':<7} {'len':>4} {'batch':>5} {'impl':<9} {'median ms':>10} {'min ms':>8} {'tok/s':>9} " \
+    head = f"{'model':<7} {'len':>4} {'batch':>5} {'pad':>3} {'impl':<9} {'median ms':>10} {'min ms':>8} {'tok/s':>9} " \
            f"{'vs sdpa':>8} {'emb diff':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         vs = f"{r['vs_sdpa']:.2f}x" if r["vs_sdpa"] is not None else "-"
         diff = f"{r['max_abs_diff_vs_sdpa']:.1e}" if r["max_abs_diff_vs_sdpa"] is not None else "-"
-        lines.append(f"{r['model']:<7} {r['length']:>4} {r['batch']:>5} {r['impl']:<9} {r['ms_median']:>10.1f} "
+        lines.append(f"{r['model']:<7} {r['length']:>4} {r['batch']:>5} {'yes' if r.get('padded') else 'no':>3} {r['impl']:<9} {r['ms_median']:>10.1f} "
                      f"{r['ms_min']:>8.1f} {r['tokens_per_s']:>9.0f} {vs:>8} {diff:>9}")
     return "\n".join(lines)
 
@@ -235,8 +239,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--no-padding", action="store_true", help="every row full length (no padding mask)")
     a = p.parse_args(argv)
-    run_model_bench(a.model, a.lengths, a.batch_size, a.repeats, a.warmup, a.impls, a.dtype, a.threads, True, a.out)
+    run_model_bench(a.model, a.lengths, a.batch_size, a.repeats, a.warmup, a.impls, a.dtype, a.threads, True, a.out,
+                    padded=not a.no_padding)
     return 0
 
 
