@@ -178,13 +178,13 @@ def test_linformer_trains_its_projections():
 # ------------------------------------------------------------------------------------------------- local
 
 
-@pytest.mark.parametrize("left, right, block", [(5, 0, 8), (3, 4, 16), (0, 0, 5), (40, 2, 7)])
-def test_local_attention_is_exact(left, right, block):
+@pytest.mark.parametrize("left, right", [(5, 0), (3, 4), (0, 0), (40, 2)])
+def test_local_attention_is_exact(left, right):
     q = torch.randn(2, 4, 33, 8, dtype=f64)
     k, v = torch.randn(2, 2, 33, 8, dtype=f64), torch.randn(2, 2, 33, 6, dtype=f64)
     mod = Sc.alibi(4)
     mask = M.sliding_window(left, right) & M.padding(kv_lengths=[33, 20])
-    loc = LocalAttention(left, right, block_size=block)
+    loc = LocalAttention(left, right)
     fast = loc(q.float(), k.float(), v.float(), score_mod=mod, kv_lengths=[33, 20])
     r64 = salience.reference.attention(q, k, v, mask=mask, score_mod=mod).out
     r32 = salience.reference.attention(q.float(), k.float(), v.float(), mask=mask, score_mod=mod).out
@@ -193,7 +193,7 @@ def test_local_attention_is_exact(left, right, block):
 
 def test_local_attention_extra_mask_causal_and_gradients():
     q, k, v = (torch.randn(1, 2, 20, 4) for _ in range(3))
-    loc = LocalAttention(6, 6, block_size=4)
+    loc = LocalAttention(6, 6)
     doc = M.document([0] * 9 + [1] * 11)
     out = loc(q, k, v, mask=doc)
     assert torch.allclose(out, salience.attention(q, k, v, mask=M.sliding_window(6, 6) & doc), atol=1e-5)
@@ -228,7 +228,7 @@ def test_cost_grows_linearly_in_length_for_the_efficient_layers():
         "performer causal": lambda q, k, v: PerformerAttention(D, 64)(q, k, v, mask=M.causal()),
         "nystrom": lambda q, k, v: NystromAttention(32)(q, k, v),
         "linformer": lambda q, k, v: LinformerAttention(2048, 32)(q, k, v),
-        "local": lambda q, k, v: LocalAttention(64, block_size=128)(q, k, v),
+        "local": lambda q, k, v: LocalAttention(64)(q, k, v),
     }
     inputs = {L: tuple(torch.randn(1, 1, L, D) for _ in range(3)) for L in (512, 1024)}
     for name, fn in layers.items():
@@ -264,7 +264,7 @@ def test_core_errors():
         (lambda: LinformerAttention(4, 2)(q, k, v), ValueError, "exceeds seq_len=4"),
         (lambda: LinformerAttention(8, 2)(q, k, v, mask=M.causal()), ValueError, "no causal form"),
         (lambda: LocalAttention(-1), ValueError, "left must be >= 0"),
-        (lambda: LocalAttention(2, block_size=0), ValueError, "block_size must be >= 1"),
+        (lambda: LocalAttention(2, right=1.5), TypeError, "right must be an int"),
         (lambda: MultiHeadAttention(8, 2, core=LinearAttention())(torch.randn(1, 3, 8), key_lengths=[4]), ValueError,
          "key_lengths must lie in"),
     ]

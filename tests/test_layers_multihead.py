@@ -264,7 +264,7 @@ def test_emits_attention_event_only_while_recording():
 
 def test_local_core_equals_exact_windowed_attention():
     exact = MultiHeadAttention(E, H, mask=M.sliding_window(3, 1))
-    local = MultiHeadAttention(E, H, core=LocalAttention(3, 1, block_size=4))
+    local = MultiHeadAttention(E, H, core=LocalAttention(3, 1))
     local.load_state_dict(exact.state_dict())
     x = torch.randn(2, 13, E)
     a = exact(x, key_lengths=[13, 9], need_weights=True)
@@ -343,3 +343,25 @@ def test_call_errors():
     layer(x, cache=cache)
     with pytest.raises(ValueError, match="do not continue the cached keys"):
         layer(torch.randn(3, 1, E), cache=cache)
+
+
+def test_shifted_masks_equal_slices_of_the_global_mask():
+    from salience.layers._util import shift_mask
+
+    L, S = 12, 15
+    for m in (M.sliding_window(3, 1), M.causal(), M.causal(align="bottom_right"), M.document([0] * 5 + [1] * 7,
+                                                                                          [0] * 6 + [1] * 9)):
+        full = m.to_dense(1, 1, L, S)
+        for qo, ko, ql, kl in ((0, 0, L, S), (4, 2, 5, 9), (11, 0, 1, 15), (3, 7, 6, 8)):
+            sh = shift_mask(m, qo, ko, L, S)
+            assert torch.equal(sh.to_dense(1, 1, ql, kl), full[:, :, qo : qo + ql, ko : ko + kl])
+            band = getattr(m.bind(L, S), "band", None)
+            if band is not None:  # the kernels read the shifted band: it must describe the same pattern
+                lo, hi = sh.bind(ql, kl).band
+                d = torch.arange(kl).view(1, -1) - torch.arange(ql).view(-1, 1)
+                want = torch.ones_like(d, dtype=torch.bool)
+                if lo is not None:
+                    want &= d >= lo
+                if hi is not None:
+                    want &= d <= hi
+                assert torch.equal(want, full[0, 0, qo : qo + ql, ko : ko + kl])

@@ -1,8 +1,5 @@
 """Transformer stacks (incremental decoding, a tiny training run) and properties every layer must have:
-state_dict round trip, torch.compile, runnable docstring examples."""
-
-import doctest
-import importlib
+state_dict round trip and torch.compile (the docstring examples run through pytest --doctest-modules)."""
 
 import pytest
 import torch
@@ -147,7 +144,7 @@ LAYERS = {
     "PerformerAttention": (lambda: PerformerAttention(8, 16), lambda m: m(Q, Q, Q)),
     "NystromAttention": (lambda: NystromAttention(3), lambda m: m(Q, Q, Q)),
     "LinformerAttention": (lambda: LinformerAttention(8, 4), lambda m: m(Q, Q, Q)),
-    "LocalAttention": (lambda: LocalAttention(2, 1, block_size=4), lambda m: m(Q, Q, Q)),
+    "LocalAttention": (lambda: LocalAttention(2, 1), lambda m: m(Q, Q, Q)),
     "SparsemaxAttention": (lambda: SparsemaxAttention(), lambda m: m(Q, Q, Q, mask=M.causal())),
     "Entmax15Attention": (lambda: Entmax15Attention(), lambda m: m(Q, Q, Q)),
     "SigmoidAttention": (lambda: SigmoidAttention(), lambda m: m(Q, Q, Q)),
@@ -211,14 +208,6 @@ def test_mha_backward_under_torch_compile_aot():
     m(x1).output.pow(2).sum().backward()
     c(x2).output.pow(2).sum().backward()
     assert torch.allclose(x1.grad, x2.grad, atol=1e-5)
-
-
-@pytest.mark.parametrize("module", ["multihead", "classic", "positional", "efficient", "variants", "transformer",
-                                    "__init__"])
-def test_docstring_examples_run(module):
-    mod = importlib.import_module("salience.layers" + ("" if module == "__init__" else f".{module}"))
-    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
-    assert res.attempted > 0 and res.failed == 0
 
 
 def test_stack_constructor_errors():

@@ -60,7 +60,13 @@ def shift_mask(mask, q_offset: int, kv_offset: int, L_total: int, S_total: int) 
 
     ``mask`` is written for the whole problem of ``L_total`` queries and ``S_total`` keys (so that
     bottom-right alignment refers to the whole problem). The result evaluates ``mask(b, h, q + q_offset,
-    kv + kv_offset)`` and shifts the analytic tile bounds alike.
+    kv + kv_offset)`` and shifts the analytic tile bounds (and a band mask's ``band``) alike.
+
+    Example:
+        >>> from salience import masks
+        >>> m = shift_mask(masks.sliding_window(1), 3, 2, 6, 6)
+        >>> m.to_dense(1, 1, 2, 3)[0, 0].int().tolist(), m.bind(2, 3).band
+        ([[1, 1, 0], [0, 1, 1]], (0, 1))
     """
     m = as_mask_mod(mask)
     if q_offset == 0 and kv_offset == 0 and getattr(m, "_binder", None) is None:
@@ -79,7 +85,12 @@ def shift_mask(mask, q_offset: int, kv_offset: int, L_total: int, S_total: int) 
             return inner.tile_bounds(c2)
 
         has_tiles = getattr(inner, "_tiles", None) is not None
-        return MaskMod(fn, name, tiles=tiles if has_tiles else None, relative=m.relative)
+        out = MaskMod(fn, name, tiles=tiles if has_tiles else None, relative=m.relative)
+        band = getattr(inner, "band", None)
+        if band is not None:  # lo <= kv_idx - q_idx <= hi, the attribute the kernels read for band masks
+            d = q_offset - kv_offset
+            out.band = (None if band[0] is None else band[0] + d, None if band[1] is None else band[1] + d)
+        return out
 
     out = MaskMod(None, name, binder=binder)
     out.relative = m.relative

@@ -16,7 +16,7 @@ class                     what it computes                        time          
 :class:`NystromAttention` Nystrom low-rank softmax, m landmarks   O((L + S) m (D + Dv) + m^3) O((L + S) m)
 :class:`LinformerAttention` softmax over k projected keys        O(S k D + L k (D + Dv))    O(L k)
                           (length projections E, F)
-:class:`LocalAttention`   **exact** softmax in a window           O(L (w + block) D)         O(block (w + block))
+:class:`LocalAttention`   **exact** softmax in a window           O(L w D)                   O(L D)
 ========================  =====================================  =========================  ==================
 
 (F = D for elu + 1; w = left + right window.) The approximations converge to exact softmax attention as their
@@ -45,7 +45,7 @@ from .._layout import check_qkv, check_scale
 from ..functional import attention, attention_weights
 from ..masks import as_mask_mod, dense, padding, sliding_window
 from ..scores import ScoreMod
-from ._util import check_bool, check_int, is_top_left_causal, shift_mask, shift_score_mod
+from ._util import check_bool, check_int, is_top_left_causal
 
 __all__ = [
     "LinearAttention",
@@ -534,72 +534,52 @@ class LinformerAttention(nn.Module):
 class LocalAttention(nn.Module):
     """Exact sliding-window attention: query i sees keys ``i - left .. i + right`` (both inclusive).
 
-    Queries are processed in blocks of ``block_size``; each block calls :func:`salience.attention` on just the
-    keys its window can reach, with the window as a named :func:`salience.masks.sliding_window` (so the
-    kernels classify its tiles analytically). Cost O(L (left + right + block) D) time and
-    O(block (left + right + block)) memory: linear in length. Any extra ``mask`` (global positions, e.g.
-    ``causal()``, which sets right to 0), ``score_mod`` (ALiBi, T5 bias) and ``kv_lengths`` apply exactly.
+    One call of :func:`salience.attention` with the named mask :func:`salience.masks.sliding_window`, which
+    the kernels run over just the keys each block of queries can reach: O(L (left + right + 1) D) time and
+    no L x S tensor, linear in length. Any extra ``mask`` (global positions; ``causal()`` sets right to 0),
+    ``score_mod`` (ALiBi, T5 bias) and ``kv_lengths`` apply exactly.
 
     Args:
         left: keys before the query it sees; right: keys after (0 for causal language models).
-        block_size: queries per call.
 
     Example:
         >>> import salience
         >>> q = k = v = torch.randn(1, 2, 300, 8)
-        >>> out = LocalAttention(left=16, block_size=64)(q, k, v)
-        >>> ref = salience.attention(q, k, v, mask=salience.masks.sliding_window(16))
+        >>> out = LocalAttention(left=16)(q, k, v)
+        >>> ref = salience.reference.attention(q, k, v, mask=salience.masks.sliding_window(16)).out
         >>> bool((out - ref).abs().max() < 1e-5)
         True
     """
 
-    def __init__(self, left: int, right: int = 0, block_size: int = 256):
+    def __init__(self, left: int, right: int = 0):
         super().__init__()
         self.left = check_int(left, "left", 0)
         self.right = check_int(right, "right", 0)
-        self.block_size = check_int(block_size, "block_size")
 
     def extra_repr(self) -> str:
-        return f"left={self.left}, right={self.right}, block_size={self.block_size}"
+        return f"left={self.left}, right={self.right}"
 
-    def _window(self, mask):
+    def window(self, mask=None, kv_lengths=None, B: int | None = None, S: int | None = None):
+        """The mask this layer applies: the window, ``& mask``, ``& padding(kv_lengths)``."""
         right = self.right
         if mask is not None:
             mask = as_mask_mod(mask)
             if is_top_left_causal(mask):
                 mask, right = None, 0
-        return mask, right
+        m = sliding_window(self.left, right)
+        if mask is not None:
+            m = m & mask
+        if kv_lengths is not None:
+            m = m & padding(kv_lengths=_lengths(kv_lengths, B, S, None))
+        return m
 
     def forward(self, q, k, v, *, mask=None, score_mod=None, scale=None, kv_lengths=None) -> torch.Tensor:
         shp = check_qkv(q, k, v)
-        scale = check_scale(scale, shp.D)
-        kl = _lengths(kv_lengths, shp.B, shp.S, q.device)
-        mask, right = self._window(mask)
-        L, S, left = shp.L, shp.S, self.left
-        outs = []
-        for qs in range(0, L, self.block_size):
-            qe = min(qs + self.block_size, L)
-            ks, ke = max(0, qs - left), min(S, qe + right)
-            if ks >= ke:
-                outs.append(q.new_zeros(shp.B, shp.H, qe - qs, shp.Dv))
-                continue
-            m = sliding_window(left - (qs - ks), right + (qs - ks))
-            if mask is not None:
-                m = m & shift_mask(mask, qs, ks, L, S)
-            if kl is not None:
-                m = m & padding(kv_lengths=(kl - ks).clamp(0, ke - ks))
-            sm = None if score_mod is None else shift_score_mod(score_mod, qs, ks)
-            outs.append(attention(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], mask=m, score_mod=sm, scale=scale))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        m = self.window(mask, kv_lengths, shp.B, shp.S)
+        return attention(q, k, v, mask=m, score_mod=score_mod, scale=scale)
 
     def weights(self, q, k, *, mask=None, score_mod=None, scale=None, kv_lengths=None) -> torch.Tensor:
         """The exact weights (B, H, L, S) (zero outside the window); costs O(L S)."""
         shp = check_qkv(q, k)
-        kl = _lengths(kv_lengths, shp.B, shp.S, q.device)
-        mask, right = self._window(mask)
-        m = sliding_window(self.left, right)
-        if mask is not None:
-            m = m & mask
-        if kl is not None:
-            m = m & padding(kv_lengths=kl)
-        return attention_weights(q, k, mask=m, score_mod=score_mod, scale=scale)
+        return attention_weights(q, k, mask=self.window(mask, kv_lengths, shp.B, shp.S), score_mod=score_mod,
+                                 scale=scale)

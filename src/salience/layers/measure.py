@@ -1,0 +1,158 @@
+"""Measure the efficient layers: error against exact softmax attention as the budget grows, and cost in length.
+
+Run ``python -m salience.layers.measure`` (add ``--quick`` for smaller sizes). Errors are relative Frobenius
+errors ``|approx - exact| / |exact|`` of the output, in float64. Costs are matmul FLOPs counted by
+``torch.utils.flop_counter`` (exact and repeatable) and the median wall time of a forward pass in float32.
+
+Two kinds of inputs are used, because an approximation's error depends on the attention map:
+
+* ``random``: i.i.d. Gaussian q, k (scaled), a near full-rank map;
+* ``smooth``: q and k that vary smoothly with position (:func:`smooth`), a map of low effective rank, as
+  found in real models; Nystrom and Linformer need this structure.
+
+Example:
+    >>> from salience.layers.measure import error_curve
+    >>> rows = error_curve("linformer", budgets=(8, 64), L=64, seeds=1)
+    >>> rows[0]["budget"], rows[0]["error"] > rows[1]["error"]
+    (8, True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .. import masks
+from ..functional import attention
+from .efficient import LinearAttention, LinformerAttention, LocalAttention, NystromAttention, PerformerAttention
+
+__all__ = ["smooth", "error_curve", "cost_table", "main"]
+
+
+def smooth(B: int, H: int, L: int, D: int, freq: float = 4.0, amp: float = 2.0, seed: int = 0,
+           dtype=torch.float64) -> torch.Tensor:
+    """(B, H, L, D) vectors that vary smoothly with position: random mixtures of 2D cosines of position.
+
+    Example:
+        >>> smooth(1, 2, 16, 4).shape
+        torch.Size([1, 2, 16, 4])
+    """
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, 1, L, dtype=torch.float64).view(1, 1, L, 1)
+    w = torch.randn(B, H, 1, 2 * D, generator=g, dtype=torch.float64) * freq
+    ph = torch.rand(B, H, 1, 2 * D, generator=g, dtype=torch.float64) * 2 * math.pi
+    mix = torch.randn(B, H, 2 * D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
+    return (amp * torch.cos(t * w + ph) @ mix).to(dtype)
+
+
+def _inputs(kind: str, L: int, D: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(1, 2, L, D, generator=g, dtype=torch.float64)
+    if kind == "random":
+        q = 0.25 * torch.randn(1, 2, L, D, generator=g, dtype=torch.float64)
+        k = 0.25 * torch.randn(1, 2, L, D, generator=g, dtype=torch.float64)
+    else:
+        q, k = smooth(1, 2, L, D, seed=2 * seed + 1), smooth(1, 2, L, D, seed=2 * seed + 2)
+    return q, k, v
+
+
+def _make(name: str, budget: int, L: int, D: int, seed: int):
+    if name == "performer":
+        return PerformerAttention(D, budget, seed=seed).double()
+    if name == "nystrom":
+        return NystromAttention(budget)
+    if name == "linformer":
+        return LinformerAttention(L, budget).double()
+    raise ValueError(f"name must be 'performer', 'nystrom' or 'linformer'; got {name!r}.")
+
+
+def error_curve(name: str, budgets=(16, 64, 256), L: int = 256, D: int = 16, kind: str | None = None,
+                seeds: int = 3) -> list[dict]:
+    """Mean relative output error of ``name`` (performer, nystrom, linformer) per budget, over ``seeds`` inputs
+    (and, for Performer, feature draws). ``kind`` defaults to random for Performer and smooth otherwise."""
+    kind = kind or ("random" if name == "performer" else "smooth")
+    rows = []
+    for b in budgets:
+        errs = []
+        for s in range(seeds):
+            q, k, v = _inputs(kind, L, D, s)
+            exact = attention(q, k, v)
+            approx = _make(name, b, L, D, s)(q, k, v)
+            errs.append(((approx - exact).norm() / exact.norm()).item())
+        rows.append({"layer": name, "inputs": kind, "budget": b, "error": sum(errs) / len(errs)})
+    return rows
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def _wall(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def cost_table(lengths=(1024, 2048, 4096, 8192), H: int = 4, D: int = 64, repeats: int = 3) -> list[dict]:
+    """FLOPs and median forward wall time (float32, B=1) per layer and length, exact attention included."""
+    layers = {
+        "exact (salience.attention)": lambda q, k, v: attention(q, k, v),
+        "exact causal": lambda q, k, v: attention(q, k, v, mask=masks.causal()),
+        "linear": lambda q, k, v: LinearAttention()(q, k, v),
+        "linear causal": lambda q, k, v: LinearAttention()(q, k, v, mask=masks.causal()),
+        "performer m=256": lambda q, k, v: PerformerAttention(D, 256, seed=0)(q, k, v),
+        "performer causal m=256": lambda q, k, v: PerformerAttention(D, 256, seed=0)(q, k, v, mask=masks.causal()),
+        "nystrom m=64": lambda q, k, v: NystromAttention(64)(q, k, v),
+        "linformer k=256": lambda q, k, v: LinformerAttention(max(lengths), 256)(q, k, v),
+        "local w=256 (exact)": lambda q, k, v: LocalAttention(256)(q, k, v),
+    }
+    rows = []
+    with torch.no_grad():
+        for L in lengths:
+            q, k, v = (torch.randn(1, H, L, D) for _ in range(3))
+            for name, fn in layers.items():
+                rows.append({"layer": name, "L": L, "gflop": _flops(lambda: fn(q, k, v)) / 1e9,
+                             "ms": 1e3 * _wall(lambda: fn(q, k, v), repeats)})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m salience.layers.measure", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    L = 128 if args.quick else 256
+    print(f"Relative output error against exact softmax attention (float64, L={L}, D=16, mean of 3 inputs)")
+    print(f"{'layer':<10} {'inputs':<7} " + "budget -> error")
+    for name, kinds, budgets in (
+        ("performer", ("random",), (16, 64, 256, 1024)),
+        ("nystrom", ("smooth", "random"), (4, 8, 16, 32, 64, L // 2, L)),
+        ("linformer", ("smooth", "random"), (8, 16, 32, 64, L // 2, L)),
+    ):
+        for kind in kinds:
+            rows = error_curve(name, budgets, L=L, kind=kind)
+            print(f"{name:<10} {kind:<7} " + "  ".join(f"{r['budget']}: {r['error']:.4f}" for r in rows))
+    lengths = (512, 1024, 2048) if args.quick else (1024, 2048, 4096, 8192)
+    print(f"\nForward cost, float32, B=1, H=4, D=64, {torch.get_num_threads()} threads: GFLOP (matmuls) / ms (median)")
+    rows = cost_table(lengths)
+    names = list(dict.fromkeys(r["layer"] for r in rows))
+    print(f"{'layer':<26}" + "".join(f"{'L=' + str(L):>18}" for L in lengths))
+    for n in names:
+        cells = [r for r in rows if r["layer"] == n]
+        print(f"{n:<26}" + "".join(f"{r['gflop']:>9.2f} /{r['ms']:>7.1f}" for r in cells))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
