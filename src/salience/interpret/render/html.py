@@ -378,6 +378,27 @@ function ent(){var E = D.entropy, el = document.getElementById("ent"); if (!E ||
 
 function drawAll(){drawThumbs(); drawHead(); drawMatrix();}
 drawAll(); drawBars(); faith(); ent();
+document.body.setAttribute("data-render-ms", String(Math.round(performance.now())));
 document.body.setAttribute("data-ready", "1");
+
+// ---- self test (open the page with #selftest): drive every handler once, as a user would
+if (location.hash === "#selftest"){
+ var ev = function(el, type, x, y, extra){var r = el.getBoundingClientRect(), o = {bubbles: true, cancelable: true,
+  clientX: r.left + x*r.width, clientY: r.top + y*r.height}; for (var k in (extra || {})) o[k] = extra[k];
+  el.dispatchEvent(type === "wheel" ? new WheelEvent(type, o) : new MouseEvent(type, o));};
+ var w0 = st.view.x1 - st.view.x0;
+ ev(mxc, "wheel", 0.5, 0.5, {deltaY: -120}); ev(mxc, "wheel", 0.5, 0.5, {deltaY: -120});
+ var zoomed = (st.view.x1 - st.view.x0) < w0 || C <= 2;
+ ev(mxc, "mousemove", 0.3, 0.3); ev(mxc, "mousedown", 0.3, 0.3); ev(mxc, "mousemove", 0.5, 0.5); ev(window.document.body, "mouseup", 0, 0);
+ ev(mxc, "dblclick", 0.5, 0.5); ev(mxc, "click", 0.5, 0.9);
+ ev(hv, "mousemove", 0.2, 40/hv.height); ev(hv, "mousemove", 0.8, 40/hv.height); ev(hv, "mouseleave", 0, 0);
+ ev(thumbs[0], "click", 0.5, 0.5);
+ slider.value = slider.max; slider.dispatchEvent(new Event("input"));
+ if (series.length > 1){sel.value = series[series.length - 1]; sel.dispatchEvent(new Event("change"));}
+ ev(bars, "mousemove", 0.5, 0.5);
+ var okSel = st.layer === 0 && st.head === 0, text = info.textContent.length > 3;
+ document.body.setAttribute("data-selftest", (zoomed && okSel && text ? "ok" : "fail") + " zoomed=" + zoomed +
+  " select=" + okSel + " tooltip=" + text);
+}
 })();
 """
