@@ -12,6 +12,7 @@ import sys
 
 COMMANDS = {
     "walkthrough": ("salience.walkthrough", "step through attention on a tiny example in the terminal"),
+    "demo": ("salience.demos.cli", "evidence for attention: accuracy on long sequences, alignment, time and memory"),
     "explain": ("salience.explain", "what a model attends to: HTML report, PNGs, faithfulness table"),
 }
 

@@ -16,9 +16,11 @@ Lengths double from ``min_len`` to ``max_len``. A method stops growing when the 
 call raises ``MemoryError``/``RuntimeError`` for lack of memory; the reason is recorded.
 
 Peak memory is the growth of the process's resident set (``/proc/self/statm``, sampled every 0.5 ms by a
-thread) during one call, above what was resident before it (inputs included in the baseline). Large
-allocations are returned to the OS on free (``mallopt(M_MMAP_THRESHOLD, 1 MiB)`` is set on glibc), so the
-measurement resolves peaks above about 1 MiB. Where /proc is missing, memory is reported as None.
+thread) during one call, above what was resident before it (inputs included in the baseline). During that
+call glibc is asked to serve every allocation of 64 KiB or more with ``mmap`` (``mallopt``), so freed
+blocks leave the resident set and the next call starts clean; the timed calls run with glibc's usual
+32 MiB threshold. Peaks below :data:`MEMORY_RESOLUTION` (1 MiB) are noise and are left out of the slope
+fit. Where /proc is missing, memory is reported as None.
 
 Example:
     >>> from salience.demos.efficiency import sweep
@@ -45,7 +47,10 @@ from .. import masks, reference
 from ..functional import attention, plan
 from ..layers import LinearAttention, PerformerAttention
 
-__all__ = ["METHODS", "Point", "SweepResult", "sweep", "fit_slope", "PeakRSS"]
+__all__ = ["METHODS", "MEMORY_RESOLUTION", "Point", "SweepResult", "sweep", "fit_slope", "PeakRSS"]
+
+#: peaks below this many bytes are not resolved by the resident-set sampling
+MEMORY_RESOLUTION = 1 << 20
 
 #: method name -> human label
 METHODS = {
@@ -68,7 +73,7 @@ def _rss() -> int | None:
         return None
 
 
-def _return_large_blocks_to_os(threshold: int = 1 << 20) -> bool:
+def _mmap_threshold(threshold: int) -> bool:
     """Ask glibc to serve allocations >= threshold with mmap, so that freeing them lowers the RSS."""
     if not sys.platform.startswith("linux"):
         return False
@@ -150,10 +155,13 @@ class SweepResult:
         return [p for p in self.points if p.method == method]
 
     def slopes(self, what: str = "seconds", tail: int = 4) -> dict[str, float | None]:
-        """Least-squares slope of log(what) against log(length) over each method's last ``tail`` points."""
+        """Least-squares slope of log(what) against log(length) over each method's last ``tail`` points
+        (for memory, points below :data:`MEMORY_RESOLUTION` are left out)."""
+        floor = MEMORY_RESOLUTION if what == "peak_bytes" else 0
         out = {}
         for m in dict.fromkeys(p.method for p in self.points):
-            pts = [(p.length, getattr(p, what)) for p in self.of(m) if getattr(p, what) not in (None, 0)]
+            pts = [(p.length, getattr(p, what)) for p in self.of(m)
+                   if getattr(p, what) is not None and getattr(p, what) > floor]
             out[m] = fit_slope(pts[-tail:]) if len(pts) >= 2 else None
         return out
 
@@ -243,7 +251,6 @@ def sweep(methods=tuple(METHODS), min_len: int = 512, max_len: int = 65536, batc
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty selection of {tuple(METHODS)}; got {tuple(methods)!r}.")
     lengths = _lengths(min_len, max_len)
-    _return_large_blocks_to_os()
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -288,13 +295,13 @@ def _predicted_over(mine: list[Point], n: int, time_limit: float, memory_limit: 
     if not mine:
         return ""
     last = mine[-1]
+    # growth factor per doubling, from the last two points, kept within [2, 4.5] (linear .. quadratic + noise)
+    rt = rm = 2.0
     if len(mine) >= 2:
         prev = mine[-2]
-        rt = max(last.seconds / max(prev.seconds, 1e-9), 1.0)
-        rm = (max(last.peak_bytes / max(prev.peak_bytes, 1), 1.0)
-              if last.peak_bytes is not None and prev.peak_bytes is not None else 1.0)
-    else:
-        rt = rm = 2.0
+        rt = min(max(last.seconds / max(prev.seconds, 1e-9), 2.0), 4.5)
+        if last.peak_bytes is not None and prev.peak_bytes is not None and prev.peak_bytes > MEMORY_RESOLUTION:
+            rm = min(max(last.peak_bytes / prev.peak_bytes, 2.0), 4.5)
     if last.seconds * rt > time_limit:
         return f"next length N={n} predicted at {last.seconds * rt:.1f} s per call > time limit {time_limit:g} s"
     if last.peak_bytes is not None and last.peak_bytes * rm > memory_limit:
@@ -306,11 +313,15 @@ def _predicted_over(mine: list[Point], n: int, time_limit: float, memory_limit: 
 @torch.no_grad()
 def _measure(method, n, q, k, v, head_dim, window, features, repeats, min_time) -> Point:
     fn, backend = _callable(method, head_dim, window, features, q, k, v)
-    with PeakRSS() as mem:
-        t0 = time.perf_counter()
-        out = fn()
-        first = time.perf_counter() - t0
-    del out
+    _mmap_threshold(64 << 10)
+    try:
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            out = fn()
+            first = time.perf_counter() - t0
+        del out
+    finally:
+        _mmap_threshold(32 << 20)
     if first > 1.0 or repeats <= 0:
         secs = first
     else:

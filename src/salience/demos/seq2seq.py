@@ -53,8 +53,14 @@ __all__ = [
     "BucketMetrics",
     "train",
     "evaluate",
+    "offset_mass",
     "alignment_example",
+    "Comparison",
+    "compare",
 ]
+
+#: offsets from the aligned source token at which attention mass is reported
+OFFSETS = (-2, -1, 0, 1, 2)
 
 #: the three decoders compared, in report order
 KINDS = ("none", "additive", "luong")
@@ -272,6 +278,8 @@ class BucketMetrics:
         aligned_mass: mean attention weight on the source token the task aligns with each target token
             (None for the model without attention); chance is 1 / length.
         chance_mass: mean of 1 / length over the bucket's examples, the aligned mass of uniform attention.
+        offset_mass: ``{d: mass}`` for d in -2..2, the mean attention weight on the source token d positions
+            from the aligned one (d = 0 is ``aligned_mass``); empty without attention.
     """
 
     lo: int
@@ -281,10 +289,42 @@ class BucketMetrics:
     sequence_accuracy: float
     aligned_mass: float | None
     chance_mass: float
+    offset_mass: dict[int, float] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         return f"{self.lo}-{self.hi}"
+
+
+def offset_mass(weights: torch.Tensor, aligned: torch.Tensor, offsets=OFFSETS) -> dict[int, torch.Tensor]:
+    """Per example, the mean over target steps of the attention weight on the source token ``d`` positions
+    from the aligned one, for each ``d`` in ``offsets``; positions past either end count as weight 0.
+
+    Args:
+        weights: (B, T, S) attention weights. aligned: (T,) aligned source index of each target step.
+
+    Returns:
+        ``{d: (B,) tensor}``.
+
+    Example:
+        >>> w = torch.eye(4).unsqueeze(0)                   # perfectly aligned
+        >>> m = offset_mass(w, torch.arange(4))
+        >>> float(m[0][0]), float(m[1][0])
+        (1.0, 0.0)
+        >>> float(offset_mass(w, torch.arange(4).flip(0))[0][0])   # attends to the wrong tokens
+        0.0
+    """
+    if weights.dim() != 3 or aligned.shape != weights.shape[1:2]:
+        raise ValueError(f"weights must be (B, T, S) and aligned (T,); got {tuple(weights.shape)} and "
+                         f"{tuple(aligned.shape)}.")
+    pad = max(abs(o) for o in offsets)
+    B, T, _ = weights.shape
+    padded = F.pad(weights, (pad, pad))
+    out = {}
+    for off in offsets:
+        idx = (aligned.to(weights.device) + off + pad).view(1, T, 1).expand(B, T, 1)
+        out[off] = padded.gather(2, idx).mean(dim=(1, 2))
+    return out
 
 
 def evaluate(model: Seq2Seq, task: Transliteration, buckets: list[tuple[int, int]] | None = None,
@@ -310,8 +350,9 @@ def evaluate(model: Seq2Seq, task: Transliteration, buckets: list[tuple[int, int
         for lo, hi in buckets:
             lengths = [lo + i % (hi - lo + 1) for i in range(per_bucket)]
             counts = {L: lengths.count(L) for L in sorted(set(lengths))}
-            tok = seq = mass = chance = 0.0
+            tok = seq = chance = 0.0
             ntok = 0
+            offs = dict.fromkeys(OFFSETS, 0.0)
             for L, cnt in counts.items():
                 for start in range(0, cnt, batch_size):
                     n = min(batch_size, cnt - start)
@@ -323,11 +364,12 @@ def evaluate(model: Seq2Seq, task: Transliteration, buckets: list[tuple[int, int
                     seq += float(right.all(1).sum())
                     chance += n / L
                     if d.weights is not None:
-                        # weight of target t on its aligned source token, averaged over t
-                        idx = b.aligned.view(1, L, 1).expand(n, L, 1)
-                        mass += float(d.weights.gather(2, idx).mean(dim=(1, 2)).sum())
+                        for off, m in offset_mass(d.weights, b.aligned).items():
+                            offs[off] += float(m.sum())
+            att = model.kind != "none"
             out.append(BucketMetrics(lo, hi, per_bucket, tok / ntok, seq / per_bucket,
-                                     None if model.kind == "none" else mass / per_bucket, chance / per_bucket))
+                                     offs[0] / per_bucket if att else None, chance / per_bucket,
+                                     {o: m / per_bucket for o, m in offs.items()} if att else {}))
     return out
 
 
@@ -346,3 +388,67 @@ def alignment_example(model: Seq2Seq, task: Transliteration, length: int, seed: 
         "aligned": b.aligned.tolist(),
         "weights": None if d.weights is None else d.weights[0].float(),
     }
+
+
+@dataclass
+class Comparison:
+    """The outcome of :func:`compare`: per model kind, the metrics per bucket, the training record and one
+    decoded example with its attention map."""
+
+    task: str
+    config: dict
+    buckets: list[tuple[int, int]]
+    metrics: dict[str, list[BucketMetrics]]
+    losses: dict[str, list[float]]
+    seconds: dict[str, float]
+    examples: dict[str, dict]
+
+    def longest(self, kind: str) -> BucketMetrics:
+        """The metrics of ``kind`` on the longest bucket."""
+        return self.metrics[kind][-1]
+
+    def to_dict(self) -> dict:
+        ex = {k: {**v, "weights": None if v["weights"] is None else v["weights"].tolist()}
+              for k, v in self.examples.items()}
+        return {"task": self.task, "config": self.config, "buckets": [list(b) for b in self.buckets],
+                "metrics": {k: [asdict(m) for m in v] for k, v in self.metrics.items()},
+                "seconds": self.seconds, "final_loss": {k: v[-1] for k, v in self.losses.items()},
+                "examples": ex}
+
+
+def compare(task: Transliteration, config: TrainConfig | None = None, kinds=KINDS,
+            buckets: list[tuple[int, int]] | None = None, per_bucket: int = 256, example_length: int | None = None,
+            progress: Callable[[str, int, int, float], None] | None = None) -> Comparison:
+    """Train each of ``kinds`` with the same config and data, and evaluate them on the same test buckets.
+
+    Args:
+        task: the data. config: training settings shared by every model.
+        kinds: a selection of :data:`KINDS`.
+        buckets: length buckets (default: 4 equal buckets over the task's lengths).
+        per_bucket: test examples per bucket.
+        example_length: length of the example decoded for the heatmaps (default: the task's max_len).
+        progress: ``progress(kind, step, steps, loss)`` during training.
+
+    Example:
+        >>> from salience.demos.task import Transliteration
+        >>> task = Transliteration(vocab=5, min_len=2, max_len=5)
+        >>> c = compare(task, TrainConfig(steps=2, hidden_dim=8, embed_dim=4), per_bucket=2)
+        >>> sorted(c.metrics), len(c.metrics["none"]), c.examples["luong"]["weights"].shape
+        (['additive', 'luong', 'none'], 4, torch.Size([5, 5]))
+    """
+    cfg = config or TrainConfig()
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"kinds must be a non-empty selection of {KINDS}; got {tuple(kinds)!r}.")
+    if buckets is None:
+        buckets = buckets_for(task.min_len, task.max_len, min(4, task.max_len - task.min_len + 1))
+    metrics, losses, seconds, examples = {}, {}, {}, {}
+    for kind in kinds:
+        cb = None if progress is None else (lambda i, n, loss, _k=kind: progress(_k, i, n, loss))
+        r = train(kind, task, cfg, progress=cb)
+        metrics[kind] = evaluate(r.model, task, buckets, per_bucket=per_bucket, seed=cfg.seed + 1000,
+                                 threads=cfg.threads)
+        with _Threads(cfg.threads):
+            examples[kind] = alignment_example(r.model, task, example_length or task.max_len, seed=cfg.seed + 7)
+        losses[kind], seconds[kind] = r.losses, r.seconds
+    return Comparison(repr(task), asdict(cfg), list(buckets), metrics, losses, seconds, examples)

@@ -22,6 +22,8 @@ Example:
     (torch.Size([2, 4]), torch.Size([2, 4]), [0, 1, 2, 3])
     >>> bool((task.transliterate(b.src) == b.tgt).all())
     True
+    >>> task.source_symbols(b.src[0]), task.target_symbols(b.tgt[0])
+    (['e', 'h', 'f', 'a'], ['C', 'G', 'F', 'E'])
 """
 
 from __future__ import annotations
@@ -131,9 +133,28 @@ class Transliteration:
         src = torch.randint(FIRST_SYMBOL, self.vocab + FIRST_SYMBOL, (batch, length), generator=generator)
         return Batch(src=src, tgt=self.transliterate(src), aligned=self.aligned(length))
 
+    def source_symbols(self, ids) -> list[str]:
+        """Readable names of source token ids: lowercase letters (``s<i>`` beyond 26 symbols)."""
+        return [_name(int(i), self.vocab, upper=False) for i in ids]
+
+    def target_symbols(self, ids) -> list[str]:
+        """Readable names of target token ids: uppercase letters (``T<i>`` beyond 26 symbols)."""
+        return [_name(int(i), self.vocab, upper=True) for i in ids]
+
     def random_length(self, generator: torch.Generator | None = None) -> int:
         """A length drawn uniformly from [min_len, max_len]."""
         return int(torch.randint(self.min_len, self.max_len + 1, (1,), generator=generator))
+
+
+def _name(i: int, vocab: int, upper: bool) -> str:
+    if i == PAD:
+        return "<pad>"
+    if i == BOS:
+        return "<bos>"
+    j = i - FIRST_SYMBOL
+    if vocab <= 26:
+        return chr((65 if upper else 97) + j)
+    return f"{'T' if upper else 's'}{j}"
 
 
 def buckets_for(min_len: int, max_len: int, count: int) -> list[tuple[int, int]]:
