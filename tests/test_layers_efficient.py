@@ -1,7 +1,5 @@
 """Efficient attention: exact definitions, error against softmax attention as the budget grows, cost in length."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +16,7 @@ from salience.layers import (
     NystromAttention,
     PerformerAttention,
 )
+from salience.layers.measure import smooth
 from salience.testing import assert_rel_close
 
 f64 = torch.float64
@@ -25,16 +24,6 @@ f64 = torch.float64
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
-
-
-def smooth(B, H, L, D, freq=4.0, amp=2.0, seed=0):
-    """Queries/keys that vary smoothly with position (attention maps of low effective rank)."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.linspace(0, 1, L, dtype=f64).view(1, 1, L, 1)
-    w = torch.randn(B, H, 1, 2 * D, generator=g, dtype=f64) * freq
-    ph = torch.rand(B, H, 1, 2 * D, generator=g, dtype=f64) * 2 * math.pi
-    mix = torch.randn(B, H, 2 * D, D, generator=g, dtype=f64) / math.sqrt(D)
-    return amp * torch.cos(t * w + ph) @ mix
 
 
 def linear_definition(q, k, v, causal=False, lengths=None):
@@ -232,7 +221,7 @@ def test_cost_grows_linearly_in_length_for_the_efficient_layers():
     }
     inputs = {L: tuple(torch.randn(1, 1, L, D) for _ in range(3)) for L in (512, 1024)}
     for name, fn in layers.items():
-        ratio = _flops(lambda: fn(*inputs[1024])) / _flops(lambda: fn(*inputs[512]))
+        ratio = _flops(lambda f=fn: f(*inputs[1024])) / _flops(lambda f=fn: f(*inputs[512]))
         assert 1.5 <= ratio <= 2.1, (name, ratio)
     dense = M.sliding_window(10**6, 10**6)  # forces the dense path (no fused shortcut)
     ratio = _flops(lambda: salience.attention(*inputs[1024], mask=dense)) / _flops(

@@ -8,8 +8,8 @@ from torch import nn
 from salience import _hooks
 from salience import masks as M
 from salience.layers import (
-    ALiBi,
     AdditiveAttention,
+    ALiBi,
     AttentionPooling,
     DifferentialAttention,
     Entmax15Attention,

@@ -115,7 +115,7 @@ def test_sparse_attention_masked_rows_and_gradients():
     for layer in (SparsemaxAttention(), Entmax15Attention(), SigmoidAttention()):
         out = layer(q, k, v, mask=hide)
         assert torch.all(out[:, :, 1] == 0)
-        assert torch.autograd.gradcheck(lambda a, b, c: layer(a, b, c, mask=hide), (q, k, v), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda a, b, c, m=layer: m(a, b, c, mask=hide), (q, k, v), fast_mode=True)
 
 
 def test_sigmoid_bias_default_and_fixed():

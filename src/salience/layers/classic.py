@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..functional import attention_weights
-from ..masks import dense, padding
+from ..masks import dense
 from ..scores import Additive, Compatibility, Dot, General
 from ._util import check_int
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..masks import as_mask_mod, causal
@@ -49,6 +48,7 @@ class FeedForward(nn.Module):
     """``Linear(d, f) -> activation -> dropout -> Linear(f, d)``.
 
     Example:
+        >>> import torch
         >>> FeedForward(8, 32)(torch.randn(2, 3, 8)).shape
         torch.Size([2, 3, 8])
     """
@@ -84,6 +84,7 @@ class TransformerEncoderLayer(nn.Module):
     Call: ``layer(x, *, key_padding_mask=None, key_lengths=None, mask=None, cache=None) -> (B, L, d_model)``.
 
     Example:
+        >>> import torch
         >>> TransformerEncoderLayer(16, 2)(torch.randn(1, 4, 16)).shape
         torch.Size([1, 4, 16])
     """
@@ -113,6 +114,7 @@ class TransformerEncoder(nn.Module):
     for incremental decoding when the stack is causal (``mask=causal()``).
 
     Example:
+        >>> import torch
         >>> from salience import masks
         >>> lm = TransformerEncoder(2, 16, 2, mask=masks.causal())
         >>> x = torch.randn(1, 6, 16)
@@ -165,6 +167,7 @@ class TransformerDecoderLayer(nn.Module):
     cache=None) -> (B, L, d_model)``; ``key_padding_mask`` covers the target keys (cached + new).
 
     Example:
+        >>> import torch
         >>> TransformerDecoderLayer(16, 2)(torch.randn(1, 4, 16), torch.randn(1, 7, 16)).shape
         torch.Size([1, 4, 16])
     """
@@ -200,6 +203,7 @@ class TransformerDecoder(nn.Module):
     """A stack of :class:`TransformerDecoderLayer` and a final LayerNorm; ``new_cache()`` for step-by-step decoding.
 
     Example:
+        >>> import torch
         >>> dec = TransformerDecoder(1, 16, 2)
         >>> dec(torch.randn(2, 3, 16), torch.randn(2, 5, 16)).shape
         torch.Size([2, 3, 16])
