@@ -27,6 +27,7 @@ from salience import scores as Sc
 from salience.distributed import (
     LAYOUTS,
     _block,
+    gather,
     positions,
     ring_attention,
     segments,
@@ -175,6 +176,8 @@ def _cases_worker(rank, world, port, outdir, mode, victim):
             results[case["name"]] = dict(out=res.out.detach(), lse=res.lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)
         except Exception:  # report per case; the parent fails that case with the traceback
             results[case["name"]] = dict(error=traceback.format_exc())
+    first = CASES[0]
+    results["gathered"] = gather(results[first["name"]]["out"], layout=first["layout"])
     # ranks that disagree on the shard shapes: a ValueError on every rank, not a hang
     try:
         n = 8 if rank == 0 else 10
@@ -261,6 +264,14 @@ def test_ring_padding_rows_are_zero_not_nan(ring_run):
     assert torch.isneginf(lse[1, :, 13:]).all() and torch.isfinite(lse[1, :, :13]).all()
 
 
+def test_gather_returns_the_global_tensor_on_every_rank(ring_run):
+    world, _, _, saved, _ = ring_run
+    first = CASES[0]
+    whole = unshard([s[first["name"]]["out"] for s in saved], layout=first["layout"])
+    for s in saved:
+        assert torch.equal(s["gathered"], whole)
+
+
 def test_ring_mismatched_shards_raise_on_every_rank(ring_run):
     world, _, _, saved, _ = ring_run
     for r, s in enumerate(saved):
@@ -306,6 +317,18 @@ def test_shard_unshard_roundtrip_and_positions(layout, world):
     assert torch.equal(allpos.sort().values, torch.arange(12))
     ids = torch.arange(12)
     assert torch.equal(unshard([shard(ids, r, world, layout, dim=0) for r in range(world)], layout, dim=0), ids)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_positions_give_rope_of_the_full_sequence(layout):
+    from salience.layers.positional import RotaryEmbedding
+
+    rope = RotaryEmbedding(8)
+    x = torch.randn(1, 2, 24, 8, dtype=torch.float64)
+    full = rope(x)
+    for r in range(3):
+        local = rope(shard(x, r, 3, layout), positions=positions(24, r, 3, layout))
+        assert torch.allclose(local, shard(full, r, 3, layout), atol=1e-12)
 
 
 def test_zigzag_balances_causal_work():
@@ -362,6 +385,17 @@ def test_ring_attention_argument_errors():
         ring_attention(q[0], q, q)
     with pytest.raises(ValueError, match="scale must be positive"):
         ring_attention(q, q, q, scale=0.0)
+    with pytest.raises(TypeError, match="mask must be a mask_mod"):
+        ring_attention(q, q, q, mask=lambda s, b, h, qi, ki: s)
+    with pytest.raises(TypeError, match="score_mod must be a score_mod"):
+        ring_attention(q, q, q, score_mod=lambda b, h, qi, ki: qi >= ki)
+
+
+def test_ring_attention_refuses_learned_score_mod_tensors():
+    q = torch.randn(1, 2, 8, 4)
+    table = torch.zeros(8, 2, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="requires grad.*table.detach"):
+        ring_attention(q, q, q, score_mod=Sc.relative_bias(table, num_buckets=8))
 
 
 def test_ring_attention_needs_a_process_group():

@@ -304,6 +304,22 @@ def _agree(ring: _Ring, meta: list[int], device) -> None:
             )
 
 
+def _check_no_learned_tensors(sm) -> None:
+    """The ring's backward gives gradients for q, k and v only; refuse a score_mod whose known tensors
+    (a relative-bias table, ALiBi slopes) would need one instead of silently returning none."""
+    if not torch.is_grad_enabled():
+        return
+    for attr in ("table", "slopes"):
+        t = getattr(sm, attr, None)
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise NotImplementedError(
+                f"score_mod {sm.name} holds a {attr} that requires grad, but ring_attention's backward computes "
+                f"gradients for q, k and v only (learned score_mod tensors are not reduced across the ring). "
+                f"Pass the {attr} detached (e.g. relative_bias(table.detach(), ...)) or train it with "
+                "salience.attention on one process."
+            )
+
+
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -367,6 +383,11 @@ def ring_attention(
                     f"got {n}. Pad the global sequence to a multiple of 2 * world size and shard it with "
                     "salience.distributed.shard(x, rank, world, layout='zigzag')."
                 )
+    mm = None if mask is None else as_mask_mod(mask)
+    sm = None if score_mod is None else as_score_mod(score_mod)
+    if sm is not None:
+        _check_no_learned_tensors(sm)
+        sm = sm.to(q.device)
     _check_group(group)
     ring = _Ring(group, to)
     W = ring.world
@@ -374,10 +395,7 @@ def ring_attention(
     _agree(ring, [shp.B, shp.H, shp.Hkv, shp.L, shp.S, shp.D, shp.Dv, code, ("contiguous", "zigzag").index(layout)],
            q.device)
     L, S = shp.L * W, shp.S * W
-    m = None if mask is None else as_mask_mod(mask).bind(L, S, q.device)
-    sm = None if score_mod is None else as_score_mod(score_mod)
-    if sm is not None and hasattr(sm, "to"):
-        sm = sm.to(q.device)
+    m = None if mm is None else mm.bind(L, S, q.device)
     spec = _block.Spec(
         mask=m, score_mod=sm, scale=scale, L=L, S=S, B=shp.B, H=shp.H, Hkv=shp.Hkv, D=shp.D, Dv=shp.Dv,
         use_flash=_block._flash_available(q, shp.Dv),
