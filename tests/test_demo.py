@@ -285,3 +285,22 @@ def test_quick_demo_interactive_page(quick_run):
     _, out, _, _ = quick_run
     page = out / "attention.html"
     assert page.exists() and "salience-data" in page.read_text()
+
+
+def test_report_from_a_tiny_run(tmp_path):
+    task = Transliteration(vocab=5, min_len=2, max_len=5)
+    c = compare(task, TrainConfig(steps=2, hidden_dim=8, embed_dim=4), buckets=[(2, 3), (4, 5)], per_bucket=4)
+    acc = report.accuracy_table(c).splitlines()
+    assert acc[0].split()[-2:] == ["2-3", "4-5"] and len(acc) == 2 + len(KINDS)
+    al = report.alignment_table(c)
+    assert "chance" in al and "no attention" not in al  # only models with attention have a mass
+    off = report.offset_table(c).splitlines()
+    assert off[0].split()[-5:] == ["-2", "-1", "+0", "+1", "+2"] and len(off) == 2 + 2 * 2
+    figs = {"accuracy": report.plot_accuracy(c, tmp_path / "a.png"),
+            "heatmaps": report.plot_heatmaps(c, task, tmp_path / "h.png")}
+    res = sweep(methods=("full", "linear"), min_len=16, max_len=32, heads=1, head_dim=4, repeats=1)
+    figs["efficiency"] = report.plot_efficiency(res, tmp_path / "e.png")
+    page = report.write_html(tmp_path, command="salience demo", comparison=c, task=task, sweep=res,
+                             figures=figs).read_text()
+    assert page.count("data:image/png;base64,") == 3 and "full: reached max_len=32" in page
+    assert "src=\"http" not in page and "href=\"http" not in page

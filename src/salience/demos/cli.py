@@ -168,6 +168,8 @@ def run_demo(s: dict, stream=None) -> DemoResult:
         if any(m[0].aligned_mass is not None for m in comp.metrics.values()):
             say("\n2. Interpretability: attention mass (%) on the source token the task aligns:")
             say(report.alignment_table(comp))
+            say("\nAttention mass (%) by offset from the aligned source token:")
+            say(report.offset_table(comp))
         figures["accuracy"] = report.plot_accuracy(comp, out / "accuracy.png")
         figures["training"] = report.plot_training(comp, out / "training.png")
         if any(m[0].aligned_mass is not None for m in comp.metrics.values()):

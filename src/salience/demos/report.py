@@ -37,6 +37,7 @@ __all__ = [
     "table",
     "accuracy_table",
     "alignment_table",
+    "offset_table",
     "efficiency_table",
     "plot_accuracy",
     "plot_alignment",
@@ -128,6 +129,20 @@ def alignment_table(c: Comparison) -> str:
     first = next(iter(c.metrics.values()))
     rows.append(["uniform attention (chance)"] + [_pct(m.chance_mass) for m in first])
     return table(["attention mass % \\ length"] + labels, rows)
+
+
+def offset_table(c: Comparison) -> str:
+    """Where the attention goes relative to the aligned source token (offset 0), per attention model and
+    bucket: the mass at offsets -2..+2. A bidirectional encoder's annotation of a neighbour also carries the
+    aligned token, so a model may read it from there."""
+    rows = []
+    for k, ms in c.metrics.items():
+        if ms[0].aligned_mass is None:
+            continue
+        for m in ms:
+            rows.append([f"{LABELS[k]}, length {m.label}"] + [_pct(m.offset_mass[o]) for o in sorted(m.offset_mass)])
+    offs = sorted(next(m for ms in c.metrics.values() for m in ms if m.offset_mass).offset_mass) if rows else []
+    return table(["attention mass % at offset"] + [f"{o:+d}" for o in offs], rows)
 
 
 def _fmt_bytes(b) -> str:
@@ -299,7 +314,10 @@ def plot_efficiency(r: SweepResult, path) -> Path:
         ax.set_xlabel("sequence length N")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "nothing above the 1 MiB resolution", ha="center", transform=ax.transAxes)
     c = r.config
     fig.suptitle(f"B={c['batch']} H={c['heads']} D={c['head_dim']} {c['dtype']}, window {c['window']}, "
                  f"{c['features']} Performer features, {c['threads']} thread(s); slope = fitted exponent over "
@@ -357,6 +375,11 @@ def write_html(out: Path, *, command: str, comparison: Comparison | None = None,
                      "mean attention weight on that token (and within one position of it) per bucket; uniform "
                      "attention would put 1/length there.</p>")
         parts.append(_pre(alignment_table(c)))
+        parts.append("<p>Where the rest goes: the mass at each offset from the aligned token. The encoder is "
+                     "bidirectional, so the annotation of a neighbouring position also encodes the aligned token; "
+                     "a model that attends there reads the right information through a shifted pointer. "
+                     "Attention weights show where a model reads, not by themselves what it reads.</p>")
+        parts.append(_pre(offset_table(c)))
         parts.append(_img(figures.get("alignment"), "aligned attention mass"))
         parts.append(_img(figures.get("heatmaps"), "alignment heatmaps"))
         if interactive is not None:
