@@ -304,3 +304,15 @@ def test_report_from_a_tiny_run(tmp_path):
                              figures=figs).read_text()
     assert page.count("data:image/png;base64,") == 3 and "full: reached max_len=32" in page
     assert "src=\"http" not in page and "href=\"http" not in page
+
+
+def test_reproduction_command_round_trips():
+    import shlex
+
+    from salience.demos.cli import _command
+
+    for argv in (["--quick"], ["--steps", "10", "--models", "none,luong", "--seed", "3", "--time-limit", "5",
+                               "--order", "reverse", "--out", "my dir"]):
+        s = settings(_parse(argv))
+        again = settings(_parse(shlex.split(_command(s))[2:]))
+        assert again == s

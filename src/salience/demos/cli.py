@@ -124,10 +124,18 @@ class DemoResult:
     seconds: float
 
 
+_DEFAULTS = {"seed": 0, "batch_size": 32, "hidden": 64, "vocab": 20, "order": "monotone", "threads": 1,
+             "eff_threads": 1, "parts": list(_PARTS), "models": list(KINDS), "methods": list(METHODS)}
+
+
 def _command(s: dict) -> str:
+    """The command line that reproduces settings ``s``: every value that differs from the preset."""
     cmd = ["salience", "demo"] + (["--quick"] if s["quick"] else []) + ["--out", str(s["out"])]
-    if s["seed"]:
-        cmd += ["--seed", str(s["seed"])]
+    preset = PRESETS["quick" if s["quick"] else "full"]
+    for k, default in {**preset, **_DEFAULTS}.items():
+        if s.get(k) != default:
+            v = ",".join(s[k]) if isinstance(s[k], list) else str(s[k])
+            cmd += [f"--{k.replace('_', '-')}", v]
     return " ".join(shlex.quote(c) for c in cmd)
 
 
