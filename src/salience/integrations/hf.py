@@ -289,7 +289,6 @@ def translate_mask(
     kv_offset=0,
     mask_function=None,
     attention_mask: torch.Tensor | None = None,
-    device=None,
 ) -> HFMask | None:
     """Translate the mask transformers describes into a salience mask, or return None when unreadable.
 
@@ -374,8 +373,7 @@ def mask_function(
             f"kv_length={kv_length}. This transformers version passes other arguments; supported: "
             f"transformers {TESTED_TRANSFORMERS}."
         )
-    hm = translate_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
-                        device)
+    hm = translate_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
     if hm is not None:
         return hm
     args = dict(kwargs)
