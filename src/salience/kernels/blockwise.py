@@ -175,7 +175,9 @@ class TileKernel:
 
     def __init__(self, B, H, L, S, *, mask=None, score_mod=None, scale: float, q_offset: int = 0, kv_offset: int = 0,
                  q_len: int | None = None, kv_len: int | None = None, device=None, grad_tensors=(),
-                 q_tile: int = Q_TILE, kv_tile: int = KV_TILE):
+                 q_tile: int | None = None, kv_tile: int | None = None):
+        q_tile = Q_TILE if q_tile is None else q_tile
+        kv_tile = KV_TILE if kv_tile is None else kv_tile
         self.B, self.H, self.L, self.S = B, H, L, S
         self.scale = float(scale)
         self.q_offset, self.kv_offset = q_offset, kv_offset
