@@ -72,3 +72,24 @@ def test_progress_bar_lines():
     p.step("two")
     lines = s.getvalue().splitlines()
     assert lines[0].startswith("[" + "#" * 12 + "." * 12 + "] 1/2 one") and "2/2 two" in lines[1]
+
+
+def test_explain_local_classifier_path(tmp_path, capsys):
+    """--model PATH with a (tiny, randomly initialised) sequence classifier saved locally."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import salience.models
+
+    _, tok = salience.models.minilm()
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    out = tmp_path / "out"
+    assert cli.main(["explain", TEXT, "--model", str(tmp_path / "clf"), "--out", str(out), "--no-png",
+                     "--quiet", "--label", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "logit of class 1" in text and "layer  1:" in text and "gradient x attention" in text
+    assert len(AttentionMaps.load(out / "maps.npz").maps) == 2

@@ -3,7 +3,8 @@
 * :class:`capture` records attention maps from salience layers and from Hugging Face models running
   ``attn_implementation="salience"`` (no eager fallback), for chosen layers, heads and query rows, in
   chunks, at reduced precision or aggregated; the result is an :class:`AttentionMaps` (tokens, maps,
-  metadata) that saves to and loads from ``.npz``.
+  metadata) that saves to and loads from ``.npz``. :class:`capture_with_grad` gives weights inside the
+  autograd graph (``dF/dA``) for gradient x attention.
 * :mod:`~salience.interpret.methods`: raw maps, rollout, flow, gradient x attention, entropy, confidence,
   head roles, head importance through gates.
 * :mod:`~salience.interpret.faithfulness`: how well attention-derived token importance agrees with
@@ -28,9 +29,9 @@ Example:
 """
 
 from . import methods
-from .capture import AttentionMaps, Recorder, capture
+from .capture import AttentionMaps, Recorder, capture, capture_with_grad
 
-__all__ = ["AttentionMaps", "Recorder", "capture", "methods", "faithfulness", "render"]
+__all__ = ["AttentionMaps", "Recorder", "capture", "capture_with_grad", "methods", "faithfulness", "render"]
 
 
 def __getattr__(name):  # faithfulness and render import lazily (render needs matplotlib only for PNGs)

@@ -467,21 +467,24 @@ class capture_with_grad:
     open, a Hugging Face model running salience attention is switched to ``"salience_explicit"``: the
     same masks and score_mods (read from the salience attention call), but the output is computed as
     ``attention_weights(q, k) @ v`` so that ``A.grad`` fills in on ``backward()``. This materialises
-    ``(B, H, L, S)`` per layer: meant for inputs of a few hundred tokens. The previous implementation is
-    restored on exit.
+    ``(B, H, L, S)`` per layer: meant for inputs of a few hundred tokens. No dropout is applied (use eval
+    mode). The previous implementation is restored on exit.
 
     Only Hugging Face models are supported: salience's own layers emit no values in their attention events,
     so for them compute the gradients yourself and call :func:`salience.interpret.methods.gradient_x_attention`.
 
     Example:
-        >>> import torch, salience.models
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> import salience.integrations.hf as shf
         >>> from salience.interpret.capture import capture_with_grad
-        >>> model, tok = salience.models.minilm()
-        >>> enc = tok(["attention is all you need"], return_tensors="pt")
+        >>> cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                  intermediate_size=64)
+        >>> model = shf.enable(BertModel(cfg, add_pooling_layer=False).eval())
         >>> with capture_with_grad(model) as rec:
-        ...     model(**enc).last_hidden_state[:, 0].sum().backward()
+        ...     model(torch.tensor([[5, 6, 7, 8]])).last_hidden_state[:, 0].sum().backward()
         >>> len(rec.grads()), rec.grads()[0].shape
-        (6, torch.Size([1, 12, 7, 7]))
+        (2, torch.Size([1, 4, 4, 4]))
     """
 
     def __init__(self, model):
