@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.salience-installed
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup browser demo test test-all bench lint clean
 
 setup: $(STAMP)
 
@@ -17,13 +17,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[all,dev]'
 	touch $(STAMP)
 
+# Headless Chromium for the HTML report tests: installed when this machine can (root + apt-get);
+# otherwise those tests skip with a message saying so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "chromium not available: the HTML browser tests will be skipped"
+
 demo: setup
 	$(BIN)/salience walkthrough
 
-test: setup
+test: setup browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
 
-test-all: setup
+test-all: setup browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -m ''
 
 bench: setup
