@@ -45,8 +45,10 @@ Q_TILE = 128
 KV_TILE = 128
 #: at most this many score elements (B * H * rows * keys) per chunk
 CHUNK_ELEMENTS = 1 << 22
+#: mask elements evaluated at once when classifying an arbitrary mask_mod
+EVAL_ELEMENTS = 1 << 18
 #: cache of partial-tile masks (bytes) kept between tiles, forward and backward
-MASK_CACHE_BYTES = 64 << 20
+MASK_CACHE_BYTES = 16 << 20
 
 
 class BlockGrads(NamedTuple):
@@ -106,23 +108,31 @@ def classify(mask, B: int, H: int, L: int, S: int, *, q_block: int = Q_TILE, kv_
     if local._tiles is not None:
         return BlockMask.from_mask(local, B, H, L, S, q_block=q_block, kv_block=kv_block, device=device)
     nk = (S + kv_block - 1) // kv_block
-    pad = nk * kv_block - S
     b = torch.arange(B, device=device).view(-1, 1, 1, 1)
     h = torch.arange(H, device=device).view(1, -1, 1, 1)
-    kv = torch.arange(S, device=device).view(1, 1, 1, -1)
+    per = max(1, EVAL_ELEMENTS // (q_block * kv_block))  # key tiles per evaluation
     out = []
     for q0 in range(0, L, q_block):
         n = min(q_block, L - q0)
         qi = torch.arange(q0, q0 + n, device=device).view(1, 1, -1, 1)
-        raw = local(b, h, qi, kv)
-        check_mask_output(raw, local, (B, H, n, S))  # bool and broadcastable, or a clear error
-        raw = torch.as_tensor(raw)
-        raw = raw.view((1,) * (4 - raw.dim()) + tuple(raw.shape))
-        bm, hm = raw.shape[0], raw.shape[1]
-        vis = raw.expand(bm, hm, n, S)
-        any_ = torch.nn.functional.pad(vis, (0, pad), value=False).view(bm, hm, n, nk, kv_block).any(-1).any(2)
-        all_ = torch.nn.functional.pad(vis, (0, pad), value=True).view(bm, hm, n, nk, kv_block).all(-1).all(2)
-        out.append(torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8))
+        row = []
+        for t0 in range(0, nk, per):
+            k0, k1 = t0 * kv_block, min(S, (t0 + per) * kv_block)
+            kv = torch.arange(k0, k1, device=device).view(1, 1, 1, -1)
+            raw = local(b, h, qi, kv)
+            check_mask_output(raw, local, (B, H, n, k1 - k0))  # bool and broadcastable, or a clear error
+            raw = torch.as_tensor(raw)
+            raw = raw.view((1,) * (4 - raw.dim()) + tuple(raw.shape))
+            bm, hm = raw.shape[0], raw.shape[1]
+            vis = raw.expand(bm, hm, n, k1 - k0)
+            nt = (k1 - k0 + kv_block - 1) // kv_block
+            pad = nt * kv_block - (k1 - k0)
+            any_ = torch.nn.functional.pad(vis, (0, pad), value=False).view(bm, hm, n, nt, kv_block).any(-1).any(2)
+            all_ = torch.nn.functional.pad(vis, (0, pad), value=True).view(bm, hm, n, nt, kv_block).all(-1).all(2)
+            row.append(torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8))
+        bm = max(r.shape[0] for r in row)
+        hm = max(r.shape[1] for r in row)
+        out.append(torch.cat([r.expand(bm, hm, r.shape[-1]) for r in row], dim=-1))
     bm = max(o.shape[0] for o in out)
     hm = max(o.shape[1] for o in out)
     classes = torch.stack([o.expand(bm, hm, nk) for o in out], dim=2)
