@@ -313,19 +313,20 @@ class PerformerAttention(nn.Module):
                               "salience.attention, or LocalAttention")
         s = check_scale(scale, shp.D)
         kl = _lengths(kv_lengths, shp.B, shp.S, q.device)
-        w = self.projection.to(q.dtype)
-        c = math.sqrt(s)
-        qs, ks = q * c, k * c
-        wq = qs @ w.T - 0.5 * (qs * qs).sum(-1, keepdim=True)  # (B, H, L, m)
-        wk = ks @ w.T - 0.5 * (ks * ks).sum(-1, keepdim=True)  # (B, H, S, m)
+        # phi(x) = exp(w x' - |x'|^2 / 2 - c) / sqrt(m). For a query the |q'|^2 term and its stabiliser c (the
+        # row max) are per-row constants that cancel in the normalisation, so only the row max is taken out;
+        # for keys one max over all keys is subtracted (it cancels too). Elementwise passes over the (L, m)
+        # matrices dominate the cost, so they are kept to two (queries) and three (keys).
+        w = self.projection.to(q.dtype) * math.sqrt(s)  # folds the softmax scale into the projection
+        log_m = 0.5 * math.log(self.num_features)
         valid = _key_valid(kl, shp.S, q.device, q.dtype)
-        wq = wq - wq.amax(-1, keepdim=True).detach()
-        wk_for_max = wk if valid is None else wk.masked_fill(valid == 0, float("-inf"))
-        kmax = wk_for_max.amax(dim=(-2, -1), keepdim=True).detach()
+        wq = q @ w.T  # (B, H, L, m)
+        fq = torch.exp(wq - (wq.detach().amax(-1, keepdim=True) + log_m))
+        wk = k @ w.T - (0.5 * s) * (k * k).sum(-1, keepdim=True)  # (B, H, S, m)
+        wk_max = wk.detach() if valid is None else wk.detach().masked_fill(valid == 0, float("-inf"))
+        kmax = wk_max.amax(dim=(-2, -1), keepdim=True)
         kmax = torch.where(torch.isfinite(kmax), kmax, torch.zeros_like(kmax))
-        inv = 1.0 / math.sqrt(self.num_features)
-        fq = torch.exp(wq) * inv
-        fk = torch.exp(wk - kmax) * inv
+        fk = torch.exp(wk - (kmax + log_m))
         if valid is not None:
             fk, v = fk * valid, v * valid
         return fq, fk, v, causal
