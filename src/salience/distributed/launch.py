@@ -169,7 +169,7 @@ def _rank_main(args, rank: int, world: int, device) -> int:
 
     from .. import attention
     from ..testing import rel_error_report
-    from .ring import gather, ring_attention
+    from .ring import gather, reset_stats, ring_attention
 
     dtype = getattr(torch, args.dtype)
     mask = parse_mask(args.mask, args.seq)
@@ -187,17 +187,19 @@ def _rank_main(args, rank: int, world: int, device) -> int:
 
     for _ in range(args.warmup):
         ring_once()
-    fwd, bwd, cpu = [], [], []
+    fwd, bwd, cpu, waits = [], [], [], []
     load0 = os.getloadavg()[0]
     for _ in range(args.repeat):
         dist.barrier()
         c = []
+        reset_stats()
         res, tf, tb = ring_once(c)
         fwd.append(tf)
         bwd.append(tb)
         cpu.append(sum(c))
-    mine = torch.tensor([statistics.median(fwd), statistics.median(bwd), _peak_mb(device), statistics.median(cpu)],
-                        dtype=torch.float64, device=device)
+        waits.append(reset_stats()["wait_s"])
+    mine = torch.tensor([statistics.median(fwd), statistics.median(bwd), _peak_mb(device), statistics.median(cpu),
+                         statistics.median(waits)], dtype=torch.float64, device=device)
     allt = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(allt, mine)
     gathered = [gather(t, layout=args.layout) for t in res if t is not None]
@@ -207,7 +209,7 @@ def _rank_main(args, rank: int, world: int, device) -> int:
         dtype=args.dtype, mask=args.mask, layout=args.layout, world=world, threads_per_rank=torch.get_num_threads(),
         backend=dist.get_backend(), backward=backward,
         ranks=[dict(rank=r, forward_ms=1e3 * float(t[0]), backward_ms=1e3 * float(t[1]), peak_mb=float(t[2]),
-                    cpu_ms=1e3 * float(t[3])) for r, t in enumerate(allt)],
+                    cpu_ms=1e3 * float(t[3]), wait_ms=1e3 * float(t[4])) for r, t in enumerate(allt)],
         load_average=load0,
     )
     ok = True
@@ -262,10 +264,10 @@ def _report(s: dict) -> None:
         f"{s['dtype']} mask={s['mask']} layout={s['layout']}; {s['world']} ranks x {s['threads_per_rank']} "
         f"thread(s), {s['backend']}; load average {s['load_average']:.2f}"
     )
-    print(f"{'rank':>4}  {'forward ms':>10}  {'backward ms':>11}  {'CPU ms':>8}  {'peak MB':>8}")
+    print(f"{'rank':>4}  {'forward ms':>10}  {'backward ms':>11}  {'CPU ms':>8}  {'comm wait ms':>12}  {'peak MB':>8}")
     for r in s["ranks"]:
         print(f"{r['rank']:>4}  {r['forward_ms']:>10.1f}  {r['backward_ms']:>11.1f}  {r['cpu_ms']:>8.1f}  "
-              f"{r['peak_mb']:>8.0f}")
+              f"{r['wait_ms']:>12.1f}  {r['peak_mb']:>8.0f}")
     ring_f = max(r["forward_ms"] for r in s["ranks"])
     ring_b = max(r["backward_ms"] for r in s["ranks"])
     ring_c = max(r["cpu_ms"] for r in s["ranks"])

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -45,9 +46,21 @@ from ..scores import as_score_mod
 from . import _block
 from .sharding import check_layout, segments
 
-__all__ = ["ring_attention", "gather", "RingError"]
+__all__ = ["ring_attention", "gather", "RingError", "STATS", "reset_stats"]
 
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+#: communication counters of this process, summed over calls: seconds spent waiting for exchanges to
+#: finish (communication not hidden behind compute), bytes sent, exchanges. Reset with :func:`reset_stats`.
+STATS = {"wait_s": 0.0, "sent_bytes": 0, "exchanges": 0}
+
+
+def reset_stats() -> dict:
+    """Return a copy of :data:`STATS` and zero them."""
+    old = dict(STATS)
+    STATS.update(wait_s=0.0, sent_bytes=0, exchanges=0)
+    return old
 
 
 class RingError(RuntimeError):
@@ -89,6 +102,7 @@ class _Ring:
     def wait(self, handle) -> tuple:
         """Wait for an exchange (within the timeout) and return the received tensors."""
         works, recv, _send, what = handle
+        t0 = time.perf_counter()
         try:
             for w in works:
                 if self.timeout is None:
@@ -97,6 +111,9 @@ class _Ring:
                     w.wait(self.timeout)
         except RuntimeError as e:
             raise self._error(what, e) from e
+        STATS["wait_s"] += time.perf_counter() - t0
+        STATS["sent_bytes"] += sum(t.numel() * t.element_size() for t in _send)
+        STATS["exchanges"] += 1
         return recv
 
     def _error(self, what: str, e: Exception, peers: str | None = None) -> RingError:
