@@ -14,6 +14,7 @@ COMMANDS = {
     "walkthrough": ("salience.walkthrough", "step through attention on a tiny example in the terminal"),
     "demo": ("salience.demos.cli", "evidence for attention: accuracy on long sequences, alignment, time and memory"),
     "explain": ("salience.explain", "what a model attends to: HTML report, PNGs, faithfulness table"),
+    "bench": ("salience.bench", "time and memory of salience against torch SDPA, FlexAttention and the reference"),
 }
 
 

@@ -1,0 +1,550 @@
+"""``salience bench``: salience against its peers on the issue's grid, with honest numbers.
+
+For each configuration (a mask, a score_mod, a length, a dtype; B=1, H=8, D=64 unless said) the bench
+times, *in one subprocess per configuration with the implementations interleaved* (so that the ratios are
+measured in one run on a busy machine):
+
+* ``salience``: :func:`salience.attention` with the default dispatch (planning included in the time);
+* ``sdpa``: torch's ``scaled_dot_product_attention`` with ``is_causal`` where it applies, otherwise with the
+  equivalent dense boolean mask (or a materialised float bias for ALiBi), built before timing;
+* ``flex``: ``torch.nn.attention.flex_attention`` compiled (compile time reported apart, block mask built
+  before timing), when ``--flex`` is given and it works on the machine;
+* ``reference``: the eager textbook attention, where its L x S tensors fit in memory.
+
+It reports the median milliseconds over repeats, useful GFLOP/s (4 * D flops per *visible* query-key pair
+forward, 10 * D for the backward), each peer's time divided by salience's (> 1 = salience faster), the
+peak resident memory of one call measured in a fresh subprocess per (configuration, implementation), and
+the largest error against the float64 reference on a sample of query rows. Results go to JSON;
+``--plot`` writes a PNG.
+
+Examples::
+
+    salience bench --quick                  # small grid, under two minutes
+    salience bench --flex --json results.json --plot results.png
+    salience bench --only window --n 16384 --dtype bf16
+    salience bench --million                # the one-million-token sliding-window forward
+    salience bench --model minilm           # a real model (needs the hf integration's bench)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["Config", "GRID", "QUICK_GRID", "useful_flops", "add_arguments", "run", "run_config", "format_table"]
+
+DTYPES = {"f32": "float32", "bf16": "bfloat16", "f64": "float64", "f16": "float16"}
+
+
+@dataclass
+class Config:
+    """One benchmark configuration (layout (B, H, N, D), self-attention)."""
+
+    name: str
+    mask: str = "none"  # none | causal | window | documents | million
+    mod: str = "none"  # none | alibi | softcap
+    N: int = 16384
+    dtype: str = "f32"
+    H: int = 8
+    D: int = 64
+    B: int = 1
+    mode: str = "fwd"  # fwd | fwdbwd
+    peers: tuple = ("sdpa", "flex", "reference")
+    repeats: int = 5
+    window: int = 256
+    docs: int = 4
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        parts = [self.mask if self.mask != "window" else f"window{self.window}"]
+        if self.mask == "documents":
+            parts = [f"{self.docs} documents"]
+        if self.mod != "none":
+            parts.append(self.mod)
+        return f"{' + '.join(parts)} N={self.N} {self.dtype}{' fwd+bwd' if self.mode == 'fwdbwd' else ''}"
+
+
+def _grid(N: int, repeats: int, full: bool) -> list:
+    g = []
+    for dt in ("f32", "bf16"):
+        g.append(Config(f"nomask_{dt}", "none", N=N, dtype=dt, repeats=repeats, peers=("sdpa", "reference")))
+        g.append(Config(f"causal_{dt}", "causal", N=N, dtype=dt, repeats=repeats, peers=("sdpa", "reference")))
+        g.append(Config(f"window_{dt}", "window", N=N, dtype=dt, repeats=repeats))
+        g.append(Config(f"documents_{dt}", "documents", N=N, dtype=dt, repeats=repeats))
+    g.append(Config("alibi_causal_f32", "causal", "alibi", N=N, repeats=max(3, repeats // 2)))
+    g.append(Config("softcap_causal_f32", "causal", "softcap", N=N, repeats=max(3, repeats // 2)))
+    g.append(Config("window_fwdbwd_f32", "window", N=N, mode="fwdbwd", repeats=repeats, peers=("sdpa", "reference")))
+    if not full:
+        g = [c for c in g if c.dtype == "f32" or c.mask in ("window", "documents")]
+    return g
+
+
+#: the issue's grid (N = 16384)
+GRID = _grid(16384, 5, True)
+#: a small grid for --quick (N = 2048, float32 plus bf16 windows and documents)
+QUICK_GRID = _grid(2048, 3, False)
+
+
+def million_config() -> Config:
+    """One million tokens, B=1, H=4, D=64, float32, causal sliding window 256, forward."""
+    return Config("million_window_f32", "window", N=1 << 20, H=4, repeats=1, peers=())
+
+
+# --------------------------------------------------------------------------------------- problem set-up
+
+
+def _build(cfg: Config, seed: int = 0):
+    import torch
+
+    from . import masks as M
+    from . import scores as Sc
+
+    dt = getattr(torch, DTYPES[cfg.dtype])
+    g = torch.Generator().manual_seed(seed)
+    shape = (cfg.B, cfg.H, cfg.N, cfg.D)
+    q, k, v = (torch.randn(shape, generator=g).to(dt) for _ in range(3))
+    ids = None
+    if cfg.mask == "none":
+        mask = None
+    elif cfg.mask == "causal":
+        mask = M.causal()
+    elif cfg.mask == "window":
+        mask = M.sliding_window(cfg.window)
+    elif cfg.mask == "documents":
+        # documents of unequal lengths (shares 3:5:2:6 of N for 4 documents, cycled for other counts)
+        shares = [3, 5, 2, 6] * ((cfg.docs + 3) // 4)
+        shares = shares[: cfg.docs]
+        bounds = [0]
+        for s in shares:
+            bounds.append(bounds[-1] + s)
+        ids = torch.zeros(cfg.N, dtype=torch.long)
+        for d in range(cfg.docs):
+            ids[cfg.N * bounds[d] // bounds[-1]: cfg.N * bounds[d + 1] // bounds[-1]] = d
+        mask = M.document(ids)
+    else:
+        raise ValueError(f"unknown mask {cfg.mask!r}")
+    mod = {"none": None, "alibi": Sc.alibi(cfg.H), "softcap": Sc.softcap(20.0)}[cfg.mod]
+    return q, k, v, mask, mod, ids
+
+
+def useful_flops(cfg: Config) -> float:
+    """Useful FLOPs of one call: 4 * D per visible (query, key) pair forward (QK^T and PV), plus 10 * D for
+    the backward (five matmuls)."""
+    import torch
+
+    from .kernels.spans import row_spans
+
+    _, _, _, mask, _, _ = _build_meta(cfg)
+    m = None if mask is None else mask.bind(cfg.N, cfg.N, None)
+    lo_hi = row_spans(m, cfg.B, cfg.N, cfg.N)
+    visible = int((lo_hi[1] - lo_hi[0]).sum()) * cfg.B if lo_hi is not None else cfg.N * cfg.N * cfg.B
+    per_pair = 4 * cfg.D * (1 + (2.5 if cfg.mode == "fwdbwd" else 0))
+    del torch
+    return float(visible) * cfg.H * per_pair
+
+
+def _build_meta(cfg):
+    small = Config(**{**asdict(cfg), "N": cfg.N, "H": 1, "D": 1})
+    return _build(small)
+
+
+# ------------------------------------------------------------------------------------ implementations
+
+
+def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool):
+    """name -> (callable running one call, setup seconds, note)."""
+    import torch
+    import torch.nn.functional as F
+
+    import salience
+
+    from . import reference
+
+    out = {}
+    no_error = False
+    need_grad = cfg.mode == "fwdbwd"
+
+    def with_grad(fn):
+        if not need_grad:
+            return fn
+        xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+
+        def step():
+            for t in xs:
+                t.grad = None
+            o = fn(*xs)
+            o.backward(torch.ones_like(o))
+            return o
+
+        return step
+
+    def wrap(fn):
+        return with_grad(fn) if need_grad else (lambda: fn(q, k, v))
+
+    out["salience"] = (wrap(lambda a, b, c: salience.attention(a, b, c, mask=mask, score_mod=mod)), 0.0, "")
+    if "sdpa" in cfg.peers:
+        t0 = time.perf_counter()
+        note = ""
+        if mask is None and mod is None:
+            fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c)  # noqa: E731
+        elif cfg.mask == "causal" and mod is None:
+            fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
+        elif mod is None:
+            dense = mask.to_dense(1, 1, cfg.N, cfg.N)
+            fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=dense)  # noqa: E731
+            note = f"dense bool mask {dense.numel() / 2**20:.0f} MiB"
+        elif cfg.mod == "alibi":
+            i = torch.arange(cfg.N)
+            dist = (i.view(-1, 1) - i.view(1, -1)).abs().float()
+            per_head = cfg.H * cfg.N * cfg.N * q.element_size() <= (1 << 30)
+            slopes = mod.slopes.float() if per_head else mod.slopes[:1].float()
+            bias = (-slopes.view(-1, 1, 1) * dist).to(q.dtype)  # (H or 1, N, N)
+            del dist
+            if mask is not None:
+                bias.masked_fill_(~mask.to_dense(1, 1, cfg.N, cfg.N)[0], float("-inf"))
+            bias = bias.unsqueeze(0)
+            fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bias)  # noqa: E731
+            mib = bias.numel() * bias.element_size() / 2**20
+            note = (f"materialised per-head bias {mib:.0f} MiB" if per_head else
+                    f"materialised bias {mib:.0f} MiB: one head's, broadcast (same kernel work; a per-head bias "
+                    "would not fit), so its error is not reported")
+            no_error = not per_head
+        else:
+            fn = None
+        if fn is not None:
+            out["sdpa"] = (wrap(fn), time.perf_counter() - t0, note)
+            if no_error:
+                out["sdpa"][0].no_error = True
+    if "flex" in cfg.peers and flex:
+        try:
+            out["flex"] = _flex_impl(cfg, q, k, v, mask, mod, ids, wrap)
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            out["flex"] = (None, 0.0, f"unavailable: {type(e).__name__}: {str(e)[:120]}")
+    if "reference" in cfg.peers:
+        elt = q.element_size() if q.dtype != torch.bfloat16 else 4
+        if cfg.B * cfg.H * cfg.N * cfg.N * elt * 4 <= (2 << 30):
+            out["reference"] = (wrap(lambda a, b, c: reference.attention(a, b, c, mask=mask, score_mod=mod).out), 0.0,
+                                "")
+        else:
+            out["reference"] = (None, 0.0, "does not fit: L x S tensors")
+    return out
+
+
+def _flex_impl(cfg, q, k, v, mask, mod, ids, wrap):
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    W = cfg.window
+    if cfg.mask == "none":
+        mm = None
+    elif cfg.mask == "causal":
+        def mm(b, h, qi, ki):
+            return qi >= ki
+    elif cfg.mask == "window":
+        def mm(b, h, qi, ki):
+            return (qi - ki >= 0) & (qi - ki <= W)
+    elif cfg.mask == "documents":
+        def mm(b, h, qi, ki):
+            return ids[qi] == ids[ki]
+    sm = None
+    if cfg.mod == "alibi":
+        slopes = mod.slopes.to(torch.float32)
+
+        def sm(score, b, h, qi, ki):
+            return score - slopes[h] * (qi - ki).abs()
+    elif cfg.mod == "softcap":
+        def sm(score, b, h, qi, ki):
+            return torch.tanh(score / 20.0) * 20.0
+    t0 = time.perf_counter()
+    bm = None if mm is None else create_block_mask(mm, 1, 1, cfg.N, cfg.N, device="cpu")
+    compiled = torch.compile(flex_attention)
+
+    def fn(a, b, c):
+        return compiled(a, b, c, score_mod=sm, block_mask=bm)
+
+    runner = wrap(fn)
+    runner()  # compile
+    return runner, time.perf_counter() - t0, "compiled; block mask built before timing"
+
+
+def _sample_rows(N: int, H: int = 1, n: int = 24):
+    n = max(2, min(n, (1 << 25) // max(1, H * N)))
+    step = max(1, N // n)
+    rows = sorted(set(list(range(0, N, step))[:n] + [N - 1]))
+    return rows
+
+
+def _ref_rows(q, k, v, mask, mod, rows):
+    """float64 reference output for a sample of query rows (B, H, len(rows), D)."""
+    import torch
+
+    from .reference import scores, softmax_from_scores
+
+    r = torch.tensor(rows)
+    q64 = q.double()[:, :, r]
+    s = scores(q64, k.double(), mask=mask, score_mod=mod, rows=r, L=q.shape[2])
+    w, _ = softmax_from_scores(s)
+    return w @ v.double()
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def _worker_time(cfg: Config, flex: bool) -> dict:
+    """Time every implementation of one config, interleaved; errors on sampled rows."""
+    import torch
+
+    q, k, v, mask, mod, ids = _build(cfg)
+    impls = _impls(cfg, q, k, v, mask, mod, ids, flex)
+    res = {"config": asdict(cfg), "label": cfg.label, "impls": {}, "threads": torch.get_num_threads()}
+    rows = _sample_rows(cfg.N, cfg.H * cfg.B)
+    ref = _ref_rows(q, k, v, mask, mod, rows)
+    times = {}
+    for name, (fn, setup, note) in impls.items():
+        entry = {"note": note, "setup_s": round(setup, 3)}
+        res["impls"][name] = entry
+        if fn is None:
+            continue
+        out = fn()  # warm-up (and the compile for flex, done earlier)
+        if ref is not None and not getattr(fn, "no_error", False):
+            o = out.detach()[:, :, rows].double()
+            entry["max_err"] = float((o - ref).abs().max())
+        times[name] = []
+    for _ in range(cfg.repeats):
+        for name in times:
+            t0 = time.perf_counter()
+            impls[name][0]()
+            times[name].append(time.perf_counter() - t0)
+    flops = useful_flops(cfg)
+    for name, ts in times.items():
+        ts.sort()
+        med = ts[len(ts) // 2]
+        e = res["impls"][name]
+        e["median_ms"] = med * 1e3
+        e["min_ms"] = ts[0] * 1e3
+        e["max_ms"] = ts[-1] * 1e3
+        e["gflops_useful"] = flops / med / 1e9
+    if "salience" in times:
+        base = res["impls"]["salience"]["median_ms"]
+        for name in times:
+            res["impls"][name]["speedup_vs_salience"] = res["impls"][name]["median_ms"] / base
+    if "salience" in res["impls"]:
+        import salience
+
+        res["plan"] = str(salience.plan(q, k, v, mask=mask, score_mod=mod))
+    return res
+
+
+def _worker_memory(cfg: Config, impl: str, flex: bool) -> dict:
+    """Peak RSS increase (KiB) of one call of one implementation, measured from a fresh process."""
+    import resource
+
+    q, k, v, mask, mod, ids = _build(cfg)
+    before_inputs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    impls = _impls(cfg, q, k, v, mask, mod, ids, flex and impl == "flex")
+    fn = impls.get(impl, (None,))[0]
+    if fn is None:
+        return {"impl": impl, "peak_kib": None}
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    nbytes = sum(t.numel() * t.element_size() for t in (q, k, v)) * 4 // 3  # q, k, v and the output
+    return {"impl": impl, "peak_kib": after - before, "setup_kib": before - before_inputs,
+            "process_peak_kib": after, "qkvo_kib": nbytes // 1024, "seconds": dt}
+
+
+def _spawn(args: list, timeout: float) -> dict:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    proc = subprocess.run([sys.executable, "-m", "salience.bench", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout)[-800:]}
+    return json.loads(lines[-1])
+
+
+def run_config(cfg: Config, *, flex: bool = False, memory: bool | str = True, timeout: float = 3600) -> dict:
+    """Time one configuration (one subprocess) and measure each implementation's memory (one subprocess
+    each). Returns the result dict stored in the JSON file."""
+    res = _spawn(["--worker", "time", "--config", json.dumps(asdict(cfg))] + (["--flex"] if flex else []), timeout)
+    if memory == "fwdbwd":
+        memory = cfg.mode == "fwdbwd"
+    if memory and "impls" in res:
+        for name, e in res["impls"].items():
+            if "median_ms" not in e:
+                continue
+            m = _spawn(["--worker", "memory", "--impl", name, "--config", json.dumps(asdict(cfg))]
+                       + (["--flex"] if flex else []), timeout)
+            if m.get("peak_kib") is not None:
+                e["peak_mib"] = m["peak_kib"] / 1024
+                e["process_peak_mib"] = m["process_peak_kib"] / 1024
+                e["qkvo_mib"] = m["qkvo_kib"] / 1024
+    return res
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+def format_table(results: list) -> str:
+    """A markdown table: one row per (config, implementation)."""
+    head = ("| config | impl | median ms | useful GFLOP/s | time / salience | peak MiB | max err | note |\n"
+            "|---|---|---:|---:|---:|---:|---:|---|")
+    rows = [head]
+    for r in results:
+        if "impls" not in r:
+            rows.append(f"| {r.get('label', '?')} | error | | | | | | {r.get('error', '')[:80]!r} |")
+            continue
+        for name, e in r["impls"].items():
+            def f(key, fmt):
+                return format(e[key], fmt) if e.get(key) is not None else "—"
+            note = e.get("note", "")
+            if name == "flex" and e.get("setup_s"):
+                note = (note + f"; compile {e['setup_s']:.1f} s").strip("; ")
+            rows.append(f"| {r['label']} | {name} | {f('median_ms', '.1f')} | {f('gflops_useful', '.1f')} | "
+                        f"{f('speedup_vs_salience', '.2f')} | {f('peak_mib', '.1f')} | {f('max_err', '.1e')} | "
+                        f"{note} |")
+    return "\n".join(rows)
+
+
+def _plot(results: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, series = [], {}
+    for r in results:
+        if "impls" not in r:
+            continue
+        labels.append(r["label"])
+        for name, e in r["impls"].items():
+            series.setdefault(name, []).append(e.get("gflops_useful") or 0.0)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4.5))
+    width = 0.8 / max(1, len(series))
+    for i, (name, vals) in enumerate(series.items()):
+        vals = vals + [0.0] * (len(labels) - len(vals))
+        ax.bar([x + i * width for x in range(len(labels))], vals, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("useful GFLOP/s (higher is better)")
+    ax.set_title("salience bench")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="small grid (N=2048; memory measured on the fwd+bwd config only), under two minutes")
+    parser.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
+    parser.add_argument("--n", type=int, default=None, help="sequence length for every config")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="only this dtype")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
+    parser.add_argument("--flex", action="store_true", help="include compiled FlexAttention (slow to compile)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory runs")
+    parser.add_argument("--million", action="store_true",
+                        help="one million tokens (H=4, D=64, float32) with a causal sliding window of 256")
+    parser.add_argument("--json", default=None, help="write results to this JSON file")
+    parser.add_argument("--plot", default=None, help="write a PNG bar chart to this path")
+    parser.add_argument("--model", default=None, help="benchmark a real model (e.g. minilm) via the hf integration")
+    parser.add_argument("--lengths", default="128,512,2048", help="sequence lengths for --model")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--impl", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
+
+
+def _select(args) -> list:
+    grid = QUICK_GRID if args.quick else GRID
+    out = []
+    for c in grid:
+        c = Config(**{**asdict(c)})
+        if args.n is not None:
+            c.N = args.n
+        if args.repeats is not None:
+            c.repeats = args.repeats
+        if args.dtype is not None and c.dtype != args.dtype:
+            continue
+        if args.only and not any(s.strip() and s.strip() in c.name for s in args.only.split(",")):
+            continue
+        out.append(c)
+    return out
+
+
+def run(args) -> int:
+    if args.worker:
+        cfg = Config(**json.loads(args.config))
+        res = _worker_time(cfg, args.flex) if args.worker == "time" else _worker_memory(cfg, args.impl, args.flex)
+        print(json.dumps(res))
+        return 0
+    if args.model:
+        try:
+            from .integrations.hf_bench import run_model_bench
+        except ImportError as e:
+            print(f"salience bench --model needs salience.integrations.hf_bench (the Hugging Face integration's "
+                  f"benchmark), which could not be imported: {e}. Install the 'hf' extra: pip install 'salience[hf]'.",
+                  file=sys.stderr)
+            return 2
+        lengths = [int(x) for x in args.lengths.split(",") if x]
+        res = run_model_bench(args.model, lengths)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2, default=str)
+        return 0
+    configs = [million_config()] if args.million else _select(args)
+    if not configs:
+        print("no configuration matches --only/--dtype", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    results = []
+    for cfg in configs:
+        print(f"[{time.perf_counter() - t0:6.1f} s] {cfg.label} ...", file=sys.stderr, flush=True)
+        if args.million:
+            res = _spawn(["--worker", "time", "--config", json.dumps(asdict(cfg))], 3600)
+            if "impls" in res and not args.no_memory:
+                m = _spawn(["--worker", "memory", "--impl", "salience", "--config", json.dumps(asdict(cfg))], 3600)
+                e = res["impls"]["salience"]
+                if m.get("peak_kib") is not None:
+                    e["peak_mib"] = m["peak_kib"] / 1024
+                    e["process_peak_mib"] = m["process_peak_kib"] / 1024
+                    e["qkvo_mib"] = m["qkvo_kib"] / 1024
+                    e["note"] = (f"process peak RSS {e['process_peak_mib']:.0f} MiB = "
+                                 f"{e['process_peak_mib'] / e['qkvo_mib']:.2f} x bytes of q, k, v, out")
+        else:
+            memory = False if args.no_memory else ("fwdbwd" if args.quick else True)
+            res = run_config(cfg, flex=args.flex, memory=memory)
+        results.append(res)
+    table = format_table(results)
+    print(table)
+    total = time.perf_counter() - t0
+    print(f"\n{len(configs)} configs in {total:.0f} s; median of repeats; 'time / salience' > 1 means salience is "
+          "faster; peak MiB = RSS increase of one call in a fresh process.")
+    meta = {"command": "salience bench " + " ".join(a for a in sys.argv[2:] if a), "seconds": total,
+            "torch": __import__("torch").__version__, "cpu_count": os.cpu_count(),
+            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+    if args.plot:
+        _plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="salience bench")
+    add_arguments(p)
+    sys.exit(run(p.parse_args()))

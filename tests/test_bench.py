@@ -1,0 +1,109 @@
+"""``salience bench``: configurations, FLOP accounting, the workers, the table, the CLI (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from salience import bench, cli
+
+
+def test_useful_flops_count_visible_pairs():
+    n, D, H = 64, 16, 2
+    full = bench.Config("x", "none", N=n, D=D, H=H)
+    causal = bench.Config("x", "causal", N=n, D=D, H=H)
+    window = bench.Config("x", "window", N=n, D=D, H=H, window=8)
+    assert bench.useful_flops(full) == 4 * D * H * n * n
+    assert bench.useful_flops(causal) == 4 * D * H * n * (n + 1) // 2
+    visible = sum(min(i, 8) + 1 for i in range(n))
+    assert bench.useful_flops(window) == 4 * D * H * visible
+    fb = bench.Config("x", "causal", N=n, D=D, H=H, mode="fwdbwd")
+    assert bench.useful_flops(fb) == pytest.approx(3.5 * bench.useful_flops(causal))
+
+
+def test_documents_have_unequal_lengths_and_cover_the_sequence():
+    cfg = bench.Config("d", "documents", N=160, H=1, D=4)
+    _, _, _, mask, _, ids = bench._build(cfg)
+    counts = torch.bincount(ids).tolist()
+    assert len(counts) == 4 and sum(counts) == 160 and len(set(counts)) == 4
+
+
+def test_grids_cover_the_issue_targets():
+    names = {c.name for c in bench.GRID}
+    for want in ("nomask_f32", "nomask_bf16", "causal_f32", "causal_bf16", "window_f32", "window_bf16",
+                 "documents_f32", "documents_bf16", "alibi_causal_f32", "softcap_causal_f32", "window_fwdbwd_f32"):
+        assert want in names
+    assert all(c.N == 16384 and c.H == 8 and c.D == 64 for c in bench.GRID)
+    m = bench.million_config()
+    assert (m.N, m.H, m.D, m.mask, m.window) == (1 << 20, 4, 64, "window", 256)
+    assert len(bench.QUICK_GRID) < len(bench.GRID) and all(c.N == 2048 for c in bench.QUICK_GRID)
+
+
+@pytest.mark.parametrize("cfg", [
+    bench.Config("w", "window", N=256, H=2, D=16, window=32, repeats=2, peers=("sdpa", "reference")),
+    bench.Config("a", "causal", "alibi", N=192, H=2, D=16, repeats=1, peers=("sdpa", "reference")),
+    bench.Config("s", "causal", "softcap", N=128, H=2, D=16, repeats=1, mode="fwdbwd", peers=("sdpa", "reference")),
+], ids=["window", "alibi", "softcap_fwdbwd"])
+def test_timing_worker_reports_every_implementation(cfg):
+    res = bench._worker_time(cfg, flex=False)
+    impls = res["impls"]
+    assert "salience" in impls and "reference" in impls
+    for name, e in impls.items():
+        if "median_ms" not in e:
+            continue
+        assert e["median_ms"] > 0 and e["gflops_useful"] > 0
+        assert e["max_err"] < 1e-4, (name, e)
+    assert impls["salience"]["speedup_vs_salience"] == 1.0
+    if cfg.mod == "softcap":
+        assert "median_ms" not in impls.get("sdpa", {})  # SDPA cannot apply a softcap
+    assert "backend" in res["plan"]
+
+
+def test_memory_worker_in_process():
+    cfg = bench.Config("w", "window", N=512, H=1, D=16, window=32, mode="fwdbwd")
+    m = bench._worker_memory(cfg, "salience", flex=False)
+    assert m["impl"] == "salience" and m["peak_kib"] >= 0 and m["qkvo_kib"] == 512 * 16 * 4 * 4 // 1024
+
+
+def test_table_and_plot(tmp_path):
+    cfg = bench.Config("w", "window", N=128, H=1, D=8, window=16, repeats=1, peers=("sdpa",))
+    res = bench._worker_time(cfg, flex=False)
+    res["impls"]["sdpa"]["peak_mib"] = 1.5
+    table = bench.format_table([res, {"label": "broken", "error": "boom"}])
+    lines = table.splitlines()
+    assert lines[0].startswith("| config | impl | median ms")
+    assert any("| sdpa |" in ln and "1.5" in ln for ln in lines)
+    assert any("broken" in ln and "error" in ln for ln in lines)
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "b.png"
+    bench._plot([res], str(png))
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_selection_and_model_message(monkeypatch, capsys):
+    p = cli.build_parser()
+    args = p.parse_args(["bench", "--quick", "--only", "window", "--dtype", "bf16", "--n", "512"])
+    sel = bench._select(args)
+    assert sel and all("window" in c.name and c.dtype == "bf16" and c.N == 512 for c in sel)
+    args = p.parse_args(["bench", "--only", "no-such-config"])
+    assert bench.run(args) == 2
+    monkeypatch.setitem(sys.modules, "salience.integrations.hf_bench", None)  # make the import fail
+    args = p.parse_args(["bench", "--model", "minilm"])
+    assert bench.run(args) == 2
+    assert "hf_bench" in capsys.readouterr().err
+
+
+def test_end_to_end_command_writes_json(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "salience.cli", "bench", "--quick", "--only", "window_f32", "--n", "256",
+           "--repeats", "1", "--no-memory", "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "| window256 N=256 f32 | salience |" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["results"][0]["impls"]["salience"]["median_ms"] > 0
+    assert data["meta"]["command"].startswith("salience bench")
