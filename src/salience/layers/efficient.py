@@ -101,7 +101,17 @@ def _no_score_mod(score_mod, who: str) -> None:
         )
 
 
-def _check(q, k, v, who: str):
+def _no_mask(mask, who: str, reason: str) -> None:
+    """Reject any mask for layers without a masked form (padding still goes to kv_lengths)."""
+    if mask is not None:
+        raise ValueError(
+            f"{who} takes no mask (got {mask}): {reason} Padding goes to kv_lengths=; for masks use "
+            "LocalAttention or exact attention (salience.attention), or LinearAttention / PerformerAttention "
+            "for causal masks (prefix sums)."
+        )
+
+
+def _check(q, k, v):
     shp = check_qkv(q, k, v)
     return shp, k.repeat_interleave(shp.group, 1) if shp.group > 1 else k, (
         v.repeat_interleave(shp.group, 1) if shp.group > 1 else v
@@ -199,7 +209,7 @@ class LinearAttention(nn.Module):
 
     def _features(self, q, k, v, mask, score_mod, scale, kv_lengths):
         who = type(self).__name__
-        shp, k, v = _check(q, k, v, who)
+        shp, k, v = _check(q, k, v)
         _no_score_mod(score_mod, who)
         if scale is not None:
             raise ValueError(f"{who} has no softmax scale (phi(q).phi(k) is used as is); pass scale=None.")
@@ -305,7 +315,7 @@ class PerformerAttention(nn.Module):
 
     def _features(self, q, k, v, mask, score_mod, scale, kv_lengths):
         who = type(self).__name__
-        shp, k, v = _check(q, k, v, who)
+        shp, k, v = _check(q, k, v)
         if shp.D != self.head_dim:
             raise ValueError(f"q has head dim {shp.D} but this {who} was built for head_dim={self.head_dim}.")
         _no_score_mod(score_mod, who)
@@ -407,15 +417,10 @@ class NystromAttention(nn.Module):
 
     def _parts(self, q, k, v, mask, score_mod, scale, kv_lengths):
         who = type(self).__name__
-        shp, k, v = _check(q, k, v, who)
+        shp, k, v = _check(q, k, v)
         _no_score_mod(score_mod, who)
-        if mask is not None:
-            if is_top_left_causal(mask):
-                raise ValueError(
-                    f"{who} has no causal form: every landmark averages keys from the whole sequence. Use "
-                    "LinearAttention or PerformerAttention (causal prefix sums) or LocalAttention."
-                )
-            _causal_flag(as_mask_mod(mask), who, shp.L, shp.S, "salience.attention")
+        _no_mask(mask, who, "every landmark averages keys from the whole sequence, so it has no causal or "
+                 "masked form.")
         scale = check_scale(scale, shp.D)
         kl = _lengths(kv_lengths, shp.B, shp.S, q.device)
         return shp, k, v, scale, kl
@@ -496,15 +501,9 @@ class LinformerAttention(nn.Module):
 
     def _project(self, q, k, v, mask, score_mod, scale, kv_lengths):
         who = type(self).__name__
-        shp, k, v = _check(q, k, v, who)
+        shp, k, v = _check(q, k, v)
         _no_score_mod(score_mod, who)
-        if mask is not None:
-            if is_top_left_causal(mask):
-                raise ValueError(
-                    f"{who} has no causal form: every projected key mixes the whole sequence. Use "
-                    "LinearAttention or PerformerAttention (causal prefix sums) or LocalAttention."
-                )
-            _causal_flag(as_mask_mod(mask), who, shp.L, shp.S, "salience.attention")
+        _no_mask(mask, who, "every projected key mixes the whole sequence, so it has no causal or masked form.")
         if shp.S > self.seq_len:
             raise ValueError(f"key length S={shp.S} exceeds seq_len={self.seq_len}; build the layer with seq_len >= {shp.S}.")
         scale = check_scale(scale, shp.D)

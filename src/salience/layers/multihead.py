@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import _hooks
+from .._layout import check_scale
 from ..functional import attention, attention_weights
 from ..masks import as_mask_mod, dense, padding
 from ._util import cache_mask, check_bool, check_int, check_prob, lengths_from_padding, shift_score_mod
@@ -232,8 +233,6 @@ class MultiHeadAttention(nn.Module):
             )
         self.mask = None if mask is None else as_mask_mod(mask, "mask")
         if scale is not None:
-            from .._layout import check_scale
-
             scale = check_scale(scale, head_dim)
         if core is not None and not callable(core):
             raise TypeError(f"core must be a callable head-level attention module; got {type(core).__name__}.")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import scores as _scores
+from ._util import check_int
 
 __all__ = [
     "RotaryEmbedding",
@@ -41,14 +42,6 @@ __all__ = [
 
 alibi_slopes = _scores.alibi_slopes
 t5_bucket = _scores.t5_bucket
-
-
-def _check_pos_int(value, argname: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argname} must be an int >= {minimum}; got {type(value).__name__} {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{argname} must be >= {minimum}; got {value}.")
-    return value
 
 
 def _check_pos_float(value, argname: str) -> float:
@@ -124,9 +117,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0, rotary_dim: int | None = None,
                  interleaved: bool = False):
         super().__init__()
-        _check_pos_int(head_dim, "head_dim", 2)
+        check_int(head_dim, "head_dim", 2)
         rotary_dim = head_dim if rotary_dim is None else rotary_dim
-        _check_pos_int(rotary_dim, "rotary_dim", 2)
+        check_int(rotary_dim, "rotary_dim", 2)
         if rotary_dim % 2 or rotary_dim > head_dim:
             raise ValueError(
                 f"rotary_dim must be even and <= head_dim={head_dim}; got {rotary_dim}. "
@@ -201,7 +194,7 @@ class ALiBi(nn.Module):
 
     def __init__(self, num_heads: int, slopes: torch.Tensor | None = None):
         super().__init__()
-        _check_pos_int(num_heads, "num_heads")
+        check_int(num_heads, "num_heads")
         if slopes is None:
             slopes = _scores.alibi_slopes(num_heads)
         slopes = torch.as_tensor(slopes)
@@ -247,9 +240,9 @@ class T5RelativeBias(nn.Module):
 
     def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True):
         super().__init__()
-        _check_pos_int(num_heads, "num_heads")
-        _check_pos_int(num_buckets, "num_buckets", 2)
-        _check_pos_int(max_distance, "max_distance", 1)
+        check_int(num_heads, "num_heads")
+        check_int(num_buckets, "num_buckets", 2)
+        check_int(max_distance, "max_distance", 1)
         if not isinstance(bidirectional, bool):
             raise TypeError(f"bidirectional must be a bool; got {type(bidirectional).__name__}.")
         if bidirectional and num_buckets % 2:
@@ -303,7 +296,7 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def __init__(self, dim: int, base: float = 10000.0, scale_input: bool = False):
         super().__init__()
-        self.dim = _check_pos_int(dim, "dim")
+        self.dim = check_int(dim, "dim")
         self.base = _check_pos_float(base, "base")
         if not isinstance(scale_input, bool):
             raise TypeError(f"scale_input must be a bool; got {type(scale_input).__name__}.")

@@ -188,18 +188,18 @@ class _ScoreNormAttention(nn.Module):
         raise NotImplementedError
 
     def forward(self, q, k, v, *, mask=None, score_mod=None, scale=None, kv_lengths=None) -> torch.Tensor:
-        mask = _with_lengths(mask, kv_lengths, q.shape[0] if isinstance(q, torch.Tensor) else 0)
+        mask = _with_lengths(mask, kv_lengths)
         out, _ = _rowwise(q, k, v, mask, score_mod, scale, self.normalise)
         return out
 
     def weights(self, q, k, *, mask=None, score_mod=None, scale=None, kv_lengths=None) -> torch.Tensor:
         """The weights (B, H, L, S)."""
-        mask = _with_lengths(mask, kv_lengths, q.shape[0] if isinstance(q, torch.Tensor) else 0)
+        mask = _with_lengths(mask, kv_lengths)
         _, ws = _rowwise(q, k, None, mask, score_mod, scale, self.normalise)
         return ws[0] if len(ws) == 1 else torch.cat(ws, dim=2)
 
 
-def _with_lengths(mask, kv_lengths, B):
+def _with_lengths(mask, kv_lengths):
     if kv_lengths is None:
         return mask
     pm = padding(kv_lengths=kv_lengths)
@@ -309,13 +309,13 @@ class HardAttention(nn.Module):
         return hard if y_soft is None else hard - y_soft.detach() + y_soft
 
     def forward(self, q, k, v, *, mask=None, score_mod=None, scale=None, kv_lengths=None, generator=None):
-        mask = _with_lengths(mask, kv_lengths, q.shape[0] if isinstance(q, torch.Tensor) else 0)
+        mask = _with_lengths(mask, kv_lengths)
         out, _ = _rowwise(q, k, v, mask, score_mod, scale, lambda s: self._select(s, generator))
         return out
 
     def weights(self, q, k, *, mask=None, score_mod=None, scale=None, kv_lengths=None, generator=None):
         """The one-hot weights (B, H, L, S) (with the straight-through gradient in training)."""
-        mask = _with_lengths(mask, kv_lengths, q.shape[0] if isinstance(q, torch.Tensor) else 0)
+        mask = _with_lengths(mask, kv_lengths)
         _, ws = _rowwise(q, k, None, mask, score_mod, scale, lambda s: self._select(s, generator))
         return ws[0] if len(ws) == 1 else torch.cat(ws, dim=2)
 
