@@ -38,7 +38,7 @@ from .efficient import (
     PerformerAttention,
 )
 
-__all__ = ["smooth", "error_curve", "cost_table", "main"]
+__all__ = ["smooth", "error_curve", "cost_table", "add_arguments", "run", "main"]
 
 
 def smooth(B: int, H: int, L: int, D: int, freq: float = 4.0, amp: float = 2.0, seed: int = 0,
@@ -138,10 +138,13 @@ def cost_table(lengths=(1024, 2048, 4096, 8192), H: int = 4, D: int = 64, repeat
     return rows
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m salience.layers.measure", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the command (for ``salience.cli``'s registry)."""
     p.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
-    args = p.parse_args(argv)
+
+
+def run(args) -> int:
+    """Print the error curves and the cost table."""
     torch.manual_seed(0)
     L = 128 if args.quick else 256
     print(f"Relative output error against exact softmax attention (float64, L={L}, D=16, mean of 3 inputs)")
@@ -163,6 +166,12 @@ def main(argv=None) -> int:
         cells = [r for r in rows if r["layer"] == n]
         print(f"{n:<26}" + "".join(f"{r['gflop']:>9.2f} /{r['ms']:>7.1f}" for r in cells))
     return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m salience.layers.measure", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
