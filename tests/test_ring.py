@@ -69,6 +69,8 @@ def _case_list():
         dict(name="cross-dv-contiguous-float32", mask="none", layout="contiguous", dtype="float32", S=72, Dv=5),
         dict(name="causal-zigzag-bfloat16", mask="causal", layout="zigzag", dtype="bfloat16"),
     ]
+    for i, c in enumerate(cases):  # every other case also puts a gradient on the logsumexp
+        c["lse_grad"] = i % 2 == 1
     return cases
 
 
@@ -92,7 +94,7 @@ def _score_mod(name, H):
 
 
 def _inputs(case):
-    """Global float64 q, k, v, dout for a case (the same in every process)."""
+    """Global float64 q, k, v, dout, dlse for a case (the same in every process)."""
     g = torch.Generator().manual_seed(1234)
     B, H, Hkv = 2, case.get("H", 2), case.get("Hkv", case.get("H", 2))
     S, D, Dv = case.get("S", N), 8, case.get("Dv", 8)
@@ -100,7 +102,8 @@ def _inputs(case):
     k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
     v = torch.randn(B, Hkv, S, Dv, generator=g, dtype=torch.float64)
     do = torch.randn(B, H, N, Dv, generator=g, dtype=torch.float64)
-    return q, k, v, do
+    dl = torch.randn(B, H, N, generator=g, dtype=torch.float64)
+    return q, k, v, do, dl
 
 
 # ---------------------------------------------------------------------------------------- launching
@@ -162,17 +165,20 @@ def _cases_worker(rank, world, port, outdir, mode, victim):
     import torch.distributed as dist
 
     _init(rank, world, port)
-    _block.TILE = 8  # small tiles so that the tiled path splits the shards into several tiles
     results = {}
     for case in CASES:
         try:
             dt = getattr(torch, case["dtype"])
-            q, k, v, do = _inputs(case)
+            q, k, v, do, dl = _inputs(case)
             lay = case["layout"]
             ql, kl, vl = (shard(t, rank, world, lay).to(dt).clone().requires_grad_(True) for t in (q, k, v))
             res = ring_attention(ql, kl, vl, mask=_mask(case["mask"]), score_mod=_score_mod(case.get("score_mod"), q.shape[1]),
                                  layout=lay, return_lse=True, timeout=RING_TIMEOUT)
-            res.out.backward(shard(do, rank, world, lay).to(dt))
+            if case["lse_grad"]:
+                torch.autograd.backward([res.out, res.lse], [shard(do, rank, world, lay).to(dt),
+                                                             shard(dl, rank, world, lay).to(res.lse.dtype)])
+            else:
+                res.out.backward(shard(do, rank, world, lay).to(dt))
             results[case["name"]] = dict(out=res.out.detach(), lse=res.lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)
         except Exception:  # report per case; the parent fails that case with the traceback
             results[case["name"]] = dict(error=traceback.format_exc())
@@ -220,14 +226,17 @@ def ring_run(request, tmp_path_factory):
 
 
 def _reference(case, dt):
-    q, k, v, do = _inputs(case)
+    q, k, v, do, dl = _inputs(case)
     outs = {}
     for T in (torch.float64, dt):
         qq, kk, vv = (t.to(T).clone().requires_grad_(True) for t in (q, k, v))
         r = salience.reference.attention(qq, kk, vv, mask=_mask(case["mask"]),
                                          score_mod=_score_mod(case.get("score_mod"), q.shape[1]))
-        r.out.backward(do.to(T))
-        outs[T] = dict(out=r.out.detach(), lse=r.lse, dq=qq.grad, dk=kk.grad, dv=vv.grad)
+        if case["lse_grad"]:
+            torch.autograd.backward([r.out, r.lse], [do.to(T), dl.to(r.lse.dtype)])
+        else:
+            r.out.backward(do.to(T))
+        outs[T] = dict(out=r.out.detach(), lse=r.lse.detach(), dq=qq.grad, dk=kk.grad, dv=vv.grad)
     return outs
 
 
@@ -429,11 +438,10 @@ def test_ring_attention_rejects_a_non_group():
 _MASKS = ["none", "causal", "sliding_window", "documents", "custom", "padding"]
 
 
-def _spec(mask_name, score_mod, B, H, Hkv, L, S, D, Dv, use_flash):
+def _spec(mask_name, score_mod, B, H, L, S, D):
     m = _mask(mask_name)
     m = None if m is None else M.as_mask_mod(m).bind(L, S, None)
-    return _block.Spec(mask=m, score_mod=score_mod, scale=1 / math.sqrt(D), L=L, S=S, B=B, H=H, Hkv=Hkv, D=D,
-                       Dv=Dv, use_flash=use_flash)
+    return _block.Spec(mask=m, score_mod=score_mod, scale=1 / math.sqrt(D), L=L, S=S, B=B, H=H)
 
 
 def _cuts(draw, n, most):
@@ -445,14 +453,14 @@ def _cuts(draw, n, most):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_blocks_merge_to_the_reference(data):
-    """Any split of the query and key positions into blocks, computed block by block with global offsets and
-    merged with logsumexps (forward) and with the global out/lse (backward), equals the reference."""
+    """Any split of the query and key positions into blocks, computed block by block with global offsets
+    (empty blocks skipped) and merged with logsumexps (forward), then with the global out/lse (backward,
+    with and without a gradient on lse), equals the reference."""
     draw = data.draw
     mask_name = draw(st.sampled_from(_MASKS))
     mod = draw(st.sampled_from([None, "alibi", "softcap"]))
-    use_flash = draw(st.booleans())
     dt = draw(st.sampled_from([torch.float64, torch.float32]))
-    _block_tile = draw(st.sampled_from([4, 8, 128]))
+    with_dlse = draw(st.booleans())
     B, H, Hkv, D = 2, 2, draw(st.sampled_from([1, 2])), 4
     Dv = draw(st.sampled_from([4, 3]))
     L = S = N
@@ -461,62 +469,65 @@ def test_blocks_merge_to_the_reference(data):
     k64 = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
     v64 = torch.randn(B, Hkv, S, Dv, generator=g, dtype=torch.float64)
     do64 = torch.randn(B, H, L, Dv, generator=g, dtype=torch.float64)
+    dl64 = torch.randn(B, H, L, generator=g, dtype=torch.float64) if with_dlse else None
     sm = _score_mod(mod, H)
     qsegs, ksegs = _cuts(draw, L, 3), _cuts(draw, S, 3)
-    old = _block.TILE
-    _block.TILE = _block_tile
-    try:
-        spec = _spec(mask_name, sm, B, H, Hkv, L, S, D, Dv, use_flash and Dv == D)
-        q, k, v, do = (t.to(dt) for t in (q64, k64, v64, do64))
-        acc = _block.acc_dtype(dt)
-        outs, lses = [], []
-        for q0, nq in qsegs:
-            part = None
-            for k0, nk in ksegs:
-                r = _block.block_forward(spec, q[:, :, q0:q0 + nq], k[:, :, k0:k0 + nk], v[:, :, k0:k0 + nk], q0, k0)
-                if r is None:
-                    continue
-                part = (r.out.to(acc), r.lse) if part is None else tuple(merge(part[0], part[1], r.out.to(acc), r.lse))
-            if part is None:
-                part = (torch.zeros(B, H, nq, Dv, dtype=acc), torch.full((B, H, nq), float("-inf"), dtype=acc))
-            outs.append(part[0])
-            lses.append(part[1])
-        out, lse = torch.cat(outs, 2).to(dt), torch.cat(lses, 2)
-        ls = _block.safe_lse(lse)
-        delta = (do.to(acc) * out.to(acc)).sum(-1)
-        dq = torch.zeros(q.shape, dtype=acc)
-        dk = torch.zeros(k.shape, dtype=acc)
-        dv = torch.zeros(v.shape, dtype=acc)
-        for q0, nq in qsegs:
-            qs = slice(q0, q0 + nq)
-            for k0, nk in ksegs:
-                ks = slice(k0, k0 + nk)
-                gr = _block.block_backward(spec, q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs], ls[:, :, qs],
-                                           do[:, :, qs], delta[:, :, qs], q0, k0)
-                if gr is not None:
-                    dq[:, :, qs] += gr[0]
-                    dk[:, :, ks] += gr[1]
-                    dv[:, :, ks] += gr[2]
-    finally:
-        _block.TILE = old
+    spec = _spec(mask_name, sm, B, H, L, S, D)
+    q, k, v, do = (t.to(dt) for t in (q64, k64, v64, do64))
+    dl = None if dl64 is None else dl64.to(_block.acc_dtype(dt))
+    acc = _block.acc_dtype(dt)
+    outs, lses = [], []
+    for q0, nq in qsegs:
+        part = None
+        for k0, nk in ksegs:
+            r = _block.block_forward(spec, q[:, :, q0:q0 + nq], k[:, :, k0:k0 + nk], v[:, :, k0:k0 + nk], q0, k0)
+            if r is None:
+                continue
+            part = (r.out, r.lse) if part is None else tuple(merge(part[0], part[1], r.out, r.lse))
+        if part is None:
+            part = (torch.zeros(B, H, nq, Dv, dtype=acc), torch.full((B, H, nq), float("-inf"), dtype=acc))
+        outs.append(part[0])
+        lses.append(part[1])
+    out, lse = torch.cat(outs, 2).to(dt), torch.cat(lses, 2)
+    dq = torch.zeros(q.shape, dtype=acc)
+    dk = torch.zeros(k.shape, dtype=acc)
+    dv = torch.zeros(v.shape, dtype=acc)
+    for q0, nq in qsegs:
+        qs = slice(q0, q0 + nq)
+        for k0, nk in ksegs:
+            ks = slice(k0, k0 + nk)
+            gr = _block.block_backward(spec, q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs], lse[:, :, qs],
+                                       do[:, :, qs], None if dl is None else dl[:, :, qs], q0, k0)
+            if gr is not None:
+                dq[:, :, qs] += gr[0]
+                dk[:, :, ks] += gr[1]
+                dv[:, :, ks] += gr[2]
     ref = {}
     for T in (torch.float64, dt):
         qq, kk, vv = (t.to(T).clone().requires_grad_(True) for t in (q64, k64, v64))
         r = salience.reference.attention(qq, kk, vv, mask=_mask(mask_name), score_mod=sm)
-        r.out.backward(do64.to(T))
-        ref[T] = dict(out=r.out.detach(), lse=r.lse, dq=qq.grad, dk=kk.grad, dv=vv.grad)
+        outs_, grads_ = [r.out], [do64.to(T)]
+        if dl64 is not None:
+            outs_.append(r.lse)
+            grads_.append(dl64.to(r.lse.dtype))
+        torch.autograd.backward(outs_, grads_)
+        ref[T] = dict(out=r.out.detach(), lse=r.lse.detach(), dq=qq.grad, dk=kk.grad, dv=vv.grad)
     got = dict(out=out, lse=lse, dq=dq.to(dt), dk=dk.to(dt), dv=dv.to(dt))
     for key, val in got.items():
         assert not torch.isnan(val).any(), key
         assert_rel_close(val, ref[dt][key], ref[torch.float64][key], what=f"{key} {mask_name} {mod} {qsegs} {ksegs}")
 
 
-def test_blocks_skip_empty_and_use_the_fused_kernel():
-    spec = _spec("causal", None, 1, 1, 1, 64, 64, 4, 4, True)
-    assert _block.plan_block(spec, 0, 16, 32, 16, None).kind == "empty"  # keys after every query
-    assert _block.plan_block(spec, 32, 16, 0, 16, None).kind == "full"
-    assert _block.plan_block(spec, 16, 16, 16, 16, None).kind == "causal"
-    spec = _spec("sliding_window", None, 1, 1, 1, 64, 64, 4, 4, True)
-    assert _block.plan_block(spec, 48, 16, 0, 16, None).kind == "empty"
-    p = _block.plan_block(spec, 16, 16, 0, 32, None)
-    assert p.kind == "tiled" and p.spans
+def test_empty_blocks_are_skipped():
+    spec = _spec("causal", None, 1, 1, 64, 64, 4)
+    assert _block.is_empty(spec, 0, 16, 32, 16, None)  # keys after every query
+    assert not _block.is_empty(spec, 32, 16, 0, 16, None)
+    assert not _block.is_empty(spec, 16, 16, 16, 16, None)
+    spec = _spec("sliding_window", None, 1, 1, 64, 64, 4)  # window 6 left, 2 right
+    assert _block.is_empty(spec, 48, 16, 0, 16, None)
+    assert not _block.is_empty(spec, 16, 16, 30, 16, None)
+    q = torch.randn(1, 1, 16, 4)
+    assert _block.block_forward(spec, q, q, q, 48, 0) is None
+    assert _block.block_backward(spec, q, q, q, q, q[..., 0], q, None, 48, 0) is None
+    spec = _spec("custom", None, 1, 1, 64, 64, 4)  # no closed form: classified by evaluation
+    assert not _block.is_empty(spec, 0, 16, 0, 16, None)

@@ -10,10 +10,11 @@ last step.
 
 Masks and score_mods see *global* positions, so any :mod:`salience.masks` mask or score_mod works:
 sliding windows that cross shard boundaries and documents that span shards are exact. Blocks whose keys
-are all hidden from this rank's queries are skipped; blocks that are fully visible (or causal diagonals)
-run torch's fused CPU kernel.
+are all hidden from this rank's queries are skipped; the others are computed by the kernels' public block
+functions (:func:`salience.kernels.blockwise.block_forward` / ``block_backward``), which take global
+offsets and use the fastest exact path (torch's fused CPU kernel for full blocks and causal diagonals).
 
-Works with gloo (CPU) and NCCL (GPU; the tiled path computes the blocks there). Every rank must call
+Works with gloo (CPU) and NCCL (GPU). Every rank must call
 :func:`ring_attention` (and the backward) the same number of times with the same mask, score_mod and
 layout, like any collective.
 
@@ -163,9 +164,7 @@ class _Runner:
                 if r is None:
                     continue
                 prev = parts.get(qo)
-                parts[qo] = AttentionResult(r.out.to(acc), r.lse.to(acc)) if prev is None else merge(
-                    prev.out, prev.lse, r.out.to(acc), r.lse
-                )
+                parts[qo] = r if prev is None else merge(prev.out, prev.lse, r.out, r.lse)
             if h is not None:
                 kc, vc = self.ring.wait(h)
         outs, lses = [], []
@@ -183,11 +182,9 @@ class _Runner:
         lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
         return out.to(q.dtype), lse
 
-    def backward(self, q, k, v, out, lse, dout):
+    def backward(self, q, k, v, out, lse, dout, dlse):
         W, rank, spec = self.W, self.rank, self.spec
         acc = _block.acc_dtype(q.dtype)
-        lse_safe = _block.safe_lse(lse)
-        delta = (dout.to(acc) * out.to(acc)).sum(-1)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         kc, vc = k.contiguous(), v.contiguous()
         hd = None
@@ -202,8 +199,8 @@ class _Runner:
             for qo, q0, nq, ko, k0, nk in self.blocks(src):
                 sl, ks = slice(qo, qo + nq), slice(ko, ko + nk)
                 g = _block.block_backward(
-                    spec, q[:, :, sl], kc[:, :, ks], vc[:, :, ks], out[:, :, sl],
-                    lse_safe[:, :, sl], dout[:, :, sl], delta[:, :, sl], q0, k0,
+                    spec, q[:, :, sl], kc[:, :, ks], vc[:, :, ks], out[:, :, sl], lse[:, :, sl],
+                    dout[:, :, sl], None if dlse is None else dlse[:, :, sl], q0, k0,
                 )
                 if g is None:
                     continue
@@ -249,15 +246,16 @@ class _RingFunction(torch.autograd.Function):
         out, lse = runner.forward(q, k, v)
         ctx.runner = runner
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = ctx.runner.backward(q, k, v, out, lse, dout.contiguous())
+        dq, dk, dv = ctx.runner.backward(q, k, v, out, lse, dout.contiguous(),
+                                         None if dlse is None else dlse.contiguous())
         return dq, dk, dv, None
 
 
@@ -366,7 +364,7 @@ def ring_attention(
             (rank r holds chunks r and 2W-1-r of 2W; balances causal masks). Use
             :func:`salience.distributed.shard` to split and :func:`salience.distributed.positions` for the
             global positions of a shard.
-        return_lse: also return the logsumexp ``(B, H, L / W)`` (not differentiable).
+        return_lse: also return the logsumexp ``(B, H, L / W)`` (differentiable, like the output).
         timeout: seconds (or a timedelta) to wait for a peer before raising :class:`RingError`; None uses
             the process group's timeout.
 
@@ -413,10 +411,7 @@ def ring_attention(
            q.device)
     L, S = shp.L * W, shp.S * W
     m = None if mm is None else mm.bind(L, S, q.device)
-    spec = _block.Spec(
-        mask=m, score_mod=sm, scale=scale, L=L, S=S, B=shp.B, H=shp.H, Hkv=shp.Hkv, D=shp.D, Dv=shp.Dv,
-        use_flash=_block._flash_available(q, shp.Dv),
-    )
+    spec = _block.Spec(mask=m, score_mod=sm, scale=scale, L=L, S=S, B=shp.B, H=shp.H)
     runner = _Runner(ring, spec, layout, L, S)
     out, lse = _RingFunction.apply(q, k, v, runner)
     return AttentionResult(out=out, lse=lse) if return_lse else out
