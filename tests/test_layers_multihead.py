@@ -365,3 +365,15 @@ def test_shifted_masks_equal_slices_of_the_global_mask():
                 if hi is not None:
                     want &= d <= hi
                 assert torch.equal(want, full[0, 0, qo : qo + ql, ko : ko + kl])
+
+
+@pytest.mark.parametrize("positional", [None, "rope", "alibi"])
+def test_bfloat16_against_reference_relative_error_rule(positional):
+    pos = {None: None, "rope": RotaryEmbedding(8), "alibi": ALiBi(4)}[positional]
+    layer = MultiHeadAttention(32, 4, 2, positional=pos, mask=M.causal()).to(torch.bfloat16)
+    x = torch.randn(2, 40, 32).bfloat16()
+    out = layer(x, key_lengths=[40, 30]).output
+    ref = layer.float()  # the same bf16-rounded weights, widened
+    r64, _ = ref_mha(ref, x.float(), key_lengths=[40, 30])
+    r16, _ = ref_mha(ref, x.float(), key_lengths=[40, 30], dtype=torch.bfloat16)
+    assert_rel_close(out, r16, r64)
