@@ -518,14 +518,17 @@ def test_blocks_merge_to_the_reference(data):
         assert_rel_close(val, ref[dt][key], ref[torch.float64][key], what=f"{key} {mask_name} {mod} {qsegs} {ksegs}")
 
 
-def test_empty_blocks_are_skipped():
+def test_empty_blocks_are_skipped_and_full_blocks_fused():
     spec = _spec("causal", None, 1, 1, 64, 64, 4)
     assert _block.is_empty(spec, 0, 16, 32, 16, None)  # keys after every query
-    assert not _block.is_empty(spec, 32, 16, 0, 16, None)
-    assert not _block.is_empty(spec, 16, 16, 16, 16, None)
+    assert _block.kind(spec, 32, 16, 0, 16, None) == "full"
+    assert _block.kind(spec, 16, 16, 16, 16, None) == "causal"
+    assert _block.kind(spec, 16, 16, 8, 16, None) == "blocks"
+    assert _block.kind(_spec("causal", Sc.softcap(2.0), 1, 1, 64, 64, 4), 32, 16, 0, 16, None) == "blocks"
+    assert _block.kind(_spec("none", None, 1, 1, 64, 64, 4), 32, 16, 0, 16, None) == "full"
     spec = _spec("sliding_window", None, 1, 1, 64, 64, 4)  # window 6 left, 2 right
     assert _block.is_empty(spec, 48, 16, 0, 16, None)
-    assert not _block.is_empty(spec, 16, 16, 30, 16, None)
+    assert _block.kind(spec, 16, 16, 30, 16, None) == "blocks"
     q = torch.randn(1, 1, 16, 4)
     assert _block.block_forward(spec, q, q, q, 48, 0) is None
     assert _block.block_backward(spec, q, q, q, q, q[..., 0], q, None, 48, 0) is None

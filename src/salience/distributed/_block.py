@@ -4,10 +4,12 @@ A *block* is a run of consecutive global query positions ``[q0, q0 + nq)`` again
 ``[k0, k0 + nk)``. The mask and score_mod see the global indices. Before anything is computed the block is
 classified from the mask's tile bounds (:func:`salience.kernels.blockwise.classify`: analytic for the named
 masks of :mod:`salience.masks`, by evaluation otherwise); a block in which no query sees any key is skipped.
+Blocks in which every query sees every key, and diagonal blocks of a causal mask, with no score_mod, are
+one call of torch's fused CPU flash kernel (:mod:`salience.kernels.fused`, which returns the logsumexp).
 The others are computed by the kernels' public block functions,
 :func:`salience.kernels.blockwise.block_forward` and :func:`~salience.kernels.blockwise.block_backward`,
-which pick the fastest exact path for the block (torch's fused CPU flash kernel for full blocks and causal
-diagonals, interval spans for windows and documents, the tile kernel otherwise).
+which pick the fastest exact path for the block (interval spans for windows and documents, the tile
+kernel otherwise).
 
 The backward of a block takes the final (merged) output and logsumexp of the whole row, so that the block's
 gradients are its exact share of the global gradient (``dS = P * (dP - rowsum(dO * O) + dlse)`` with
@@ -24,11 +26,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .._result import AttentionResult
-from ..blocks import EMPTY
-from ..kernels import blockwise
+from ..blocks import EMPTY, FULL
+from ..kernels import blockwise, fused
 from ..masks import MaskMod
 
-__all__ = ["Spec", "is_empty", "block_forward", "block_backward", "acc_dtype"]
+__all__ = ["Spec", "kind", "is_empty", "block_forward", "block_backward", "acc_dtype"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,26 +57,54 @@ class Spec:
                     q_len=self.L, kv_len=self.S)
 
 
-def is_empty(spec: Spec, q0: int, nq: int, k0: int, nk: int, device) -> bool:
-    """True when no query of ``[q0, q0+nq)`` sees any key of ``[k0, k0+nk)`` (cached per block)."""
-    if spec.mask is None:
-        return False
+def kind(spec: Spec, q0: int, nq: int, k0: int, nk: int, device) -> str:
+    """How the block ``[q0, q0+nq) x [k0, k0+nk)`` is computed (cached per block):
+
+    * ``"empty"``: no query sees any key: skipped;
+    * ``"full"``: every query sees every key and there is no score_mod: one fused kernel call;
+    * ``"causal"``: the diagonal block of a causal band (key ``j`` visible to query ``i`` iff ``j <= i``
+      locally) with no score_mod: one fused causal kernel call;
+    * ``"blocks"``: anything else, through :func:`salience.kernels.blockwise.block_forward`.
+    """
     key = (q0, nq, k0, nk)
     hit = spec.cache.get(key)
     if hit is None:
-        bm = blockwise.classify(spec.mask, spec.B, spec.H, nq, nk, q_offset=q0, kv_offset=k0, q_len=spec.L,
-                                kv_len=spec.S, device=device)
-        hit = spec.cache[key] = not bool((bm.classes != EMPTY).any())
+        hit = spec.cache[key] = _kind(spec, q0, nq, k0, nk, device)
     return hit
+
+
+def _kind(spec: Spec, q0, nq, k0, nk, device) -> str:
+    plain = spec.score_mod is None
+    if spec.mask is None:
+        return "full" if plain else "blocks"
+    band = getattr(spec.mask, "band", None)
+    if plain and band is not None and band[0] is None and band[1] == k0 - q0:
+        return "causal"  # visible iff (k0 + j) - (q0 + i) <= hi, i.e. j <= i
+    bm = blockwise.classify(spec.mask, spec.B, spec.H, nq, nk, q_offset=q0, kv_offset=k0, q_len=spec.L,
+                            kv_len=spec.S, device=device)
+    if not bool((bm.classes != EMPTY).any()):
+        return "empty"
+    if plain and bool((bm.classes == FULL).all()):
+        return "full"
+    return "blocks"
+
+
+def is_empty(spec: Spec, q0: int, nq: int, k0: int, nk: int, device) -> bool:
+    """True when no query of ``[q0, q0+nq)`` sees any key of ``[k0, k0+nk)``."""
+    return kind(spec, q0, nq, k0, nk, device) == "empty"
 
 
 def block_forward(spec: Spec, q, k, v, q0: int, k0: int) -> AttentionResult | None:
     """``(out, lse)`` of queries ``q`` (global rows ``q0..``) over keys ``k, v`` (global keys ``k0..``), in the
     accumulation dtype; None when the block is empty. Rows with no visible key: out 0, lse -inf."""
-    if is_empty(spec, q0, q.shape[2], k0, k.shape[2], q.device):
+    how = kind(spec, q0, q.shape[2], k0, k.shape[2], q.device)
+    if how == "empty":
         return None
-    r = blockwise.block_forward(q, k, v, **spec.kwargs(q0, k0))
     acc = acc_dtype(q.dtype)
+    if how in ("full", "causal") and fused.available(q):
+        out, lse = fused.forward(q, k, v, scale=spec.scale, causal=how == "causal")
+        return AttentionResult(out.to(acc), lse.to(acc))
+    r = blockwise.block_forward(q, k, v, **spec.kwargs(q0, k0))
     return AttentionResult(r.out.to(acc), r.lse.to(acc))
 
 
@@ -87,8 +117,12 @@ def block_backward(spec: Spec, q, k, v, out, lse, dout, dlse, q0: int, k0: int):
         lse: their final logsumexp ``(B, H, nq)`` (-inf for rows that see no key anywhere).
         dout: gradient of the output; dlse: gradient of the logsumexp or None.
     """
-    if is_empty(spec, q0, q.shape[2], k0, k.shape[2], q.device):
+    how = kind(spec, q0, q.shape[2], k0, k.shape[2], q.device)
+    if how == "empty":
         return None
-    g = blockwise.block_backward(q, k, v, out, lse, dout, dlse=dlse, **spec.kwargs(q0, k0))
     acc = acc_dtype(q.dtype)
-    return g.dq.to(acc), g.dk.to(acc), g.dv.to(acc)
+    if how in ("full", "causal") and fused.available(q):
+        dq, dk, dv = fused.backward(dout, q, k, v, out, lse, scale=spec.scale, causal=how == "causal", dlse=dlse)
+    else:
+        dq, dk, dv = blockwise.block_backward(q, k, v, out, lse, dout, dlse=dlse, **spec.kwargs(q0, k0))
+    return dq.to(acc), dk.to(acc), dv.to(acc)
