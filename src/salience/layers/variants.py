@@ -412,10 +412,9 @@ class DifferentialAttention(nn.Module):
         B, L, _ = x.shape
         S = key.shape[1]
         H, d = self.num_heads, self.head_dim
-        q = self.q_proj(x).view(B, L, H, 2, d).permute(3, 0, 2, 1, 4)
-        k = self.k_proj(key).view(B, S, H, 2, d).permute(3, 0, 2, 1, 4)
+        q1, q2 = self.q_proj(x).view(B, L, H, 2 * d).transpose(1, 2).split(d, dim=-1)
+        k1, k2 = self.k_proj(key).view(B, S, H, 2 * d).transpose(1, 2).split(d, dim=-1)
         v = self.v_proj(value).view(B, S, H, 2 * d).transpose(1, 2)
-        q1, q2, k1, k2 = q[0], q[1], k[0], k[1]
         if self.positional is not None:
             q1, q2, k1, k2 = (self.positional(t) for t in (q1, q2, k1, k2))
         return q1, q2, k1, k2, v
