@@ -44,7 +44,6 @@ from torch import nn
 from .._layout import check_qkv, check_scale
 from ..functional import attention, attention_weights
 from ..masks import as_mask_mod, dense, padding, sliding_window
-from ..scores import ScoreMod
 from ._util import check_bool, check_int, is_top_left_causal
 
 __all__ = [
@@ -513,19 +512,21 @@ class LinformerAttention(nn.Module):
             k, v = k * valid, v * valid
         e = self.E[:, : shp.S].to(q.dtype)
         f = e if self.F is None else self.F[:, : shp.S].to(q.dtype)
-        bias = self.bias.to(q.dtype)
-        mod = ScoreMod(lambda s, b, h, qi, kv: s + bias[kv], "linformer_bias")
-        return e @ k, f @ v, mod, scale, e
+        # the per-slot bias b rides in one extra channel, so that the call stays on the fused kernel:
+        # scale * [q, 1/scale] . [E k, b] = scale * q . E k + b
+        kp = e @ k
+        bias = self.bias.to(q.dtype).view(1, 1, -1, 1).expand(*kp.shape[:-1], 1)
+        q_aug = torch.cat((q, q.new_full((*q.shape[:-1], 1), 1.0 / scale)), dim=-1)
+        return q_aug, torch.cat((kp, bias), dim=-1), f @ v, scale, f
 
     def forward(self, q, k, v, *, mask=None, score_mod=None, scale=None, kv_lengths=None) -> torch.Tensor:
-        kp, vp, mod, scale, _ = self._project(q, k, v, mask, score_mod, scale, kv_lengths)
-        return attention(q, kp, vp, score_mod=mod, scale=scale)
+        q_aug, kp, vp, scale, _ = self._project(q, k, v, mask, score_mod, scale, kv_lengths)
+        return attention(q_aug, kp, vp, scale=scale)
 
     def weights(self, q, k, *, mask=None, score_mod=None, scale=None, kv_lengths=None) -> torch.Tensor:
         """The effective weights over the original keys (B, H, L, S): ``softmax(...) @ F``."""
-        kp, _, mod, scale, e = self._project(q, k, k, mask, score_mod, scale, kv_lengths)
-        f = e if self.F is None else self.F[:, : k.shape[2]].to(q.dtype)
-        return attention_weights(q, kp, score_mod=mod, scale=scale) @ f
+        q_aug, kp, _, scale, f = self._project(q, k, k, mask, score_mod, scale, kv_lengths)
+        return attention_weights(q_aug, kp, scale=scale) @ f
 
 
 # ------------------------------------------------------------------------------------------------ local

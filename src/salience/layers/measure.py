@@ -2,7 +2,7 @@
 
 Run ``python -m salience.layers.measure`` (add ``--quick`` for smaller sizes). Errors are relative Frobenius
 errors ``|approx - exact| / |exact|`` of the output, in float64. Costs are matmul FLOPs counted by
-``torch.utils.flop_counter`` (exact and repeatable) and the best-of-3 wall time of a forward pass in float32.
+``torch.utils.flop_counter`` (exact and repeatable) and the best wall time of a few forward passes in float32.
 
 Three kinds of inputs are used, because an approximation's error depends on the attention map:
 
@@ -141,11 +141,17 @@ def cost_table(lengths=(1024, 2048, 4096, 8192), H: int = 4, D: int = 64, repeat
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of the command (for ``salience.cli``'s registry)."""
     p.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the timings (default: torch's)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per cell; the best is reported")
 
 
 def run(args) -> int:
     """Print the error curves and the cost table."""
     torch.manual_seed(0)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1; got {args.threads}.")
+        torch.set_num_threads(args.threads)
     L = 128 if args.quick else 256
     print(f"Relative output error against exact softmax attention (float64, L={L}, D=16, mean of 3 inputs)")
     print(f"{'layer':<10} {'inputs':<7} " + "budget -> error")
@@ -158,8 +164,8 @@ def run(args) -> int:
             rows = error_curve(name, budgets, L=L, kind=kind)
             print(f"{name:<10} {kind:<7} " + "  ".join(f"{r['budget']}: {r['error']:.4f}" for r in rows))
     lengths = (512, 1024, 2048) if args.quick else (1024, 2048, 4096, 8192)
-    print(f"\nForward cost, float32, B=1, H=4, D=64, {torch.get_num_threads()} threads: GFLOP (matmuls) / ms (best of 3)")
-    rows = cost_table(lengths)
+    print(f"\nForward cost, float32, B=1, H=4, D=64, {torch.get_num_threads()} threads: GFLOP (matmuls) / ms (best of {args.repeats})")
+    rows = cost_table(lengths, repeats=args.repeats)
     names = list(dict.fromkeys(r["layer"] for r in rows))
     print(f"{'layer':<26}" + "".join(f"{'L=' + str(L):>18}" for L in lengths))
     for n in names:
