@@ -38,6 +38,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(blockwise, "KV_TILE", 16)
     monkeypatch.setattr(blockwise, "CHUNK_ELEMENTS", 2 * 4 * 32 * 48)  # 3 key tiles per chunk: online merges
     monkeypatch.setattr(spans, "BAND_Q_BLOCK", {dt: 16 for dt in spans.BAND_Q_BLOCK})
+    monkeypatch.setattr(spans, "BAND_Q_BLOCK_BWD", {dt: 48 for dt in spans.BAND_Q_BLOCK_BWD})  # re-blocked backward
     monkeypatch.setattr(spans, "BIAS_Q_BLOCK", {dt: 32 for dt in spans.BIAS_Q_BLOCK})
     monkeypatch.setattr(spans, "MIN_RUN", 4)
     monkeypatch.setattr(spans, "GENERIC_Q_BLOCK", 16)

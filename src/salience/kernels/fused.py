@@ -32,11 +32,16 @@ __all__ = ["available", "forward", "backward", "bias_dtype"]
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+_OPS: list = []
+
+
 def _ops():
-    aten = torch.ops.aten
-    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-    return fwd, bwd
+    if not _OPS:
+        aten = torch.ops.aten
+        fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+        _OPS.extend((fwd, bwd))
+    return _OPS[0], _OPS[1]
 
 
 def _register_flop_formulas():
@@ -121,8 +126,8 @@ def backward(dout, q, k, v, out, lse, *, scale: float, causal: bool = False, bia
     extra = dlse is not None
     w = max(D, Dv) + (1 if extra else 0)
     if w == D == Dv:
-        dq, dk, dv = bwd(dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, causal,
-                         attn_mask=bias, scale=scale)
+        # the kernel reads out and lse through their strides (and makes dout contiguous itself)
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)
         return dq, dk, dv
     qp, kp, vp = _pad_last(q, w), _pad_last(k, w), _pad_last(v, w)
     dop, op_ = _pad_last(dout, w), _pad_last(out, w)

@@ -42,6 +42,8 @@ __all__ = ["row_spans", "mask_parts", "relative_band", "SpanPlan", "plan_spans",
 
 #: rows per block on band runs (by dtype; the fused kernel's tiling favours larger blocks with AMX bf16)
 BAND_Q_BLOCK = {torch.float32: 64, torch.float64: 64, torch.bfloat16: 256, torch.float16: 256}
+#: rows per block on band runs in the backward (rounded to a multiple of the forward's block)
+BAND_Q_BLOCK_BWD = {torch.float32: 192, torch.float64: 192, torch.bfloat16: 256, torch.float16: 256}
 #: rows per block for irregular rows
 GENERIC_Q_BLOCK = 64
 #: runs shorter than this are computed as irregular rows
@@ -402,34 +404,77 @@ def _gather(call: _Call, q, k, v):
     return qs, ks, vs, bias
 
 
+_MASKS: dict = {}
+
+
+def _band_mask_cached(q_block, width, dtype, device):
+    key = (q_block, width, dtype, str(device))
+    m = _MASKS.get(key)
+    if m is None:
+        if len(_MASKS) > 64:
+            _MASKS.clear()
+        m = _MASKS[key] = _band_mask(q_block, width, dtype, device)
+    return m
+
+
+def _band_backward_call(ctx, qc, kc, vc, b0, b1, rs, ks0, nb, qb, nk, mask, out, lse, dout, dlse, scale, dq, dk, dv):
+    """Backward of nb band blocks of qb rows (rows rs.., keys ks0.. advancing qb per block, nk keys each)."""
+    H = ctx.q.shape[1]
+    Hkv = ctx.k.shape[1]
+    qw = _windows(qc, b0, b1, rs, nb, qb, qb)
+    kw = _windows(kc, b0, b1, ks0, nb, qb, nk)
+    vw = _windows(vc, b0, b1, ks0, nb, qb, nk)
+    nrow = nb * qb
+    shp = ((b1 - b0) * H, nb, qb)
+    o_ = out[b0:b1, :, rs:rs + nrow].reshape(*shp, -1)
+    l_ = lse[b0:b1, :, rs:rs + nrow].reshape(shp)
+    do_ = dout[b0:b1, :, rs:rs + nrow].reshape(*shp, -1)
+    dl_ = None if dlse is None else dlse[b0:b1, :, rs:rs + nrow].reshape(shp)
+    gq, gk, gv = fused.backward(do_, qw, kw, vw, o_, l_, scale=scale, bias=mask, dlse=dl_)
+    dq[b0:b1, :, rs:rs + nrow] += gq.reshape(b1 - b0, H, nrow, -1)
+    _add_windows(dk, gk, b0, b1, ks0, nb, qb, nk, Hkv)
+    _add_windows(dv, gv, b0, b1, ks0, nb, qb, nk, Hkv)
+
+
+def _add_windows(acc, grad, b0, b1, start, nb, stride, width, Hkv):
+    """acc[b0:b1, :, start + t*stride : ... + width] += grad[:, t] for every window t, without copies: windows
+    t, t + m, t + 2m, ... (m = ceil(width / stride)) do not overlap, so each residue is one strided add."""
+    nbatch = b1 - b0
+    H = grad.shape[0] // nbatch
+    if Hkv != H:  # grouped-query heads: sum the group first
+        grad = grad.reshape(nbatch, Hkv, H // Hkv, nb, width, grad.shape[-1]).sum(2).reshape(nbatch * Hkv, nb, width, -1)
+    m = -(-width // stride)
+    _, Hk, N, D = acc.shape
+    for r in range(min(m, nb)):
+        cnt = (nb - r + m - 1) // m
+        off = acc.storage_offset() + (b0 * Hk * N + start + r * stride) * D
+        view = acc.as_strided((nbatch * Hk, cnt, width, D), (N * D, m * stride * D, D, 1), off)
+        view.add_(grad[:, r::m])
+
+
 def _run_backward(call: _Call, ctx: _Tensors, out, lse, dout, dlse, scale, dq, dk, dv):
     q, k, v = ctx.q, ctx.k, ctx.v
     H = q.shape[1]
     if call.kind == "band":
+        # the backward kernel is more efficient on taller blocks than the forward: re-block the run
         qc, kc, vc = ctx.band_inputs()
-        b0, b1, r0, k0, mask, _ = call.pieces[0]
-        qb, nk = call.q_block, call.nkeys
-        Hkv = k.shape[1]
-        for t0, nb in _band_chunks(call):
-            rs = r0 + t0 * qb
-            ks0 = k0 + t0 * qb
-            qw = _windows(qc, b0, b1, rs, nb, qb, qb)
-            kw = _windows(kc, b0, b1, ks0, nb, qb, nk)
-            vw = _windows(vc, b0, b1, ks0, nb, qb, nk)
-            nrow = nb * qb
-            shp = ((b1 - b0) * H, nb, qb)
-            o_ = out[b0:b1, :, rs:rs + nrow].reshape(*shp, -1)
-            l_ = lse[b0:b1, :, rs:rs + nrow].reshape(shp)
-            do_ = dout[b0:b1, :, rs:rs + nrow].reshape(*shp, -1)
-            dl_ = None if dlse is None else dlse[b0:b1, :, rs:rs + nrow].reshape(shp)
-            gq, gk, gv = fused.backward(do_, qw, kw, vw, o_, l_, scale=scale, bias=mask, dlse=dl_)
-            dq[b0:b1, :, rs:rs + nrow] += gq.reshape(b1 - b0, H, nrow, -1)
-            idx = (ks0 + torch.arange(nb).view(-1, 1) * qb + torch.arange(nk).view(1, -1)).view(-1).to(q.device)
-            for grad, acc in ((gk, dk), (gv, dv)):
-                g = grad.reshape(b1 - b0, H, nb * nk, -1).to(acc.dtype)
-                if Hkv != H:
-                    g = g.view(b1 - b0, Hkv, H // Hkv, nb * nk, -1).sum(2)
-                acc[b0:b1].index_add_(2, idx, g)
+        b0, b1, r0, k0, _, _ = call.pieces[0]
+        qb = call.q_block
+        width = call.nkeys - qb + 1
+        n = call.nblocks * qb
+        target = BAND_Q_BLOCK_BWD.get(q.dtype, qb)
+        qb_b = max(qb, (target // qb) * qb)
+        head = (n // qb_b) * qb_b
+        mdt = fused.bias_dtype(q.dtype, exact_mask=True)
+        for rs0, ks0, nrows, bq in ((r0, k0, head, qb_b), (r0 + head, k0 + head, n - head, qb)):
+            if nrows == 0:
+                continue
+            mask = _band_mask_cached(bq, width, mdt, q.device)
+            per = max(1, MAX_ROWS_PER_CALL // bq)
+            for t0 in range(0, nrows // bq, per):
+                nb = min(per, nrows // bq - t0)
+                _band_backward_call(ctx, qc, kc, vc, b0, b1, rs0 + t0 * bq, ks0 + t0 * bq, nb, bq, bq - 1 + width,
+                                    mask, out, lse, dout, dlse, scale, dq, dk, dv)
         return
     qs, ks, vs, bias = _gather(call, q, k, v)
     nr, nkey = call.nrows, call.nkeys
@@ -594,7 +639,7 @@ def plan_spans(lo: torch.Tensor, hi: torch.Tensor, B: int, L: int, S: int, dtype
 # ------------------------------------------------------------------------------ band mask + relative bias
 
 #: rows per fused call on the band + bias path
-BIAS_Q_BLOCK = {torch.float32: 256, torch.float64: 128, torch.bfloat16: 256, torch.float16: 256}
+BIAS_Q_BLOCK = {torch.float32: 1024, torch.float64: 512, torch.bfloat16: 1024, torch.float16: 1024}
 
 
 class BiasPlan:
