@@ -117,16 +117,19 @@ def _wall(fn, repeats: int) -> float:
 
 def cost_table(lengths=(1024, 2048, 4096, 8192), H: int = 4, D: int = 64, repeats: int = 3) -> list[dict]:
     """FLOPs and best-of-``repeats`` forward wall time (float32, B=1) per layer and length, exact included."""
+    causal = masks.causal()
+    lin, perf = LinearAttention(), PerformerAttention(D, 256, seed=0)  # modules built once, outside the timing
+    nys, lfm, loc = NystromAttention(64), LinformerAttention(max(lengths), 256), LocalAttention(256)
     layers = {
         "exact (salience.attention)": lambda q, k, v: attention(q, k, v),
-        "exact causal": lambda q, k, v: attention(q, k, v, mask=masks.causal()),
-        "linear": lambda q, k, v: LinearAttention()(q, k, v),
-        "linear causal": lambda q, k, v: LinearAttention()(q, k, v, mask=masks.causal()),
-        "performer m=256": lambda q, k, v: PerformerAttention(D, 256, seed=0)(q, k, v),
-        "performer causal m=256": lambda q, k, v: PerformerAttention(D, 256, seed=0)(q, k, v, mask=masks.causal()),
-        "nystrom m=64": lambda q, k, v: NystromAttention(64)(q, k, v),
-        "linformer k=256": lambda q, k, v: LinformerAttention(max(lengths), 256)(q, k, v),
-        "local w=256 (exact)": lambda q, k, v: LocalAttention(256)(q, k, v),
+        "exact causal": lambda q, k, v: attention(q, k, v, mask=causal),
+        "linear": lambda q, k, v: lin(q, k, v),
+        "linear causal": lambda q, k, v: lin(q, k, v, mask=causal),
+        "performer m=256": lambda q, k, v: perf(q, k, v),
+        "performer causal m=256": lambda q, k, v: perf(q, k, v, mask=causal),
+        "nystrom m=64": lambda q, k, v: nys(q, k, v),
+        "linformer k=256": lambda q, k, v: lfm(q, k, v),
+        "local w=256 (exact)": lambda q, k, v: loc(q, k, v),
     }
     rows = []
     with torch.no_grad():
