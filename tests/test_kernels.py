@@ -485,3 +485,18 @@ def test_attention_weights_from_lse_match_reference_rows():
     full = reference.attention(q, k, v, mask=m, score_mod=mod).weights
     assert torch.allclose(w, full[:, [2]][:, :, [5, 149]], atol=1e-12)
     assert math.isclose(float(w[0, 0, 1].sum()), 1.0, rel_tol=1e-12)
+
+
+def test_without_the_fused_kernel_everything_still_runs(monkeypatch):
+    """Devices without torch's CPU flash kernel: torch SDPA for plain cases, the blockwise kernel otherwise."""
+    from salience.kernels import fused
+
+    monkeypatch.setattr(fused, "available", lambda q: False)
+    q, k, v, _, _ = _inputs(Hkv=4)
+    p = salience.plan(q, k, v, mask=M.causal())
+    assert p.backend == "sdpa" and p.details.get("torch_sdpa")
+    assert torch.allclose(salience.attention(q, k, v, mask=M.causal()), reference.attention(q, k, v, mask=M.causal()).out,
+                          atol=1e-12)
+    assert salience.plan(q, k, v, mask=M.causal(), return_lse=True).backend == "blockwise"
+    assert salience.plan(q, k, v, mask=M.sliding_window(9)).backend == "blockwise"
+    check_against_reference(M.sliding_window(9), Sc.alibi(4), dtype=torch.float32, expect="blockwise")

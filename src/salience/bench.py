@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -405,7 +404,7 @@ def format_table(results: list) -> str:
             rows.append(f"| {r.get('label', '?')} | error | | | | | | {r.get('error', '')[:80]!r} |")
             continue
         for name, e in r["impls"].items():
-            def f(key, fmt):
+            def f(key, fmt, e=e):
                 return format(e[key], fmt) if e.get(key) is not None else "—"
             note = e.get("note", "")
             if name == "flex" and e.get("setup_s"):

@@ -367,6 +367,9 @@ def choose(q, k, v, *, mask, score_mod, compatibility, need_lse: bool, backend: 
                         _SdpaExec(False, eff_scale))
         return Plan("sdpa", "top-left causal: torch's fused kernel with is_causal",
                     {"skipped": round(1 - (L + 1) / (2 * S), 4) if L <= S else 0.5}, _SdpaExec(True, eff_scale))
+    if plain and backend in (None, "sdpa") and not fused_ok and not need_lse:
+        return Plan("sdpa", f"no fused CPU kernel for {q.dtype} on {q.device}: torch SDPA (no logsumexp)",
+                    {"skipped": 0.0, "torch_sdpa": True, "causal": aligned_causal, "scale": eff_scale})
     if backend is None and total <= TINY and allow_reference:
         return reference(f"tiny problem ({total} score elements): one dense pass is fastest")
 
@@ -446,6 +449,10 @@ def run(plan: Plan, q, k, v, *, mask=None, score_mod=None, scale=None, compatibi
     dropout, which does not produce it)."""
     if plan.backend == "reference":
         return _reference_chunked(q, k, v, mask, score_mod, scale, compatibility, dropout_p)
+    if plan.details.get("torch_sdpa"):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=plan.details["causal"], scale=plan.details["scale"],
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return AttentionResult(out=out, lse=None)
     if plan.details.get("dropout"):
         H, Hkv = q.shape[1], k.shape[1]
         causal = mask is not None

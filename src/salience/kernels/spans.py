@@ -454,7 +454,6 @@ def _add_windows(acc, grad, b0, b1, start, nb, stride, width, Hkv):
 
 def _run_backward(call: _Call, ctx: _Tensors, out, lse, dout, dlse, scale, dq, dk, dv):
     q, k, v = ctx.q, ctx.k, ctx.v
-    H = q.shape[1]
     if call.kind == "band":
         # the backward kernel is more efficient on taller blocks than the forward: re-block the run
         qc, kc, vc = ctx.band_inputs()
@@ -784,7 +783,7 @@ class BiasPlan:
             qr, kk, vv, bias, nb = self._inputs(q, k, v, i, j)
             if nb == 1:
                 sl = slice(r0, r1)
-                rev = lambda t: t[:, :, sl].flip(2)  # noqa: E731
+                rev = lambda t, sl=sl: t[:, :, sl].flip(2)  # noqa: E731
                 gq, gk, gv = fused.backward(rev(dout), qr, kk, vv, rev(out), rev(lse), scale=scale,
                                             bias=bias.view(B, H, r1 - r0, k1 - k0),
                                             dlse=None if dlse is None else rev(dlse))
