@@ -372,10 +372,13 @@ def _spawn(args: list, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def run_config(cfg: Config, *, flex: bool = False, memory: bool | str = True, timeout: float = 3600) -> dict:
+def run_config(cfg: Config, *, flex: bool = False, memory: bool | str = True, timeout: float = 3600,
+               threads: int | None = None) -> dict:
     """Time one configuration (one subprocess) and measure each implementation's memory (one subprocess
     each). Returns the result dict stored in the JSON file."""
-    res = _spawn(["--worker", "time", "--config", json.dumps(asdict(cfg))] + (["--flex"] if flex else []), timeout)
+    th = ["--threads", str(threads)] if threads else []
+    res = _spawn(["--worker", "time", "--config", json.dumps(asdict(cfg))] + (["--flex"] if flex else []) + th,
+                 timeout)
     if memory == "fwdbwd":
         memory = cfg.mode == "fwdbwd"
     if memory and "impls" in res:
@@ -383,7 +386,7 @@ def run_config(cfg: Config, *, flex: bool = False, memory: bool | str = True, ti
             if "median_ms" not in e:
                 continue
             m = _spawn(["--worker", "memory", "--impl", name, "--config", json.dumps(asdict(cfg))]
-                       + (["--flex"] if flex else []), timeout)
+                       + (["--flex"] if flex else []) + th, timeout)
             if m.get("peak_kib") is not None:
                 e["peak_mib"] = m["peak_kib"] / 1024
                 e["process_peak_mib"] = m["process_peak_kib"] / 1024
@@ -461,6 +464,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, help="write a PNG bar chart to this path")
     parser.add_argument("--model", default=None, help="benchmark a real model (e.g. minilm) via the hf integration")
     parser.add_argument("--lengths", default="128,512,2048", help="sequence lengths for --model")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
@@ -485,6 +489,10 @@ def _select(args) -> list:
 
 def run(args) -> int:
     if args.worker:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         cfg = Config(**json.loads(args.config))
         res = _worker_time(cfg, args.flex) if args.worker == "time" else _worker_memory(cfg, args.impl, args.flex)
         print(json.dumps(res))
@@ -511,10 +519,11 @@ def run(args) -> int:
     results = []
     for cfg in configs:
         print(f"[{time.perf_counter() - t0:6.1f} s] {cfg.label} ...", file=sys.stderr, flush=True)
+        th = ["--threads", str(args.threads)] if args.threads else []
         if args.million:
-            res = _spawn(["--worker", "time", "--config", json.dumps(asdict(cfg))], 3600)
+            res = _spawn(["--worker", "time", "--config", json.dumps(asdict(cfg))] + th, 3600)
             if "impls" in res and not args.no_memory:
-                m = _spawn(["--worker", "memory", "--impl", "salience", "--config", json.dumps(asdict(cfg))], 3600)
+                m = _spawn(["--worker", "memory", "--impl", "salience", "--config", json.dumps(asdict(cfg))] + th, 3600)
                 e = res["impls"]["salience"]
                 if m.get("peak_kib") is not None:
                     e["peak_mib"] = m["peak_kib"] / 1024
@@ -524,7 +533,7 @@ def run(args) -> int:
                                  f"{e['process_peak_mib'] / e['qkvo_mib']:.2f} x bytes of q, k, v, out")
         else:
             memory = False if args.no_memory else ("fwdbwd" if args.quick else True)
-            res = run_config(cfg, flex=args.flex, memory=memory)
+            res = run_config(cfg, flex=args.flex, memory=memory, threads=args.threads)
         results.append(res)
     table = format_table(results)
     print(table)
@@ -532,6 +541,7 @@ def run(args) -> int:
     print(f"\n{len(configs)} configs in {total:.0f} s; median of repeats; 'time / salience' > 1 means salience is "
           "faster; peak MiB = RSS increase of one call in a fresh process.")
     meta = {"command": "salience bench " + " ".join(a for a in sys.argv[2:] if a), "seconds": total,
+            "threads": args.threads,
             "torch": __import__("torch").__version__, "cpu_count": os.cpu_count(),
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
     if args.json:

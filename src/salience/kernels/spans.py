@@ -41,7 +41,7 @@ from . import fused
 __all__ = ["row_spans", "mask_parts", "relative_band", "SpanPlan", "plan_spans", "BiasPlan"]
 
 #: rows per block on band runs (by dtype; the fused kernel's tiling favours larger blocks with AMX bf16)
-BAND_Q_BLOCK = {torch.float32: 64, torch.float64: 64, torch.bfloat16: 256, torch.float16: 256}
+BAND_Q_BLOCK = {torch.float32: 32, torch.float64: 32, torch.bfloat16: 32, torch.float16: 32}
 #: rows per block on band runs in the backward (rounded to a multiple of the forward's block)
 BAND_Q_BLOCK_BWD = {torch.float32: 192, torch.float64: 192, torch.bfloat16: 256, torch.float16: 256}
 #: rows per block for irregular rows
