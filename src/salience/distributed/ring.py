@@ -154,13 +154,13 @@ class _Runner:
         W, rank, spec = self.W, self.rank, self.spec
         acc = _block.acc_dtype(q.dtype)
         parts: dict[int, AttentionResult] = {}
+        qs = self._split(q)
         kc, vc = k.contiguous(), v.contiguous()
         for s in range(W):
             src = (rank - s) % W
             h = self.ring.exchange((kc, vc), f"forward step {s + 1}/{W}") if s < W - 1 else None
-            for qo, q0, nq, ko, k0, nk in self.blocks(src):
-                r = _block.block_forward(spec, q[:, :, qo : qo + nq], kc[:, :, ko : ko + nk], vc[:, :, ko : ko + nk],
-                                         q0, k0)
+            for qo, q0, _nq, ko, k0, nk in self.blocks(src):
+                r = _block.block_forward(spec, qs[qo], kc[:, :, ko : ko + nk], vc[:, :, ko : ko + nk], q0, k0)
                 if r is None:
                     continue
                 prev = parts.get(qo)
@@ -182,10 +182,20 @@ class _Runner:
         lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
         return out.to(q.dtype), lse
 
+    def _split(self, t):
+        """{local offset: contiguous rows of that query segment} (views when there is one segment)."""
+        if t is None:
+            return {qo: None for qo, _, _ in self.q_segs}
+        if len(self.q_segs) == 1:
+            return {0: t.contiguous()}
+        return {qo: t[:, :, qo : qo + nq].contiguous() for qo, _q0, nq in self.q_segs}
+
     def backward(self, q, k, v, out, lse, dout, dlse):
         W, rank, spec = self.W, self.rank, self.spec
         acc = _block.acc_dtype(q.dtype)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        # per query segment, contiguous once (the kernels would otherwise copy these for every block)
+        qs, os_, ls, dos, dls = (self._split(t) for t in (q, out, lse, dout, dlse))
+        dqs: dict[int, torch.Tensor] = {}
         kc, vc = k.contiguous(), v.contiguous()
         hd = None
         for s in range(W):
@@ -196,15 +206,13 @@ class _Runner:
             dk_loc = torch.empty(k.shape, dtype=acc, device=q.device)
             dv_loc = torch.empty(v.shape, dtype=acc, device=q.device)
             written = set()
-            for qo, q0, nq, ko, k0, nk in self.blocks(src):
-                sl, ks = slice(qo, qo + nq), slice(ko, ko + nk)
-                g = _block.block_backward(
-                    spec, q[:, :, sl], kc[:, :, ks], vc[:, :, ks], out[:, :, sl], lse[:, :, sl],
-                    dout[:, :, sl], None if dlse is None else dlse[:, :, sl], q0, k0,
-                )
+            for qo, q0, _nq, ko, k0, nk in self.blocks(src):
+                ks = slice(ko, ko + nk)
+                g = _block.block_backward(spec, qs[qo], kc[:, :, ks], vc[:, :, ks], os_[qo], ls[qo], dos[qo], dls[qo],
+                                          q0, k0)
                 if g is None:
                     continue
-                dq[:, :, sl] += g[0]
+                dqs[qo] = g[0] if qo not in dqs else dqs[qo].add_(g[0])
                 if ko in written:
                     dk_loc[:, :, ks] += g[1]
                     dv_loc[:, :, ks] += g[2]
@@ -228,6 +236,9 @@ class _Runner:
                 kc, vc = self.ring.wait(h)
         if hd is not None:
             dk, dv = self.ring.wait(hd)
+        parts = [dqs[qo] if qo in dqs else torch.zeros(q.shape[0], q.shape[1], nq, q.shape[3], dtype=acc, device=q.device)
+                 for qo, _q0, nq in self.q_segs]
+        dq = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
