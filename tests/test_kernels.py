@@ -500,3 +500,30 @@ def test_without_the_fused_kernel_everything_still_runs(monkeypatch):
     assert salience.plan(q, k, v, mask=M.causal(), return_lse=True).backend == "blockwise"
     assert salience.plan(q, k, v, mask=M.sliding_window(9)).backend == "blockwise"
     check_against_reference(M.sliding_window(9), Sc.alibi(4), dtype=torch.float32, expect="blockwise")
+
+
+@pytest.mark.parametrize("backend,mask,mod", [
+    ("sdpa", M.causal(), None), ("spans", M.sliding_window(21), None), ("spans", M.causal(), Sc.alibi(4)),
+    ("blockwise", M.dilated(2), Sc.softcap(3.0)),
+])
+def test_float16(backend, mask, mod):
+    check_against_reference(mask, mod, dtype=torch.float16, backend=backend)
+
+
+@pytest.mark.parametrize("backend,mask,mod", [
+    ("sdpa", M.causal(), None), ("spans", M.sliding_window(21), None), ("spans", M.document(IDS), None),
+    ("spans", M.sliding_window(40), Sc.alibi(4)), ("blockwise", M.dilated(2), None),
+])
+def test_inputs_in_transposed_memory_layout(backend, mask, mod):
+    """q, k, v as views of (B, L, H, D) tensors (what a model's projections give): same results and grads."""
+    q, k, v, do, _ = _inputs(Hkv=2, D=16, Dv=16)
+    dense = [t.clone().requires_grad_() for t in (q, k, v)]
+    strided = [t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]  # (B, L, H, D) leaves
+    out_a = salience.attention(*dense, mask=mask, score_mod=mod, backend=backend)
+    out_b = salience.attention(*(t.transpose(1, 2) for t in strided), mask=mask, score_mod=mod, backend=backend)
+    assert not strided[0].transpose(1, 2).is_contiguous()
+    assert torch.allclose(out_a, out_b, atol=1e-12)
+    (out_a * do).sum().backward()
+    (out_b * do).sum().backward()
+    for a, b in zip(dense, strided):
+        assert torch.allclose(a.grad, b.grad.transpose(1, 2), atol=1e-12)
