@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..masks import MaskMod, TileContext, as_mask_mod, causal
+from ..masks import MaskMod, TileContext, as_mask_mod, causal, dense, padding
 from ..scores import ScoreMod, as_score_mod
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "shift_score_mod",
     "is_top_left_causal",
     "lengths_from_padding",
+    "check_lengths",
+    "with_padding",
 ]
 
 
@@ -136,3 +138,39 @@ def lengths_from_padding(key_padding_mask: torch.Tensor, who: str) -> torch.Tens
             "given has padding before real keys. Reorder the sequence or use exact attention (core=None)."
         )
     return lengths
+
+
+def check_lengths(lengths, B: int, S: int, argname: str, device=None, who: str = "") -> torch.Tensor:
+    """Per-row lengths as an int64 tensor (B,) with values in [0, S], or a clear ValueError naming ``argname``."""
+    t = torch.as_tensor(lengths, device=device)
+    pre = f"{who}: " if who else ""
+    if t.dim() != 1 or t.shape[0] != B or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{pre}{argname} must be B={B} integer lengths (B,); got {t.dtype} {tuple(t.shape)}.")
+    if bool(((t < 0) | (t > S)).any()):
+        raise ValueError(f"{pre}{argname} must lie in [0, S={S}]; got {t.tolist()}.")
+    return t.long()
+
+
+def with_padding(m, key_padding_mask, key_lengths, B: int, S: int, device):
+    """``m & (keys not padded)``: padding given as ``key_padding_mask`` (B, S), True = padding (torch's
+    convention), or as ``key_lengths`` (B,); ``m`` unchanged when neither is given."""
+    if key_padding_mask is not None and key_lengths is not None:
+        raise ValueError("give key_padding_mask or key_lengths, not both.")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            seen = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+            raise TypeError(
+                f"key_padding_mask must be a bool tensor (B, S) with True = padding; got {seen}. For an additive "
+                "float mask use mask= with a score_mod, or convert: key_padding_mask = float_mask == float('-inf')."
+            )
+        if tuple(key_padding_mask.shape) != (B, S):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, S) = ({B}, {S}) (True = padding; with a KVCache it covers "
+                f"cached and new keys); got {tuple(key_padding_mask.shape)}."
+            )
+        pm = dense(~key_padding_mask.to(device).view(B, 1, 1, S))
+    elif key_lengths is not None:
+        pm = padding(kv_lengths=check_lengths(key_lengths, B, S, "key_lengths", device))
+    else:
+        return m
+    return pm if m is None else m & pm

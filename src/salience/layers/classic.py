@@ -36,7 +36,7 @@ from torch import nn
 from ..functional import attention_weights
 from ..masks import dense
 from ..scores import Additive, Compatibility, Dot, General
-from ._util import check_int
+from ._util import check_int, check_lengths
 
 __all__ = [
     "AttentionOutput",
@@ -117,11 +117,7 @@ def _source_valid(source_lengths, source_mask, B: int, S: int, device, who: str)
             raise ValueError(f"{who}: source_mask must have shape (B, S) = ({B}, {S}); got {tuple(source_mask.shape)}.")
         return source_mask.to(device)
     if source_lengths is not None:
-        sl = torch.as_tensor(source_lengths, device=device)
-        if sl.dim() != 1 or sl.shape[0] != B or sl.dtype.is_floating_point or sl.dtype == torch.bool:
-            raise ValueError(f"{who}: source_lengths must be B={B} integer lengths (B,); got {sl.dtype} {tuple(sl.shape)}.")
-        if bool(((sl < 0) | (sl > S)).any()):
-            raise ValueError(f"{who}: source_lengths must lie in [0, S={S}]; got {sl.tolist()}.")
+        sl = check_lengths(source_lengths, B, S, "source_lengths", device, who)
         return torch.arange(S, device=device).view(1, -1) < sl.view(-1, 1)
     return None
 

@@ -44,7 +44,7 @@ from torch import nn
 from .._layout import check_qkv, check_scale
 from ..functional import attention, attention_weights
 from ..masks import as_mask_mod, dense, padding, sliding_window
-from ._util import check_bool, check_int, is_top_left_causal
+from ._util import check_bool, check_int, check_lengths, is_top_left_causal
 
 __all__ = [
     "LinearAttention",
@@ -63,12 +63,7 @@ __all__ = [
 def _lengths(kv_lengths, B: int, S: int, device) -> torch.Tensor | None:
     if kv_lengths is None:
         return None
-    kl = torch.as_tensor(kv_lengths, device=device)
-    if kl.dim() != 1 or kl.shape[0] != B or kl.dtype.is_floating_point or kl.dtype == torch.bool:
-        raise ValueError(f"kv_lengths must be B={B} integer lengths (B,); got {kl.dtype} {tuple(kl.shape)}.")
-    if bool(((kl < 0) | (kl > S)).any()):
-        raise ValueError(f"kv_lengths must lie in [0, S={S}]; got {kl.tolist()}.")
-    return kl.long()
+    return check_lengths(kv_lengths, B, S, "kv_lengths", device)
 
 
 def _key_valid(kl: torch.Tensor | None, S: int, device, dtype) -> torch.Tensor | None:

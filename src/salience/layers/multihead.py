@@ -27,8 +27,17 @@ from torch import nn
 from .. import _hooks
 from .._layout import check_scale
 from ..functional import attention, attention_weights
-from ..masks import as_mask_mod, dense, padding
-from ._util import cache_mask, check_bool, check_int, check_prob, lengths_from_padding, shift_score_mod
+from ..masks import as_mask_mod
+from ._util import (
+    cache_mask,
+    check_bool,
+    check_int,
+    check_lengths,
+    check_prob,
+    lengths_from_padding,
+    shift_score_mod,
+    with_padding,
+)
 from .positional import ALiBi, RotaryEmbedding, T5RelativeBias
 
 __all__ = ["MultiHeadAttention", "MultiHeadOutput", "KVCache", "StaticKVCache"]
@@ -390,7 +399,7 @@ class MultiHeadAttention(nn.Module):
         if mask is not None:
             m = mask if m is None else m & mask
         m_base = cache_mask(m, offset, L, S)
-        m = self._with_padding(m_base, key_padding_mask, key_lengths, B, S, query.device)
+        m = with_padding(m_base, key_padding_mask, key_lengths, B, S, query.device)
         sm = None
         if isinstance(self.positional, (ALiBi, T5RelativeBias)):
             sm = shift_score_mod(self.positional.score_mod(), offset, 0)
@@ -411,40 +420,13 @@ class MultiHeadAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)
         return MultiHeadOutput(self.out_proj(out), weights, lse)
 
-    def _with_padding(self, m, key_padding_mask, key_lengths, B, S, device):
-        if key_padding_mask is not None and key_lengths is not None:
-            raise ValueError("give key_padding_mask or key_lengths, not both.")
-        if key_padding_mask is not None:
-            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-                seen = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
-                raise TypeError(
-                    f"key_padding_mask must be a bool tensor (B, S) with True = padding; got {seen}. For an additive "
-                    "float mask use mask= with a score_mod, or convert: key_padding_mask = float_mask == float('-inf')."
-                )
-            if tuple(key_padding_mask.shape) != (B, S):
-                raise ValueError(
-                    f"key_padding_mask must have shape (B, S) = ({B}, {S}) (True = padding; with a KVCache it covers "
-                    f"cached and new keys); got {tuple(key_padding_mask.shape)}."
-                )
-            pm = dense(~key_padding_mask.to(device).view(B, 1, 1, S))
-            return pm if m is None else m & pm
-        if key_lengths is not None:
-            kl = torch.as_tensor(key_lengths, device=device)
-            if kl.dim() != 1 or kl.shape[0] != B or kl.dtype.is_floating_point or kl.dtype == torch.bool:
-                raise ValueError(f"key_lengths must be B={B} integer lengths (B,); got {kl.dtype} {tuple(kl.shape)}.")
-            if bool(((kl < 0) | (kl > S)).any()):
-                raise ValueError(f"key_lengths must lie in [0, S={S}]; got {kl.tolist()}.")
-            pm = padding(kv_lengths=kl)
-            return pm if m is None else m & pm
-        return m
-
     def _forward_core(self, q, k, v, m_base, sm, key_padding_mask, key_lengths, need_weights, B, L):
         # the core receives the layer/call mask without padding, and padding as right-padded lengths
         lengths = None
         if key_padding_mask is not None:
             lengths = lengths_from_padding(key_padding_mask, type(self.core).__name__)
         elif key_lengths is not None:
-            lengths = torch.as_tensor(key_lengths, device=q.device)
+            lengths = check_lengths(key_lengths, B, k.shape[2], "key_lengths", q.device)
         kw = {"mask": m_base, "score_mod": sm, "scale": self.scale, "kv_lengths": lengths}
         out = self.core(q, k, v, **kw)
         weights = None

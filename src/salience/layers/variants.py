@@ -30,10 +30,10 @@ from torch import nn
 
 from .._layout import check_qkv
 from ..functional import attention, attention_weights
-from ..masks import as_mask_mod, dense, padding
+from ..masks import as_mask_mod, padding
 from ..reference import scores as _ref_scores
 from ..reference import softmax_from_scores
-from ._util import cache_mask, check_bool, check_int, check_prob
+from ._util import cache_mask, check_bool, check_int, check_prob, with_padding
 from .multihead import MultiHeadOutput
 from .positional import RotaryEmbedding
 
@@ -438,16 +438,7 @@ class DifferentialAttention(nn.Module):
         if mask is not None:
             m = as_mask_mod(mask, "mask") if m is None else m & as_mask_mod(mask, "mask")
         m = cache_mask(m, 0, L, S)
-        if key_padding_mask is not None and key_lengths is not None:
-            raise ValueError(f"{who}: give key_padding_mask or key_lengths, not both.")
-        if key_padding_mask is not None:
-            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, S):
-                raise ValueError(f"{who}: key_padding_mask must be a bool tensor (B, S) = ({B}, {S}) with True = padding.")
-            pm = dense(~key_padding_mask.view(B, 1, 1, S))
-            m = pm if m is None else m & pm
-        elif key_lengths is not None:
-            pm = padding(kv_lengths=key_lengths)
-            m = pm if m is None else m & pm
+        m = with_padding(m, key_padding_mask, key_lengths, B, S, x.device)
         p = self.dropout if self.training else 0.0
         lam = self.lam().to(x.dtype)
         a1 = attention(q1, k1, v, mask=m, dropout_p=p)
