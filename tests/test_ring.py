@@ -534,3 +534,44 @@ def test_empty_blocks_are_skipped_and_full_blocks_fused():
     assert _block.block_backward(spec, q, q, q, q, q[..., 0], q, None, 48, 0) is None
     spec = _spec("custom", None, 1, 1, 64, 64, 4)  # no closed form: classified by evaluation
     assert not _block.is_empty(spec, 0, 16, 0, 16, None)
+
+
+# ----------------------------------------------------------------------------------------------- launcher
+
+
+def test_launcher_runs_and_checks_against_one_process(tmp_path):
+    """``python -m salience.distributed --nproc 2``: spawns 2 ranks, times them, checks against float64."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "ring.json"
+    cmd = [sys.executable, "-m", "salience.distributed", "--nproc", "2", "--threads", "1", "--seq", "96",
+           "--heads", "2", "--dim", "8", "--mask", "sliding:5", "--layout", "zigzag", "--repeat", "1",
+           "--warmup", "0", "--timeout", "30", "--json", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=JOIN_TIMEOUT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "check against one process" in p.stdout and ": PASS" in p.stdout
+    res = json.loads(out.read_text())
+    assert [r["rank"] for r in res["ranks"]] == [0, 1]
+    assert all(r["forward_ms"] > 0 and r["peak_mb"] > 0 for r in res["ranks"])
+    assert all(c["ok"] for c in res["check"].values()) and set(res["check"]) == {"out", "dq", "dk", "dv"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--nproc", "2", "--seq", "10", "--layout", "zigzag"], "multiple of 4"),
+        (["--nproc", "0"], "--nproc must be >= 1"),
+        (["--mask", "window:5"], "--mask must be none, causal"),
+        (["--heads", "4", "--kv-heads", "3"], "--kv-heads must divide"),
+        (["--repeat", "0"], "--repeat must be >= 1"),
+    ],
+)
+def test_launcher_argument_errors(argv, message, capsys, monkeypatch):
+    from salience.distributed.launch import main
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

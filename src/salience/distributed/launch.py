@@ -2,7 +2,7 @@
 
 Under ``torchrun`` (one process per rank; ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` come from torchrun)::
 
-    torchrun --nproc-per-node 2 -m salience.distributed --seq 16384 --mask causal --layout zigzag
+    torchrun --standalone --nproc-per-node 2 -m salience.distributed --seq 16384 --mask causal --layout zigzag
 
 or without torchrun, spawning ``--nproc`` local processes on gloo over 127.0.0.1::
 

@@ -27,7 +27,8 @@ Example (in each of W processes after ``torch.distributed.init_process_group("gl
     out = ring_attention(q, k, v, mask=masks.causal(), layout="zigzag")  # local (B, H, N / W, D)
     out.sum().backward()
 
-Run ``torchrun --nproc-per-node 2 -m salience.distributed --seq 8192 --mask causal`` for a checked demo.
+Run ``torchrun --standalone --nproc-per-node 2 -m salience.distributed --seq 8192 --mask causal --layout zigzag``
+for a checked demo (:mod:`salience.distributed.launch`).
 """
 
 from __future__ import annotations
