@@ -450,7 +450,7 @@ def _cuts(draw, n, most):
     return [(a, b - a) for a, b in zip(edges[:-1], edges[1:])]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_blocks_merge_to_the_reference(data):
     """Any split of the query and key positions into blocks, computed block by block with global offsets
