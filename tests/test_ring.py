@@ -184,6 +184,16 @@ def _cases_worker(rank, world, port, outdir, mode, victim):
             results[case["name"]] = dict(error=traceback.format_exc())
     first = CASES[0]
     results["gathered"] = gather(results[first["name"]]["out"], layout=first["layout"])
+    # a ring over a subgroup: ranks 0 and world-1 only, in group rank order, global ranks mapped for p2p
+    members = [0, world - 1]
+    sub = dist.new_group(members)
+    if rank in members:
+        gr = members.index(rank)
+        q, k, v, do, _ = _inputs(CASES[1])
+        ql, kl, vl = (shard(t, gr, 2, "zigzag").clone().requires_grad_(True) for t in (q, k, v))
+        out = ring_attention(ql, kl, vl, group=sub, mask=M.causal(), layout="zigzag", timeout=RING_TIMEOUT)
+        out.backward(shard(do, gr, 2, "zigzag"))
+        results["subgroup"] = dict(out=out.detach(), dq=ql.grad, dk=kl.grad, dv=vl.grad)
     # ranks that disagree on the shard shapes: a ValueError on every rank, not a hang
     try:
         n = 8 if rank == 0 else 10
@@ -279,6 +289,19 @@ def test_gather_returns_the_global_tensor_on_every_rank(ring_run):
     whole = unshard([s[first["name"]]["out"] for s in saved], layout=first["layout"])
     for s in saved:
         assert torch.equal(s["gathered"], whole)
+
+
+def test_ring_over_a_subgroup(ring_run):
+    """A 2-rank ring on ranks (0, W-1) of the launch: causal, zigzag, float64, against the reference."""
+    world, _, _, saved, _ = ring_run
+    res = [saved[0]["subgroup"], saved[world - 1]["subgroup"]]
+    q, k, v, do, _ = _inputs(CASES[1])
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    r = salience.reference.attention(qq, kk, vv, mask=M.causal())
+    r.out.backward(do)
+    for key, ref in (("out", r.out.detach()), ("dq", qq.grad), ("dk", kk.grad), ("dv", vv.grad)):
+        got = unshard([x[key] for x in res], layout="zigzag")
+        assert_rel_close(got, ref, ref, what=f"subgroup {key}")
 
 
 def test_ring_mismatched_shards_raise_on_every_rank(ring_run):
