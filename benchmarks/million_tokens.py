@@ -22,5 +22,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     extra = sys.argv[1:]
-    sys.exit(bench.run(parser.parse_args(["--million", "--json", os.path.join(HERE, "results", "million.json")]
-                                         + extra)))
+    argv = ["--million", "--json", os.path.join(HERE, "results", "million.json")] + extra
+    ns = parser.parse_args(argv)
+    ns.command_line = "salience bench " + " ".join(argv)
+    sys.exit(bench.run(ns))

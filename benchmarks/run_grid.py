@@ -41,7 +41,9 @@ def main(argv=None) -> int:
         args += ["--threads", str(a.threads)]
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    rc = bench.run(parser.parse_args(args))
+    ns = parser.parse_args(args)
+    ns.command_line = "salience bench " + " ".join(args)
+    rc = bench.run(ns)
     with open(out + ".json") as f:
         data = json.load(f)
     with open(out + ".md", "w") as f:

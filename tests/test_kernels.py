@@ -43,6 +43,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(spans, "MIN_RUN", 4)
     monkeypatch.setattr(spans, "GENERIC_Q_BLOCK", 16)
     monkeypatch.setattr(spans, "MAX_ROWS_PER_CALL", 48)  # band runs split over several calls
+    monkeypatch.setattr(spans, "MAX_ROWS_PER_CALL_BWD", 96)
     monkeypatch.setattr(dispatch, "TINY", 0)
     yield
 

@@ -46,7 +46,7 @@ class Config:
     """One benchmark configuration (layout (B, H, N, D), self-attention)."""
 
     name: str
-    mask: str = "none"  # none | causal | window | documents | million
+    mask: str = "none"  # none | causal | window | documents
     mod: str = "none"  # none | alibi | softcap
     N: int = 16384
     dtype: str = "f32"
@@ -157,8 +157,8 @@ def _build_meta(cfg):
 # ------------------------------------------------------------------------------------ implementations
 
 
-def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool):
-    """name -> (callable running one call, setup seconds, note)."""
+def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool, only: str | None = None):
+    """name -> (callable running one call, setup seconds, note); ``only`` builds just that implementation."""
     import torch
     import torch.nn.functional as F
 
@@ -187,8 +187,9 @@ def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool):
     def wrap(fn):
         return with_grad(fn) if need_grad else (lambda: fn(q, k, v))
 
-    out["salience"] = (wrap(lambda a, b, c: salience.attention(a, b, c, mask=mask, score_mod=mod)), 0.0, "")
-    if "sdpa" in cfg.peers:
+    if only in (None, "salience"):
+        out["salience"] = (wrap(lambda a, b, c: salience.attention(a, b, c, mask=mask, score_mod=mod)), 0.0, "")
+    if "sdpa" in cfg.peers and only in (None, "sdpa"):
         t0 = time.perf_counter()
         note = ""
         if mask is None and mod is None:
@@ -221,12 +222,12 @@ def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool):
             out["sdpa"] = (wrap(fn), time.perf_counter() - t0, note)
             if no_error:
                 out["sdpa"][0].no_error = True
-    if "flex" in cfg.peers and flex:
+    if "flex" in cfg.peers and flex and only in (None, "flex"):
         try:
             out["flex"] = _flex_impl(cfg, q, k, v, mask, mod, ids, wrap)
         except Exception as e:  # noqa: BLE001 - reported, not hidden
             out["flex"] = (None, 0.0, f"unavailable: {type(e).__name__}: {str(e)[:120]}")
-    if "reference" in cfg.peers:
+    if "reference" in cfg.peers and only in (None, "reference"):
         elt = q.element_size() if q.dtype != torch.bfloat16 else 4
         if cfg.B * cfg.H * cfg.N * cfg.N * elt * 4 <= (2 << 30):
             out["reference"] = (wrap(lambda a, b, c: reference.attention(a, b, c, mask=mask, score_mod=mod).out), 0.0,
@@ -341,24 +342,51 @@ def _worker_time(cfg: Config, flex: bool) -> dict:
     return res
 
 
-def _worker_memory(cfg: Config, impl: str, flex: bool) -> dict:
-    """Peak RSS increase (KiB) of one call of one implementation, measured from a fresh process."""
-    import resource
+def _rss_kib():
+    """(current RSS, peak RSS) of this process in KiB, from /proc (ru_maxrss as a fallback)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    except (OSError, KeyError, ValueError):
+        import resource
 
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak, peak
+
+
+def _reset_peak() -> bool:
+    """Reset the peak-RSS mark to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _worker_memory(cfg: Config, impl: str, flex: bool) -> dict:
+    """Peak RSS increase (KiB) of one call of one implementation, measured in a fresh process after its set-up
+    (inputs, dense masks, compiled kernels) with the peak mark reset, so set-up does not hide the call's peak."""
     q, k, v, mask, mod, ids = _build(cfg)
-    before_inputs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    impls = _impls(cfg, q, k, v, mask, mod, ids, flex and impl == "flex")
+    impls = _impls(cfg, q, k, v, mask, mod, ids, flex and impl == "flex", only=impl)
     fn = impls.get(impl, (None,))[0]
     if fn is None:
         return {"impl": impl, "peak_kib": None}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import gc
+
+    gc.collect()
+    exact = _reset_peak()
+    before, _ = _rss_kib()
     t0 = time.perf_counter()
     fn()
     dt = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _, peak = _rss_kib()
     nbytes = sum(t.numel() * t.element_size() for t in (q, k, v)) * 4 // 3  # q, k, v and the output
-    return {"impl": impl, "peak_kib": after - before, "setup_kib": before - before_inputs,
-            "process_peak_kib": after, "qkvo_kib": nbytes // 1024, "seconds": dt}
+    # what every implementation must hold at the end: the output (+ its gradient and dq, dk, dv for fwd+bwd)
+    held = q.numel() * q.element_size() * (5 if cfg.mode == "fwdbwd" else 1)
+    return {"impl": impl, "peak_kib": peak - before, "working_kib": peak - before - held // 1024,
+            "process_peak_kib": peak, "qkvo_kib": nbytes // 1024, "seconds": dt, "peak_reset": exact}
 
 
 def _spawn(args: list, timeout: float) -> dict:
@@ -389,6 +417,7 @@ def run_config(cfg: Config, *, flex: bool = False, memory: bool | str = True, ti
                        + (["--flex"] if flex else []) + th, timeout)
             if m.get("peak_kib") is not None:
                 e["peak_mib"] = m["peak_kib"] / 1024
+                e["working_mib"] = m["working_kib"] / 1024
                 e["process_peak_mib"] = m["process_peak_kib"] / 1024
                 e["qkvo_mib"] = m["qkvo_kib"] / 1024
     return res
@@ -399,12 +428,12 @@ def run_config(cfg: Config, *, flex: bool = False, memory: bool | str = True, ti
 
 def format_table(results: list) -> str:
     """A markdown table: one row per (config, implementation)."""
-    head = ("| config | impl | median ms | useful GFLOP/s | time / salience | peak MiB | max err | note |\n"
-            "|---|---|---:|---:|---:|---:|---:|---|")
+    head = ("| config | impl | median ms | useful GFLOP/s | time / salience | peak MiB | working MiB | max err | note |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---|")
     rows = [head]
     for r in results:
         if "impls" not in r:
-            rows.append(f"| {r.get('label', '?')} | error | | | | | | {r.get('error', '')[:80]!r} |")
+            rows.append(f"| {r.get('label', '?')} | error | | | | | | | {r.get('error', '')[:80]!r} |")
             continue
         for name, e in r["impls"].items():
             def f(key, fmt, e=e):
@@ -413,7 +442,8 @@ def format_table(results: list) -> str:
             if name == "flex" and e.get("setup_s"):
                 note = (note + f"; compile {e['setup_s']:.1f} s").strip("; ")
             rows.append(f"| {r['label']} | {name} | {f('median_ms', '.1f')} | {f('gflops_useful', '.1f')} | "
-                        f"{f('speedup_vs_salience', '.2f')} | {f('peak_mib', '.1f')} | {f('max_err', '.1e')} | "
+                        f"{f('speedup_vs_salience', '.2f')} | {f('peak_mib', '.1f')} | {f('working_mib', '.1f')} | "
+                        f"{f('max_err', '.1e')} | "
                         f"{note} |")
     return "\n".join(rows)
 
@@ -539,8 +569,10 @@ def run(args) -> int:
     print(table)
     total = time.perf_counter() - t0
     print(f"\n{len(configs)} configs in {total:.0f} s; median of repeats; 'time / salience' > 1 means salience is "
-          "faster; peak MiB = RSS increase of one call in a fresh process.")
-    meta = {"command": "salience bench " + " ".join(a for a in sys.argv[2:] if a), "seconds": total,
+          "faster; peak MiB = peak RSS increase of one call in a fresh process (after set-up); working MiB = that "
+          "minus the output (and, fwd+bwd, its gradient and dq, dk, dv), which every implementation holds.")
+    cmd = getattr(args, "command_line", None) or "salience bench " + " ".join(a for a in sys.argv[2:] if a)
+    meta = {"command": cmd, "seconds": total,
             "threads": args.threads,
             "torch": __import__("torch").__version__, "cpu_count": os.cpu_count(),
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}

@@ -48,8 +48,10 @@ BAND_Q_BLOCK_BWD = {torch.float32: 192, torch.float64: 192, torch.bfloat16: 256,
 GENERIC_Q_BLOCK = 64
 #: runs shorter than this are computed as irregular rows
 MIN_RUN = 16
-#: at most this many query rows per fused call on band runs (bounds temporaries on very long inputs)
-MAX_ROWS_PER_CALL = 32768
+#: at most this many query rows per fused call on band runs (bounds temporaries: the forward's output block,
+#: the backward's key-window gradients)
+MAX_ROWS_PER_CALL = 8192
+MAX_ROWS_PER_CALL_BWD = 2048
 
 
 # ------------------------------------------------------------------------------------------ mask analysis
@@ -469,7 +471,7 @@ def _run_backward(call: _Call, ctx: _Tensors, out, lse, dout, dlse, scale, dq, d
             if nrows == 0:
                 continue
             mask = _band_mask_cached(bq, width, mdt, q.device)
-            per = max(1, MAX_ROWS_PER_CALL // bq)
+            per = max(1, MAX_ROWS_PER_CALL_BWD // bq)
             for t0 in range(0, nrows // bq, per):
                 nb = min(per, nrows // bq - t0)
                 _band_backward_call(ctx, qc, kc, vc, b0, b1, rs0 + t0 * bq, ks0 + t0 * bq, nb, bq, bq - 1 + width,
