@@ -14,7 +14,7 @@ are all hidden from this rank's queries are skipped; the others are computed by 
 functions (:func:`salience.kernels.blockwise.block_forward` / ``block_backward``), which take global
 offsets and use the fastest exact path (torch's fused CPU kernel for full blocks and causal diagonals).
 
-Works with gloo (CPU) and NCCL (GPU). Every rank must call
+Tested with gloo (CPU); written for NCCL (GPU) too, but not run on one yet. Every rank must call
 :func:`ring_attention` (and the backward) the same number of times with the same mask, score_mod and
 layout, like any collective.
 
