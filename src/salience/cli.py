@@ -15,6 +15,9 @@ COMMANDS = {
     "demo": ("salience.demos.cli", "evidence for attention: accuracy on long sequences, alignment, time and memory"),
     "explain": ("salience.explain", "what a model attends to: HTML report, PNGs, faithfulness table"),
     "bench": ("salience.bench", "time and memory of salience against torch SDPA, FlexAttention and the reference"),
+    "ring": ("salience.distributed.launch",
+             "ring attention across processes: time and memory per rank, checked against one process"),
+    "measure-layers": ("salience.layers.measure", "error and cost of the efficient attention layers"),
 }
 
 
