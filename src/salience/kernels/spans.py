@@ -51,7 +51,7 @@ MIN_RUN = 16
 #: at most this many query rows per fused call on band runs (bounds temporaries: the forward's output block,
 #: the backward's key-window gradients)
 MAX_ROWS_PER_CALL = 8192
-MAX_ROWS_PER_CALL_BWD = 2048
+MAX_ROWS_PER_CALL_BWD = 1024
 
 
 # ------------------------------------------------------------------------------------------ mask analysis
@@ -247,6 +247,33 @@ class SpanPlan:
     computed: int = 0
     visible: int = 0
 
+    def _intervals(self, which: str) -> list:
+        """Row intervals (b0, b1, r0, r1) that no segment covers ("uncovered") or that no band call covers
+        ("not_band"), computed once."""
+        cache = self.__dict__.setdefault("_interval_cache", {})
+        if which in cache:
+            return cache[which]
+        cov = torch.zeros(self.B, self.L + 1, dtype=torch.bool)
+        for b0, b1, r0, r1, _ in self.segments:
+            cov[b0:b1, r0:r1] = True
+        band = torch.zeros(self.B, self.L + 1, dtype=torch.bool)
+        for c in self.calls:
+            if c.kind == "band":
+                b0, b1, r0 = c.pieces[0][:3]
+                band[b0:b1, r0:r0 + c.nblocks * c.q_block] = True
+        for name, m in (("uncovered", cov), ("not_band", band)):
+            out = []
+            rows = [m[b] for b in range(self.B)]
+            same = all(torch.equal(rows[0], r) for r in rows[1:])
+            for b in ([0] if same else range(self.B)):
+                flip = torch.nonzero(rows[b][1:] != rows[b][:-1]).view(-1) + 1
+                edges = [0] + flip.tolist() + [self.L]
+                for a, z in zip(edges[:-1], edges[1:]):
+                    if z > a and not bool(rows[b][a]):
+                        out.append((0, self.B, a, z) if same else (b, b + 1, a, z))
+            cache[name] = out
+        return cache[which]
+
     @property
     def efficiency(self) -> float:
         """visible / computed (1.0 = no wasted work)."""
@@ -265,7 +292,9 @@ class SpanPlan:
         B, H, L, _ = q.shape
         Dv = v.shape[-1]
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = q.new_zeros(B, H, L, Dv)
+        out = q.new_empty(B, H, L, Dv)
+        for b0, b1, r0, r1 in self._intervals("uncovered"):  # rows no call writes: no visible key
+            out[b0:b1, :, r0:r1] = 0
         lse = torch.full((B, H, L), float("-inf"), dtype=acc, device=q.device)
         pending = {}
         ctx = _Tensors(q, k, v)
@@ -297,7 +326,9 @@ class SpanPlan:
     def backward(self, q, k, v, out, lse, dout, dlse, scale: float):
         """``(dq, dk, dv)`` given the output and logsumexp of :meth:`forward` and their gradients."""
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dq = torch.empty(q.shape, dtype=acc, device=q.device)
+        for b0, b1, r0, r1 in self._intervals("not_band"):  # band rows are assigned, the others accumulate
+            dq[b0:b1, :, r0:r1] = 0
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
         ctx = _Tensors(q, k, v)
@@ -433,7 +464,7 @@ def _band_backward_call(ctx, qc, kc, vc, b0, b1, rs, ks0, nb, qb, nk, mask, out,
     do_ = dout[b0:b1, :, rs:rs + nrow].reshape(*shp, -1)
     dl_ = None if dlse is None else dlse[b0:b1, :, rs:rs + nrow].reshape(shp)
     gq, gk, gv = fused.backward(do_, qw, kw, vw, o_, l_, scale=scale, bias=mask, dlse=dl_)
-    dq[b0:b1, :, rs:rs + nrow] += gq.reshape(b1 - b0, H, nrow, -1)
+    dq[b0:b1, :, rs:rs + nrow] = gq.reshape(b1 - b0, H, nrow, -1)  # band rows get exactly one write
     _add_windows(dk, gk, b0, b1, ks0, nb, qb, nk, Hkv)
     _add_windows(dv, gv, b0, b1, ks0, nb, qb, nk, Hkv)
 
