@@ -154,3 +154,24 @@ def test_flex_attention_means_the_same(mask):
     visible = fm.any(-1)  # flex leaves fully masked rows undefined-ish; compare rows with a visible key
     assert torch.allclose(out_flex[visible], ref.out[visible], atol=1e-12)
     assert torch.allclose(salience.attention(q, k, v, mask=mask)[visible], ref.out[visible], atol=1e-12)
+
+
+@pytest.mark.parametrize("mask", [M.causal(), M.causal(align="bottom_right"), M.sliding_window(3, 2),
+                                  M.document(IDS), M.prefix_lm(4), M.global_tokens([1, 9]),
+                                  M.causal() & M.document(IDS)], ids=repr)
+def test_shift_is_the_global_mask_seen_from_a_block(mask):
+    from salience.blocks import BlockMask, _evaluate_classes
+
+    whole = mask.to_dense(1, 1, L, S)[0, 0]
+    for q0, k0, lq, lk in ((3, 2, 6, 7), (0, 5, 13, 8), (7, 0, 6, 13)):
+        m = M.shift(mask, q0, k0, L, S)
+        assert torch.equal(m.to_dense(1, 1, lq, lk)[0, 0], whole[q0:q0 + lq, k0:k0 + lk])
+        bm = BlockMask.from_mask(m, 1, 1, lq, lk, q_block=2, kv_block=3)
+        truth = _evaluate_classes(m.bind(lq, lk), 1, 1, lq, lk, 2, 3, None)
+        got = bm.classes.expand_as(truth)
+        assert not bool(((got != truth) & (got != 1)).any())
+
+
+def test_shift_errors():
+    with pytest.raises(ValueError, match="q_offset"):
+        M.shift(M.causal(), -1, 0)

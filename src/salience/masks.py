@@ -46,6 +46,7 @@ __all__ = [
     "block_diagonal",
     "random_blocks",
     "dense",
+    "shift",
 ]
 
 _ALIGNS = ("top_left", "bottom_right")
@@ -712,3 +713,53 @@ def _unbound(binder) -> MaskMod:
     m._binder = binder
     return m
 
+
+
+def shift(mask, q_offset: int, kv_offset: int, L_total: int | None = None, S_total: int | None = None) -> MaskMod:
+    """The mask of one block of a larger problem, in the block's local indices.
+
+    The block's first query is global row ``q_offset`` and its first key global key ``kv_offset``; ``mask``
+    is written for the whole problem of ``L_total`` queries and ``S_total`` keys (default: the block ends
+    the problem, ``offset + block length``), so bottom-right alignment refers to the whole problem. The result
+    evaluates ``mask(b, h, q + q_offset, kv + kv_offset)``; named masks keep their analytic tile
+    classification (the tiles are shifted too) and band masks their ``band``. Used by KV caches, chunked
+    and distributed computation.
+
+    Example:
+        >>> m = shift(sliding_window(1), 3, 2, 6, 6)
+        >>> m.to_dense(1, 1, 2, 3)[0, 0].int().tolist(), m.bind(2, 3).band
+        ([[1, 1, 0], [0, 1, 1]], (0, 1))
+    """
+    m = as_mask_mod(mask)
+    for argname, val in (("q_offset", q_offset), ("kv_offset", kv_offset)):
+        _check_int(val, argname)
+    if q_offset == 0 and kv_offset == 0 and L_total is None and S_total is None:
+        return m
+    name = f"{m.name} @ (q+{q_offset}, kv+{kv_offset})"
+
+    def binder(L, S, device):
+        Lg = L_total if L_total is not None else (None if L is None else q_offset + L)
+        Sg = S_total if S_total is not None else (None if S is None else kv_offset + S)
+        inner = m.bind(Lg, Sg, device) if Lg is not None and Sg is not None else m
+
+        def fn(b, h, q, kv):
+            return inner(b, h, q + q_offset, kv + kv_offset)
+
+        tiles = None
+        if inner._tiles is not None:
+
+            def tiles(ctx):
+                g = TileContext(ctx.B, ctx.H, Lg, Sg, ctx.q_start + q_offset, ctx.q_end + q_offset,
+                                ctx.k_start + kv_offset, ctx.k_end + kv_offset, ctx.device)
+                return inner._tiles(g)
+
+        out = MaskMod(fn if inner.fn is not None else None, name, tiles=tiles, relative=m.relative)
+        band = getattr(inner, "band", None)
+        if band is not None:  # lo <= kv_idx - q_idx <= hi in local indices
+            d = q_offset - kv_offset
+            out.band = (None if band[0] is None else band[0] + d, None if band[1] is None else band[1] + d)
+        return out
+
+    out = _unbound(binder)
+    out.relative = m.relative
+    return out

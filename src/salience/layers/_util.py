@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from ..masks import MaskMod, TileContext, as_mask_mod, causal, dense, padding
+from ..masks import MaskMod, causal, dense, padding
+from ..masks import shift as _shift
 from ..scores import ScoreMod, as_score_mod
 
 __all__ = [
@@ -70,33 +71,7 @@ def shift_mask(mask, q_offset: int, kv_offset: int, L_total: int, S_total: int) 
         >>> m.to_dense(1, 1, 2, 3)[0, 0].int().tolist(), m.bind(2, 3).band
         ([[1, 1, 0], [0, 1, 1]], (0, 1))
     """
-    m = as_mask_mod(mask)
-    if q_offset == 0 and kv_offset == 0 and getattr(m, "_binder", None) is None:
-        return m
-    name = f"{m.name} @ (q+{q_offset}, kv+{kv_offset})"
-
-    def binder(L, S, device):
-        inner = m.bind(L_total, S_total, device)
-
-        def fn(b, h, q, kv):
-            return inner(b, h, q + q_offset, kv + kv_offset)
-
-        def tiles(ctx):
-            c2 = TileContext(ctx.B, ctx.H, L_total, S_total, ctx.q_start + q_offset, ctx.q_end + q_offset,
-                             ctx.k_start + kv_offset, ctx.k_end + kv_offset, ctx.device)
-            return inner.tile_bounds(c2)
-
-        has_tiles = getattr(inner, "_tiles", None) is not None
-        out = MaskMod(fn, name, tiles=tiles if has_tiles else None, relative=m.relative)
-        band = getattr(inner, "band", None)
-        if band is not None:  # lo <= kv_idx - q_idx <= hi, the attribute the kernels read for band masks
-            d = q_offset - kv_offset
-            out.band = (None if band[0] is None else band[0] + d, None if band[1] is None else band[1] + d)
-        return out
-
-    out = MaskMod(None, name, binder=binder)
-    out.relative = m.relative
-    return out
+    return _shift(mask, q_offset, kv_offset, L_total, S_total)
 
 
 def shift_score_mod(mod, q_offset: int, kv_offset: int = 0) -> ScoreMod:
