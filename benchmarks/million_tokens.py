@@ -24,5 +24,5 @@ if __name__ == "__main__":
     extra = sys.argv[1:]
     argv = ["--million", "--json", os.path.join(HERE, "results", "million.json")] + extra
     ns = parser.parse_args(argv)
-    ns.command_line = "salience bench " + " ".join(argv)
+    ns.command_line = "salience bench --million --json benchmarks/results/million.json " + " ".join(extra)
     sys.exit(bench.run(ns))

@@ -42,12 +42,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     ns = parser.parse_args(args)
-    ns.command_line = "salience bench " + " ".join(args)
+    root = os.path.dirname(HERE)
+    ns.command_line = "salience bench " + " ".join(os.path.relpath(a, root) if a.startswith(root) else a for a in args)
     rc = bench.run(ns)
     with open(out + ".json") as f:
         data = json.load(f)
     with open(out + ".md", "w") as f:
-        f.write(f"Command: `{' '.join(['salience bench'] + args)}`\n\n")
+        f.write(f"Command: `{ns.command_line}` (via `benchmarks/run_grid.py`)\n\n")
         f.write(f"Machine: {data['meta']['cpu_count']} CPUs, torch {data['meta']['torch']}, load average at the end "
                 f"{data['meta']['loadavg']}\n\n")
         f.write(bench.format_table(data["results"]) + "\n")

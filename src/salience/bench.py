@@ -454,17 +454,15 @@ def _plot(results: list, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, series = [], {}
-    for r in results:
-        if "impls" not in r:
-            continue
-        labels.append(r["label"])
-        for name, e in r["impls"].items():
-            series.setdefault(name, []).append(e.get("gflops_useful") or 0.0)
+    ok = [r for r in results if "impls" in r]
+    labels = [r["label"] for r in ok]
+    names = []
+    for r in ok:
+        names += [n for n, e in r["impls"].items() if n not in names and e.get("gflops_useful")]
+    series = {n: [(r["impls"].get(n) or {}).get("gflops_useful") or 0.0 for r in ok] for n in names}
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4.5))
     width = 0.8 / max(1, len(series))
     for i, (name, vals) in enumerate(series.items()):
-        vals = vals + [0.0] * (len(labels) - len(vals))
         ax.bar([x + i * width for x in range(len(labels))], vals, width, label=name)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))])
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
