@@ -324,10 +324,10 @@ def test_mask_cache_is_keyed_by_tile_offset_only_for_relative_masks():
     q, k, v, _, _ = _inputs(B=1, H=1, Hkv=1)
     rel = blockwise.TileKernel(1, 1, L0, L0, mask=M.sliding_window(20), scale=0.25)
     rel.forward(q, k, v)
-    assert rel.relative and all(len(key) == 3 for key in rel._cache)
+    assert rel.relative and all(len(key) == 4 for key in rel._cache)  # (offset, rows, keys, reversed)
     nonrel = blockwise.TileKernel(1, 1, L0, L0, mask=M.prefix_lm(40) & M.dilated(2), scale=0.25)
     nonrel.forward(q, k, v)
-    assert not nonrel.relative and all(len(key) == 4 for key in nonrel._cache)
+    assert not nonrel.relative and all(len(key) == 5 for key in nonrel._cache)  # (row, key, rows, keys, reversed)
 
 
 # ------------------------------------------------------------------------------------- block API
@@ -416,6 +416,8 @@ def test_plan_reports_path_and_skipped_share():
     assert salience.plan(q, q, q, mask=M.causal()).details["skipped"] > 0.49
     assert salience.plan(q, q, q, mask=M.causal(), score_mod=Sc.alibi(2)).backend == "spans"
     assert salience.plan(q, q, q, mask=M.causal(), score_mod=Sc.softcap(3.0)).backend == "blockwise"
+    p = salience.plan(q, q, q, mask=M.dilated(2), score_mod=Sc.alibi(2))  # bias as a Toeplitz view, not evaluated
+    assert p.backend == "blockwise" and p.executor.kernel.g is not None and p.executor.kernel.g.shape == (2, 2047)
     assert salience.plan(q, q, q, compatibility=Sc.Additive(16)).backend == "reference"
 
 

@@ -188,7 +188,7 @@ class TileKernel:
 
     def __init__(self, B, H, L, S, *, mask=None, score_mod=None, scale: float, q_offset: int = 0, kv_offset: int = 0,
                  q_len: int | None = None, kv_len: int | None = None, device=None, grad_tensors=(),
-                 q_tile: int | None = None, kv_tile: int | None = None):
+                 q_tile: int | None = None, kv_tile: int | None = None, relative_bias=None, bias_dtype=None):
         q_tile = Q_TILE if q_tile is None else q_tile
         kv_tile = KV_TILE if kv_tile is None else kv_tile
         self.B, self.H, self.L, self.S = B, H, L, S
@@ -202,6 +202,17 @@ class TileKernel:
             self.mod = score_mod.to(device) if device is not None else score_mod
             self.form = ("generic", self.mod)
         self.grad_tensors = tuple(grad_tensors)
+        self.g = None
+        if relative_bias is not None:
+            if score_mod is not None:
+                raise ValueError("TileKernel takes a score_mod or a relative_bias, not both.")
+            # one vector per head over d = kv_idx - q_idx; with each tile's rows taken in reverse order the bias
+            # of a (rows x keys) chunk is the strided view g[h, c + i' + j] (a Toeplitz matrix), never built
+            d = torch.arange(kv_offset - q_offset - L + 1, kv_offset - q_offset + S, device=device)
+            g = relative_bias(d)
+            g = g.unsqueeze(0) if g.dim() == 1 else g
+            self.g = g.to(bias_dtype or torch.float32).contiguous()
+            self.form = ("bias", None)
         self.q_tile, self.kv_tile = q_tile, kv_tile
         self.device = device
         self.block_mask = None
@@ -248,13 +259,15 @@ class TileKernel:
         return 1.0 - self.computed / max(1, self.L * self.S)
 
     def _hidden(self, r0: int, r1: int, a: int, b: int):
-        """Bool (Bm, Hm, r1-r0, b-a): True where the mask hides the key (local rows r0:r1, keys a:b)."""
-        key = (a - r0, r1 - r0, b - a) if self.relative else (r0, a, r1 - r0, b - a)
+        """Bool (Bm, Hm, r1-r0, b-a): True where the mask hides the key (local rows r0:r1, keys a:b); rows in
+        reverse order when the kernel runs with a Toeplitz bias."""
+        rev = self.g is not None
+        key = (a - r0, r1 - r0, b - a, rev) if self.relative else (r0, a, r1 - r0, b - a, rev)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
         dev = self.device
-        qi = torch.arange(r0, r1, device=dev).view(1, 1, -1, 1)
+        qi = (torch.arange(r1 - 1, r0 - 1, -1, device=dev) if rev else torch.arange(r0, r1, device=dev)).view(1, 1, -1, 1)
         ki = torch.arange(a, b, device=dev).view(1, 1, 1, -1)
         vis = self.local_mask(self._bidx, self._hidx, qi, ki)
         vis = torch.as_tensor(vis)
@@ -273,7 +286,11 @@ class TileKernel:
         aux = None
         form = self.form
         if form is not None:
-            if form[0] == "softcap":
+            if form[0] == "bias":  # rows of qt are reversed: the bias is a positive-stride view of g
+                n = self.g.shape[-1]
+                off = self.g.storage_offset() + k0 - r1 + self.L
+                s.add_(self.g.as_strided((1, self.g.shape[0], r1 - r0, k1 - k0), (0, n, 1, 1), off))
+            elif form[0] == "softcap":
                 s.tanh_()  # q was pre-scaled by scale / cap
                 if need_aux:
                     aux = s.clone()
@@ -309,6 +326,7 @@ class TileKernel:
         out = torch.zeros(B, H, L, Dv, dtype=q.dtype, device=q.device)
         lse = torch.full((B, H, L), float("-inf"), dtype=acc, device=q.device)
         qs = self._q_scale()
+        rev = self.g is not None
         fixed_max = self.form is not None and self.form[0] == "softcap" and self.form[1] <= (
             SOFTCAP_FIXED_MAX_F64 if acc == torch.float64 else SOFTCAP_FIXED_MAX)
         with torch.no_grad():
@@ -317,6 +335,8 @@ class TileKernel:
                     continue
                 r0, r1 = i * self.q_tile, min(L, (i + 1) * self.q_tile)
                 qt = q[:, :, r0:r1].to(acc) * qs
+                if rev:
+                    qt = qt.flip(2)
                 m = l = o = None
                 for k0, k1, partial in chunks:
                     s, _ = self._scores(qt, ke[:, :, k0:k1], r0, r1, k0, k1, partial)
@@ -346,9 +366,11 @@ class TileKernel:
                     m = m_new
                     m_s = m_safe
                 nonzero = l > 0
-                lse[:, :, r0:r1] = torch.where(nonzero, m_s + torch.log(torch.where(nonzero, l, torch.ones_like(l))),
-                                               torch.full_like(l, float("-inf")))
-                out[:, :, r0:r1] = (o / torch.where(nonzero, l, torch.ones_like(l)).unsqueeze(-1)).to(q.dtype)
+                lt = torch.where(nonzero, m_s + torch.log(torch.where(nonzero, l, torch.ones_like(l))),
+                                 torch.full_like(l, float("-inf")))
+                ot = (o / torch.where(nonzero, l, torch.ones_like(l)).unsqueeze(-1)).to(q.dtype)
+                lse[:, :, r0:r1] = lt.flip(-1) if rev else lt
+                out[:, :, r0:r1] = ot.flip(2) if rev else ot
         return out, lse
 
     # -- backward -----------------------------------------------------------------------------------
@@ -370,16 +392,19 @@ class TileKernel:
             delta = delta - dlse.to(acc)
         lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(acc)
         qs = self._q_scale()
+        rev = self.g is not None
         generic = self.form is not None and self.form[0] == "generic"
         for i, chunks in enumerate(self.plan):
             if not chunks:
                 continue
             r0, r1 = i * self.q_tile, min(L, (i + 1) * self.q_tile)
             qt = q[:, :, r0:r1].to(acc)
-            qt_s = qt * qs
             do_t = do[:, :, r0:r1]
             dlt = delta[:, :, r0:r1].unsqueeze(-1)
             lt = lse_safe[:, :, r0:r1].unsqueeze(-1)
+            if rev:  # the Toeplitz bias works on rows in reverse order
+                qt, do_t, dlt, lt = qt.flip(2), do_t.flip(2), dlt.flip(2), lt.flip(2)
+            qt_s = qt * qs
             for k0, k1, partial in chunks:
                 kc, vc = ke[:, :, k0:k1], ve[:, :, k0:k1]
                 with torch.no_grad():
@@ -399,7 +424,8 @@ class TileKernel:
                             extra[t] = g if extra[t] is None else extra[t] + g
                 with torch.no_grad():
                     ds = ds * self.scale
-                    dq[:, :, r0:r1] += torch.matmul(ds, kc)
+                    dqt = torch.matmul(ds, kc)
+                    dq[:, :, r0:r1] += dqt.flip(2) if rev else dqt
                     dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qt)
         if Hkv != H:
             dk = dk.view(B, Hkv, H // Hkv, *dk.shape[2:]).sum(2)

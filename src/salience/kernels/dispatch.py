@@ -404,8 +404,13 @@ def choose(q, k, v, *, mask, score_mod, compatibility, need_lse: bool, backend: 
             f"backend='spans' needs a mask whose visible keys form one interval per query row (got {m!r}) and no "
             f"score_mod other than temperature/alibi/relative_bias on a band mask (got {score_mod!r}); use "
             "backend=None or 'blockwise'.")
-    tk = TileKernel(B, H, L, S, mask=m, score_mod=mod_rest, scale=eff_scale if mod_rest is None else sc,
-                    q_offset=q_offset, kv_offset=kv_offset, q_len=Lg, kv_len=Sg, device=dev, grad_tensors=gtensors)
+    common = dict(q_offset=q_offset, kv_offset=kv_offset, q_len=Lg, kv_len=Sg, device=dev)
+    if biases and not gtensors:  # relative additive bias: a Toeplitz view per tile, never evaluated per tile
+        tk = TileKernel(B, H, L, S, mask=m, scale=eff_scale, bias_dtype=_acc_dtype(q.dtype),
+                        relative_bias=_bias_fn(biases, H, Lg, dev, _acc_dtype(q.dtype)), **common)
+    else:
+        tk = TileKernel(B, H, L, S, mask=m, score_mod=mod_rest, scale=eff_scale if mod_rest is None else sc,
+                        grad_tensors=gtensors, **common)
     det = {"skipped": round(tk.skipped_fraction(), 4)}
     if tk.block_mask is not None:
         det["tiles"] = tk.block_mask.counts()
