@@ -93,6 +93,8 @@ class MaskMod:
             (that only costs work, never correctness).
         relative: True when the predicate depends only on ``kv_idx - q_idx`` (for one call's L and S),
             which lets kernels cache a tile's mask per tile offset.
+
+    Combinations carry ``parts``: ``("&", a, b)``, ``("|", a, b)`` or ``("~", a)`` with bound operands.
         binder: optional ``binder(L, S, device) -> MaskMod`` for masks whose meaning depends on the
             sizes (bottom-right causal) or that hold tensors to move to the device.
     """
@@ -256,7 +258,9 @@ def _combine(a: MaskMod, b: MaskMod, op: str) -> MaskMod:
                     return a_any & b_any, a_all & b_all
                 return a_any | b_any, a_all | b_all
 
-        return MaskMod(fn, name, tiles=tiles, relative=ma.relative and mb.relative)
+        out = MaskMod(fn, name, tiles=tiles, relative=ma.relative and mb.relative)
+        out.parts = (op, ma, mb)  # the structure, for kernels that recognise combinations
+        return out
 
     out = make(a, b) if (a.fn is not None and b.fn is not None) else MaskMod(None, name)
     if sized:
@@ -276,7 +280,9 @@ def _invert(a: MaskMod) -> MaskMod:
                 a_any, a_all = ma._tiles(ctx)
                 return ~a_all, ~a_any
 
-        return MaskMod(lambda b, h, q, kv: ~ma(b, h, q, kv), name, tiles=tiles, relative=ma.relative)
+        out = MaskMod(lambda b, h, q, kv: ~ma(b, h, q, kv), name, tiles=tiles, relative=ma.relative)
+        out.parts = ("~", ma)
+        return out
 
     out = make(a) if a.fn is not None else MaskMod(None, name)
     if a._binder is not None:

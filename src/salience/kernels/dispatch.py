@@ -367,6 +367,15 @@ def choose(q, k, v, *, mask, score_mod, compatibility, need_lse: bool, backend: 
                         _SdpaExec(False, eff_scale))
         return Plan("sdpa", "top-left causal: torch's fused kernel with is_causal",
                     {"skipped": round(1 - (L + 1) / (2 * S), 4) if L <= S else 0.5}, _SdpaExec(True, eff_scale))
+    kp = _key_padding(m, B, S) if (mod_rest is None and backend is None and fused_ok and q_offset == 0
+                                   and kv_offset == 0 and (Lg, Sg) == (L, S)) else None
+    if kp is not None:  # key padding (optionally & top-left causal): one fused call with a (B, 1, 1, S) mask
+        keep, causal_too = kp
+        bias = torch.zeros(B, 1, 1, S, dtype=fused.bias_dtype(q.dtype, True), device=dev).masked_fill_(
+            ~keep.view(B, 1, 1, S), float("-inf"))
+        return Plan("sdpa", "key padding: torch's fused kernel with a compact (B, 1, 1, S) key mask",
+                    {"skipped": round(1 - float(keep.float().mean()), 4), "key_mask_bytes": bias.numel() * bias.element_size()},
+                    _SdpaExec(causal_too, eff_scale, bias))
     if plain and backend in (None, "sdpa") and not fused_ok and not need_lse:
         return Plan("sdpa", f"no fused CPU kernel for {q.dtype} on {q.device}: torch SDPA (no logsumexp)",
                     {"skipped": 0.0, "torch_sdpa": True, "causal": aligned_causal, "scale": eff_scale})
@@ -417,6 +426,29 @@ def choose(q, k, v, *, mask, score_mod, compatibility, need_lse: bool, backend: 
     reason = "forced by backend=" if backend == "blockwise" else (
         "general mask/score_mod: online softmax over non-empty tiles")
     return Plan("blockwise", reason, det, _TileExec(tk))
+
+
+def _key_padding(m, B: int, S: int):
+    """``(keep (B, S) bool, causal)`` when ``m`` is ``padding(kv_lengths=...)``, alone or ``&`` top-left causal,
+    with every batch row keeping at least one key; else None. Such masks need no per-row span work: torch's
+    fused kernel takes a compact key mask at about the cost of no mask."""
+    causal_too = False
+    parts = getattr(m, "parts", None)
+    if parts is not None and parts[0] == "&":
+        _, a, b = parts
+        if _is_top_left_causal(a):
+            m, causal_too = b, True
+        elif _is_top_left_causal(b):
+            m, causal_too = a, True
+        else:
+            return None
+    kind = getattr(m, "kind", None)
+    if not (isinstance(kind, tuple) and kind[0] == "padding" and kind[1] is None and kind[2] is not None):
+        return None
+    kl = kind[2]
+    if kl.numel() != B or bool((kl <= 0).any()):
+        return None
+    return torch.arange(S, device=kl.device).view(1, S) < kl.view(B, 1), causal_too
 
 
 def _dense_shifted(m, B, H, L, S, q_offset, kv_offset, dev):

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import masks as _masks
 from . import fused
 
 __all__ = ["row_spans", "mask_parts", "relative_band", "SpanPlan", "plan_spans", "BiasPlan"]
@@ -57,41 +56,12 @@ MAX_ROWS_PER_CALL_BWD = 1024
 # ------------------------------------------------------------------------------------------ mask analysis
 
 
-def _probe_codes():
-    a, b = _masks.causal(), _masks.full()
-    codes = {}
-    for op, m in (("&", a & b), ("|", a | b), ("~", ~a)):
-        fn = getattr(m, "fn", None)
-        if fn is not None and hasattr(fn, "__code__"):
-            codes[fn.__code__] = op
-    return codes
-
-
-_COMBINATOR_CODES = _probe_codes()
-
-
 def mask_parts(m):
     """``(op, part, part)`` for ``a & b`` / ``a | b``, ``("~", part)`` for ``~a``, or None.
 
-    Uses a ``parts`` attribute when the mask has one, otherwise reads the operands out of the combinator's
-    closure (recognised by its code object, so anything unrecognised simply gives None).
+    Read from the ``parts`` attribute that :mod:`salience.masks` combinators set on their bound results.
     """
-    parts = getattr(m, "parts", None)
-    if parts is not None:
-        return tuple(parts)
-    fn = getattr(m, "fn", None)
-    code = getattr(fn, "__code__", None)
-    op = _COMBINATOR_CODES.get(code)
-    if op is None or fn.__closure__ is None:
-        return None
-    cells = dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__)))
-    if op == "~":
-        a = cells.get("ma")
-        return ("~", a) if isinstance(a, _masks.MaskMod) else None
-    a, b = cells.get("ma"), cells.get("mb")
-    if isinstance(a, _masks.MaskMod) and isinstance(b, _masks.MaskMod):
-        return (op, a, b)
-    return None
+    return getattr(m, "parts", None)
 
 
 def _band_of(m):
