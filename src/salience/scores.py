@@ -140,6 +140,7 @@ def compose(*mods) -> ScoreMod:
         pointwise=all(m.pointwise for m in ms),
     )
     out._mover = lambda dev: compose(*(m.to(dev) for m in ms))
+    out.parts = tuple(ms)  # the components in order, for kernels that recognise them
     return out
 
 

@@ -77,28 +77,11 @@ class Plan:
 # ----------------------------------------------------------------------------------------- score mods
 
 
-def _probe_compose_code():
-    from ..scores import compose, temperature
-
-    fn = compose(temperature(1.0), temperature(2.0)).fn
-    return getattr(fn, "__code__", None)
-
-
-_COMPOSE_CODE = _probe_compose_code()
-
-
 def _mod_parts(mod):
     """The component mods of a composition, in order (a mod that is not a composition: [mod])."""
     parts = getattr(mod, "parts", None)
     if parts is not None:
         return [p for m in parts for p in _mod_parts(m)]
-    fn = getattr(mod, "fn", None)
-    code = getattr(fn, "__code__", None)
-    if code is not None and code is _COMPOSE_CODE and fn.__closure__:
-        cells = dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__)))
-        ms = cells.get("ms")
-        if isinstance(ms, (list, tuple)):
-            return [p for m in ms for p in _mod_parts(m)]
     return [mod]
 
 
