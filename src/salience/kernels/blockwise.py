@@ -36,7 +36,7 @@ import torch
 
 from .._result import AttentionResult
 from ..blocks import EMPTY, FULL, PARTIAL, BlockMask
-from ..masks import MaskMod, TileContext, as_mask_mod, check_mask_output
+from ..masks import as_mask_mod, check_mask_output, shift
 
 __all__ = ["TileKernel", "BlockGrads", "block_forward", "block_backward", "classify"]
 
@@ -65,27 +65,6 @@ class BlockGrads(NamedTuple):
 # ------------------------------------------------------------------------------------- tile classification
 
 
-def _shifted(mask: MaskMod, q_offset: int, kv_offset: int, L: int, S: int, q_len: int, kv_len: int) -> MaskMod:
-    """The bound global mask seen through local indices (local i = global i - offset), with no binder left,
-    so that binding it to the block's local sizes changes nothing."""
-    if q_offset == 0 and kv_offset == 0 and q_len == L and kv_len == S:
-        return mask
-
-    def fn(b, h, q, kv):
-        return mask(b, h, q + q_offset, kv + kv_offset)
-
-    tiles = None
-    if mask._tiles is not None:
-
-        def tiles(ctx):
-            g = TileContext(ctx.B, ctx.H, q_len, kv_len, ctx.q_start + q_offset, ctx.q_end + q_offset,
-                            ctx.k_start + kv_offset, ctx.k_end + kv_offset, ctx.device)
-            return mask._tiles(g)
-
-    return MaskMod(fn, f"{mask.name} @ (q+{q_offset}, kv+{kv_offset})", tiles=tiles,
-                   relative=mask.relative and q_offset == kv_offset)
-
-
 def classify(mask, B: int, H: int, L: int, S: int, *, q_block: int = Q_TILE, kv_block: int = KV_TILE,
              q_offset: int = 0, kv_offset: int = 0, q_len: int | None = None, kv_len: int | None = None,
              device=None) -> BlockMask:
@@ -106,8 +85,10 @@ def classify(mask, B: int, H: int, L: int, S: int, *, q_block: int = Q_TILE, kv_
     """
     Lg = q_offset + L if q_len is None else q_len
     Sg = kv_offset + S if kv_len is None else kv_len
-    m = as_mask_mod(mask).bind(Lg, Sg, device)
-    local = _shifted(m, q_offset, kv_offset, L, S, Lg, Sg)
+    if q_offset == 0 and kv_offset == 0 and (Lg, Sg) == (L, S):
+        local = as_mask_mod(mask).bind(L, S, device)
+    else:  # the global mask seen through the block's local indices
+        local = shift(as_mask_mod(mask), q_offset, kv_offset, Lg, Sg).bind(L, S, device)
     if local._tiles is not None:
         return BlockMask.from_mask(local, B, H, L, S, q_block=q_block, kv_block=kv_block, device=device)
     nk = (S + kv_block - 1) // kv_block
