@@ -135,6 +135,20 @@ def _finish(w4: torch.Tensor, values: torch.Tensor, single: bool):
     return ctx, w
 
 
+def _check_inputs(who: str, query, query_dim: int, keys, key_dim: int, values, value_dim: int | None,
+                  source_lengths, source_mask):
+    """Validate a classic layer's call: ``(q (B, 1, T, Dq), single, values, valid (B, S) or None)``."""
+    q, single = _as_steps(query, query_dim, who)
+    B = q.shape[0]
+    _check_seq(keys, "keys", key_dim, B, q.dtype, who)
+    values = keys if values is None else values
+    _check_seq(values, "values", value_dim, B, q.dtype, who)
+    S = keys.shape[1]
+    if values.shape[1] != S:
+        raise ValueError(f"{who}: keys have length {S} but values have {values.shape[1]}; they must match.")
+    return q, single, values, _source_valid(source_lengths, source_mask, B, S, q.device, who)
+
+
 class AdditiveAttention(nn.Module):
     """Bahdanau (additive) attention: ``e_j = v^T tanh(W_q q + W_k k_j + b)``, ``a = softmax(e)``,
     ``context = sum_j a_j values_j``. Costs O(T S hidden) per call.
@@ -177,15 +191,10 @@ class AdditiveAttention(nn.Module):
     def forward(self, query, keys, values=None, *, source_lengths=None, source_mask=None,
                 projected_keys=None) -> AttentionOutput:
         who = type(self).__name__
-        q, single = _as_steps(query, self.query_dim, who)
-        B = q.shape[0]
-        _check_seq(keys, "keys", self.key_dim, B, q.dtype, who)
-        values = keys if values is None else values
-        _check_seq(values, "values", None, B, q.dtype, who)
-        S = keys.shape[1]
-        if values.shape[1] != S:
-            raise ValueError(f"{who}: keys have length {S} but values have {values.shape[1]}; they must match.")
-        m = _mask_of(_source_valid(source_lengths, source_mask, B, S, q.device, who))
+        q, single, values, valid = _check_inputs(who, query, self.query_dim, keys, self.key_dim, values, None,
+                                                 source_lengths, source_mask)
+        B, S = q.shape[0], keys.shape[1]
+        m = _mask_of(valid)
         if projected_keys is not None:
             _check_seq(projected_keys, "projected_keys", self.hidden_dim, B, q.dtype, who)
             if projected_keys.shape[1] != S:
@@ -249,16 +258,8 @@ class LuongAttention(nn.Module):
         return attention_weights(q, keys.unsqueeze(1), mask=m, compatibility=self.score)
 
     def forward(self, query, keys, values=None, *, source_lengths=None, source_mask=None) -> AttentionOutput:
-        who = type(self).__name__
-        q, single = _as_steps(query, self.query_dim, who)
-        B = q.shape[0]
-        _check_seq(keys, "keys", self.key_dim, B, q.dtype, who)
-        values = keys if values is None else values
-        _check_seq(values, "values", self.value_dim, B, q.dtype, who)
-        S = keys.shape[1]
-        if values.shape[1] != S:
-            raise ValueError(f"{who}: keys have length {S} but values have {values.shape[1]}; they must match.")
-        valid = _source_valid(source_lengths, source_mask, B, S, q.device, who)
+        q, single, values, valid = _check_inputs(type(self).__name__, query, self.query_dim, keys, self.key_dim,
+                                                 values, self.value_dim, source_lengths, source_mask)
         ctx, w = _finish(self._weights(q, keys, _mask_of(valid)), values, single)
         h = torch.tanh(self.combine(torch.cat((ctx, query), dim=-1)))
         return AttentionOutput(ctx, w, attentional=h)
@@ -296,15 +297,9 @@ class LuongLocalAttention(LuongAttention):
     def forward(self, query, keys, values=None, *, source_lengths=None, source_mask=None,
                 centres=None) -> AttentionOutput:
         who = type(self).__name__
-        q, single = _as_steps(query, self.query_dim, who)
-        B, T = q.shape[0], q.shape[2]
-        _check_seq(keys, "keys", self.key_dim, B, q.dtype, who)
-        values = keys if values is None else values
-        _check_seq(values, "values", self.value_dim, B, q.dtype, who)
-        S = keys.shape[1]
-        if values.shape[1] != S:
-            raise ValueError(f"{who}: keys have length {S} but values have {values.shape[1]}; they must match.")
-        valid = _source_valid(source_lengths, source_mask, B, S, q.device, who)
+        q, single, values, valid = _check_inputs(who, query, self.query_dim, keys, self.key_dim, values,
+                                                 self.value_dim, source_lengths, source_mask)
+        B, T, S = q.shape[0], q.shape[2], keys.shape[1]
         n = valid.sum(-1) if valid is not None else torch.full((B,), S, device=q.device)
         if centres is None:
             p = (n.to(q.dtype) - 1).clamp(min=0).view(B, 1) * torch.sigmoid(self.v_p(torch.tanh(self.w_p(q[:, 0])))).squeeze(-1)
