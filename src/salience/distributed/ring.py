@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from .._layout import check_qkv, check_scale
 from .._result import AttentionResult
+from ..kernels.dispatch import AttentionFunction
 from ..kernels.merge import merge
 from ..masks import as_mask_mod
 from ..scores import as_score_mod
@@ -240,7 +241,7 @@ class _Runner:
         parts = [dqs[qo] if qo in dqs else torch.zeros(q.shape[0], q.shape[1], nq, q.shape[3], dtype=acc, device=q.device)
                  for qo, _q0, nq in self.q_segs]
         dq = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), []  # no extra tensors receive gradients
 
 
 def _local(segs):
@@ -250,25 +251,6 @@ def _local(segs):
         out.append((o, s, n))
         o += n
     return out
-
-
-class _RingFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, runner: _Runner):
-        out, lse = runner.forward(q, k, v)
-        ctx.runner = runner
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = ctx.runner.backward(q, k, v, out, lse, dout.contiguous(),
-                                         None if dlse is None else dlse.contiguous())
-        return dq, dk, dv, None
 
 
 # -------------------------------------------------------------------------------------------- public
@@ -425,7 +407,7 @@ def ring_attention(
     m = None if mm is None else mm.bind(L, S, q.device)
     spec = _block.Spec(mask=m, score_mod=sm, scale=scale, L=L, S=S, B=shp.B, H=shp.H)
     runner = _Runner(ring, spec, layout, L, S)
-    out, lse = _RingFunction.apply(q, k, v, runner)
+    out, lse = AttentionFunction.apply(runner, q, k, v)
     return AttentionResult(out=out, lse=lse) if return_lse else out
 
 
