@@ -68,6 +68,14 @@ LABELS = {
 }
 
 
+def _pair(a, b):
+    """Two 1-D float64 vectors of one length (the inputs of a rank correlation)."""
+    x, y = _vec(a, "a"), _vec(b, "b")
+    if x.shape != y.shape:
+        raise ValueError(f"a and b must have the same length; got {x.numel()} and {y.numel()}.")
+    return x, y
+
+
 def _vec(x, argname: str) -> torch.Tensor:
     t = torch.as_tensor(x)
     if t.dim() != 1:
@@ -100,9 +108,7 @@ def spearman(a, b) -> float:
         >>> round(spearman([1.0, 2.0, 3.0], [10.0, 30.0, 20.0]), 4)
         0.5
     """
-    x, y = _vec(a, "a"), _vec(b, "b")
-    if x.shape != y.shape:
-        raise ValueError(f"a and b must have the same length; got {x.numel()} and {y.numel()}.")
+    x, y = _pair(a, b)
     if x.numel() < 2:
         return math.nan
     rx, ry = _ranks(x), _ranks(y)
@@ -118,9 +124,7 @@ def kendall(a, b) -> float:
         >>> round(kendall([1.0, 2.0, 3.0], [10.0, 30.0, 20.0]), 4)
         0.3333
     """
-    x, y = _vec(a, "a"), _vec(b, "b")
-    if x.shape != y.shape:
-        raise ValueError(f"a and b must have the same length; got {x.numel()} and {y.numel()}.")
+    x, y = _pair(a, b)
     n = x.numel()
     if n < 2:
         return math.nan
