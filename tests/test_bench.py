@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import subprocess
 import sys
 
@@ -60,6 +61,10 @@ def test_timing_worker_reports_every_implementation(cfg):
     assert impls["salience"]["speedup_vs_salience"] == 1.0
     if cfg.mod == "softcap":
         assert "median_ms" not in impls.get("sdpa", {})  # SDPA cannot apply a softcap
+    if cfg.mode == "fwdbwd":  # salience's forward is timed in the same run: the one-run ratio
+        ratio = impls["salience"]["median_ms"] / impls["salience forward"]["median_ms"]
+        assert res["fwdbwd_over_forward"] == pytest.approx(ratio)
+        assert f"{ratio:.2f} x its forward" in impls["salience"]["note"]
     assert "backend" in res["plan"]
 
 
@@ -67,6 +72,15 @@ def test_memory_worker_in_process():
     cfg = bench.Config("w", "window", N=512, H=1, D=16, window=32, mode="fwdbwd")
     m = bench._worker_memory(cfg, "salience", flex=False)
     assert m["impl"] == "salience" and m["peak_kib"] >= 0 and m["qkvo_kib"] == 512 * 16 * 4 * 4 // 1024
+    assert m["with_setup_kib"] == m["peak_kib"] + m["setup_kib"]
+
+
+def test_memory_worker_counts_sdpa_mask_as_setup():
+    # a fresh process: SDPA's set-up keeps its dense 2048 x 2048 boolean mask (4 MiB) resident
+    cfg = bench.Config("w", "window", N=2048, H=1, D=16, window=32, mode="fwdbwd", peers=("sdpa",))
+    s = bench._spawn(["--worker", "memory", "--impl", "sdpa", "--config", json.dumps(asdict(cfg))], 300)
+    assert 3.5 * 1024 <= s["setup_kib"] <= 8 * 1024, s
+    assert s["with_setup_kib"] == s["peak_kib"] + s["setup_kib"]
 
 
 def test_table_and_plot(tmp_path):

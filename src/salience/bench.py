@@ -170,6 +170,10 @@ def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool, only: str | None = 
     no_error = False
     need_grad = cfg.mode == "fwdbwd"
 
+    # the upstream gradient is an input of the backward, made once like q, k and v; gradients are reset to
+    # None before each step, as ``optimizer.zero_grad()`` does
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype) if need_grad else None
+
     def with_grad(fn):
         if not need_grad:
             return fn
@@ -179,7 +183,7 @@ def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool, only: str | None = 
             for t in xs:
                 t.grad = None
             o = fn(*xs)
-            o.backward(torch.ones_like(o))
+            o.backward(dout)
             return o
 
         return step
@@ -189,6 +193,10 @@ def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool, only: str | None = 
 
     if only in (None, "salience"):
         out["salience"] = (wrap(lambda a, b, c: salience.attention(a, b, c, mask=mask, score_mod=mod)), 0.0, "")
+    if need_grad and only in (None, "salience forward"):
+        # salience's own forward, timed in the same run so that forward+backward / forward is one-run ratio
+        fwd_only = (lambda: salience.attention(q, k, v, mask=mask, score_mod=mod))  # noqa: E731
+        out["salience forward"] = (fwd_only, 0.0, "forward only, same inputs")
     if "sdpa" in cfg.peers and only in (None, "sdpa"):
         t0 = time.perf_counter()
         note = ""
@@ -335,6 +343,10 @@ def _worker_time(cfg: Config, flex: bool) -> dict:
         base = res["impls"]["salience"]["median_ms"]
         for name in times:
             res["impls"][name]["speedup_vs_salience"] = res["impls"][name]["median_ms"] / base
+        if "salience forward" in times:
+            ratio = base / res["impls"]["salience forward"]["median_ms"]
+            res["fwdbwd_over_forward"] = ratio
+            res["impls"]["salience"]["note"] = f"forward+backward = {ratio:.2f} x its forward".strip()
     if "salience" in res["impls"]:
         import salience
 
@@ -366,15 +378,32 @@ def _reset_peak() -> bool:
 
 
 def _worker_memory(cfg: Config, impl: str, flex: bool) -> dict:
-    """Peak RSS increase (KiB) of one call of one implementation, measured in a fresh process after its set-up
-    (inputs, dense masks, compiled kernels) with the peak mark reset, so set-up does not hide the call's peak."""
+    """Peak RSS increase (KiB) of one call of one implementation, measured in a fresh process.
+
+    The implementation first runs once on a small problem (N=256) so that code loaded on first use is not
+    counted. Then the full-size inputs are made (q, k, v and, for forward+backward, the upstream gradient),
+    the implementation is set up (the dense mask or bias for SDPA, the compiled kernel and block mask for
+    FlexAttention; salience has no set-up) and the peak mark is reset. Reported: ``peak_kib``, the call's
+    peak above that point; ``working_kib``, the same less what every implementation must hold when it
+    returns (the output, plus dq, dk and dv for forward+backward); ``setup_kib``, the resident memory the
+    set-up left (the dense mask, which SDPA needs while it runs); ``with_setup_kib`` = ``peak_kib +
+    setup_kib``."""
+    import gc
+
+    if not (impl == "flex" and flex):
+        small = Config(**{**asdict(cfg), "N": min(cfg.N, 256)})
+        sq, sk, sv, smask, smod, sids = _build(small)
+        warm = _impls(small, sq, sk, sv, smask, smod, sids, False, only=impl).get(impl, (None,))[0]
+        if warm is not None:
+            warm()
+        del warm, sq, sk, sv
     q, k, v, mask, mod, ids = _build(cfg)
+    gc.collect()
+    start, _ = _rss_kib()
     impls = _impls(cfg, q, k, v, mask, mod, ids, flex and impl == "flex", only=impl)
     fn = impls.get(impl, (None,))[0]
     if fn is None:
         return {"impl": impl, "peak_kib": None}
-    import gc
-
     gc.collect()
     exact = _reset_peak()
     before, _ = _rss_kib()
@@ -383,10 +412,12 @@ def _worker_memory(cfg: Config, impl: str, flex: bool) -> dict:
     dt = time.perf_counter() - t0
     _, peak = _rss_kib()
     nbytes = sum(t.numel() * t.element_size() for t in (q, k, v)) * 4 // 3  # q, k, v and the output
-    # what every implementation must hold at the end: the output (+ its gradient and dq, dk, dv for fwd+bwd)
-    held = q.numel() * q.element_size() * (5 if cfg.mode == "fwdbwd" else 1)
+    held = q.numel() * q.element_size() * (4 if cfg.mode == "fwdbwd" else 1)
+    # the set-up's own resident memory, less the copies of the inputs (and the upstream gradient) it makes
+    setup = max(0, before - start - (held if cfg.mode == "fwdbwd" else 0) // 1024)
     return {"impl": impl, "peak_kib": peak - before, "working_kib": peak - before - held // 1024,
-            "process_peak_kib": peak, "qkvo_kib": nbytes // 1024, "seconds": dt, "peak_reset": exact}
+            "setup_kib": setup, "with_setup_kib": peak - before + setup, "process_peak_kib": peak,
+            "qkvo_kib": nbytes // 1024, "seconds": dt, "peak_reset": exact}
 
 
 def _spawn(args: list, timeout: float) -> dict:
@@ -411,13 +442,14 @@ def run_config(cfg: Config, *, flex: bool = False, memory: bool | str = True, ti
         memory = cfg.mode == "fwdbwd"
     if memory and "impls" in res:
         for name, e in res["impls"].items():
-            if "median_ms" not in e:
+            if "median_ms" not in e or name == "salience forward":
                 continue
             m = _spawn(["--worker", "memory", "--impl", name, "--config", json.dumps(asdict(cfg))]
                        + (["--flex"] if flex else []) + th, timeout)
             if m.get("peak_kib") is not None:
                 e["peak_mib"] = m["peak_kib"] / 1024
                 e["working_mib"] = m["working_kib"] / 1024
+                e["with_setup_mib"] = m["with_setup_kib"] / 1024
                 e["process_peak_mib"] = m["process_peak_kib"] / 1024
                 e["qkvo_mib"] = m["qkvo_kib"] / 1024
     return res
@@ -428,12 +460,13 @@ def run_config(cfg: Config, *, flex: bool = False, memory: bool | str = True, ti
 
 def format_table(results: list) -> str:
     """A markdown table: one row per (config, implementation)."""
-    head = ("| config | impl | median ms | useful GFLOP/s | time / salience | peak MiB | working MiB | max err | note |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---|")
+    head = ("| config | impl | median ms | useful GFLOP/s | time / salience | peak MiB | working MiB | "
+            "peak with set-up MiB | max err | note |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     rows = [head]
     for r in results:
         if "impls" not in r:
-            rows.append(f"| {r.get('label', '?')} | error | | | | | | | {r.get('error', '')[:80]!r} |")
+            rows.append(f"| {r.get('label', '?')} | error | | | | | | | | {r.get('error', '')[:80]!r} |")
             continue
         for name, e in r["impls"].items():
             def f(key, fmt, e=e):
@@ -443,6 +476,7 @@ def format_table(results: list) -> str:
                 note = (note + f"; compile {e['setup_s']:.1f} s").strip("; ")
             rows.append(f"| {r['label']} | {name} | {f('median_ms', '.1f')} | {f('gflops_useful', '.1f')} | "
                         f"{f('speedup_vs_salience', '.2f')} | {f('peak_mib', '.1f')} | {f('working_mib', '.1f')} | "
+                        f"{f('with_setup_mib', '.1f')} | "
                         f"{f('max_err', '.1e')} | "
                         f"{note} |")
     return "\n".join(rows)
@@ -567,8 +601,10 @@ def run(args) -> int:
     print(table)
     total = time.perf_counter() - t0
     print(f"\n{len(configs)} configs in {total:.0f} s; median of repeats; 'time / salience' > 1 means salience is "
-          "faster; peak MiB = peak RSS increase of one call in a fresh process (after set-up); working MiB = that "
-          "minus the output (and, fwd+bwd, its gradient and dq, dk, dv), which every implementation holds.")
+          "faster; peak MiB = peak RSS increase of one call in a fresh process (after set-up and a small warm-up "
+          "call); working MiB = that minus the output (and, fwd+bwd, dq, dk, dv), which every implementation "
+          "holds; peak with set-up adds what the set-up keeps resident (SDPA's dense mask or bias); fwd+bwd "
+          "takes the upstream gradient as an input, like q, k and v.")
     cmd = getattr(args, "command_line", None) or "salience bench " + " ".join(a for a in sys.argv[2:] if a)
     meta = {"command": cmd, "seconds": total,
             "threads": args.threads,

@@ -50,7 +50,7 @@ MIN_RUN = 16
 #: at most this many query rows per fused call on band runs (bounds temporaries: the forward's output block,
 #: the backward's key-window gradients)
 MAX_ROWS_PER_CALL = 8192
-MAX_ROWS_PER_CALL_BWD = 1024
+MAX_ROWS_PER_CALL_BWD = 512
 
 
 # ------------------------------------------------------------------------------------------ mask analysis
