@@ -171,15 +171,21 @@ MODS = [
     ("alibi_softcap", Sc.compose(Sc.alibi(4), Sc.softcap(3.0))),
     ("lambda", lambda s, b, h, q, kv: s + 0.1 * torch.cos((q - kv).to(s.dtype)) * (h + 1)),
 ]
+SPLIT_IDS = torch.tensor([0] * 50 + [1] * 40 + [0] * 60)  # document 0 in two runs: not block-diagonal
 MOD_MASKS = [("causal", M.causal()), ("window", M.sliding_window(33)), ("none", None),
-             ("documents_causal", M.document(IDS) & M.causal()), ("dilated", M.dilated(3))]
+             ("documents_causal", M.document(IDS) & M.causal()), ("documents", M.document(IDS)),
+             ("window_documents", M.sliding_window(16) & M.document(IDS)),
+             ("documents_2d_causal", M.document(IDS2) & M.causal()),
+             ("documents_split_causal", M.document(SPLIT_IDS) & M.causal()), ("dilated", M.dilated(3))]
 
 
 def _expected_mod_backend(mod_id, mask_id):
     linear = mod_id in ("alibi", "relative_bias", "temperature_alibi_temperature")
     if mod_id == "temperature":
-        return {"causal": "sdpa", "none": "sdpa", "dilated": "blockwise"}.get(mask_id, "spans")
-    if linear and mask_id in ("causal", "window", "none"):
+        return {"causal": "sdpa", "none": "sdpa", "dilated": "blockwise",
+                "documents_split_causal": "blockwise"}.get(mask_id, "spans")
+    # packed documents (1-d ids, one run per document) with a relative bias: one band problem per document
+    if linear and mask_id in ("causal", "window", "none", "documents_causal", "documents", "window_documents"):
         return "spans"
     return "blockwise"
 
@@ -193,6 +199,18 @@ def test_score_mods_match_reference(mod_case, mask_case, dtype):
     check_against_reference(mask, mod, dtype=dtype, expect=_expected_mod_backend(mod_id, mask_id))
 
 
+def test_packed_documents_with_relative_bias_float64_grouped_heads_and_plan():
+    mask, mod = M.document(IDS) & M.causal(), Sc.alibi(6)
+    check_against_reference(mask, mod, dtype=torch.float64, expect="spans", H=6, Hkv=3, D=8, Dv=20)
+    q = torch.randn(1, 6, L0, 8)
+    p = salience.plan(q, q, q, mask=mask, score_mod=mod)
+    assert "packed documents" in p.reason and p.details["documents"] == 4
+    # each document is its own problem: the skipped share is what the block-diagonal causal mask hides
+    lengths = torch.bincount(IDS).tolist()
+    assert p.details["skipped"] <= 1 - sum(n * (n + 1) // 2 for n in lengths) / L0 ** 2 + 1e-9
+    assert spans.document_segments(M.document(SPLIT_IDS).bind(L0, L0, None), L0, L0) is None
+
+
 @pytest.mark.parametrize("mod_case", MODS[:5], ids=[m[0] for m in MODS[:5]])
 def test_score_mods_on_forced_blockwise(mod_case):
     check_against_reference(M.sliding_window(40, 3), mod_case[1], dtype=torch.float32, backend="blockwise")
@@ -202,6 +220,7 @@ def test_score_mods_on_forced_blockwise(mod_case):
     ("sdpa", M.causal(), None), ("spans", M.sliding_window(25), None), ("spans", M.document(IDS), None),
     ("spans", M.causal(), Sc.alibi(4)), ("blockwise", M.causal(), Sc.softcap(2.0)),
     ("blockwise", M.dilated(2), Sc.alibi(4)), ("sdpa", M.prefix_lm(9), None),
+    ("spans", M.document(IDS) & M.causal(), Sc.alibi(4)),
 ])
 def test_gradient_through_logsumexp(backend, mask, mod):
     check_against_reference(mask, mod, dtype=torch.float32, backend=backend, lse_grad=True)

@@ -79,6 +79,7 @@ def _grid(N: int, repeats: int, full: bool) -> list:
         g.append(Config(f"documents_{dt}", "documents", N=N, dtype=dt, repeats=repeats))
     g.append(Config("alibi_causal_f32", "causal", "alibi", N=N, repeats=max(3, repeats // 2)))
     g.append(Config("softcap_causal_f32", "causal", "softcap", N=N, repeats=max(3, repeats // 2)))
+    g.append(Config("documents_alibi_f32", "documents", "alibi", N=N, repeats=max(3, repeats // 2)))
     g.append(Config("window_fwdbwd_f32", "window", N=N, mode="fwdbwd", repeats=repeats, peers=("sdpa", "reference")))
     if not full:
         g = [c for c in g if c.dtype == "f32" or c.mask in ("window", "documents")]

@@ -813,6 +813,85 @@ class BiasPlan:
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+class SegmentPlan:
+    """Packed documents with a relative additive bias: every document is its own band problem.
+
+    For a mask ``document(ids) & band`` (``band`` causal, a sliding window, or nothing) with the same sorted
+    ids for queries and keys, no query sees another document's keys, and a bias that depends only on
+    ``kv_idx - q_idx`` (ALiBi, T5 buckets) is the same inside every document. So each document runs as a
+    :class:`BiasPlan` on views of its rows; documents of equal length share one plan.
+
+    Args:
+        bounds: ``[(start, end), ...]`` the documents' row ranges, covering ``0 .. L``.
+        band, bias_fn: as for :class:`BiasPlan`.
+    """
+
+    def __init__(self, bounds, band, bias_fn, B, H, *, dtype=torch.float32, device=None):
+        self.bounds = list(bounds)
+        self.B, self.H = B, H
+        plans: dict = {}
+        self.plans = []
+        for a, b in self.bounds:
+            if b - a not in plans:
+                plans[b - a] = BiasPlan(band, bias_fn, B, H, b - a, b - a, dtype=dtype, device=device)
+            self.plans.append(plans[b - a])
+        self.computed = sum(p.computed for p in self.plans)
+
+    def summary(self) -> dict:
+        return {"documents": len(self.bounds), "fused_calls": sum(len(p.calls) for p in self.plans)}
+
+    def forward(self, q, k, v, scale: float):
+        B, H, L, _ = q.shape
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = q.new_empty(B, H, L, v.shape[-1])
+        lse = torch.empty(B, H, L, dtype=acc, device=q.device)
+        for (a, b), p in zip(self.bounds, self.plans):
+            out[:, :, a:b], lse[:, :, a:b] = p.forward(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale)
+        return out, lse
+
+    def backward(self, q, k, v, out, lse, dout, dlse, scale: float):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for (a, b), p in zip(self.bounds, self.plans):
+            sl = slice(a, b)
+            dq[:, :, sl], dk[:, :, sl], dv[:, :, sl] = p.backward(
+                q[:, :, sl], k[:, :, sl], v[:, :, sl], out[:, :, sl], lse[:, :, sl], dout[:, :, sl],
+                None if dlse is None else dlse[:, :, sl], scale)
+        return dq, dk, dv
+
+
+def document_segments(m, L: int, S: int):
+    """``(bounds, band)`` when the bound mask ``m`` is ``document(ids)``, or ``document(ids) & band`` with a
+    relative band (causal, sliding window), whose documents are contiguous runs of the same ids for queries
+    and keys (the packed case); else None."""
+    if m is None or L != S:
+        return None
+    kind = getattr(m, "kind", None)
+    if kind is not None and kind[0] == "document":
+        doc, band = m, (None, None)
+    else:
+        parts = mask_parts(m)
+        if parts is None or parts[0] != "&":
+            return None
+        a, b = parts[1], parts[2]
+        if getattr(b, "kind", (None,))[0] == "document":
+            a, b = b, a
+        if getattr(a, "kind", (None,))[0] != "document":
+            return None
+        doc, band = a, relative_band(b)
+        if band is None:
+            return None
+    _, qd, kd = doc.kind
+    if qd.dim() != 1 or kd.dim() != 1 or qd.shape[0] != L or not torch.equal(qd, kd):
+        return None
+    if L == 0:
+        return None
+    cut = (torch.nonzero(qd[1:] != qd[:-1]).view(-1) + 1).tolist()
+    edges = [0] + cut + [L]
+    if len(edges) - 1 != int(torch.unique(qd).numel()):  # an id in two runs: not block-diagonal
+        return None
+    return list(zip(edges[:-1], edges[1:])), band
+
+
 def _expand_heads(t, H):
     if t.shape[1] != H:
         t = t.repeat_interleave(H // t.shape[1], dim=1)
