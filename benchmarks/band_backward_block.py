@@ -33,6 +33,8 @@ def main(blocks) -> None:
     dout = torch.randn_like(q)
 
     def fwd_bwd():
+        for t in (qg, kg, vg):  # as optimizer.zero_grad() does: no accumulation into old gradients
+            t.grad = None
         salience.attention(qg, kg, vg, mask=mask).backward(dout)
 
     for bq in blocks:
