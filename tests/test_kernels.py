@@ -176,7 +176,9 @@ MOD_MASKS = [("causal", M.causal()), ("window", M.sliding_window(33)), ("none", 
              ("documents_causal", M.document(IDS) & M.causal()), ("documents", M.document(IDS)),
              ("window_documents", M.sliding_window(16) & M.document(IDS)),
              ("documents_2d_causal", M.document(IDS2) & M.causal()),
-             ("documents_split_causal", M.document(SPLIT_IDS) & M.causal()), ("dilated", M.dilated(3))]
+             ("documents_split_causal", M.document(SPLIT_IDS) & M.causal()),
+             ("padding_causal", M.padding(q_lengths=[150, 70], kv_lengths=[150, 80]) & M.causal()),
+             ("padding_empty_rows", M.padding(q_lengths=[120, 150], kv_lengths=[90, 0])), ("dilated", M.dilated(3))]
 
 
 def _expected_mod_backend(mod_id, mask_id):
@@ -185,7 +187,8 @@ def _expected_mod_backend(mod_id, mask_id):
         return {"causal": "sdpa", "none": "sdpa", "dilated": "blockwise",
                 "documents_split_causal": "blockwise"}.get(mask_id, "spans")
     # packed documents (1-d ids, one run per document) with a relative bias: one band problem per document
-    if linear and mask_id in ("causal", "window", "none", "documents_causal", "documents", "window_documents"):
+    if linear and mask_id in ("causal", "window", "none", "documents_causal", "documents", "window_documents",
+                              "padding_causal", "padding_empty_rows"):
         return "spans"
     return "blockwise"
 
@@ -204,11 +207,15 @@ def test_packed_documents_with_relative_bias_float64_grouped_heads_and_plan():
     check_against_reference(mask, mod, dtype=torch.float64, expect="spans", H=6, Hkv=3, D=8, Dv=20)
     q = torch.randn(1, 6, L0, 8)
     p = salience.plan(q, q, q, mask=mask, score_mod=mod)
-    assert "packed documents" in p.reason and p.details["documents"] == 4
+    assert "packed documents" in p.reason and p.details["pieces"] == 4
     # each document is its own problem: the skipped share is what the block-diagonal causal mask hides
     lengths = torch.bincount(IDS).tolist()
     assert p.details["skipped"] <= 1 - sum(n * (n + 1) // 2 for n in lengths) / L0 ** 2 + 1e-9
-    assert spans.document_segments(M.document(SPLIT_IDS).bind(L0, L0, None), L0, L0) is None
+    assert spans.independent_pieces(M.document(SPLIT_IDS).bind(L0, L0, None), 1, L0, L0) is None
+    # right padding: one rectangle per batch row (equal neighbours merged), keys past kv_length never read
+    pad = M.padding(q_lengths=[150, 150, 70], kv_lengths=[150, 150, 80]) & M.sliding_window(9)
+    pieces, band = spans.independent_pieces(pad.bind(L0, L0, None), 3, L0, L0)
+    assert pieces == [(0, 2, 0, 150, 0, 150), (2, 3, 0, 70, 0, 80)] and band == (-9, 0)
 
 
 @pytest.mark.parametrize("mod_case", MODS[:5], ids=[m[0] for m in MODS[:5]])
@@ -284,6 +291,9 @@ EMPTY_ROW_CASES = [
     ("spans_bias", M.causal(align="bottom_right"), Sc.alibi(4), "spans", dict(S=100)),
     ("blockwise_lambda", lambda b, h, q, kv: (q % 7 != 3) & (kv <= q), Sc.softcap(2.0), "blockwise", {}),
     ("blockwise_padding", M.padding(q_lengths=[60, 150], kv_lengths=[150, 0]), Sc.alibi(4), "blockwise", {}),
+    ("spans_padding_bias", M.padding(q_lengths=[60, 150], kv_lengths=[150, 0]), Sc.alibi(4), "spans", {}),
+    ("spans_padding_causal_bias", M.padding(q_lengths=[60, 150], kv_lengths=[40, 0]) & M.causal(), Sc.alibi(4),
+     "spans", {}),
 ]
 
 

@@ -44,7 +44,7 @@ from ..masks import MaskMod
 from ..reference import _acc_dtype, scores, softmax_from_scores
 from . import fused
 from .blockwise import TileKernel
-from .spans import BiasPlan, SegmentPlan, document_segments, plan_spans, relative_band, row_spans
+from .spans import BiasPlan, SegmentPlan, independent_pieces, plan_spans, relative_band, row_spans
 
 __all__ = ["Plan", "BACKENDS", "choose", "run", "attend", "AttentionFunction"]
 
@@ -391,17 +391,18 @@ def choose(q, k, v, *, mask, score_mod, compatibility, need_lse: bool, backend: 
             det = {"skipped": round(1 - bp.computed / max(1, L * S), 4), **bp.summary()}
             return Plan("spans", "band mask + relative additive bias: fused calls with a strided Toeplitz bias",
                         det, _PlanExec(bp, eff_scale))
-        seg = document_segments(m, L, S) if (q_offset, kv_offset, Lg, Sg) == (0, 0, L, S) else None
+        seg = independent_pieces(m, B, L, S) if (q_offset, kv_offset, Lg, Sg) == (0, 0, L, S) else None
         if seg is not None:
-            sp = SegmentPlan(seg[0], seg[1], _bias_fn(biases, H, Lg, dev, _acc_dtype(q.dtype)), B, H, dtype=q.dtype,
-                             device=dev)
+            sp = SegmentPlan(seg[0], seg[1], _bias_fn(biases, H, Lg, dev, _acc_dtype(q.dtype)), B, H, L, S,
+                             dtype=q.dtype, device=dev)
             det = {"skipped": round(1 - sp.computed / max(1, L * S), 4), **sp.summary()}
-            return Plan("spans", "packed documents + relative additive bias: each document as its own band "
-                        "problem with a strided Toeplitz bias", det, _PlanExec(sp, eff_scale))
+            return Plan("spans", "packed documents or padding + relative additive bias: each document or "
+                        "sequence as its own band problem with a strided Toeplitz bias", det,
+                        _PlanExec(sp, eff_scale))
     if backend == "spans":
         raise ValueError(
             f"backend='spans' needs a mask whose visible keys form one interval per query row (got {m!r}) and no "
-            f"score_mod other than temperature/alibi/relative_bias on a band mask or packed documents (got "
+            f"score_mod other than temperature/alibi/relative_bias on a band mask, packed documents or padding (got "
             f"{score_mod!r}); use "
             "backend=None or 'blockwise'.")
     common = dict(q_offset=q_offset, kv_offset=kv_offset, q_len=Lg, kv_len=Sg, device=dev)

@@ -814,82 +814,132 @@ class BiasPlan:
 
 
 class SegmentPlan:
-    """Packed documents with a relative additive bias: every document is its own band problem.
+    """Masks that cut the problem into independent rectangles, with a relative additive bias: each rectangle
+    is its own band problem.
 
-    For a mask ``document(ids) & band`` (``band`` causal, a sliding window, or nothing) with the same sorted
-    ids for queries and keys, no query sees another document's keys, and a bias that depends only on
-    ``kv_idx - q_idx`` (ALiBi, T5 buckets) is the same inside every document. So each document runs as a
-    :class:`BiasPlan` on views of its rows; documents of equal length share one plan.
+    Packed documents (``document(ids)`` or ``document(ids) & band`` with the same sorted ids for queries and
+    keys) and right padding (``padding(...)`` or ``padding(...) & band``) leave every query with keys from
+    one rectangle of rows and keys only, and a bias that depends only on ``kv_idx - q_idx`` (ALiBi, T5
+    buckets) is the same inside every rectangle. Each rectangle runs as a :class:`BiasPlan` on views of its
+    rows and keys (rectangles of equal size share one plan); rows outside every rectangle get a zero output
+    and logsumexp -inf, keys outside every rectangle zero gradients.
 
     Args:
-        bounds: ``[(start, end), ...]`` the documents' row ranges, covering ``0 .. L``.
+        pieces: ``[(b0, b1, r0, r1, k0, k1), ...]``: batch rows b0..b1-1, query rows r0..r1-1 and keys
+            k0..k1-1 of one rectangle; rectangles do not overlap.
         band, bias_fn: as for :class:`BiasPlan`.
     """
 
-    def __init__(self, bounds, band, bias_fn, B, H, *, dtype=torch.float32, device=None):
-        self.bounds = list(bounds)
-        self.B, self.H = B, H
+    def __init__(self, pieces, band, bias_fn, B, H, L, S, *, dtype=torch.float32, device=None):
+        self.B, self.H, self.L, self.S = B, H, L, S
         plans: dict = {}
-        self.plans = []
-        for a, b in self.bounds:
-            if b - a not in plans:
-                plans[b - a] = BiasPlan(band, bias_fn, B, H, b - a, b - a, dtype=dtype, device=device)
-            self.plans.append(plans[b - a])
-        self.computed = sum(p.computed for p in self.plans)
+        self.pieces = []
+        for b0, b1, r0, r1, k0, k1 in pieces:
+            if r1 <= r0 or k1 <= k0 or b1 <= b0:
+                continue
+            key = (b1 - b0, r1 - r0, k1 - k0)
+            if key not in plans:
+                plans[key] = BiasPlan(band, bias_fn, b1 - b0, H, r1 - r0, k1 - k0, dtype=dtype, device=device)
+            self.pieces.append((b0, b1, r0, r1, k0, k1, plans[key]))
+        self.computed = sum(p.computed * (b1 - b0) for b0, b1, _, _, _, _, p in self.pieces) / max(1, B)
+        rows = torch.zeros(B, L, dtype=torch.bool)
+        keys = torch.zeros(B, S, dtype=torch.bool)
+        for b0, b1, r0, r1, k0, k1, _ in self.pieces:
+            rows[b0:b1, r0:r1] = True
+            keys[b0:b1, k0:k1] = True
+        self.all_rows, self.all_keys = bool(rows.all()), bool(keys.all())
 
     def summary(self) -> dict:
-        return {"documents": len(self.bounds), "fused_calls": sum(len(p.calls) for p in self.plans)}
+        return {"pieces": len(self.pieces), "fused_calls": sum(len(p.calls) for *_, p in self.pieces)}
 
     def forward(self, q, k, v, scale: float):
         B, H, L, _ = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = q.new_empty(B, H, L, v.shape[-1])
-        lse = torch.empty(B, H, L, dtype=acc, device=q.device)
-        for (a, b), p in zip(self.bounds, self.plans):
-            out[:, :, a:b], lse[:, :, a:b] = p.forward(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale)
+        if self.all_rows:
+            out = q.new_empty(B, H, L, v.shape[-1])
+            lse = torch.empty(B, H, L, dtype=acc, device=q.device)
+        else:
+            out = q.new_zeros(B, H, L, v.shape[-1])
+            lse = torch.full((B, H, L), float("-inf"), dtype=acc, device=q.device)
+        for b0, b1, r0, r1, k0, k1, p in self.pieces:
+            out[b0:b1, :, r0:r1], lse[b0:b1, :, r0:r1] = p.forward(
+                q[b0:b1, :, r0:r1], k[b0:b1, :, k0:k1], v[b0:b1, :, k0:k1], scale)
         return out, lse
 
     def backward(self, q, k, v, out, lse, dout, dlse, scale: float):
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for (a, b), p in zip(self.bounds, self.plans):
-            sl = slice(a, b)
-            dq[:, :, sl], dk[:, :, sl], dv[:, :, sl] = p.backward(
-                q[:, :, sl], k[:, :, sl], v[:, :, sl], out[:, :, sl], lse[:, :, sl], dout[:, :, sl],
-                None if dlse is None else dlse[:, :, sl], scale)
+        new = torch.empty_like if self.all_rows and self.all_keys else torch.zeros_like
+        dq, dk, dv = new(q), new(k), new(v)
+        for b0, b1, r0, r1, k0, k1, p in self.pieces:
+            rs, ks = slice(r0, r1), slice(k0, k1)
+            dq[b0:b1, :, rs], dk[b0:b1, :, ks], dv[b0:b1, :, ks] = p.backward(
+                q[b0:b1, :, rs], k[b0:b1, :, ks], v[b0:b1, :, ks], out[b0:b1, :, rs], lse[b0:b1, :, rs],
+                dout[b0:b1, :, rs], None if dlse is None else dlse[b0:b1, :, rs], scale)
         return dq, dk, dv
 
 
-def document_segments(m, L: int, S: int):
-    """``(bounds, band)`` when the bound mask ``m`` is ``document(ids)``, or ``document(ids) & band`` with a
-    relative band (causal, sliding window), whose documents are contiguous runs of the same ids for queries
-    and keys (the packed case); else None."""
-    if m is None or L != S:
-        return None
+def _split_band(m):
+    """``(structure, band)`` for ``m`` = structure or structure & band (band a relative band), else None."""
     kind = getattr(m, "kind", None)
-    if kind is not None and kind[0] == "document":
-        doc, band = m, (None, None)
-    else:
-        parts = mask_parts(m)
-        if parts is None or parts[0] != "&":
-            return None
-        a, b = parts[1], parts[2]
-        if getattr(b, "kind", (None,))[0] == "document":
-            a, b = b, a
-        if getattr(a, "kind", (None,))[0] != "document":
-            return None
-        doc, band = a, relative_band(b)
-        if band is None:
-            return None
-    _, qd, kd = doc.kind
-    if qd.dim() != 1 or kd.dim() != 1 or qd.shape[0] != L or not torch.equal(qd, kd):
+    if kind is not None and kind[0] in ("document", "padding"):
+        return m, (None, None)
+    parts = mask_parts(m)
+    if parts is None or parts[0] != "&":
         return None
-    if L == 0:
+    a, b = parts[1], parts[2]
+    if getattr(b, "kind", (None,))[0] in ("document", "padding"):
+        a, b = b, a
+    if getattr(a, "kind", (None,))[0] not in ("document", "padding"):
+        return None
+    band = relative_band(b)
+    return None if band is None else (a, band)
+
+
+def independent_pieces(m, B: int, L: int, S: int):
+    """``(pieces, band)`` for :class:`SegmentPlan` when the bound mask ``m`` is packed documents or right
+    padding, optionally ``&`` a relative band (causal, sliding window); else None."""
+    if m is None:
+        return None
+    split = _split_band(m)
+    if split is None:
+        return None
+    struct, band = split
+    kind = struct.kind
+    if kind[0] == "padding":
+        _, qd, kd = kind
+        pieces = []
+        for b in range(B):
+            r1 = L if qd is None else int(qd[b])
+            k1 = S if kd is None else int(kd[b])
+            pieces.append((b, b + 1, 0, min(r1, L), 0, min(k1, S)))
+        # batch rows with equal lengths share one call
+        merged = []
+        for p in pieces:
+            if merged and merged[-1][2:] == p[2:] and merged[-1][1] == p[0]:
+                merged[-1] = (merged[-1][0], p[1], *p[2:])
+            else:
+                merged.append(p)
+        return merged, band
+    seg = document_segments(struct, L, S)
+    if seg is None:
+        return None
+    return [(0, B, a, b, a, b) for a, b in seg[0]], band
+
+
+def document_segments(m, L: int, S: int):
+    """``(bounds, None)`` when the bound mask ``m`` is ``document(ids)`` with the same 1-d ids for queries
+    and keys and one contiguous run per document (the packed case), ``bounds`` the runs' ``(start, end)``;
+    else None."""
+    kind = getattr(m, "kind", None)
+    if kind is None or kind[0] != "document" or L != S or L == 0:
+        return None
+    _, qd, kd = kind
+    if qd.dim() != 1 or kd.dim() != 1 or qd.shape[0] != L or not torch.equal(qd, kd):
         return None
     cut = (torch.nonzero(qd[1:] != qd[:-1]).view(-1) + 1).tolist()
     edges = [0] + cut + [L]
     if len(edges) - 1 != int(torch.unique(qd).numel()):  # an id in two runs: not block-diagonal
         return None
-    return list(zip(edges[:-1], edges[1:])), band
+    return list(zip(edges[:-1], edges[1:])), None
 
 
 def _expand_heads(t, H):
