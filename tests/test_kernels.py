@@ -218,6 +218,24 @@ def test_packed_documents_with_relative_bias_float64_grouped_heads_and_plan():
     assert pieces == [(0, 2, 0, 150, 0, 150), (2, 3, 0, 70, 0, 80)] and band == (-9, 0)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_random_documents_and_padding_with_relative_bias(seed):
+    """Random packings (documents of 1+ tokens) and random right padding (including empty sequences), with
+    ALiBi or T5 buckets and an optional window: the per-rectangle span path against the reference."""
+    g = torch.Generator().manual_seed(seed)
+    L = 97
+    cuts = sorted(torch.randperm(L - 1, generator=g)[: 2 + seed].add(1).tolist())
+    ids = torch.zeros(L, dtype=torch.long)
+    for c in cuts:
+        ids[c:] += 1
+    lengths = torch.randint(0, L + 1, (3,), generator=g).tolist()
+    band = [None, M.causal(), M.sliding_window(int(torch.randint(1, 40, (1,), generator=g)))][seed % 3]
+    mod = Sc.alibi(4) if seed % 2 else Sc.relative_bias(TABLE, 16, 32, True)
+    for struct in (M.document(ids), M.padding(q_lengths=lengths, kv_lengths=lengths[::-1])):
+        mask = struct if band is None else struct & band
+        check_against_reference(mask, mod, dtype=torch.float32, expect="spans", B=3, L=L, S=L, lse_grad=True)
+
+
 @pytest.mark.parametrize("mod_case", MODS[:5], ids=[m[0] for m in MODS[:5]])
 def test_score_mods_on_forced_blockwise(mod_case):
     check_against_reference(M.sliding_window(40, 3), mod_case[1], dtype=torch.float32, backend="blockwise")
