@@ -37,6 +37,7 @@ import torch
 from .._result import AttentionResult
 from ..blocks import EMPTY, FULL, PARTIAL, BlockMask
 from ..masks import as_mask_mod, check_mask_output, shift
+from ..reference import _acc_dtype
 
 __all__ = ["TileKernel", "BlockGrads", "block_forward", "block_backward", "classify"]
 
@@ -300,7 +301,7 @@ class TileKernel:
     def forward(self, q, k, v):
         """``(out, lse)``: out (B, H, L, Dv) in q's dtype, lse (B, H, L) float32 (float64 for float64)."""
         B, H, L, _ = q.shape
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = _acc_dtype(q.dtype)
         ke = _expand(k, H).to(acc)
         ve = _expand(v, H).to(acc)
         Dv = v.shape[-1]
@@ -360,7 +361,7 @@ class TileKernel:
         that this block is part of); ``dlse`` is the gradient of the logsumexp or None."""
         B, H, L, D = q.shape
         Hkv = k.shape[1]
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = _acc_dtype(q.dtype)
         ke = _expand(k, H).to(acc)
         ve = _expand(v, H).to(acc)
         dq = torch.zeros(B, H, L, D, dtype=acc, device=q.device)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..reference import _acc_dtype
+
 __all__ = ["available", "forward", "backward", "bias_dtype"]
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -119,7 +121,7 @@ def backward(dout, q, k, v, out, lse, *, scale: float, causal: bool = False, bia
     _, bwd = _ops()
     D, Dv = q.shape[-1], v.shape[-1]
     lse = torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype), lse)
-    if lse.dtype != (torch.float64 if q.dtype == torch.float64 else torch.float32):
+    if lse.dtype != _acc_dtype(q.dtype):
         lse = lse.float()
     out = out.to(q.dtype)
     dout = dout.to(q.dtype)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..reference import _acc_dtype
 from . import fused
 
 __all__ = ["row_spans", "mask_parts", "relative_band", "SpanPlan", "plan_spans", "BiasPlan"]
@@ -261,7 +262,7 @@ class SpanPlan:
         """``(out, lse)`` for validated q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv)."""
         B, H, L, _ = q.shape
         Dv = v.shape[-1]
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = _acc_dtype(q.dtype)
         out = q.new_empty(B, H, L, Dv)
         for b0, b1, r0, r1 in self._intervals("uncovered"):  # rows no call writes: no visible key
             out[b0:b1, :, r0:r1] = 0
@@ -295,7 +296,7 @@ class SpanPlan:
     # -- backward ---------------------------------------------------------------------------------
     def backward(self, q, k, v, out, lse, dout, dlse, scale: float):
         """``(dq, dk, dv)`` given the output and logsumexp of :meth:`forward` and their gradients."""
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = _acc_dtype(q.dtype)
         dq = torch.empty(q.shape, dtype=acc, device=q.device)
         for b0, b1, r0, r1 in self._intervals("not_band"):  # band rows are assigned, the others accumulate
             dq[b0:b1, :, r0:r1] = 0
@@ -738,7 +739,7 @@ class BiasPlan:
     def forward(self, q, k, v, scale: float):
         B, H, L, _ = q.shape
         Dv = v.shape[-1]
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = _acc_dtype(q.dtype)
         out = q.new_zeros(B, H, L, Dv)
         lse = torch.full((B, H, L), float("-inf"), dtype=acc, device=q.device)
         for i, j in self.calls:
@@ -777,7 +778,7 @@ class BiasPlan:
     def backward(self, q, k, v, out, lse, dout, dlse, scale: float):
         B, H, L, D = q.shape
         Hkv = k.shape[1]
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = _acc_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
@@ -831,7 +832,6 @@ class SegmentPlan:
     """
 
     def __init__(self, pieces, band, bias_fn, B, H, L, S, *, dtype=torch.float32, device=None):
-        self.B, self.H, self.L, self.S = B, H, L, S
         plans: dict = {}
         self.pieces = []
         for b0, b1, r0, r1, k0, k1 in pieces:
@@ -854,7 +854,7 @@ class SegmentPlan:
 
     def forward(self, q, k, v, scale: float):
         B, H, L, _ = q.shape
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = _acc_dtype(q.dtype)
         if self.all_rows:
             out = q.new_empty(B, H, L, v.shape[-1])
             lse = torch.empty(B, H, L, dtype=acc, device=q.device)
@@ -877,18 +877,23 @@ class SegmentPlan:
         return dq, dk, dv
 
 
+def _is_structure(m) -> bool:
+    """True for a bound ``document(...)`` or ``padding(...)`` mask."""
+    kind = getattr(m, "kind", None)
+    return kind is not None and kind[0] in ("document", "padding")
+
+
 def _split_band(m):
     """``(structure, band)`` for ``m`` = structure or structure & band (band a relative band), else None."""
-    kind = getattr(m, "kind", None)
-    if kind is not None and kind[0] in ("document", "padding"):
+    if _is_structure(m):
         return m, (None, None)
     parts = mask_parts(m)
     if parts is None or parts[0] != "&":
         return None
     a, b = parts[1], parts[2]
-    if getattr(b, "kind", (None,))[0] in ("document", "padding"):
+    if _is_structure(b):
         a, b = b, a
-    if getattr(a, "kind", (None,))[0] not in ("document", "padding"):
+    if not _is_structure(a):
         return None
     band = relative_band(b)
     return None if band is None else (a, band)
@@ -919,16 +924,15 @@ def independent_pieces(m, B: int, L: int, S: int):
             else:
                 merged.append(p)
         return merged, band
-    seg = document_segments(struct, L, S)
-    if seg is None:
+    bounds = document_segments(struct, L, S)
+    if bounds is None:
         return None
-    return [(0, B, a, b, a, b) for a, b in seg[0]], band
+    return [(0, B, a, b, a, b) for a, b in bounds], band
 
 
 def document_segments(m, L: int, S: int):
-    """``(bounds, None)`` when the bound mask ``m`` is ``document(ids)`` with the same 1-d ids for queries
-    and keys and one contiguous run per document (the packed case), ``bounds`` the runs' ``(start, end)``;
-    else None."""
+    """The documents' row ranges ``[(start, end), ...]`` when the bound mask ``m`` is ``document(ids)`` with
+    the same 1-d ids for queries and keys and one contiguous run per document (the packed case); else None."""
     kind = getattr(m, "kind", None)
     if kind is None or kind[0] != "document" or L != S or L == 0:
         return None
@@ -939,7 +943,7 @@ def document_segments(m, L: int, S: int):
     edges = [0] + cut + [L]
     if len(edges) - 1 != int(torch.unique(qd).numel()):  # an id in two runs: not block-diagonal
         return None
-    return list(zip(edges[:-1], edges[1:])), None
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _expand_heads(t, H):
