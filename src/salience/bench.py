@@ -414,8 +414,10 @@ def _worker_memory(cfg: Config, impl: str, flex: bool) -> dict:
     _, peak = _rss_kib()
     nbytes = sum(t.numel() * t.element_size() for t in (q, k, v)) * 4 // 3  # q, k, v and the output
     held = q.numel() * q.element_size() * (4 if cfg.mode == "fwdbwd" else 1)
-    # the set-up's own resident memory, less the copies of the inputs (and the upstream gradient) it makes
-    setup = max(0, before - start - (held if cfg.mode == "fwdbwd" else 0) // 1024)
+    # the set-up's own resident memory, less what the fwd+bwd set-up copies: q, k, v (to require grad) and the
+    # upstream gradient
+    copies = q.numel() * q.element_size() * 4 if cfg.mode == "fwdbwd" else 0
+    setup = max(0, before - start - copies // 1024)
     return {"impl": impl, "peak_kib": peak - before, "working_kib": peak - before - held // 1024,
             "setup_kib": setup, "with_setup_kib": peak - before + setup, "process_peak_kib": peak,
             "qkvo_kib": nbytes // 1024, "seconds": dt, "peak_reset": exact}
