@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..reference import _acc_dtype
-from . import fused
+from . import fused, native
 
 __all__ = ["row_spans", "mask_parts", "relative_band", "SpanPlan", "plan_spans", "BiasPlan"]
 
@@ -217,6 +217,8 @@ class SpanPlan:
     segments: list = field(default_factory=list)  # (b0, b1, r0, r1, nparts)
     computed: int = 0
     visible: int = 0
+    lo: torch.Tensor | None = None  # (1 or B, L) row intervals the plan was built from
+    hi: torch.Tensor | None = None
 
     def _intervals(self, which: str) -> list:
         """Row intervals (b0, b1, r0, r1) that no segment covers ("uncovered") or that no band call covers
@@ -294,8 +296,17 @@ class SpanPlan:
         return out, lse
 
     # -- backward ---------------------------------------------------------------------------------
+    def uses_native(self, q) -> bool:
+        """Whether :meth:`backward` runs the compiled interval kernel for inputs like ``q``."""
+        return self.lo is not None and native.available(q)
+
     def backward(self, q, k, v, out, lse, dout, dlse, scale: float):
-        """``(dq, dk, dv)`` given the output and logsumexp of :meth:`forward` and their gradients."""
+        """``(dq, dk, dv)`` given the output and logsumexp of :meth:`forward` and their gradients.
+
+        Uses the compiled interval backward (:mod:`salience.kernels.native`) when it is available, which visits
+        only the keys each tile of rows can see; otherwise torch's fused backward on the plan's calls."""
+        if self.uses_native(q):
+            return native.span_backward(q, k, v, out, lse, dout, dlse, self.lo, self.hi, scale)
         acc = _acc_dtype(q.dtype)
         dq = torch.empty(q.shape, dtype=acc, device=q.device)
         for b0, b1, r0, r1 in self._intervals("not_band"):  # band rows are assigned, the others accumulate
@@ -552,7 +563,7 @@ def plan_spans(lo: torch.Tensor, hi: torch.Tensor, B: int, L: int, S: int, dtype
     dev = torch.device("cpu") if device is None else device
     qb_max = q_block or BAND_Q_BLOCK.get(dtype, 64)
     mdt = fused.bias_dtype(dtype, exact_mask=True)
-    plan = SpanPlan(B, L, S)
+    plan = SpanPlan(B, L, S, lo=lo, hi=hi)
     plan.visible = int((hi - lo).sum()) * (B // lo.shape[0])
     groups: dict = {}
     irregular: list = []  # (b0, b1, r0, r1)
