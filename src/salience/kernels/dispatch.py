@@ -42,7 +42,7 @@ from .._layout import expand_kv
 from .._result import AttentionResult
 from ..masks import MaskMod
 from ..reference import _acc_dtype, scores, softmax_from_scores
-from . import fused
+from . import fused, native
 from .blockwise import TileKernel
 from .spans import BiasPlan, SegmentPlan, independent_pieces, plan_spans, relative_band, row_spans
 
@@ -379,7 +379,8 @@ def choose(q, k, v, *, mask, score_mod, compatibility, need_lse: bool, backend: 
         if sp is not None:
             plan = plan_spans(sp[0], sp[1], B, L, S, dtype=q.dtype, device=dev)
             if backend == "spans" or plan.efficiency >= MIN_SPAN_EFFICIENCY:
-                det = {"skipped": round(1 - plan.computed / max(1, B * L * S), 4), **plan.summary()}
+                det = {"skipped": round(1 - plan.computed / max(1, B * L * S), 4), **plan.summary(),
+                       "backward": native.describe(q)}
                 return Plan("spans", "each query row sees one key interval: fused calls over just those keys", det,
                             _PlanExec(plan, eff_scale))
     # spans with a Toeplitz bias: band mask + additive relative bias without trainable tensors

@@ -17,9 +17,8 @@ downloaded. Without a compiler, or if the build fails, :func:`available` is Fals
 Example:
     >>> import torch
     >>> from salience.kernels import native
-    >>> q = k = v = torch.randn(1, 2, 8, 16)
-    >>> lo = torch.zeros(1, 8, dtype=torch.long); hi = torch.arange(1, 9).view(1, 8)  # causal
-    >>> isinstance(native.available(q), bool)
+    >>> q = torch.randn(1, 2, 8, 16)
+    >>> native.status() in ("compiled",) or not native.available(q)  # the reason when it is not built
     True
 """
 
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "status", "span_backward", "Q_TILE", "KV_CHUNK"]
+__all__ = ["available", "describe", "status", "span_backward", "Q_TILE", "KV_CHUNK"]
 
 #: query rows per tile and keys per inner chunk of the compiled backward
 Q_TILE = 64
@@ -123,30 +122,55 @@ def status() -> str:
     return _STATE["why"]
 
 
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def available(q: torch.Tensor) -> bool:
-    """True when :func:`span_backward` can run on tensors like ``q`` (CPU, float32 or float64, built)."""
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and _lib() is not None
+    """True when :func:`span_backward` can run on tensors like ``q`` (a CPU float tensor, and the kernel built)."""
+    return q.device.type == "cpu" and q.dtype in _DTYPES and _lib() is not None
+
+
+def describe(q: torch.Tensor) -> str:
+    """One line for :func:`salience.plan`: which backward the span path will run, without building anything."""
+    if q.device.type != "cpu" or q.dtype not in _DTYPES:
+        return f"torch fused calls (the compiled kernel takes CPU float tensors; got {q.dtype} on {q.device})"
+    if "lib" not in _STATE:
+        return "compiled interval kernel (built on first backward)"
+    if _STATE["lib"] is None:
+        return f"torch fused calls (compiled kernel unavailable: {_STATE['why']})"
+    return "compiled interval kernel"
 
 
 def span_backward(q, k, v, out, lse, dout, dlse, lo, hi, scale: float):
     """Gradients of interval-masked attention, recomputed from the logsumexp.
 
     Args:
-        q: (B, H, L, D); k: (B, Hkv, S, D); v: (B, Hkv, S, Dv), float32 or float64.
+        q: (B, H, L, D); k: (B, Hkv, S, D); v: (B, Hkv, S, Dv). float32 and float64 run as they are; bfloat16
+            and float16 are computed in float32 (copies of q, k, v, out and dout) and rounded at the end.
         out, dout: (B, H, L, Dv), the forward's output and its gradient.
         lse: (B, H, L) logsumexp of the forward (-inf on rows with no visible key); dlse: its gradient or None.
         lo, hi: int64 (1 or B, L): row i sees keys ``lo[i] <= j < hi[i]``.
         scale: the factor on q k^T.
 
     Returns:
-        ``(dq, dk, dv)`` with the shapes and dtype of q, k, v. Rows with no visible key get zero gradients.
+        ``(dq, dk, dv)`` with the shapes and dtypes of q, k, v. Rows with no visible key get zero gradients.
+
+    Example:
+        >>> import torch
+        >>> q = k = v = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+        >>> lo = torch.zeros(1, 4, dtype=torch.long); hi = torch.arange(1, 5).view(1, 4)  # causal
+        >>> out = torch.randn(1, 1, 4, 8, dtype=torch.float64); lse = torch.zeros(1, 1, 4, dtype=torch.float64)
+        >>> if available(q):
+        ...     dq, dk, dv = span_backward(q, k, v, out, lse, torch.ones_like(out), None, lo, hi, 0.35)
+        ...     assert dq.shape == q.shape and dk.shape == k.shape
     """
     lib = _lib()
     if lib is None:
         raise RuntimeError(f"the compiled span backward is unavailable: {status()}")
     B, H, L, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    dt = q.dtype
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v, out, dout = (t.to(dt).contiguous() for t in (q, k, v, out, dout))
     lse = lse.to(dt).contiguous()
     dlse = None if dlse is None else dlse.to(dt).contiguous()
@@ -163,4 +187,4 @@ def span_backward(q, k, v, out, lse, dout, dlse, lo, hi, scale: float):
     if Hkv != H:  # per-query-head key/value gradients: sum each group
         dk = dk.view(B, Hkv, H // Hkv, S, D).sum(2)
         dv = dv.view(B, Hkv, H // Hkv, S, Dv).sum(2)
-    return dq, dk, dv
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])

@@ -1,0 +1,175 @@
+"""The compiled interval backward (salience.kernels.native) against the float64 reference and against the
+torch-kernel backward it replaces; its build, its fallback and the plan's report of which one runs.
+
+Tiles and key chunks are shrunk so that 150-row problems cross many tiles and several key chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from tests.test_kernels import IDS, IDS2, MASK_CASES, _inputs, check_against_reference
+
+import salience
+from salience import masks as M
+from salience.kernels import native, spans
+
+HAS_CXX = shutil.which(os.environ.get("CXX") or "g++") is not None
+needs_native = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler on this machine: the compiled backward "
+                                  "cannot be built (the torch-kernel backward is used and tested instead)")
+
+SPAN_CASES = [c for c in MASK_CASES if c[2] == "spans"]
+
+
+@pytest.fixture
+def small_native_tiles(monkeypatch):
+    monkeypatch.setattr(native, "Q_TILE", 16)
+    monkeypatch.setattr(native, "KV_CHUNK", 24)  # a tile's key union spans several chunks
+
+
+@pytest.fixture
+def native_off(monkeypatch):
+    """The state after a failed build: the span path must fall back to torch's fused backward."""
+    monkeypatch.setitem(native._STATE, "lib", None)
+    monkeypatch.setitem(native._STATE, "why", "turned off for this test")
+
+
+@needs_native
+def test_builds_where_a_compiler_exists():
+    assert native.status() == "compiled"
+    assert native.available(torch.zeros(1, dtype=torch.bfloat16))
+    assert not native.available(torch.zeros(1, dtype=torch.int64))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"])
+@pytest.mark.parametrize("case", SPAN_CASES, ids=[c[0] for c in SPAN_CASES])
+def test_native_backward_matches_reference(case, dtype, small_native_tiles):
+    _, mask, expect, shape = case
+    q = _inputs(**shape)[0].to(dtype)
+    assert salience.plan(q, q, q, mask=mask).details["backward"].startswith("compiled interval kernel")
+    check_against_reference(mask, dtype=dtype, expect=expect, lse_grad=True, **shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", SPAN_CASES, ids=[c[0] for c in SPAN_CASES])
+def test_torch_kernel_backward_still_matches_reference(case, dtype, native_off):
+    _, mask, expect, shape = case
+    q = _inputs(**shape)[0].to(dtype)
+    assert salience.plan(q, q, q, mask=mask).details["backward"].startswith("torch fused calls")
+    check_against_reference(mask, dtype=dtype, expect=expect, lse_grad=True, **shape)
+
+
+@needs_native
+def test_grouped_heads_and_value_dim(small_native_tiles):
+    for dtype in (torch.float64, torch.float32):
+        check_against_reference(M.sliding_window(19), dtype=dtype, H=6, Hkv=3, D=8, Dv=20, lse_grad=True)
+        check_against_reference(M.document(IDS2) & M.causal(), dtype=dtype, H=4, Hkv=1, D=24, Dv=8, lse_grad=True)
+
+
+def _both_backwards(mask, L=150, S=150, dl=True, **shape):
+    """(dq, dk, dv) from the compiled kernel and from the plan's torch-kernel calls, float64."""
+    q, k, v, do, dlse = _inputs(L=L, S=S, **shape)
+    B = q.shape[0]
+    lo, hi = spans.row_spans(mask.bind(L, S), B, L, S)
+    plan = spans.plan_spans(lo, hi, B, L, S, dtype=q.dtype)
+    out, lse = plan.forward(q, k, v, 0.3)
+    dlse = dlse if dl else None
+    a = native.span_backward(q, k, v, out, lse, do, dlse, lo, hi, 0.3)
+    plan.lo = None  # the torch-kernel path
+    b = plan.backward(q, k, v, out, lse, do, dlse, 0.3)
+    return a, b
+
+
+@needs_native
+@pytest.mark.parametrize("name,mask", [("window", M.sliding_window(37)), ("documents", M.document(IDS)),
+                                       ("prefix_lm", M.prefix_lm(50)), ("two_sided", M.sliding_window(20, 9))])
+def test_agrees_with_the_torch_kernel_backward_in_float64(name, mask, small_native_tiles):
+    a, b = _both_backwards(mask)
+    for x, y in zip(a, b):
+        assert x.dtype == torch.float64
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-11)
+
+
+@needs_native
+def test_rows_and_keys_that_see_nothing_get_zero_gradients(small_native_tiles):
+    # batch 1 has no keys at all; batch 0 has query rows past its length, which see nothing
+    mask = M.padding(q_lengths=[100, 150], kv_lengths=[90, 0])
+    a, b = _both_backwards(mask)
+    dq, dk, dv = a
+    assert all(bool(torch.isfinite(t).all()) for t in a)
+    assert float(dq[1].abs().max()) == 0.0 and float(dk[1].abs().max()) == 0.0 and float(dv[1].abs().max()) == 0.0
+    assert float(dq[0, :, 100:].abs().max()) == 0.0  # rows past the query length
+    assert float(dk[0, :, 90:].abs().max()) == 0.0  # keys past the key length
+    assert float(dq[0, :, :100].abs().max()) > 0.0
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-11)
+
+
+@needs_native
+def test_non_contiguous_upstream_gradient():
+    q, k, v, _, _ = _inputs()
+    q, k, v = (t.float().requires_grad_() for t in (q, k, v))
+    out = salience.attention(q, k, v, mask=M.sliding_window(11))
+    out.sum().backward()  # dout is an expanded (stride 0) tensor
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    salience.reference.attention(*ref, mask=M.sliding_window(11)).out.sum().backward()
+    for a, b in zip((q, k, v), ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_span_backward_says_why_it_cannot_run(native_off):
+    q = torch.zeros(1, 1, 2, 4)
+    lo = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="unavailable: turned off for this test"):
+        native.span_backward(q, q, q, q, q[..., 0], q, None, lo, lo + 1, 1.0)
+    assert native.describe(q) == "torch fused calls (compiled kernel unavailable: turned off for this test)"
+    assert native.describe(q.to(torch.int32)).startswith("torch fused calls (the compiled kernel takes CPU float")
+
+
+_CHILD = """
+import torch, salience
+from salience import masks as M
+from salience.kernels import native
+q = torch.randn(1, 2, 70, 8, dtype=torch.float64, requires_grad=True)
+salience.attention(q, q, q, mask=M.sliding_window(5), backend="spans").sum().backward()
+ref = q.detach().clone().requires_grad_()
+salience.reference.attention(ref, ref, ref, mask=M.sliding_window(5)).out.sum().backward()
+assert torch.allclose(q.grad, ref.grad, rtol=1e-9, atol=1e-10)
+print(native.status())
+print(salience.plan(q, q, q, mask=M.sliding_window(5), backend="spans").details["backward"])
+"""
+
+
+def _child(tmp_path, **env):
+    full = {**os.environ, "SALIENCE_CACHE": str(tmp_path / "cache"), **env}
+    run = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=full, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip().splitlines()
+
+
+@needs_native
+def test_fresh_build_into_an_empty_cache(tmp_path):
+    status, backward = _child(tmp_path)
+    assert status == "compiled" and backward == "compiled interval kernel"
+    built = list((tmp_path / "cache").glob("span_backward_*.so"))
+    assert len(built) == 1
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # no build directory left behind
+
+
+def test_turned_off_by_environment(tmp_path):
+    status, backward = _child(tmp_path, SALIENCE_NATIVE="0")
+    assert status == "turned off by SALIENCE_NATIVE=0"
+    assert backward == "torch fused calls (compiled kernel unavailable: turned off by SALIENCE_NATIVE=0)"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_missing_compiler_falls_back(tmp_path):
+    status, backward = _child(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    assert "failed" in status or "No such file" in status, status
+    assert backward.startswith("torch fused calls (compiled kernel unavailable:")
