@@ -13,10 +13,20 @@ import sys
 
 import pytest
 import torch
-from tests.test_kernels import IDS, IDS2, MASK_CASES, _inputs, check_against_reference
+from tests.test_kernels import (
+    IDS,
+    IDS2,
+    MASK_CASES,
+    MOD_MASKS,
+    MODS,
+    _expected_mod_backend,
+    _inputs,
+    check_against_reference,
+)
 
 import salience
 from salience import masks as M
+from salience import scores as Sc
 from salience.kernels import native, spans
 
 HAS_CXX = shutil.which(os.environ.get("CXX") or "g++") is not None
@@ -135,6 +145,7 @@ def test_span_backward_says_why_it_cannot_run(native_off):
 _CHILD = """
 import torch, salience
 from salience import masks as M
+from salience import scores as Sc
 from salience.kernels import native
 q = torch.randn(1, 2, 70, 8, dtype=torch.float64, requires_grad=True)
 salience.attention(q, q, q, mask=M.sliding_window(5), backend="spans").sum().backward()
@@ -173,3 +184,45 @@ def test_missing_compiler_falls_back(tmp_path):
     status, backward = _child(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
     assert "failed" in status or "No such file" in status, status
     assert backward.startswith("torch fused calls (compiled kernel unavailable:")
+
+
+# ------------------------------------------------------------------------ band / segments + relative bias
+
+LINEAR_MODS = [m for m in MODS if m[0] in ("alibi", "relative_bias", "temperature_alibi_temperature")]
+BIAS_SPAN_CASES = [(mod_id, mod, mask_id, mask) for mod_id, mod in LINEAR_MODS for mask_id, mask in MOD_MASKS
+                   if _expected_mod_backend(mod_id, mask_id) == "spans"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", BIAS_SPAN_CASES, ids=[f"{c[0]}-{c[2]}" for c in BIAS_SPAN_CASES])
+def test_relative_bias_spans_with_torch_kernel_backward(case, dtype, native_off):
+    _, mod, _, mask = case
+    check_against_reference(mask, mod, dtype=dtype, expect="spans", lse_grad=True)
+
+
+@needs_native
+@pytest.mark.parametrize("case", BIAS_SPAN_CASES, ids=[f"{c[0]}-{c[2]}" for c in BIAS_SPAN_CASES])
+def test_relative_bias_spans_native_equals_torch_kernel_in_float64(case, small_native_tiles, monkeypatch):
+    _, mod, _, mask = case
+    q, k, v, do, dl = _inputs(H=6, Hkv=3)
+    grads = {}
+    for name in ("native", "torch"):
+        if name == "torch":
+            monkeypatch.setitem(native._STATE, "lib", None)
+            monkeypatch.setitem(native._STATE, "why", "off")
+        xs = [t.clone().requires_grad_() for t in (q, k, v)]
+        r = salience.attention(*xs, mask=mask, score_mod=mod, return_lse=True)
+        ((r.out * do).sum() + (torch.where(torch.isinf(r.lse), 0, r.lse) * dl).sum()).backward()
+        grads[name] = [x.grad for x in xs]
+    for a, b in zip(grads["native"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+
+
+@needs_native
+def test_alibi_window_training_runs_the_compiled_kernel(monkeypatch):
+    calls = []
+    real = native.span_backward
+    monkeypatch.setattr(native, "span_backward", lambda *a, **kw: calls.append(kw.get("bias")) or real(*a, **kw))
+    check_against_reference(M.sliding_window(21), Sc.alibi(4), dtype=torch.float32, expect="spans", lse_grad=True)
+    check_against_reference(M.document(IDS) & M.causal(), Sc.alibi(4), dtype=torch.float32, expect="spans")
+    assert len(calls) == 2 and all(b is not None for b in calls)

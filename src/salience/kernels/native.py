@@ -86,13 +86,13 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"compiling {_SOURCE.name} failed: {run.stderr.strip()[-600:]}")
             os.replace(tmp_so, target)  # atomic: concurrent builders never load a half-written file
     lib = ctypes.CDLL(str(target))
-    if lib.salience_span_backward_abi() != 1:
+    if lib.salience_span_backward_abi() != 2:
         raise RuntimeError(f"{target} has an unexpected ABI version")
     p, i64, i32, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     for name in ("salience_span_backward_f32", "salience_span_backward_f64"):
         fn = getattr(lib, name)
         fn.restype = None
-        fn.argtypes = [p] * 9 + [i64] + [p] * 3 + [i64] * 7 + [dbl, i64, i64, i32]
+        fn.argtypes = [p] * 9 + [i64, p, i64, i64] + [p] * 3 + [i64] * 7 + [dbl, i64, i64, i32]
     return lib
 
 
@@ -141,7 +141,7 @@ def describe(q: torch.Tensor) -> str:
     return "compiled interval kernel"
 
 
-def span_backward(q, k, v, out, lse, dout, dlse, lo, hi, scale: float):
+def span_backward(q, k, v, out, lse, dout, dlse, lo, hi, scale: float, bias=None):
     """Gradients of interval-masked attention, recomputed from the logsumexp.
 
     Args:
@@ -151,6 +151,9 @@ def span_backward(q, k, v, out, lse, dout, dlse, lo, hi, scale: float):
         lse: (B, H, L) logsumexp of the forward (-inf on rows with no visible key); dlse: its gradient or None.
         lo, hi: int64 (1 or B, L): row i sees keys ``lo[i] <= j < hi[i]``.
         scale: the factor on q k^T.
+        bias: None, or ``(g, offset)`` for an additive bias that depends only on the head and ``j - i``
+            (ALiBi, T5 buckets): ``g`` (B * H, n) float, and the bias of row i, key j is
+            ``g[b * H + h, j - i + offset]`` (indices must stay in ``[0, n)`` for every visible pair).
 
     Returns:
         ``(dq, dk, dv)`` with the shapes and dtypes of q, k, v. Rows with no visible key get zero gradients.
@@ -180,10 +183,17 @@ def span_backward(q, k, v, out, lse, dout, dlse, lo, hi, scale: float):
     dk = torch.zeros(B, H, S, D, dtype=dt)
     dv = torch.zeros(B, H, S, Dv, dtype=dt)
     fn = lib.salience_span_backward_f32 if dt == torch.float32 else lib.salience_span_backward_f64
+    g, g_stride, g_off = None, 0, 0
+    if bias is not None:
+        g, g_off = bias
+        if g.shape[0] != B * H:
+            raise ValueError(f"bias: expected one row per (batch, head), {B * H}; got {tuple(g.shape)}")
+        g = g.to(dt).contiguous()
+        g_stride = g.shape[1]
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dout.data_ptr(), lse.data_ptr(),
        None if dlse is None else dlse.data_ptr(), lo.data_ptr(), hi.data_ptr(), 0 if lo.shape[0] == 1 else L,
-       dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, H, Hkv, L, S, D, Dv, float(scale), Q_TILE, KV_CHUNK,
-       torch.get_num_threads())
+       None if g is None else g.data_ptr(), g_stride, int(g_off), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+       B, H, Hkv, L, S, D, Dv, float(scale), Q_TILE, KV_CHUNK, torch.get_num_threads())
     if Hkv != H:  # per-query-head key/value gradients: sum each group
         dk = dk.view(B, Hkv, H // Hkv, S, D).sum(2)
         dv = dv.view(B, Hkv, H // Hkv, S, Dv).sum(2)

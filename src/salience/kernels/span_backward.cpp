@@ -9,6 +9,8 @@
 //
 // Layout: contiguous (B, H, L, D) for q, out, dout and dq; (B, Hkv, S, D) for k and v; the key and value
 // gradients are written per *query* head, (B, H, S, D), and summed over a head group by the caller.
+// An optional additive bias that depends only on the head and j - i (ALiBi, T5 buckets) comes as one
+// vector per (batch, head): row (b * H + h) of `bias`, entry j - i + bias_offset, added to the scaled score.
 // GEMMs are the BLAS sgemm_/dgemm_ that libtorch_cpu exports (MKL in the x86 wheels).
 
 #include <algorithm>
@@ -71,7 +73,8 @@ inline double exp_approx(double x) { return std::exp(x); }
 
 template <typename T>
 void span_backward(const T* q, const T* k, const T* v, const T* out, const T* dout, const T* lse, const T* dlse,
-                   const int64_t* lo, const int64_t* hi, int64_t lo_batch_stride, T* dq, T* dk, T* dv, int64_t B,
+                   const int64_t* lo, const int64_t* hi, int64_t lo_batch_stride, const T* bias,
+                   int64_t bias_row_stride, int64_t bias_offset, T* dq, T* dk, T* dv, int64_t B,
                    int64_t H, int64_t Hkv, int64_t L, int64_t S, int64_t D, int64_t Dv, double scale_d,
                    int64_t tile, int64_t kv_chunk, int nthreads) {
   const T scale = static_cast<T>(scale_d);
@@ -92,6 +95,7 @@ void span_backward(const T* q, const T* k, const T* v, const T* out, const T* do
       const T* vh = v + (b * Hkv + hk) * S * Dv;
       const int64_t* lob = lo + b * lo_batch_stride;
       const int64_t* hib = hi + b * lo_batch_stride;
+      const T* gh = bias ? bias + (b * H + h) * bias_row_stride : nullptr;
       T* dqh = dq + (b * H + h) * L * D;
       T* dkh = dk + (b * H + h) * S * D;
       T* dvh = dv + (b * H + h) * S * Dv;
@@ -134,7 +138,12 @@ void span_backward(const T* q, const T* k, const T* v, const T* out, const T* do
               continue;
             }
             std::fill(pr, pr + a, T(0));
-            for (int64_t j = a; j < z; ++j) pr[j] = exp_approx(pr[j] - l);
+            if (gh) {
+              const int64_t base = c0 - i + bias_offset;  // gh[base + j]: the bias of key c0 + j for row i
+              for (int64_t j = a; j < z; ++j) pr[j] = exp_approx(pr[j] + gh[base + j] - l);
+            } else {
+              for (int64_t j = a; j < z; ++j) pr[j] = exp_approx(pr[j] - l);
+            }
             std::fill(pr + z, pr + nc, T(0));
           }
           // dv_c += P^T dout_t   (nc x Dv)
@@ -165,24 +174,26 @@ void span_backward(const T* q, const T* k, const T* v, const T* out, const T* do
 
 extern "C" {
 
-int salience_span_backward_abi() { return 1; }
+int salience_span_backward_abi() { return 2; }
 
 void salience_span_backward_f32(const float* q, const float* k, const float* v, const float* out, const float* dout,
                                 const float* lse, const float* dlse, const int64_t* lo, const int64_t* hi,
-                                int64_t lo_batch_stride, float* dq, float* dk, float* dv, int64_t B, int64_t H,
+                                int64_t lo_batch_stride, const float* bias, int64_t bias_row_stride,
+                                int64_t bias_offset, float* dq, float* dk, float* dv, int64_t B, int64_t H,
                                 int64_t Hkv, int64_t L, int64_t S, int64_t D, int64_t Dv, double scale, int64_t tile,
                                 int64_t kv_chunk, int nthreads) {
-  span_backward<float>(q, k, v, out, dout, lse, dlse, lo, hi, lo_batch_stride, dq, dk, dv, B, H, Hkv, L, S, D, Dv,
-                       scale, tile, kv_chunk, nthreads);
+  span_backward<float>(q, k, v, out, dout, lse, dlse, lo, hi, lo_batch_stride, bias, bias_row_stride, bias_offset,
+                       dq, dk, dv, B, H, Hkv, L, S, D, Dv, scale, tile, kv_chunk, nthreads);
 }
 
 void salience_span_backward_f64(const double* q, const double* k, const double* v, const double* out,
                                 const double* dout, const double* lse, const double* dlse, const int64_t* lo,
-                                const int64_t* hi, int64_t lo_batch_stride, double* dq, double* dk, double* dv,
+                                const int64_t* hi, int64_t lo_batch_stride, const double* bias,
+                                int64_t bias_row_stride, int64_t bias_offset, double* dq, double* dk, double* dv,
                                 int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t S, int64_t D, int64_t Dv,
                                 double scale, int64_t tile, int64_t kv_chunk, int nthreads) {
-  span_backward<double>(q, k, v, out, dout, lse, dlse, lo, hi, lo_batch_stride, dq, dk, dv, B, H, Hkv, L, S, D, Dv,
-                        scale, tile, kv_chunk, nthreads);
+  span_backward<double>(q, k, v, out, dout, lse, dlse, lo, hi, lo_batch_stride, bias, bias_row_stride,
+                        bias_offset, dq, dk, dv, B, H, Hkv, L, S, D, Dv, scale, tile, kv_chunk, nthreads);
 }
 
 }  // extern "C"
