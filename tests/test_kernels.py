@@ -40,6 +40,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(spans, "BAND_Q_BLOCK", {dt: 16 for dt in spans.BAND_Q_BLOCK})
     monkeypatch.setattr(spans, "BAND_Q_BLOCK_BWD", {dt: 48 for dt in spans.BAND_Q_BLOCK_BWD})  # re-blocked backward
     monkeypatch.setattr(spans, "BIAS_Q_BLOCK", {dt: 32 for dt in spans.BIAS_Q_BLOCK})
+    monkeypatch.setattr(spans, "BIAS_WINDOW_Q_BLOCK", 16)
     monkeypatch.setattr(spans, "MIN_RUN", 4)
     monkeypatch.setattr(spans, "GENERIC_Q_BLOCK", 16)
     monkeypatch.setattr(spans, "MAX_ROWS_PER_CALL", 48)  # band runs split over several calls
