@@ -16,7 +16,7 @@ from salience import masks as M
 from salience import reference
 from salience import scores as Sc
 from salience.blocks import EMPTY, FULL, PARTIAL
-from salience.kernels import blockwise, dispatch, spans
+from salience.kernels import blockwise, dispatch, native, spans
 from salience.kernels.blockwise import block_backward, block_forward, classify
 from salience.testing import assert_rel_close
 
@@ -190,6 +190,9 @@ def _expected_mod_backend(mod_id, mask_id):
     # packed documents (1-d ids, one run per document) with a relative bias: one band problem per document
     if linear and mask_id in ("causal", "window", "none", "documents_causal", "documents", "window_documents",
                               "padding_causal", "padding_empty_rows"):
+        return "spans"
+    # other interval masks (per-batch document ids) run on the compiled interval kernel when it is built
+    if linear and mask_id == "documents_2d_causal" and native.available(torch.zeros(1)):
         return "spans"
     return "blockwise"
 

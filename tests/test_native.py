@@ -168,7 +168,7 @@ def _child(tmp_path, **env):
 def test_fresh_build_into_an_empty_cache(tmp_path):
     status, backward = _child(tmp_path)
     assert status == "compiled" and backward == "compiled interval kernel"
-    built = list((tmp_path / "cache").glob("span_backward_*.so"))
+    built = list((tmp_path / "cache").glob("interval_*.so"))
     assert len(built) == 1
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # no build directory left behind
 
@@ -190,7 +190,11 @@ def test_missing_compiler_falls_back(tmp_path):
 
 LINEAR_MODS = [m for m in MODS if m[0] in ("alibi", "relative_bias", "temperature_alibi_temperature")]
 BIAS_SPAN_CASES = [(mod_id, mod, mask_id, mask) for mod_id, mod in LINEAR_MODS for mask_id, mask in MOD_MASKS
-                   if _expected_mod_backend(mod_id, mask_id) == "spans"]
+                   if _expected_mod_backend(mod_id, mask_id) == "spans" and mask_id != "documents_2d_causal"]
+# interval masks with a relative bias that only the compiled kernels serve (IntervalPlan, forward too)
+INTERVAL_BIAS_MASKS = [("prefix_lm", M.prefix_lm(50)), ("documents_2d_causal", M.document(IDS2) & M.causal()),
+                       ("documents_2d", M.document(IDS2)), ("prefix_lm_or_window", M.prefix_lm(30) | M.sliding_window(9)),
+                       ("padding_prefix", M.padding(q_lengths=[150, 60], kv_lengths=[150, 0]) & M.prefix_lm(40))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -226,3 +230,37 @@ def test_alibi_window_training_runs_the_compiled_kernel(monkeypatch):
     check_against_reference(M.sliding_window(21), Sc.alibi(4), dtype=torch.float32, expect="spans", lse_grad=True)
     check_against_reference(M.document(IDS) & M.causal(), Sc.alibi(4), dtype=torch.float32, expect="spans")
     assert len(calls) == 2 and all(b is not None for b in calls)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"])
+@pytest.mark.parametrize("mask_case", INTERVAL_BIAS_MASKS, ids=[m[0] for m in INTERVAL_BIAS_MASKS])
+@pytest.mark.parametrize("mod_case", LINEAR_MODS, ids=[m[0] for m in LINEAR_MODS])
+def test_interval_masks_with_relative_bias_on_the_compiled_kernels(mod_case, mask_case, dtype, small_native_tiles):
+    mask, mod = mask_case[1], mod_case[1]
+    q = _inputs()[0].to(dtype)
+    plan = salience.plan(q, q, q, mask=mask, score_mod=mod)
+    assert plan.backend == "spans" and "compiled interval kernel" in plan.reason, plan
+    check_against_reference(mask, mod, dtype=dtype, expect="spans", lse_grad=True)
+
+
+@pytest.mark.parametrize("mask_case", INTERVAL_BIAS_MASKS[:2], ids=[m[0] for m in INTERVAL_BIAS_MASKS[:2]])
+def test_interval_masks_with_relative_bias_fall_back_to_blockwise(mask_case, native_off):
+    check_against_reference(mask_case[1], Sc.alibi(4), dtype=torch.float32, expect="blockwise", lse_grad=True)
+
+
+@needs_native
+def test_interval_forward_grouped_heads_value_dim_and_offsets(small_native_tiles):
+    check_against_reference(M.prefix_lm(40), Sc.alibi(6), dtype=torch.float64, expect="spans", H=6, Hkv=3, D=8,
+                            Dv=20, lse_grad=True)
+    # the last 40 query rows of a 150-row problem as their own block: the global offset enters the bias
+    q, k, v, _, _ = _inputs(B=1)
+    mask, mod = M.prefix_lm(60), Sc.alibi(4)
+    full = salience.reference.attention(q, k, v, mask=mask, score_mod=mod)
+    lo, hi = spans.row_spans(mask.bind(150, 150), 1, 40, 150, q_offset=110, q_len=150)
+    slopes = mod.slopes.double().view(-1, 1)
+    plan = native.IntervalPlan(lo, hi, lambda d: -slopes * d.abs().double(), 1, 4, 40, 150, q_offset=110,
+                               dtype=torch.float64)
+    out, lse = plan.forward(q[:, :, 110:], k, v, q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, full.out[:, :, 110:], rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(lse, full.lse[:, :, 110:], rtol=1e-10, atol=1e-11)

@@ -400,11 +400,18 @@ def choose(q, k, v, *, mask, score_mod, compatibility, need_lse: bool, backend: 
             return Plan("spans", "packed documents or padding + relative additive bias: each document or "
                         "sequence as its own band problem with a strided Toeplitz bias", det,
                         _PlanExec(sp, eff_scale))
+        sp = row_spans(m, B, L, S, q_offset=q_offset, kv_offset=kv_offset, q_len=Lg, kv_len=Sg, device=dev)
+        if sp is not None and native.available(q):  # other interval masks (prefix-LM, per-batch documents)
+            ip = native.IntervalPlan(sp[0], sp[1], _bias_fn(biases, H, Lg, dev, _acc_dtype(q.dtype)), B, H, L, S,
+                                     q_offset=q_offset, kv_offset=kv_offset, dtype=q.dtype, device=dev)
+            det = {"skipped": round(1 - ip.computed / max(1, B * L * S), 4), **ip.summary()}
+            return Plan("spans", "interval mask + relative additive bias: the compiled interval kernel, forward "
+                        "and backward", det, _PlanExec(ip, eff_scale))
     if backend == "spans":
         raise ValueError(
             f"backend='spans' needs a mask whose visible keys form one interval per query row (got {m!r}) and no "
-            f"score_mod other than temperature/alibi/relative_bias on a band mask, packed documents or padding (got "
-            f"{score_mod!r}); use "
+            f"score_mod other than temperature/alibi/relative_bias (on a band mask, packed documents or padding, or "
+            f"on any interval mask when the compiled kernels are built: {native.describe(q)}) (got {score_mod!r}); use "
             "backend=None or 'blockwise'.")
     common = dict(q_offset=q_offset, kv_offset=kv_offset, q_len=Lg, kv_len=Sg, device=dev)
     if biases and not gtensors:  # relative additive bias: a Toeplitz view per tile, never evaluated per tile

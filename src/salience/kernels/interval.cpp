@@ -1,0 +1,319 @@
+// Exact attention for masks with one visible key interval [lo_i, hi_i) per query row, forward and backward.
+//
+// Part of salience: kernels/native.py compiles this file on first use and calls it through ctypes.
+// Each tile of query rows visits only the union of its rows' key intervals, in chunks of keys; scores
+// outside a row's own interval are never used. An optional additive bias that depends only on the head and
+// j - i (ALiBi, T5 buckets) is read from one vector per head.
+//
+// * forward: online softmax over the key chunks (running max and sum per row), output and logsumexp;
+//   rows with no visible key get output 0 and logsumexp -inf.
+// * backward (FlashAttention-2 style): probabilities recomputed from q, k and the saved logsumexp;
+//   dS = P * (dP - delta) with delta_i = rowsum(dout * out) - dlse_i; key and value gradients accumulated
+//   in place, per query head (the caller sums a head group).
+//
+// Layout: contiguous (B, H, L, D) for q, out, dout, dq; (B, Hkv, S, D) for k and v; (B, H, S, D) for the
+// per-query-head dk, dv. GEMMs are the BLAS sgemm_/dgemm_ that libtorch_cpu exports (MKL in x86 wheels).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*);
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*);
+
+// Every field is 8 bytes, so the layout matches the ctypes.Structure in native.py with no padding.
+struct SalienceIntervalArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;   // backward: the forward's output; forward: unused
+  const void* dout;  // backward only
+  const void* lse;   // backward only
+  const void* dlse;  // backward only, may be null
+  const int64_t* lo;
+  const int64_t* hi;
+  int64_t lo_batch_stride;  // 0 when every batch row shares the intervals, else L
+  const void* bias;         // may be null
+  int64_t bias_b_stride;
+  int64_t bias_h_stride;
+  int64_t bias_offset;  // bias of (row i, key j) at bias[b * bias_b_stride + h * bias_h_stride + j - i + offset]
+  void* dq;             // backward outputs (zero-initialised by the caller)
+  void* dk;
+  void* dv;
+  void* out_w;  // forward outputs
+  void* lse_w;
+  int64_t B, H, Hkv, L, S, D, Dv;
+  double scale;
+  int64_t tile, kv_chunk, nthreads;
+};
+}
+
+namespace {
+
+using Args = SalienceIntervalArgs;
+
+void blas_gemm(const char* ta, const char* tb, int m, int n, int k, float alpha, const float* a, int lda,
+               const float* b, int ldb, float beta, float* c, int ldc) {
+  sgemm_(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+void blas_gemm(const char* ta, const char* tb, int m, int n, int k, double alpha, const double* a, int lda,
+               const double* b, int ldb, double beta, double* c, int ldc) {
+  dgemm_(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// Row-major C (M x N) = alpha * op(A) op(B) + beta * C. op(A) is M x K: A is stored M x K (lda) unless
+// trans_a, when it is stored K x M. Likewise op(B) is K x N. BLAS is column-major, and a row-major matrix is
+// its transpose in column-major, so this computes C^T = op(B)^T op(A)^T.
+template <typename T>
+void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+             const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  blas_gemm(trans_b ? "T" : "N", trans_a ? "T" : "N", static_cast<int>(N), static_cast<int>(M),
+            static_cast<int>(K), alpha, B, static_cast<int>(ldb), A, static_cast<int>(lda), beta, C,
+            static_cast<int>(ldc));
+}
+
+// exp(x) for x <= ~0 (scores minus their row's maximum or logsumexp), written so that the compiler
+// vectorises it: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 polynomial for exp(r), then 2^n from the
+// exponent bits. Relative error about 2 ulp; 0 below -87 (where float exp underflows anyway).
+inline float exp_approx(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;  // ln2 split in two so that n * hi is exact
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+inline double exp_approx(double x) { return std::exp(x); }
+
+// The key range [kmin, kmax) a tile of rows needs (empty: kmin >= kmax); rows with lse -inf are skipped.
+template <typename T>
+void tile_keys(const int64_t* lo, const int64_t* hi, const T* lse, int64_t m, int64_t rows, int64_t S,
+               int64_t& kmin, int64_t& kmax) {
+  kmin = S;
+  kmax = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = m + r;
+    if (hi[i] > lo[i] && (lse == nullptr || std::isfinite(lse[i]))) {
+      kmin = std::min(kmin, lo[i]);
+      kmax = std::max(kmax, hi[i]);
+    }
+  }
+}
+
+// The visible columns [a, z) of row i within the chunk of nc keys starting at c0.
+inline void row_cols(const int64_t* lo, const int64_t* hi, int64_t i, int64_t c0, int64_t nc, int64_t& a,
+                     int64_t& z) {
+  a = std::clamp(lo[i] - c0, int64_t(0), nc);
+  z = std::clamp(hi[i] - c0, int64_t(0), nc);
+  if (hi[i] <= lo[i]) z = a;
+}
+
+template <typename T>
+void forward(const Args& A) {
+  const T* q = static_cast<const T*>(A.q);
+  const T* k = static_cast<const T*>(A.k);
+  const T* v = static_cast<const T*>(A.v);
+  const T* bias = static_cast<const T*>(A.bias);
+  T* out = static_cast<T*>(A.out_w);
+  T* lse = static_cast<T*>(A.lse_w);
+  const int64_t H = A.H, L = A.L, S = A.S, D = A.D, Dv = A.Dv, tile = A.tile, kv_chunk = A.kv_chunk;
+  const int64_t group = H / A.Hkv;
+  const T scale = static_cast<T>(A.scale);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t ntiles = (L + tile - 1) / tile;
+  const int64_t work = A.B * H * ntiles;
+#pragma omp parallel num_threads(static_cast<int>(A.nthreads))
+  {
+    std::vector<T> sbuf(tile * kv_chunk), mx(tile), sum(tile);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < work; ++w) {
+      const int64_t item = w / ntiles, m = (w % ntiles) * tile;
+      const int64_t b = item / H, h = item % H, hk = h / group;
+      const int64_t rows = std::min(tile, L - m);
+      const T* qt = q + ((b * H + h) * L + m) * D;
+      const T* kh = k + (b * A.Hkv + hk) * S * D;
+      const T* vh = v + (b * A.Hkv + hk) * S * Dv;
+      const int64_t* lo = A.lo + b * A.lo_batch_stride;
+      const int64_t* hi = A.hi + b * A.lo_batch_stride;
+      const T* gh = bias ? bias + b * A.bias_b_stride + h * A.bias_h_stride : nullptr;
+      T* ot = out + ((b * H + h) * L + m) * Dv;
+      T* lt = lse + (b * H + h) * L + m;
+      std::fill(ot, ot + rows * Dv, T(0));
+      int64_t kmin, kmax;
+      tile_keys<T>(lo, hi, nullptr, m, rows, S, kmin, kmax);
+      for (int64_t r = 0; r < rows; ++r) {
+        mx[r] = neg_inf;
+        sum[r] = 0;
+      }
+      for (int64_t c0 = kmin; c0 < kmax; c0 += kv_chunk) {
+        const int64_t nc = std::min(kv_chunk, kmax - c0);
+        T* P = sbuf.data();
+        gemm_rm<T>(false, true, rows, nc, D, scale, qt, D, kh + c0 * D, D, T(0), P, nc);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = m + r;
+          T* pr = P + r * nc;
+          int64_t a, z;
+          row_cols(lo, hi, i, c0, nc, a, z);
+          if (gh) {
+            const int64_t base = c0 - i + A.bias_offset;
+            for (int64_t j = a; j < z; ++j) pr[j] += gh[base + j];
+          }
+          T cm = neg_inf;
+          for (int64_t j = a; j < z; ++j) cm = std::max(cm, pr[j]);
+          const T m_new = std::max(mx[r], cm);
+          if (m_new == neg_inf) {  // nothing visible so far
+            std::fill(pr, pr + nc, T(0));
+            continue;
+          }
+          const T alpha = mx[r] == neg_inf ? T(0) : exp_approx(mx[r] - m_new);
+          T s = 0;
+          std::fill(pr, pr + a, T(0));
+          for (int64_t j = a; j < z; ++j) {
+            pr[j] = exp_approx(pr[j] - m_new);
+            s += pr[j];
+          }
+          std::fill(pr + z, pr + nc, T(0));
+          sum[r] = sum[r] * alpha + s;
+          mx[r] = m_new;
+          if (alpha != T(1)) {
+            T* orow = ot + r * Dv;
+            for (int64_t d = 0; d < Dv; ++d) orow[d] *= alpha;
+          }
+        }
+        gemm_rm<T>(false, false, rows, Dv, nc, T(1), P, nc, vh + c0 * Dv, Dv, T(1), ot, Dv);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        if (sum[r] > T(0)) {
+          const T inv = T(1) / sum[r];
+          T* orow = ot + r * Dv;
+          for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
+          lt[r] = mx[r] + std::log(sum[r]);
+        } else {
+          lt[r] = neg_inf;  // no visible key: output stays 0
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward(const Args& A) {
+  const T* q = static_cast<const T*>(A.q);
+  const T* k = static_cast<const T*>(A.k);
+  const T* v = static_cast<const T*>(A.v);
+  const T* out = static_cast<const T*>(A.out);
+  const T* dout = static_cast<const T*>(A.dout);
+  const T* lse = static_cast<const T*>(A.lse);
+  const T* dlse = static_cast<const T*>(A.dlse);
+  const T* bias = static_cast<const T*>(A.bias);
+  T* dq = static_cast<T*>(A.dq);
+  T* dk = static_cast<T*>(A.dk);
+  T* dv = static_cast<T*>(A.dv);
+  const int64_t H = A.H, L = A.L, S = A.S, D = A.D, Dv = A.Dv, tile = A.tile, kv_chunk = A.kv_chunk;
+  const int64_t group = H / A.Hkv;
+  const T scale = static_cast<T>(A.scale);
+  const int64_t items = A.B * H;
+#pragma omp parallel num_threads(static_cast<int>(A.nthreads))
+  {
+    std::vector<T> pbuf(tile * kv_chunk), gbuf(tile * kv_chunk), delta(tile);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / H, h = item % H, hk = h / group;
+      const T* qh = q + (b * H + h) * L * D;
+      const T* oh = out + (b * H + h) * L * Dv;
+      const T* doh = dout + (b * H + h) * L * Dv;
+      const T* lh = lse + (b * H + h) * L;
+      const T* dlh = dlse ? dlse + (b * H + h) * L : nullptr;
+      const T* kh = k + (b * A.Hkv + hk) * S * D;
+      const T* vh = v + (b * A.Hkv + hk) * S * Dv;
+      const int64_t* lo = A.lo + b * A.lo_batch_stride;
+      const int64_t* hi = A.hi + b * A.lo_batch_stride;
+      const T* gh = bias ? bias + b * A.bias_b_stride + h * A.bias_h_stride : nullptr;
+      T* dqh = dq + (b * H + h) * L * D;
+      T* dkh = dk + (b * H + h) * S * D;
+      T* dvh = dv + (b * H + h) * S * Dv;
+      for (int64_t m = 0; m < L; m += tile) {
+        const int64_t rows = std::min(tile, L - m);
+        int64_t kmin, kmax;
+        tile_keys<T>(lo, hi, lh, m, rows, S, kmin, kmax);
+        if (kmin >= kmax) continue;  // no visible key in the tile: dq rows stay zero
+        for (int64_t r = 0; r < rows; ++r) {  // delta_i = rowsum(dout * out) - dlse_i
+          T acc = 0;
+          const T* x = doh + (m + r) * Dv;
+          const T* y = oh + (m + r) * Dv;
+          for (int64_t d = 0; d < Dv; ++d) acc += x[d] * y[d];
+          delta[r] = acc - (dlh ? dlh[m + r] : T(0));
+        }
+        for (int64_t c0 = kmin; c0 < kmax; c0 += kv_chunk) {
+          const int64_t nc = std::min(kv_chunk, kmax - c0);
+          T* P = pbuf.data();
+          T* G = gbuf.data();
+          // scores: P = scale * q_t k_c^T   (rows x nc)
+          gemm_rm<T>(false, true, rows, nc, D, scale, qh + m * D, D, kh + c0 * D, D, T(0), P, nc);
+          // probabilities from the logsumexp, zero outside each row's interval
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = m + r;
+            T* pr = P + r * nc;
+            const T l = lh[i];
+            int64_t a, z;
+            row_cols(lo, hi, i, c0, nc, a, z);
+            if (!std::isfinite(l)) z = a;
+            std::fill(pr, pr + a, T(0));
+            if (gh) {
+              const int64_t base = c0 - i + A.bias_offset;
+              for (int64_t j = a; j < z; ++j) pr[j] = exp_approx(pr[j] + gh[base + j] - l);
+            } else {
+              for (int64_t j = a; j < z; ++j) pr[j] = exp_approx(pr[j] - l);
+            }
+            std::fill(pr + std::max(a, z), pr + nc, T(0));
+          }
+          // dv_c += P^T dout_t   (nc x Dv)
+          gemm_rm<T>(true, false, nc, Dv, rows, T(1), P, nc, doh + m * Dv, Dv, T(1), dvh + c0 * Dv, Dv);
+          // dP = dout_t v_c^T   (rows x nc)
+          gemm_rm<T>(false, true, rows, nc, Dv, T(1), doh + m * Dv, Dv, vh + c0 * Dv, Dv, T(0), G, nc);
+          // dS = P * (dP - delta)
+          for (int64_t r = 0; r < rows; ++r) {
+            T* gr = G + r * nc;
+            const T* pr = P + r * nc;
+            const T dl = delta[r];
+            for (int64_t j = 0; j < nc; ++j) gr[j] = pr[j] * (gr[j] - dl);
+          }
+          // dq_t += scale * dS k_c ; dk_c += scale * dS^T q_t
+          gemm_rm<T>(false, false, rows, D, nc, scale, G, nc, kh + c0 * D, D, T(1), dqh + m * D, D);
+          gemm_rm<T>(true, false, nc, D, rows, scale, G, nc, qh + m * D, D, T(1), dkh + c0 * D, D);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int salience_interval_abi() { return 3; }
+int64_t salience_interval_args_size() { return static_cast<int64_t>(sizeof(SalienceIntervalArgs)); }
+
+void salience_interval_forward_f32(const SalienceIntervalArgs* a) { forward<float>(*a); }
+void salience_interval_forward_f64(const SalienceIntervalArgs* a) { forward<double>(*a); }
+void salience_interval_backward_f32(const SalienceIntervalArgs* a) { backward<float>(*a); }
+void salience_interval_backward_f64(const SalienceIntervalArgs* a) { backward<double>(*a); }
+
+}  // extern "C"
