@@ -102,6 +102,22 @@ inline float exp_approx(float x) {
 
 inline double exp_approx(double x) { return std::exp(x); }
 
+// max(p[a:z]), -inf when empty; 16 running maxima so that the loop vectorises (a plain max reduction does not
+// without -ffast-math)
+template <typename T>
+T row_max(const T* p, int64_t a, int64_t z) {
+  constexpr int W = 16;
+  T part[W];
+  for (int u = 0; u < W; ++u) part[u] = -std::numeric_limits<T>::infinity();
+  int64_t j = a;
+  for (; j + W <= z; j += W)
+    for (int u = 0; u < W; ++u) part[u] = part[u] > p[j + u] ? part[u] : p[j + u];
+  T m = -std::numeric_limits<T>::infinity();
+  for (; j < z; ++j) m = m > p[j] ? m : p[j];
+  for (int u = 0; u < W; ++u) m = m > part[u] ? m : part[u];
+  return m;
+}
+
 // The key range [kmin, kmax) a tile of rows needs (empty: kmin >= kmax); rows with lse -inf are skipped.
 template <typename T>
 void tile_keys(const int64_t* lo, const int64_t* hi, const T* lse, int64_t m, int64_t rows, int64_t S,
@@ -175,8 +191,7 @@ void forward(const Args& A) {
             const int64_t base = c0 - i + A.bias_offset;
             for (int64_t j = a; j < z; ++j) pr[j] += gh[base + j];
           }
-          T cm = neg_inf;
-          for (int64_t j = a; j < z; ++j) cm = std::max(cm, pr[j]);
+          const T cm = row_max(pr, a, z);
           const T m_new = std::max(mx[r], cm);
           if (m_new == neg_inf) {  // nothing visible so far
             std::fill(pr, pr + nc, T(0));
@@ -185,6 +200,7 @@ void forward(const Args& A) {
           const T alpha = mx[r] == neg_inf ? T(0) : exp_approx(mx[r] - m_new);
           T s = 0;
           std::fill(pr, pr + a, T(0));
+#pragma omp simd reduction(+ : s)
           for (int64_t j = a; j < z; ++j) {
             pr[j] = exp_approx(pr[j] - m_new);
             s += pr[j];
@@ -258,6 +274,7 @@ void backward(const Args& A) {
           T acc = 0;
           const T* x = doh + (m + r) * Dv;
           const T* y = oh + (m + r) * Dv;
+#pragma omp simd reduction(+ : acc)
           for (int64_t d = 0; d < Dv; ++d) acc += x[d] * y[d];
           delta[r] = acc - (dlh ? dlh[m + r] : T(0));
         }
