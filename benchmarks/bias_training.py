@@ -1,8 +1,14 @@
-"""Training steps with ALiBi on the band + bias span path, compiled backward against the torch-kernel one.
+"""Attention with ALiBi on interval masks: the compiled interval kernels against the paths they replace.
 
-``python benchmarks/bias_training.py``: B=1, H=8, D=64, N=16384, fp32; a sliding window of 256 and 4 packed
-documents & causal, each with ALiBi. Prints the forward, the forward+backward step with the compiled interval
-backward (the default when it is built) and with the torch-kernel fallback, medians of 5, in one run.
+``python benchmarks/bias_training.py``: B=1, H=8, D=64, N=16384, fp32, medians of 5 (3 for the slow rows),
+in one run.
+
+* A sliding window of 256 and 4 packed documents & causal (strided-bias span plans): the forward, and the
+  forward+backward step with the compiled interval backward (the default when it is built) and with the
+  torch-kernel fallback.
+* Prefix-LM (4096) and 4 documents given as per-batch (2-d) ids & causal (IntervalPlan: the compiled kernels
+  both ways): forward and forward+backward against the blockwise kernel, which serves them without the
+  compiled kernels.
 """
 
 import time
@@ -53,6 +59,24 @@ def main() -> None:
             native._STATE.update(saved)
         print(f"{name}: forward {fwd:.0f} ms; forward+backward {compiled:.0f} ms compiled ({compiled / fwd:.2f}x "
               f"the forward), {fallback:.0f} ms with the torch-kernel backward ({fallback / compiled:.2f}x slower)")
+
+
+    for name, mask in (("prefix-LM 4096 + ALiBi", M.prefix_lm(4096)),
+                       ("4 documents (2-d ids) & causal + ALiBi", M.document(ids.view(1, -1)) & M.causal())):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+
+        def step(backend=None, xs=xs, mask=mask):
+            for x in xs:
+                x.grad = None
+            salience.attention(*xs, mask=mask, score_mod=mod, backend=backend).backward(dout)
+
+        fwd = median_ms(lambda mask=mask: salience.attention(q, k, v, mask=mask, score_mod=mod), 3)
+        fwd_b = median_ms(lambda mask=mask: salience.attention(q, k, v, mask=mask, score_mod=mod,
+                                                               backend="blockwise"), 3)
+        both = median_ms(step, 3)
+        both_b = median_ms(lambda step=step: step("blockwise"), 3)
+        print(f"{name}: forward {fwd:.0f} ms compiled, {fwd_b:.0f} ms blockwise ({fwd_b / fwd:.2f}x slower); "
+              f"forward+backward {both:.0f} ms compiled, {both_b:.0f} ms blockwise ({both_b / both:.2f}x slower)")
 
 
 if __name__ == "__main__":
