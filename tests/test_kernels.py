@@ -485,7 +485,7 @@ def test_tiny_problems_take_one_dense_pass(monkeypatch):
     ("sdpa", dict(mask=M.causal(), score_mod=Sc.softcap(2.0)), "backend='sdpa' cannot apply a score_mod"),
     ("flash", {}, "backend must be one of"),
     ("blockwise", dict(compatibility=Sc.Additive(8)), "cannot apply the compatibility"),
-    ("spans", dict(dropout_p=0.1), "dropout_p > 0 runs on backend"),
+    ("blockwise", dict(dropout_p=0.1), "dropout_p > 0 runs on backend"),
 ])
 def test_impossible_forced_backends_raise(backend, kwargs, match):
     q = torch.randn(1, 2, 64, 8)

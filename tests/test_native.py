@@ -264,3 +264,84 @@ def test_interval_forward_grouped_heads_value_dim_and_offsets(small_native_tiles
     out, lse = plan.forward(q[:, :, 110:], k, v, q.shape[-1] ** -0.5)
     torch.testing.assert_close(out, full.out[:, :, 110:], rtol=1e-10, atol=1e-11)
     torch.testing.assert_close(lse, full.lse[:, :, 110:], rtol=1e-10, atol=1e-11)
+
+
+# ----------------------------------------------------------------------------------------------- dropout
+
+DROPOUT_CASES = [("window", M.sliding_window(37), None), ("documents_causal", M.document(IDS) & M.causal(), None),
+                 ("none", None, None), ("padding_empty_rows", M.padding(q_lengths=[120, 150], kv_lengths=[90, 0]), None),
+                 ("prefix_lm_alibi", M.prefix_lm(50), Sc.alibi(4)), ("causal_temperature", M.causal(), Sc.temperature(0.7))]
+
+
+def _dropout_reference(q, k, v, mask, mod, p, seed):
+    """Float64 attention with the kernels' own dropout multipliers: weights = softmax * Z."""
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    ke, ve = (t.repeat_interleave(H // k.shape[1], dim=1) for t in (k, v))
+    s = salience.reference.scores(q, ke, mask=mask, score_mod=mod)
+    w, lse = salience.reference.softmax_from_scores(s)
+    z = torch.stack([torch.stack([native.dropout_multipliers(seed, b * H + h, range(L), range(S), p)
+                                  for h in range(H)]) for b in range(B)])
+    return (w * z) @ ve, lse
+
+
+@needs_native
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=[c[0] for c in DROPOUT_CASES])
+def test_dropout_on_the_compiled_kernels_matches_the_same_mask_in_float64(case, small_native_tiles):
+    _, mask, mod = case
+    q, k, v, do, dl = _inputs()
+    p = 0.3
+    torch.manual_seed(11)
+    pl = salience.plan(q, k, v, mask=mask, score_mod=mod, dropout_p=p, return_lse=True)
+    assert pl.backend == "spans" and "dropout" in pl.reason and pl.details["dropout_p"] == p, pl
+    seed = pl.executor.plan.dropout[1]
+    grads = {}
+    for name in ("fast", "ref"):
+        xs = [t.clone().requires_grad_() for t in (q, k, v)]
+        if name == "fast":
+            torch.manual_seed(11)  # the plan made inside attention draws the same seed
+            r = salience.attention(*xs, mask=mask, score_mod=mod, dropout_p=p, return_lse=True)
+            out, lse = r.out, r.lse
+        else:
+            out, lse = _dropout_reference(*xs, mask, mod, p, seed)
+        finite = torch.isfinite(lse)
+        ((out * do).sum() + (torch.where(finite, lse, 0) * dl).sum()).backward()
+        grads[name] = (out.detach(), torch.where(finite, lse, 0).detach(), [x.grad for x in xs])
+    (o1, l1, g1), (o2, l2, g2) = grads["fast"], grads["ref"]
+    torch.testing.assert_close(o1, o2, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(l1, l2, rtol=1e-9, atol=1e-10)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@needs_native
+def test_dropout_keeps_the_expected_share_and_is_unbiased():
+    z = native.dropout_multipliers(123, 5, range(64), range(4096), 0.25)
+    kept = float((z > 0).double().mean())
+    assert abs(kept - 0.75) < 0.005 and set(z.unique().tolist()) == {0.0, 1 / 0.75}
+    assert not torch.equal(z, native.dropout_multipliers(124, 5, range(64), range(4096), 0.25))  # seed matters
+    assert not torch.equal(z[:, :64], native.dropout_multipliers(123, 6, range(64), range(64), 0.25))  # head too
+    # the expectation over seeds is the undropped output (float32, window mask)
+    q, k, v = (torch.randn(1, 2, 96, 16) for _ in range(3))
+    mask = M.sliding_window(20)
+    exact = salience.attention(q, k, v, mask=mask)
+    mean = sum(salience.attention(q, k, v, mask=mask, dropout_p=0.5) for _ in range(400)) / 400
+    assert float((mean - exact).abs().max()) < 0.1 * float(exact.abs().max())
+
+
+@needs_native
+def test_dropout_plans_differ_per_call_and_forced_backends():
+    q = torch.randn(1, 2, 64, 8)
+    a = salience.attention(q, q, q, mask=M.sliding_window(9), dropout_p=0.4)
+    b = salience.attention(q, q, q, mask=M.sliding_window(9), dropout_p=0.4)
+    assert not torch.equal(a, b)
+    assert salience.plan(q, q, q, mask=M.dilated(2), dropout_p=0.4).backend == "reference"  # not an interval mask
+    with pytest.raises(ValueError, match="backend='spans' with dropout_p > 0 needs"):
+        salience.plan(q, q, q, mask=M.dilated(2), dropout_p=0.4, backend="spans")
+    with pytest.raises(ValueError, match="dropout_p > 0 runs on backend 'spans'"):
+        salience.plan(q, q, q, mask=M.sliding_window(9), dropout_p=0.4, backend="blockwise")
+
+
+def test_dropout_without_the_compiled_kernels_stays_on_the_reference(native_off):
+    q = torch.randn(1, 2, 64, 8)
+    assert salience.plan(q, q, q, mask=M.sliding_window(9), dropout_p=0.4).backend == "reference"

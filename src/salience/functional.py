@@ -40,7 +40,7 @@ def _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p=0.0):
 
 
 def plan(q, k, v=None, *, mask=None, score_mod=None, scale=None, compatibility=None, return_lse=False,
-         backend=None) -> dispatch.Plan:
+         backend=None, dropout_p: float = 0.0) -> dispatch.Plan:
     """Describe the path :func:`attention` would take for these inputs, without computing it.
 
     Example:
@@ -50,9 +50,9 @@ def plan(q, k, v=None, *, mask=None, score_mod=None, scale=None, compatibility=N
         'sdpa'
     """
     v = k if v is None else v
-    q, k, v, m, sm, scale, compat, _, _ = _prepare(q, k, v, mask, score_mod, scale, compatibility)
+    q, k, v, m, sm, scale, compat, p, _ = _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p)
     return dispatch.choose(q, k, v, mask=m, score_mod=sm, compatibility=compat, need_lse=return_lse,
-                           backend=backend, scale=scale)
+                           backend=backend, scale=scale, dropout_p=p)
 
 
 def attention(

@@ -204,6 +204,24 @@ def _bias_fn(biases, H, Lg, device, dtype):
     return fn
 
 
+def _dropout_plan(q, m, score_mod, sc, dropout_p, B, H, L, S, Lg, Sg, q_offset, kv_offset, dev):
+    """Dropout on the compiled interval kernels (linear memory, logsumexp returned), or None when they cannot
+    take this problem."""
+    lin = linear_form(score_mod)
+    if lin is None or (score_mod is not None and grad_tensors(score_mod)) or not native.available(q):
+        return None
+    iv = row_spans(m, B, L, S, q_offset=q_offset, kv_offset=kv_offset, q_len=Lg, kv_len=Sg, device=dev)
+    if iv is None:
+        return None
+    alpha, biases = lin
+    bias_fn = _bias_fn(biases, H, Lg, dev, _acc_dtype(q.dtype)) if biases else None
+    ip = native.IntervalPlan(iv[0], iv[1], bias_fn, B, H, L, S, q_offset=q_offset, kv_offset=kv_offset,
+                             dtype=q.dtype, device=dev, dropout_p=dropout_p)
+    det = {"skipped": round(1 - ip.computed / max(1, B * L * S), 4), **ip.summary()}
+    return Plan("spans", "dropout on an interval mask: the compiled interval kernel, forward and backward, "
+                "with a hashed dropout mask", det, _PlanExec(ip, sc * alpha))
+
+
 def _interval_plan(spans_, biases, B, H, L, S, Lg, q_offset, kv_offset, dtype, dev, eff_scale) -> Plan:
     ip = native.IntervalPlan(spans_[0], spans_[1], _bias_fn(biases, H, Lg, dev, _acc_dtype(dtype)), B, H, L, S,
                              q_offset=q_offset, kv_offset=kv_offset, dtype=dtype, device=dev)
@@ -318,8 +336,18 @@ def choose(q, k, v, *, mask, score_mod, compatibility, need_lse: bool, backend: 
                 "is not a dot product); use backend=None or 'reference'.")
         return reference(f"{type(compatibility).__name__} is not a dot product: chunked textbook computation")
     if dropout_p > 0:
-        if backend not in (None, "reference", "sdpa"):
-            raise ValueError(f"dropout_p > 0 runs on backend 'reference' (or 'sdpa' without a mask); got {backend!r}.")
+        if backend not in (None, "reference", "sdpa", "spans"):
+            raise ValueError(f"dropout_p > 0 runs on backend 'spans' (the compiled interval kernels), 'reference' or "
+                             f"'sdpa' (without a mask); got {backend!r}.")
+        if backend in (None, "spans"):
+            dp = _dropout_plan(q, m, score_mod, sc, dropout_p, B, H, L, S, Lg, Sg, q_offset, kv_offset, dev)
+            if dp is not None:
+                return dp
+            if backend == "spans":
+                raise ValueError("backend='spans' with dropout_p > 0 needs the compiled interval kernels "
+                                 f"({native.describe(q)}), a mask with one key interval per query row (got {m!r}) "
+                                 "and no score_mod other than temperature/alibi/relative_bias without trainable "
+                                 f"tensors (got {score_mod!r}); use backend=None.")
         if backend != "reference" and score_mod is None and (m is None or _is_top_left_causal(m)) \
                 and q_offset == kv_offset and not need_lse:
             return Plan("sdpa", "dropout: torch SDPA with dropout_p", {"skipped": 0.0, "dropout": True})

@@ -10,6 +10,11 @@
 // * backward (FlashAttention-2 style): probabilities recomputed from q, k and the saved logsumexp;
 //   dS = P * (dP - delta) with delta_i = rowsum(dout * out) - dlse_i; key and value gradients accumulated
 //   in place, per query head (the caller sums a head group).
+// * dropout (optional): weight (b, h, i, j) is kept with probability 1 - p and scaled by 1 / (1 - p); the
+//   keep decision is a hash of (seed, b * H + h, i, j), so the backward regenerates the forward's mask.
+//   The logsumexp is that of the undropped weights; with dropout the backward uses
+//   dV = (P o Z)^T dO, dS = P o (Z o dO V^T - delta), delta_i = rowsum(dout * out) - dlse_i, where Z holds
+//   0 or 1 / (1 - p).
 //
 // Layout: contiguous (B, H, L, D) for q, out, dout, dq; (B, Hkv, S, D) for k and v; (B, H, S, D) for the
 // per-query-head dk, dv. GEMMs are the BLAS sgemm_/dgemm_ that libtorch_cpu exports (MKL in x86 wheels).
@@ -51,6 +56,8 @@ struct SalienceIntervalArgs {
   int64_t B, H, Hkv, L, S, D, Dv;
   double scale;
   int64_t tile, kv_chunk, nthreads;
+  double dropout_p;  // 0: no dropout
+  int64_t seed;
 };
 }
 
@@ -118,6 +125,29 @@ T row_max(const T* p, int64_t a, int64_t z) {
   return m;
 }
 
+// Dropout multiplier (0 or 1 / (1 - p)) of weight (bh, i, j): splitmix64's finaliser over the packed index,
+// whose top 24 bits give a uniform number in [0, 1).
+inline uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  x ^= x >> 31;
+  return x;
+}
+
+template <typename T>
+void dropout_row(T* z, int64_t nc, uint64_t seed, int64_t bh, int64_t i, int64_t c0, double p) {
+  const uint64_t row = mix64(seed ^ mix64((static_cast<uint64_t>(bh) << 32) ^ static_cast<uint64_t>(i)));
+  const uint32_t threshold = static_cast<uint32_t>(p * 16777216.0);  // keep when u >= p, u = bits / 2^24
+  const T keep = static_cast<T>(1.0 / (1.0 - p));
+  for (int64_t j = 0; j < nc; ++j) {
+    const uint64_t key = row + static_cast<uint64_t>(c0 + j) * 0x9e3779b97f4a7c15ULL;
+    const uint32_t u = static_cast<uint32_t>(mix64(key) >> 40);
+    z[j] = u >= threshold ? keep : T(0);
+  }
+}
+
 // The key range [kmin, kmax) a tile of rows needs (empty: kmin >= kmax); rows with lse -inf are skipped.
 template <typename T>
 void tile_keys(const int64_t* lo, const int64_t* hi, const T* lse, int64_t m, int64_t rows, int64_t S,
@@ -157,7 +187,7 @@ void forward(const Args& A) {
   const int64_t work = A.B * H * ntiles;
 #pragma omp parallel num_threads(static_cast<int>(A.nthreads))
   {
-    std::vector<T> sbuf(tile * kv_chunk), mx(tile), sum(tile);
+    std::vector<T> sbuf(tile * kv_chunk), mx(tile), sum(tile), zbuf(A.dropout_p > 0 ? kv_chunk : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < work; ++w) {
       const int64_t item = w / ntiles, m = (w % ntiles) * tile;
@@ -208,6 +238,10 @@ void forward(const Args& A) {
           std::fill(pr + z, pr + nc, T(0));
           sum[r] = sum[r] * alpha + s;
           mx[r] = m_new;
+          if (A.dropout_p > 0) {  // the sum above is of the undropped weights; P V uses the dropped ones
+            dropout_row(zbuf.data(), nc, static_cast<uint64_t>(A.seed), b * H + h, i, c0, A.dropout_p);
+            for (int64_t j = a; j < z; ++j) pr[j] *= zbuf[j];
+          }
           if (alpha != T(1)) {
             T* orow = ot + r * Dv;
             for (int64_t d = 0; d < Dv; ++d) orow[d] *= alpha;
@@ -248,7 +282,8 @@ void backward(const Args& A) {
   const int64_t items = A.B * H;
 #pragma omp parallel num_threads(static_cast<int>(A.nthreads))
   {
-    std::vector<T> pbuf(tile * kv_chunk), gbuf(tile * kv_chunk), delta(tile);
+    const bool drop = A.dropout_p > 0;
+    std::vector<T> pbuf(tile * kv_chunk), gbuf(tile * kv_chunk), delta(tile), zbuf(drop ? tile * kv_chunk : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t b = item / H, h = item % H, hk = h / group;
@@ -301,16 +336,33 @@ void backward(const Args& A) {
             }
             std::fill(pr + std::max(a, z), pr + nc, T(0));
           }
-          // dv_c += P^T dout_t   (nc x Dv)
-          gemm_rm<T>(true, false, nc, Dv, rows, T(1), P, nc, doh + m * Dv, Dv, T(1), dvh + c0 * Dv, Dv);
-          // dP = dout_t v_c^T   (rows x nc)
+          if (drop) {
+            // dv_c += (P o Z)^T dout_t, with P o Z built in G for the moment
+            for (int64_t r = 0; r < rows; ++r) {
+              T* zr = zbuf.data() + r * nc;
+              dropout_row(zr, nc, static_cast<uint64_t>(A.seed), b * H + h, m + r, c0, A.dropout_p);
+              const T* pr = P + r * nc;
+              T* gr = G + r * nc;
+              for (int64_t j = 0; j < nc; ++j) gr[j] = pr[j] * zr[j];
+            }
+            gemm_rm<T>(true, false, nc, Dv, rows, T(1), G, nc, doh + m * Dv, Dv, T(1), dvh + c0 * Dv, Dv);
+          } else {
+            // dv_c += P^T dout_t   (nc x Dv)
+            gemm_rm<T>(true, false, nc, Dv, rows, T(1), P, nc, doh + m * Dv, Dv, T(1), dvh + c0 * Dv, Dv);
+          }
+          // dP = dout_t v_c^T   (rows x nc), through the dropout mask when there is one
           gemm_rm<T>(false, true, rows, nc, Dv, T(1), doh + m * Dv, Dv, vh + c0 * Dv, Dv, T(0), G, nc);
           // dS = P * (dP - delta)
           for (int64_t r = 0; r < rows; ++r) {
             T* gr = G + r * nc;
             const T* pr = P + r * nc;
             const T dl = delta[r];
-            for (int64_t j = 0; j < nc; ++j) gr[j] = pr[j] * (gr[j] - dl);
+            if (drop) {
+              const T* zr = zbuf.data() + r * nc;
+              for (int64_t j = 0; j < nc; ++j) gr[j] = pr[j] * (gr[j] * zr[j] - dl);
+            } else {
+              for (int64_t j = 0; j < nc; ++j) gr[j] = pr[j] * (gr[j] - dl);
+            }
           }
           // dq_t += scale * dS k_c ; dk_c += scale * dS^T q_t
           gemm_rm<T>(false, false, rows, D, nc, scale, G, nc, kh + c0 * D, D, T(1), dqh + m * D, D);
@@ -325,12 +377,18 @@ void backward(const Args& A) {
 
 extern "C" {
 
-int salience_interval_abi() { return 3; }
+int salience_interval_abi() { return 4; }
 int64_t salience_interval_args_size() { return static_cast<int64_t>(sizeof(SalienceIntervalArgs)); }
 
 void salience_interval_forward_f32(const SalienceIntervalArgs* a) { forward<float>(*a); }
 void salience_interval_forward_f64(const SalienceIntervalArgs* a) { forward<double>(*a); }
 void salience_interval_backward_f32(const SalienceIntervalArgs* a) { backward<float>(*a); }
 void salience_interval_backward_f64(const SalienceIntervalArgs* a) { backward<double>(*a); }
+
+// The dropout multipliers of a (rows x nc) block at (bh, row i0, key c0), as the kernels draw them: for tests.
+void salience_interval_dropout_f64(double* z, int64_t rows, int64_t nc, int64_t seed, int64_t bh, int64_t i0,
+                                   int64_t c0, double p) {
+  for (int64_t r = 0; r < rows; ++r) dropout_row(z + r * nc, nc, static_cast<uint64_t>(seed), bh, i0 + r, c0, p);
+}
 
 }  // extern "C"

@@ -41,15 +41,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "describe", "status", "span_forward", "span_backward", "IntervalPlan", "Q_TILE",
-           "KV_CHUNK"]
+__all__ = ["available", "describe", "status", "span_forward", "span_backward", "IntervalPlan",
+           "dropout_multipliers", "Q_TILE", "KV_CHUNK"]
 
 #: query rows per tile and keys per inner chunk of the compiled kernels
 Q_TILE = 64
 KV_CHUNK = 512
 
 _SOURCE = Path(__file__).with_name("interval.cpp")
-_ABI = 3
+_ABI = 4
 _LOCK = threading.Lock()
 _STATE: dict = {}
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -64,7 +64,7 @@ class _Args(ctypes.Structure):
         (name, ctypes.c_void_p) for name in ("dq", "dk", "dv", "out_w", "lse_w")] + [
         (name, ctypes.c_int64) for name in ("B", "H", "Hkv", "L", "S", "D", "Dv")] + [
         ("scale", ctypes.c_double), ("tile", ctypes.c_int64), ("kv_chunk", ctypes.c_int64),
-        ("nthreads", ctypes.c_int64)]
+        ("nthreads", ctypes.c_int64), ("dropout_p", ctypes.c_double), ("seed", ctypes.c_int64)]
 
 
 def _cpu_flags() -> str:
@@ -128,6 +128,9 @@ def _build() -> ctypes.CDLL:
         f = getattr(lib, "salience_interval_" + fn)
         f.restype = None
         f.argtypes = [ctypes.POINTER(_Args)]
+    i64 = ctypes.c_int64
+    lib.salience_interval_dropout_f64.restype = None
+    lib.salience_interval_dropout_f64.argtypes = [ctypes.c_void_p, i64, i64, i64, i64, i64, i64, ctypes.c_double]
     return lib
 
 
@@ -178,7 +181,7 @@ def _work_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _common(q, k, v, lo, hi, scale, bias, keep):
+def _common(q, k, v, lo, hi, scale, bias, keep, dropout):
     """The ctypes argument block shared by both kernels; ``keep`` collects tensors that must outlive the call."""
     lib = _lib()
     if lib is None:
@@ -192,6 +195,11 @@ def _common(q, k, v, lo, hi, scale, bias, keep):
     a = _Args(lo=lo.data_ptr(), hi=hi.data_ptr(), lo_batch_stride=0 if lo.shape[0] == 1 else L, B=B, H=H, Hkv=Hkv,
               L=L, S=S, D=D, Dv=Dv, scale=float(scale), tile=Q_TILE, kv_chunk=KV_CHUNK,
               nthreads=torch.get_num_threads())
+    if dropout is not None:
+        p, seed = dropout
+        if not 0.0 <= float(p) < 1.0:
+            raise ValueError(f"dropout: p must be in [0, 1); got {p}")
+        a.dropout_p, a.seed = float(p), int(seed)
     keep += [lo, hi]
     if bias is not None:
         g, offset = bias
@@ -207,7 +215,7 @@ def _common(q, k, v, lo, hi, scale, bias, keep):
     return lib, a
 
 
-def span_forward(q, k, v, lo, hi, scale: float, bias=None):
+def span_forward(q, k, v, lo, hi, scale: float, bias=None, dropout=None):
     """Exact attention for interval masks: ``(out, lse)``.
 
     Args:
@@ -218,6 +226,9 @@ def span_forward(q, k, v, lo, hi, scale: float, bias=None):
         bias: None, or ``(g, offset)``: a bias that depends only on the head and ``j - i``, added to the
             scaled scores; ``g`` is (1, n), (H, n) or (B * H, n) and the bias of row i, key j is
             ``g[row, j - i + offset]`` (indices must stay in ``[0, n)`` for every visible pair).
+        dropout: None, or ``(p, seed)``: each weight is kept with probability 1 - p and scaled by 1 / (1 - p),
+            the decision a hash of (seed, b * H + h, i, j) (see :func:`dropout_multipliers`); lse stays that
+            of the undropped weights. The backward must get the same ``(p, seed)``.
 
     Returns:
         out (B, H, L, Dv) in q's dtype, lse (B, H, L) float32 (float64 for float64); rows with no visible
@@ -232,7 +243,7 @@ def span_forward(q, k, v, lo, hi, scale: float, bias=None):
         ...     assert torch.allclose(out[0, 0, 0], v[0, 0, 0])  # the first row sees only the first key
     """
     keep: list = []
-    lib, a = _common(q, k, v, lo, hi, scale, bias, keep)
+    lib, a = _common(q, k, v, lo, hi, scale, bias, keep, dropout)
     B, H, L, _ = q.shape
     dt = _work_dtype(q.dtype)
     q_, k_, v_ = (t.to(dt).contiguous() for t in (q, k, v))
@@ -243,11 +254,11 @@ def span_forward(q, k, v, lo, hi, scale: float, bias=None):
     return out.to(q.dtype), lse
 
 
-def span_backward(q, k, v, out, lse, dout, dlse, lo, hi, scale: float, bias=None):
+def span_backward(q, k, v, out, lse, dout, dlse, lo, hi, scale: float, bias=None, dropout=None):
     """Gradients of interval-masked attention, recomputed from the logsumexp.
 
     Args:
-        q, k, v, lo, hi, scale, bias: as for :func:`span_forward`.
+        q, k, v, lo, hi, scale, bias, dropout: as for :func:`span_forward`.
         out, dout: (B, H, L, Dv), the forward's output and its gradient.
         lse: (B, H, L) logsumexp of the forward (-inf on rows with no visible key); dlse: its gradient or None.
 
@@ -264,7 +275,7 @@ def span_backward(q, k, v, out, lse, dout, dlse, lo, hi, scale: float, bias=None
         ...     assert dq.shape == q.shape and dk.shape == k.shape
     """
     keep: list = []
-    lib, a = _common(q, k, v, lo, hi, scale, bias, keep)
+    lib, a = _common(q, k, v, lo, hi, scale, bias, keep, dropout)
     B, H, L, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     dt = _work_dtype(q.dtype)
@@ -283,13 +294,37 @@ def span_backward(q, k, v, out, lse, dout, dlse, lo, hi, scale: float, bias=None
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def dropout_multipliers(seed: int, bh: int, rows: range, keys: range, p: float) -> torch.Tensor:
+    """The dropout multipliers (0 or 1 / (1 - p)) the kernels apply to the weights of head row ``bh`` (= b * H + h),
+    query rows ``rows`` and keys ``keys``: float64 (len(rows), len(keys)). For tests and inspection.
+
+    Example:
+        >>> z = dropout_multipliers(7, 0, range(4), range(1000), 0.25) if available(torch.zeros(1)) else None
+        >>> z is None or (set(z.unique().tolist()) <= {0.0, 1 / 0.75} and abs(float((z > 0).double().mean()) - 0.75) < 0.05)
+        True
+    """
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError(f"the compiled interval kernels are unavailable: {status()}")
+    if rows.step != 1 or keys.step != 1:
+        raise ValueError("rows and keys: contiguous ranges (step 1)")
+    z = torch.empty(len(rows), len(keys), dtype=torch.float64)
+    lib.salience_interval_dropout_f64(z.data_ptr(), len(rows), len(keys), int(seed), int(bh), rows.start,
+                                      keys.start, float(p))
+    return z
+
+
 class IntervalPlan:
-    """An interval mask with an additive relative bias, both directions on the compiled kernels.
+    """An interval mask with an optional additive relative bias and optional dropout, both directions on the
+    compiled kernels.
 
     Args:
         lo, hi: int64 (1 or B, L) row intervals (local key coordinates), as from ``spans.row_spans``.
-        bias_fn: ``bias_fn(d) -> (H or 1, n)`` float tensor, the bias at global offsets ``d = kv_idx - q_idx``.
+        bias_fn: None, or ``bias_fn(d) -> (H or 1, n)`` float tensor, the bias at global offsets
+            ``d = kv_idx - q_idx``.
         B, H, L, S, q_offset, kv_offset: the block in the global problem.
+        dropout_p: dropout on the weights; the plan draws its seed from torch's default generator when it is
+            made, so every run of one plan drops the same weights (``salience.attention`` makes a plan per call).
 
     Example:
         >>> import torch
@@ -304,19 +339,29 @@ class IntervalPlan:
         ...     assert out.shape == q.shape
     """
 
-    def __init__(self, lo, hi, bias_fn, B, H, L, S, *, q_offset=0, kv_offset=0, dtype=torch.float32, device=None):
+    def __init__(self, lo, hi, bias_fn, B, H, L, S, *, q_offset=0, kv_offset=0, dtype=torch.float32, device=None,
+                 dropout_p: float = 0.0):
         self.lo, self.hi = lo, hi
-        dmin = kv_offset - q_offset - L + 1
-        g = bias_fn(torch.arange(dmin, dmin + L + S - 1, device=device))
-        self.g = (g if g.dim() == 2 else g.unsqueeze(0)).to(_work_dtype(dtype))
-        self.offset = L - 1  # local (i, j) -> g[:, j - i + L - 1]
+        self.bias = None
+        if bias_fn is not None:
+            dmin = kv_offset - q_offset - L + 1
+            g = bias_fn(torch.arange(dmin, dmin + L + S - 1, device=device))
+            g = (g if g.dim() == 2 else g.unsqueeze(0)).to(_work_dtype(dtype))
+            self.bias = (g, L - 1)  # local (i, j) -> g[:, j - i + L - 1]
+        self.dropout = None
+        if dropout_p > 0:
+            self.dropout = (float(dropout_p), int(torch.randint(0, 2**62, (1,)).item()))
         self.computed = int((hi - lo).clamp(min=0).sum()) * (B // lo.shape[0])
 
     def summary(self) -> dict:
-        return {"kernel": "compiled interval kernel", "q_tile": Q_TILE}
+        out = {"kernel": "compiled interval kernel", "q_tile": Q_TILE}
+        if self.dropout is not None:
+            out["dropout_p"] = self.dropout[0]
+        return out
 
     def forward(self, q, k, v, scale: float):
-        return span_forward(q, k, v, self.lo, self.hi, scale, bias=(self.g, self.offset))
+        return span_forward(q, k, v, self.lo, self.hi, scale, bias=self.bias, dropout=self.dropout)
 
     def backward(self, q, k, v, out, lse, dout, dlse, scale: float):
-        return span_backward(q, k, v, out, lse, dout, dlse, self.lo, self.hi, scale, bias=(self.g, self.offset))
+        return span_backward(q, k, v, out, lse, dout, dlse, self.lo, self.hi, scale, bias=self.bias,
+                             dropout=self.dropout)
