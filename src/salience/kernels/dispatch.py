@@ -7,13 +7,14 @@ Backends (all exact; each returns the output and the logsumexp):
   mask, like calling torch SDPA with a boolean mask (useful as a baseline).
 * ``"spans"``: masks whose visible keys form one interval per query row (documents, sliding windows,
   prefix-LM, padding, bottom-right causal and their ``&``): fused calls over just the keys each run of rows
-  needs (:mod:`salience.kernels.spans`). With a band mask (causal, windows) and an additive relative
-  score_mod (ALiBi, T5 relative bias, with temperature), the bias goes into the fused call as a strided
-  Toeplitz view, never materialised.
+  needs (:mod:`salience.kernels.spans`), with the compiled interval backward
+  (:mod:`salience.kernels.native`). With an additive relative score_mod (ALiBi, T5 relative bias, with
+  temperature), or with dropout, the compiled interval kernels run both directions (float32/float64; in
+  bfloat16/float16 a band mask's bias goes into torch's fused call as a strided Toeplitz view instead).
 * ``"blockwise"``: everything else (any mask_mod, any score_mod such as softcap): online softmax over
   (query tile, key tile) pairs that skips empty tiles (:mod:`salience.kernels.blockwise`).
-* ``"reference"``: the textbook computation chunked over query rows: dropout, non-dot compatibility
-  functions, and tiny problems where one dense pass is fastest.
+* ``"reference"``: the textbook computation chunked over query rows: dropout where the compiled kernels
+  cannot take it, non-dot compatibility functions, and tiny problems where one dense pass is fastest.
 
 Training: every path except ``"reference"`` runs under one ``autograd.Function`` that saves only q, k, v,
 the output and the logsumexp and recomputes the rest in the backward (FlashAttention-2 style), so memory is
