@@ -3,9 +3,9 @@
 ``python benchmarks/bias_training.py``: B=1, H=8, D=64, N=16384, fp32, medians of 5 (3 for the slow rows),
 in one run.
 
-* A sliding window of 256 and 4 packed documents & causal (strided-bias span plans): the forward, and the
-  forward+backward step with the compiled interval backward (the default when it is built) and with the
-  torch-kernel fallback.
+* A sliding window of 256 and 4 packed documents & causal: the forward, and the forward+backward step on the
+  compiled interval kernels (the default when they are built) and without them (the strided-bias span plans
+  on torch's fused kernels, forward and backward).
 * Prefix-LM (4096) and 4 documents given as per-batch (2-d) ids & causal (IntervalPlan: the compiled kernels
   both ways): forward and forward+backward against the blockwise kernel, which serves them without the
   compiled kernels.
@@ -38,7 +38,7 @@ def main() -> None:
     dout = torch.randn_like(q)
     ids = torch.arange(N) // (N // 4)
     mod = Sc.alibi(8)
-    print(f"compiled interval backward: {native.status()}")
+    print(f"compiled interval kernels: {native.status()}")
     for name, mask in (("window 256 + ALiBi", M.sliding_window(256)),
                        ("4 documents & causal + ALiBi", M.document(ids) & M.causal())):
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -58,7 +58,7 @@ def main() -> None:
             native._STATE.clear()
             native._STATE.update(saved)
         print(f"{name}: forward {fwd:.0f} ms; forward+backward {compiled:.0f} ms compiled ({compiled / fwd:.2f}x "
-              f"the forward), {fallback:.0f} ms with the torch-kernel backward ({fallback / compiled:.2f}x slower)")
+              f"the forward), {fallback:.0f} ms without them: torch's kernels ({fallback / compiled:.2f}x slower)")
 
 
     for name, mask in (("prefix-LM 4096 + ALiBi", M.prefix_lm(4096)),
