@@ -10,23 +10,13 @@ issue targets <= 4x).
 """
 
 import sys
-import time
 
 import torch
+from _timing import median_ms, without_native  # benchmarks/_timing.py (the script directory is on sys.path)
 
 import salience
 from salience import masks as M
 from salience.kernels import native, spans
-
-
-def median_ms(fn, n: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[n // 2] * 1e3
 
 
 def main(blocks) -> None:
@@ -45,22 +35,17 @@ def main(blocks) -> None:
         salience.attention(qg, kg, vg, mask=mask).backward(dout)
 
     def report(what):
-        f = median_ms(fwd)
-        both = median_ms(fwd_bwd)
+        f = median_ms(fwd, 7)
+        both = median_ms(fwd_bwd, 7)
         print(f"{what}: forward {f:.1f} ms, forward+backward {both:.1f} ms, ratio {both / f:.2f}")
 
     print(f"compiled interval backward: {native.status()}")
     if native.available(q):
         report("compiled interval backward")
-    saved = dict(native._STATE)
-    native._STATE.update(lib=None, why="off for this comparison")
-    try:
+    with without_native():
         for bq in blocks:
             spans.BAND_Q_BLOCK_BWD[torch.float32] = bq
             report(f"torch-kernel backward, block {bq}")
-    finally:
-        native._STATE.clear()
-        native._STATE.update(saved)
 
 
 if __name__ == "__main__":

@@ -11,24 +11,13 @@ in one run.
   compiled kernels.
 """
 
-import time
-
 import torch
+from _timing import median_ms, without_native  # benchmarks/_timing.py (the script directory is on sys.path)
 
 import salience
 from salience import masks as M
 from salience import scores as Sc
 from salience.kernels import native
-
-
-def median_ms(fn, n: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[n // 2] * 1e3
 
 
 def main() -> None:
@@ -50,13 +39,8 @@ def main() -> None:
 
         fwd = median_ms(lambda mask=mask: salience.attention(q, k, v, mask=mask, score_mod=mod))
         compiled = median_ms(step)
-        saved = dict(native._STATE)
-        native._STATE.update(lib=None, why="off for this comparison")
-        try:
+        with without_native():
             fallback = median_ms(step)
-        finally:
-            native._STATE.clear()
-            native._STATE.update(saved)
         print(f"{name}: forward {fwd:.0f} ms; forward+backward {compiled:.0f} ms compiled ({compiled / fwd:.2f}x "
               f"the forward), {fallback:.0f} ms without them: torch's kernels ({fallback / compiled:.2f}x slower)")
 

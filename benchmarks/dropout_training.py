@@ -7,22 +7,11 @@ weights) and, for causal, on torch SDPA with ``dropout_p`` (its CPU flash kernel
 its math path).
 """
 
-import time
-
 import torch
+from _timing import median_ms  # benchmarks/_timing.py (the script directory is on sys.path)
 
 import salience
 from salience import masks as M
-
-
-def median_ms(fn, n: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[n // 2] * 1e3
 
 
 def main() -> None:
@@ -39,7 +28,7 @@ def main() -> None:
             salience.attention(*xs, mask=mask, dropout_p=0.1, backend=backend).backward(dout)
 
         print(f"{name}: {salience.plan(q, k, v, mask=mask, dropout_p=0.1).reason}")
-        fast = median_ms(step)
+        fast = median_ms(step, 3)
         ref = median_ms(lambda step=step: step("reference"), 1)
         line = f"  forward+backward {fast:.0f} ms; reference {ref:.0f} ms ({ref / fast:.1f}x slower)"
         if name == "causal":
