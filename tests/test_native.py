@@ -139,16 +139,19 @@ def test_span_backward_says_why_it_cannot_run(native_off):
     assert native.describe(q.to(torch.int32)).startswith("torch fused calls (the compiled kernel takes CPU float")
 
 
+# The plumbing check of a fresh process: status, the plan's report and a correct gradient (precision is tested
+# above, in-process). The tolerance is loose on purpose: torch's fused float64 kernels (the fallback) were seen
+# to differ from the reference by ~2e-9 in 2 of 40 fresh processes with unseeded inputs.
 _CHILD = """
 import torch, salience
 from salience import masks as M
-from salience import scores as Sc
 from salience.kernels import native
+torch.manual_seed(0)
 q = torch.randn(1, 2, 70, 8, dtype=torch.float64, requires_grad=True)
 salience.attention(q, q, q, mask=M.sliding_window(5), backend="spans").sum().backward()
 ref = q.detach().clone().requires_grad_()
 salience.reference.attention(ref, ref, ref, mask=M.sliding_window(5)).out.sum().backward()
-assert torch.allclose(q.grad, ref.grad, rtol=1e-9, atol=1e-10)
+assert torch.allclose(q.grad, ref.grad, rtol=1e-7, atol=1e-8), float((q.grad - ref.grad).abs().max())
 print(native.status())
 print(salience.plan(q, q, q, mask=M.sliding_window(5), backend="spans").details["backward"])
 """
