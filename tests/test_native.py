@@ -104,6 +104,22 @@ def test_agrees_with_the_torch_kernel_backward_in_float64(name, mask, small_nati
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_backward_splits_query_tiles_when_heads_are_fewer_than_threads(threads, small_native_tiles):
+    """With fewer (batch, head) pairs than threads the backward splits each pair's query tiles over threads, with
+    scratch key/value gradients summed at the end: the same gradients as the torch-kernel backward."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for mask in (M.sliding_window(37), M.document(IDS) & M.causal()):
+            a, b = _both_backwards(mask, B=1, H=2, Hkv=1)
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-11)
+    finally:
+        torch.set_num_threads(n)
+
+
+@needs_native
 def test_rows_and_keys_that_see_nothing_get_zero_gradients(small_native_tiles):
     # batch 1 has no keys at all; batch 0 has query rows past its length, which see nothing
     mask = M.padding(q_lengths=[100, 150], kv_lengths=[90, 0])

@@ -280,12 +280,18 @@ void backward(const Args& A) {
   const int64_t group = H / A.Hkv;
   const T scale = static_cast<T>(A.scale);
   const int64_t items = A.B * H;
+  // Work units: (batch, head) pairs, each split into `splits` runs of query tiles when there are fewer pairs
+  // than threads. Split 0 accumulates into dk/dv; the others into zeroed scratch, summed in at the end.
+  const int64_t ntiles = (L + tile - 1) / tile;
+  const int64_t splits = std::max<int64_t>(1, std::min(ntiles, (A.nthreads + items - 1) / items));
+  std::vector<T> scratch(splits > 1 ? items * (splits - 1) * S * (D + Dv) : 0, T(0));
 #pragma omp parallel num_threads(static_cast<int>(A.nthreads))
   {
     const bool drop = A.dropout_p > 0;
     std::vector<T> pbuf(tile * kv_chunk), gbuf(tile * kv_chunk), delta(tile), zbuf(drop ? tile * kv_chunk : 0);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
+    for (int64_t unit = 0; unit < items * splits; ++unit) {
+      const int64_t item = unit / splits, split = unit % splits;
       const int64_t b = item / H, h = item % H, hk = h / group;
       const T* qh = q + (b * H + h) * L * D;
       const T* oh = out + (b * H + h) * L * Dv;
@@ -300,7 +306,13 @@ void backward(const Args& A) {
       T* dqh = dq + (b * H + h) * L * D;
       T* dkh = dk + (b * H + h) * S * D;
       T* dvh = dv + (b * H + h) * S * Dv;
-      for (int64_t m = 0; m < L; m += tile) {
+      if (split > 0) {
+        dkh = scratch.data() + (item * (splits - 1) + split - 1) * S * (D + Dv);
+        dvh = dkh + S * D;
+      }
+      const int64_t m_begin = (ntiles * split / splits) * tile;
+      const int64_t m_end = std::min(L, (ntiles * (split + 1) / splits) * tile);
+      for (int64_t m = m_begin; m < m_end; m += tile) {
         const int64_t rows = std::min(tile, L - m);
         int64_t kmin, kmax;
         tile_keys<T>(lo, hi, lh, m, rows, S, kmin, kmax);
@@ -367,6 +379,19 @@ void backward(const Args& A) {
           // dq_t += scale * dS k_c ; dk_c += scale * dS^T q_t
           gemm_rm<T>(false, false, rows, D, nc, scale, G, nc, kh + c0 * D, D, T(1), dqh + m * D, D);
           gemm_rm<T>(true, false, nc, D, rows, scale, G, nc, qh + m * D, D, T(1), dkh + c0 * D, D);
+        }
+      }
+    }
+    if (splits > 1) {  // sum the scratch gradients into dk / dv, rows split over the threads
+#pragma omp for schedule(static)
+      for (int64_t row = 0; row < items * S; ++row) {
+        const int64_t item = row / S, j = row % S;
+        T* dkr = dk + row * D;
+        T* dvr = dv + row * Dv;
+        for (int64_t s2 = 0; s2 < splits - 1; ++s2) {
+          const T* base = scratch.data() + (item * (splits - 1) + s2) * S * (D + Dv);
+          for (int64_t d = 0; d < D; ++d) dkr[d] += base[j * D + d];
+          for (int64_t d = 0; d < Dv; ++d) dvr[d] += base[S * D + j * Dv + d];
         }
       }
     }
