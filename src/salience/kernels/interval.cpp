@@ -282,8 +282,12 @@ void backward(const Args& A) {
   const int64_t items = A.B * H;
   // Work units: (batch, head) pairs, each split into `splits` runs of query tiles when there are fewer pairs
   // than threads. Split 0 accumulates into dk/dv; the others into zeroed scratch, summed in at the end.
+  // The scratch is capped at twice the key/value gradients (or 64 MiB when that is more).
   const int64_t ntiles = (L + tile - 1) / tile;
-  const int64_t splits = std::max<int64_t>(1, std::min(ntiles, (A.nthreads + items - 1) / items));
+  const int64_t per_split = items * S * (D + Dv) * static_cast<int64_t>(sizeof(T));
+  const int64_t budget = std::max<int64_t>(int64_t(64) << 20, 2 * per_split);
+  const int64_t splits = std::max<int64_t>(
+      1, std::min({ntiles, (A.nthreads + items - 1) / items, 1 + budget / std::max<int64_t>(1, per_split)}));
   std::vector<T> scratch(splits > 1 ? items * (splits - 1) * S * (D + Dv) : 0, T(0));
 #pragma omp parallel num_threads(static_cast<int>(A.nthreads))
   {
