@@ -89,7 +89,8 @@ def _compile(cxx: str, flags: list, libs: list, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         tmp_so = Path(tmp) / target.name
-        run = subprocess.run([cxx, *flags, str(_SOURCE), "-o", str(tmp_so), *libs], capture_output=True, text=True)
+        run = subprocess.run([cxx, *flags, str(_SOURCE), "-o", str(tmp_so), *libs], capture_output=True, text=True,
+                             timeout=300)
         if run.returncode != 0:
             raise RuntimeError(f"compiling {_SOURCE.name} failed: {run.stderr.strip()[-600:]}")
         os.replace(tmp_so, target)  # atomic: concurrent builders never load a half-written file
