@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from ..reference import _acc_dtype
+
 __all__ = ["available", "describe", "status", "span_forward", "span_backward", "IntervalPlan",
            "dropout_multipliers", "Q_TILE", "KV_CHUNK"]
 
@@ -178,10 +180,6 @@ def describe(q: torch.Tensor) -> str:
     return "compiled interval kernel"
 
 
-def _work_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _common(q, k, v, lo, hi, scale, bias, keep, dropout):
     """The ctypes argument block shared by both kernels; ``keep`` collects tensors that must outlive the call."""
     lib = _lib()
@@ -206,7 +204,7 @@ def _common(q, k, v, lo, hi, scale, bias, keep, dropout):
         g, offset = bias
         if g.dim() != 2 or g.shape[0] not in (1, H, B * H):
             raise ValueError(f"bias: expected a (1, H={H} or B*H={B * H}, n) table of offsets; got {tuple(g.shape)}")
-        g = g.to(_work_dtype(q.dtype)).contiguous()
+        g = g.to(_acc_dtype(q.dtype)).contiguous()
         n = g.shape[1]
         a.bias = g.data_ptr()
         a.bias_offset = int(offset)
@@ -246,7 +244,7 @@ def span_forward(q, k, v, lo, hi, scale: float, bias=None, dropout=None):
     keep: list = []
     lib, a = _common(q, k, v, lo, hi, scale, bias, keep, dropout)
     B, H, L, _ = q.shape
-    dt = _work_dtype(q.dtype)
+    dt = _acc_dtype(q.dtype)
     q_, k_, v_ = (t.to(dt).contiguous() for t in (q, k, v))
     out = torch.empty(B, H, L, v.shape[-1], dtype=dt)
     lse = torch.empty(B, H, L, dtype=dt)
@@ -279,7 +277,7 @@ def span_backward(q, k, v, out, lse, dout, dlse, lo, hi, scale: float, bias=None
     lib, a = _common(q, k, v, lo, hi, scale, bias, keep, dropout)
     B, H, L, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    dt = _work_dtype(q.dtype)
+    dt = _acc_dtype(q.dtype)
     ins = [t.to(dt).contiguous() for t in (q, k, v, out, dout, lse)]
     dl = None if dlse is None else dlse.to(dt).contiguous()
     dq = torch.zeros(B, H, L, D, dtype=dt)
@@ -347,7 +345,7 @@ class IntervalPlan:
         if bias_fn is not None:
             dmin = kv_offset - q_offset - L + 1
             g = bias_fn(torch.arange(dmin, dmin + L + S - 1, device=device))
-            g = (g if g.dim() == 2 else g.unsqueeze(0)).to(_work_dtype(dtype))
+            g = (g if g.dim() == 2 else g.unsqueeze(0)).to(_acc_dtype(dtype))
             self.bias = (g, L - 1)  # local (i, j) -> g[:, j - i + L - 1]
         self.dropout = None
         if dropout_p > 0:
