@@ -249,6 +249,21 @@ def test_alibi_window_training_runs_the_compiled_kernel(monkeypatch):
 
 
 @needs_native
+def test_bfloat16_strided_bias_plans_train_through_the_compiled_backward(monkeypatch):
+    """bfloat16 keeps torch's strided-bias forward (faster in the input dtype) and pairs it with the compiled
+    interval backward."""
+    calls = []
+    real = native.span_backward
+    monkeypatch.setattr(native, "span_backward", lambda *a, **kw: calls.append(kw.get("bias")) or real(*a, **kw))
+    for mask, kind in ((M.sliding_window(21), "band mask"), (M.document(IDS) & M.causal(), "packed documents")):
+        q = _inputs()[0].to(torch.bfloat16)
+        plan = salience.plan(q, q, q, mask=mask, score_mod=Sc.alibi(4))
+        assert plan.reason.startswith(kind) and isinstance(plan.executor.backward_plan, native.IntervalPlan), plan
+        check_against_reference(mask, Sc.alibi(4), dtype=torch.bfloat16, expect="spans", lse_grad=True)
+    assert len(calls) == 2 and all(b is not None for b in calls)
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"])
 @pytest.mark.parametrize("mask_case", INTERVAL_BIAS_MASKS, ids=[m[0] for m in INTERVAL_BIAS_MASKS])
 @pytest.mark.parametrize("mod_case", LINEAR_MODS, ids=[m[0] for m in LINEAR_MODS])

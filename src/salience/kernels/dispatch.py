@@ -205,6 +205,18 @@ def _bias_fn(biases, H, Lg, device, dtype):
     return fn
 
 
+def _interval(iv, biases, H, B, L, S, Lg, q_offset, kv_offset, dtype, dev, dropout_p=0.0):
+    """A :class:`native.IntervalPlan` over the row intervals ``iv`` with the summed relative ``biases`` (if any)."""
+    bias_fn = _bias_fn(biases, H, Lg, dev, _acc_dtype(dtype)) if biases else None
+    return native.IntervalPlan(iv[0], iv[1], bias_fn, B, H, L, S, q_offset=q_offset, kv_offset=kv_offset,
+                               dtype=dtype, device=dev, dropout_p=dropout_p)
+
+
+def _interval_plan(ip, B, L, S, eff_scale, reason) -> Plan:
+    det = {"skipped": round(1 - ip.computed / max(1, B * L * S), 4), **ip.summary()}
+    return Plan("spans", reason, det, _PlanExec(ip, eff_scale))
+
+
 def _dropout_plan(q, m, score_mod, sc, dropout_p, B, H, L, S, Lg, Sg, q_offset, kv_offset, dev):
     """Dropout on the compiled interval kernels (linear memory, logsumexp returned), or None when they cannot
     take this problem."""
@@ -215,20 +227,9 @@ def _dropout_plan(q, m, score_mod, sc, dropout_p, B, H, L, S, Lg, Sg, q_offset, 
     if iv is None:
         return None
     alpha, biases = lin
-    bias_fn = _bias_fn(biases, H, Lg, dev, _acc_dtype(q.dtype)) if biases else None
-    ip = native.IntervalPlan(iv[0], iv[1], bias_fn, B, H, L, S, q_offset=q_offset, kv_offset=kv_offset,
-                             dtype=q.dtype, device=dev, dropout_p=dropout_p)
-    det = {"skipped": round(1 - ip.computed / max(1, B * L * S), 4), **ip.summary()}
-    return Plan("spans", "dropout on an interval mask: the compiled interval kernel, forward and backward, "
-                "with a hashed dropout mask", det, _PlanExec(ip, sc * alpha))
-
-
-def _interval_plan(spans_, biases, B, H, L, S, Lg, q_offset, kv_offset, dtype, dev, eff_scale) -> Plan:
-    ip = native.IntervalPlan(spans_[0], spans_[1], _bias_fn(biases, H, Lg, dev, _acc_dtype(dtype)), B, H, L, S,
-                             q_offset=q_offset, kv_offset=kv_offset, dtype=dtype, device=dev)
-    det = {"skipped": round(1 - ip.computed / max(1, B * L * S), 4), **ip.summary()}
-    return Plan("spans", "interval mask + relative additive bias: the compiled interval kernel, forward and "
-                "backward", det, _PlanExec(ip, eff_scale))
+    ip = _interval(iv, biases, H, B, L, S, Lg, q_offset, kv_offset, q.dtype, dev, dropout_p)
+    return _interval_plan(ip, B, L, S, sc * alpha, "dropout on an interval mask: the compiled interval kernel, "
+                          "forward and backward, with a hashed dropout mask")
 
 
 # ---------------------------------------------------------------------------------------------- executors
@@ -252,14 +253,18 @@ class _SdpaExec:
 
 
 class _PlanExec:
-    def __init__(self, plan, scale: float):
+    """Runs a plan's forward, and the backward of ``backward_plan`` when given (the same problem, another
+    kernel: a strided-bias plan's forward with the compiled interval backward)."""
+
+    def __init__(self, plan, scale: float, backward_plan=None):
         self.plan, self.scale = plan, scale
+        self.backward_plan = plan if backward_plan is None else backward_plan
 
     def forward(self, q, k, v):
         return self.plan.forward(q, k, v, self.scale)
 
     def backward(self, q, k, v, out, lse, dout, dlse):
-        return (*self.plan.backward(q, k, v, out, lse, dout, dlse, self.scale), [])
+        return (*self.backward_plan.backward(q, k, v, out, lse, dout, dlse, self.scale), [])
 
 
 class _TileExec:
@@ -425,18 +430,22 @@ def choose(q, k, v, *, mask, score_mod, compatibility, need_lse: bool, backend: 
         # float32/float64: the compiled interval kernels are the faster forward too (causal + ALiBi at 16K:
         # 1479 against 1666 ms; window 256 + ALiBi 68 against 105 ms); in bfloat16/float16 torch's kernel runs
         # in the input dtype and is about 3x faster than the kernels' float32, so the strided-bias plans lead
-        iv = None
+        # in every dtype the backward is the compiled interval kernel's when it is built
+        ip = None
         if native.available(q):
             iv = row_spans(m, B, L, S, q_offset=q_offset, kv_offset=kv_offset, q_len=Lg, kv_len=Sg, device=dev)
-        if iv is not None and q.dtype in (torch.float32, torch.float64):
-            return _interval_plan(iv, biases, B, H, L, S, Lg, q_offset, kv_offset, q.dtype, dev, eff_scale)
+            if iv is not None:
+                ip = _interval(iv, biases, H, B, L, S, Lg, q_offset, kv_offset, q.dtype, dev)
+        reason = "interval mask + relative additive bias: the compiled interval kernel, forward and backward"
+        if ip is not None and q.dtype in (torch.float32, torch.float64):
+            return _interval_plan(ip, B, L, S, eff_scale, reason)
         band = relative_band(m)
         if band is not None:
             bp = BiasPlan(band, _bias_fn(biases, H, Lg, dev, _acc_dtype(q.dtype)), B, H, L, S, q_offset=q_offset,
                           kv_offset=kv_offset, dtype=q.dtype, device=dev)
             det = {"skipped": round(1 - bp.computed / max(1, L * S), 4), **bp.summary()}
             return Plan("spans", "band mask + relative additive bias: fused calls with a strided Toeplitz bias",
-                        det, _PlanExec(bp, eff_scale))
+                        det, _PlanExec(bp, eff_scale, ip))
         seg = independent_pieces(m, B, L, S) if (q_offset, kv_offset, Lg, Sg) == (0, 0, L, S) else None
         if seg is not None:
             sp = SegmentPlan(seg[0], seg[1], _bias_fn(biases, H, Lg, dev, _acc_dtype(q.dtype)), B, H, L, S,
@@ -444,9 +453,9 @@ def choose(q, k, v, *, mask, score_mod, compatibility, need_lse: bool, backend: 
             det = {"skipped": round(1 - sp.computed / max(1, L * S), 4), **sp.summary()}
             return Plan("spans", "packed documents or padding + relative additive bias: each document or "
                         "sequence as its own band problem with a strided Toeplitz bias", det,
-                        _PlanExec(sp, eff_scale))
-        if iv is not None:  # other interval masks (prefix-LM, per-batch document ids) in bfloat16/float16
-            return _interval_plan(iv, biases, B, H, L, S, Lg, q_offset, kv_offset, q.dtype, dev, eff_scale)
+                        _PlanExec(sp, eff_scale, ip))
+        if ip is not None:  # other interval masks (prefix-LM, per-batch document ids) in bfloat16/float16
+            return _interval_plan(ip, B, L, S, eff_scale, reason)
     if backend == "spans":
         raise ValueError(
             f"backend='spans' needs a mask whose visible keys form one interval per query row (got {m!r}) and no "

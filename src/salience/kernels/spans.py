@@ -781,15 +781,6 @@ class BiasPlan:
                 lse[:, :, r0:r0 + n] = l_
         return out, lse
 
-    def intervals(self):
-        """``(lo, hi)`` int64 (1, L): the keys ``[lo_i, hi_i)`` (local) that row i sees; empty rows lo = hi = 0."""
-        gi = self.q_offset + torch.arange(self.L)
-        lo = torch.zeros(self.L, dtype=torch.long) if self.lo_d is None else gi + self.lo_d - self.kv_offset
-        hi = torch.full((self.L,), self.S, dtype=torch.long) if self.hi_d is None else gi + self.hi_d + 1 - self.kv_offset
-        lo, hi = lo.clamp(0, self.S), hi.clamp(0, self.S)
-        empty = hi <= lo
-        return lo.masked_fill(empty, 0).view(1, -1), hi.masked_fill(empty, 0).view(1, -1)
-
     def _rows_empty_grouped(self, r0, k0, nk, nb, device):
         """Rows of nb consecutive blocks (block t: rows r0 + t*qb.., keys k0 + t*qb..) with no visible key."""
         t = torch.arange(nb * self.qb, device=device) // self.qb
@@ -801,9 +792,6 @@ class BiasPlan:
         return hi < lo
 
     def backward(self, q, k, v, out, lse, dout, dlse, scale: float):
-        if native.available(q):  # the compiled interval kernel with the Toeplitz bias: only the band's keys
-            lo, hi = self.intervals()
-            return native.span_backward(q, k, v, out, lse, dout, dlse, lo, hi, scale, bias=(self.g, self.L - 1))
         B, H, L, D = q.shape
         Hkv = k.shape[1]
         acc = _acc_dtype(q.dtype)
@@ -876,8 +864,6 @@ class SegmentPlan:
             rows[b0:b1, r0:r1] = True
             keys[b0:b1, k0:k1] = True
         self.all_rows, self.all_keys = bool(rows.all()), bool(keys.all())
-        self._band, self._bias_fn, self._shape, self._dtype, self._device = band, bias_fn, (B, H, L, S), dtype, device
-        self._native = None  # (lo, hi, bias plan of the whole problem), built on the first native backward
 
     def summary(self) -> dict:
         return {"pieces": len(self.pieces), "fused_calls": sum(len(p.calls) for *_, p in self.pieces)}
@@ -896,29 +882,7 @@ class SegmentPlan:
                 q[b0:b1, :, r0:r1], k[b0:b1, :, k0:k1], v[b0:b1, :, k0:k1], scale)
         return out, lse
 
-    def _native_inputs(self):
-        """Row intervals of the whole problem and one bias over its offsets, when every rectangle starts its
-        keys where it starts its rows (documents, padding: then a rectangle's local offsets are global ones)."""
-        if self._native is None:
-            if any(k0 != r0 for _, _, r0, _, k0, _, _ in self.pieces):
-                self._native = ()
-            else:
-                B, H, L, S = self._shape
-                lo = torch.zeros(B, L, dtype=torch.long)
-                hi = torch.zeros(B, L, dtype=torch.long)
-                for b0, b1, r0, r1, k0, _, p in self.pieces:
-                    plo, phi = p.intervals()
-                    nonempty = phi > plo
-                    lo[b0:b1, r0:r1] = torch.where(nonempty, plo + k0, 0)
-                    hi[b0:b1, r0:r1] = torch.where(nonempty, phi + k0, 0)
-                whole = BiasPlan(self._band, self._bias_fn, B, H, L, S, dtype=self._dtype, device=self._device)
-                self._native = (lo, hi, whole)
-        return self._native
-
     def backward(self, q, k, v, out, lse, dout, dlse, scale: float):
-        if native.available(q) and self._native_inputs():
-            lo, hi, whole = self._native
-            return native.span_backward(q, k, v, out, lse, dout, dlse, lo, hi, scale, bias=(whole.g, whole.L - 1))
         new = torch.empty_like if self.all_rows and self.all_keys else torch.zeros_like
         dq, dk, dv = new(q), new(k), new(v)
         for b0, b1, r0, r1, k0, k1, p in self.pieces:
