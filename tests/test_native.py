@@ -376,3 +376,18 @@ def test_dropout_plans_differ_per_call_and_forced_backends():
 def test_dropout_without_the_compiled_kernels_stays_on_the_reference(native_off):
     q = torch.randn(1, 2, 64, 8)
     assert salience.plan(q, q, q, mask=M.sliding_window(9), dropout_p=0.4).backend == "reference"
+
+
+@needs_native
+def test_bad_kernel_inputs_name_the_argument():
+    q = torch.randn(2, 2, 8, 4)
+    lo = torch.zeros(1, 8, dtype=torch.long)
+    hi = torch.full((1, 8), 8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"lo and hi: expected int64 \(1 or B=2, L=8\); got \(1, 7\)"):
+        native.span_forward(q, q, q, lo[:, :7], hi[:, :7], 0.5)
+    with pytest.raises(ValueError, match=r"bias: expected a \(1, H=2 or B\*H=4, n\) table of offsets; got \(3, 15\)"):
+        native.span_forward(q, q, q, lo, hi, 0.5, bias=(torch.zeros(3, 15), 7))
+    with pytest.raises(ValueError, match=r"dropout: p must be in \[0, 1\); got 1.0"):
+        native.span_forward(q, q, q, lo, hi, 0.5, dropout=(1.0, 0))
+    with pytest.raises(ValueError, match="rows and keys: contiguous ranges"):
+        native.dropout_multipliers(0, 0, range(0, 8, 2), range(8), 0.1)
