@@ -111,6 +111,15 @@ class HFMask:
     structure: str
     dense: bool = False
 
+    #: transformers' mask helpers read ``attention_mask.ndim``/``.shape`` on whatever they are handed; generate()
+    #: with a static cache builds the mask ahead of the forward and hands it back, so an HFMask answers as the
+    #: 4-D (B, 1, L, S) mask it stands for (no tensor is built).
+    ndim = 4
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.batch_size, 1, self.q_length, self.kv_length))
+
     def __repr__(self) -> str:
         kind = "dense fallback" if self.dense else "structured"
         return (f"HFMask({self.structure}, B={self.batch_size}, L={self.q_length}, S={self.kv_length}, "
@@ -364,6 +373,7 @@ def mask_function(
     Returns an :class:`HFMask`; the mask is structured when :func:`translate_mask` can read it, otherwise the
     boolean (B, 1, L, S) tensor transformers' own ``sdpa_mask`` builds, wrapped in ``masks.dense``.
     """
+    _check_config_model(kwargs.get("config"))
     if q_length is None and cache_position is not None:  # transformers 4.x called it with cache_position
         q_length = int(cache_position.shape[0])
         q_offset = _as_int(cache_position[:1]) if cache_position.numel() else 0
@@ -373,6 +383,8 @@ def mask_function(
             f"kv_length={kv_length}. This transformers version passes other arguments; supported: "
             f"transformers {TESTED_TRANSFORMERS}."
         )
+    if isinstance(attention_mask, HFMask):
+        return _handed_back(attention_mask, batch_size, q_length, kv_length)
     hm = translate_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
     if hm is not None:
         return hm
@@ -388,6 +400,19 @@ def mask_function(
     dense = _mu.sdpa_mask(**args)
     mm = M.dense(dense)
     return HFMask(mm, int(q_length), int(kv_length), int(batch_size), mm.name, dense=True)
+
+
+def _handed_back(hm: HFMask, batch_size, q_length, kv_length) -> HFMask:
+    """An HFMask given back as ``attention_mask`` (generate() prepared it for this step): used as it is, as
+    transformers uses a prepared 4-D mask tensor or BlockMask."""
+    want = (int(batch_size), int(q_length), int(kv_length))
+    if (hm.batch_size, hm.q_length, hm.kv_length) != want:
+        raise ValueError(
+            f"attention_mask is a salience HFMask built for B={hm.batch_size}, L={hm.q_length}, S={hm.kv_length}, "
+            f"but this call needs B={want[0]}, L={want[1]}, S={want[2]}. Pass the 2-D padding mask (B, S) instead "
+            "and let the model build its mask."
+        )
+    return hm
 
 
 # ---------------------------------------------------------------------------------------- attention call
@@ -555,10 +580,89 @@ def attention_forward(
 # ------------------------------------------------------------------------------------------ registration
 
 
+def _refusal(model_name: str, detail: str = "") -> ValueError:
+    return ValueError(
+        f"{model_name} does not dispatch its attention through transformers' AttentionInterface{detail}, so "
+        f"attn_implementation={IMPLEMENTATION!r} cannot reach its attention layers. Load it with "
+        "attn_implementation='sdpa' or 'eager'. salience serves models whose attention layers call "
+        "ALL_ATTENTION_FUNCTIONS (Llama, Mistral, Gemma, Phi-3, GPT-2, GPT-NeoX, OPT, T5, BART, Whisper, ...)."
+    )
+
+
+def _dispatches(model_cls) -> bool | None:
+    """Whether a transformers model class's attention layers call AttentionInterface (None: cannot tell).
+
+    transformers' own test (``_can_set_attn_implementation``: the modeling module defines an ``*Attention*``
+    layer and calls ``ALL_ATTENTION_FUNCTIONS.get_interface``) or the class's ``_supports_attention_backend``.
+    """
+    if getattr(model_cls, "_supports_attention_backend", False):
+        return True
+    can_set = getattr(model_cls, "_can_set_attn_implementation", None)
+    if can_set is None:
+        return None
+    try:
+        return bool(can_set())
+    except Exception:  # pragma: no cover - a changed private API: do not refuse what we cannot judge
+        return None
+
+
+_CONFIG_DISPATCHES: dict = {}
+
+
+def _check_config_model(config) -> None:
+    """Refuse, at the first mask built, a model whose config maps to a class that bypasses AttentionInterface
+    (Bloom, MPT: they build the mask through transformers, then use it as a tensor)."""
+    if config is None or getattr(config, "_attn_implementation", IMPLEMENTATION) != IMPLEMENTATION:
+        return
+    key = type(config)
+    if key not in _CONFIG_DISPATCHES:
+        name, ok = None, None
+        try:
+            from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+            cls = MODEL_MAPPING[key]
+            name, ok = cls.__name__, _dispatches(cls)
+        except Exception:  # a config of a model transformers does not map (remote code): cannot tell
+            pass
+        _CONFIG_DISPATCHES[key] = (name, ok)
+    name, ok = _CONFIG_DISPATCHES[key]
+    if ok is False:
+        raise _refusal(name)
+
+
+class _RefusedAttention:
+    """Stands in a model's own attention-class table (Falcon's ``FALCON_ATTENTION_CLASSES``) under "salience",
+    so loading such a model with attn_implementation="salience" fails at load time with the clear error
+    instead of ``KeyError: 'salience'``."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+
+    def __call__(self, *args, **kwargs):
+        raise _refusal(self.model_name)
+
+
+#: models that look their attention class up by ``config._attn_implementation`` in a table of their own
+_CLASS_TABLES = (("transformers.models.falcon.modeling_falcon", "FALCON_ATTENTION_CLASSES", "FalconModel"),)
+
+
+def _refuse_in_class_tables() -> None:
+    import importlib
+
+    for module_name, table, model_name in _CLASS_TABLES:
+        try:
+            t = getattr(importlib.import_module(module_name), table, None)
+        except Exception:  # pragma: no cover - that model is absent from this transformers release
+            continue
+        if isinstance(t, dict):
+            t.setdefault(IMPLEMENTATION, _RefusedAttention(model_name))
+
+
 def register() -> None:
     """Register ``"salience"`` with transformers' attention and mask interfaces (done on import; idempotent)."""
     AttentionInterface.register(IMPLEMENTATION, attention_forward)
     _mu.AttentionMaskInterface.register(IMPLEMENTATION, mask_function)
+    _refuse_in_class_tables()
 
 
 def is_registered() -> bool:
@@ -582,6 +686,10 @@ def enable(model, implementation: str = IMPLEMENTATION):
 
     Equivalent to ``AutoModel.from_pretrained(path, attn_implementation="salience")`` for a model that is
     already loaded. ``implementation`` may be another registered name ("sdpa", "eager") to switch back.
+
+    Raises:
+        ValueError: the model's attention layers do not dispatch through transformers' AttentionInterface
+            (Falcon, Bloom, MPT, ...); the model is left as it was.
     """
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(
@@ -589,12 +697,11 @@ def enable(model, implementation: str = IMPLEMENTATION):
             "SentenceTransformer, pass its first module's auto_model (model[0].auto_model)."
         )
     register()
+    if implementation == IMPLEMENTATION and _dispatches(type(model)) is False:
+        raise _refusal(type(model).__name__)
     model.set_attn_implementation(implementation)
     if model.config._attn_implementation != implementation:
-        raise ValueError(
-            f"{type(model).__name__} did not accept attn_implementation={implementation!r} (it kept "
-            f"{model.config._attn_implementation!r}); it does not dispatch through transformers' AttentionInterface."
-        )
+        raise _refusal(type(model).__name__, f" (it kept attn_implementation={model.config._attn_implementation!r})")
     name_modules(model)
     return model
 
