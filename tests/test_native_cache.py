@@ -233,7 +233,7 @@ def test_turned_off_does_not_warn(fresh_state, monkeypatch):
 
 # ------------------------------------------------------------------------------- preconditions and strides
 
-L0 = 90
+L0 = 80
 
 
 def _every_other(x: torch.Tensor) -> torch.Tensor:
@@ -296,8 +296,8 @@ def _check_strided(mask, mod, dtype, expect_reason=None):
         return r.out, r.lse
 
     got = _strided_run(fast, bases, dtype)
-    ref_t = _strided_run(ref, bases, dtype)
     ref64 = _strided_run(ref, bases, torch.float64)
+    ref_t = ref64 if dtype == torch.float64 else _strided_run(ref, bases, dtype)
     what = f"{mask!r} {mod!r} {dtype}"
     assert_rel_close(got[0], ref_t[0], ref64[0], what="out " + what)
     assert_rel_close(got[1], ref_t[1], ref64[1], what="lse " + what)
