@@ -148,7 +148,6 @@ def test_static_cache_masks_are_structured():
     """The masks generate() builds ahead of each step are the structured ones (no dense fallback)."""
     model = DECODERS["mistral"]()
     seen = []
-    real = shf._handed_back
     shf_mask = shf.mask_function
 
     def spy(*a, **kw):
@@ -156,14 +155,11 @@ def test_static_cache_masks_are_structured():
         seen.append(hm)
         return hm
 
-    import transformers.masking_utils as mu
-
-    mu.AttentionMaskInterface.register(shf.IMPLEMENTATION, spy)
+    transformers.masking_utils.AttentionMaskInterface.register(shf.IMPLEMENTATION, spy)
     try:
         _generate(model, "salience", _inputs("mistral"), "static")
     finally:
         shf.register()
-    assert shf._handed_back is real
     assert seen and not any(h.dense for h in seen)
     assert any("left_padding" in h.structure for h in seen)
 
@@ -183,6 +179,10 @@ REFUSED = {
                dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
     "bloom": (T.BloomConfig, T.BloomForCausalLM, dict(vocab_size=V, hidden_size=32, n_layer=2, n_head=4)),
     "mpt": (T.MptConfig, T.MptForCausalLM, dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)),
+    "gpt_neo": (T.GPTNeoConfig, T.GPTNeoForCausalLM, dict(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4,
+                                                          attention_types=[[["global", "local"], 1]])),
+    "xglm": (T.XGLMConfig, T.XGLMForCausalLM, dict(vocab_size=V, d_model=32, num_layers=2, attention_heads=4,
+                                                   ffn_dim=64)),
 }
 REFUSAL = "does not dispatch its attention through transformers' AttentionInterface"
 
@@ -192,12 +192,12 @@ def test_models_without_attention_interface_are_refused_clearly(name):
     config_cls, model_cls, kw = REFUSED[name]
     ids = torch.randint(3, V, (1, 5))
     # construction with attn_implementation="salience" (what from_pretrained does): refused at load (Falcon,
-    # which looks its attention class up by name) or at the first forward (Bloom, MPT), never a KeyError,
-    # TypeError or AttributeError from inside the model
+    # GPT-Neo: they look their attention class up by name) or at the first forward (Bloom, MPT, XGLM), never
+    # a KeyError, TypeError or AttributeError from inside the model
     with pytest.raises(ValueError, match=REFUSAL) as err:
         model = model_cls._from_config(config_cls(**kw), attn_implementation="salience")
         model(ids)
-    assert model_cls.__name__.replace("ForCausalLM", "") in str(err.value)
+    assert model_cls.__name__.replace("ForCausalLM", "Model") in str(err.value)
     assert "attn_implementation='sdpa' or 'eager'" in str(err.value)
     # enable() on a loaded model: the same error, and the model keeps working with its own attention
     model = model_cls(config_cls(**kw)).eval()
@@ -233,11 +233,11 @@ def test_output_attentions_as_call_argument():
         assert (a - b).masked_fill(~real_q, 0).abs().max() <= 1e-6
 
 
-def test_output_attentions_in_the_config_at_construction():
-    """The flag in the config the model is built (or loaded) with: every forward returns the maps."""
+def test_output_attentions_in_the_config_at_construction(tmp_path):
+    """The flag in a config built before the implementation is chosen: every forward returns the maps."""
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(**LLAMA_LIKE, output_attentions=True)
-    model = T.LlamaForCausalLM._from_config(cfg, attn_implementation="salience").eval()
+    model = T.LlamaForCausalLM._from_config(T.LlamaConfig(**LLAMA_LIKE, output_attentions=True),
+                                            attn_implementation="salience").eval()
     assert model.config._attn_implementation == "salience"
     ids, am = _ids()
     with torch.no_grad():
@@ -245,6 +245,27 @@ def test_output_attentions_in_the_config_at_construction():
         call = model(ids, attention_mask=am, output_attentions=True)
     assert len(out.attentions) == 2
     assert torch.equal(out.attentions[0], call.attentions[0])
+    # the same through from_pretrained: a config loaded with the flag, then the implementation
+    with pytest.raises(Exception, match="output_attentions"):  # transformers validates the config on saving
+        model.save_pretrained(tmp_path)
+    model.config.output_attentions = False  # switching it off is allowed
+    model.save_pretrained(tmp_path)
+    cfg = T.AutoConfig.from_pretrained(tmp_path, output_attentions=True)
+    loaded = T.LlamaForCausalLM.from_pretrained(tmp_path, config=cfg, attn_implementation="salience").eval()
+    assert loaded.config._attn_implementation == "salience"
+    with torch.no_grad():
+        again = loaded(ids, attention_mask=am).attentions
+    assert len(again) == 2 and torch.equal(again[1], out.attentions[1])
+
+
+def test_output_attentions_on_a_loaded_salience_model_is_refused_by_transformers(tmp_path):
+    """What docs/hf.md warns about: transformers allows the config flag only with "eager"."""
+    model = shf.enable(_llama_model())
+    with pytest.raises(ValueError, match="output_attentions"):
+        model.config.output_attentions = True
+    model.save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="output_attentions"):
+        T.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="salience", output_attentions=True)
 
 
 def test_output_attentions_in_generate():
@@ -254,3 +275,7 @@ def test_output_attentions_in_generate():
                          output_attentions=True, return_dict_in_generate=True)
     assert len(out.attentions) == 3  # one tuple per step, one map per layer
     assert out.attentions[0][0].shape == (2, 4, 6, 6) and out.attentions[1][0].shape == (2, 4, 1, 7)
+    model.generation_config.output_attentions = True  # or in the generation config
+    again = model.generate(ids, attention_mask=am, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                           return_dict_in_generate=True)
+    assert torch.equal(again.attentions[2][1], out.attentions[2][1])

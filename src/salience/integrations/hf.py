@@ -631,8 +631,8 @@ def _check_config_model(config) -> None:
 
 
 class _RefusedAttention:
-    """Stands in a model's own attention-class table (Falcon's ``FALCON_ATTENTION_CLASSES``) under "salience",
-    so loading such a model with attn_implementation="salience" fails at load time with the clear error
+    """Stands in a model's own attention-class table (Falcon's ``FALCON_ATTENTION_CLASSES``, GPT-Neo's) under
+    "salience", so loading such a model with attn_implementation="salience" fails at load time with the clear error
     instead of ``KeyError: 'salience'``."""
 
     def __init__(self, model_name: str):
@@ -643,7 +643,10 @@ class _RefusedAttention:
 
 
 #: models that look their attention class up by ``config._attn_implementation`` in a table of their own
-_CLASS_TABLES = (("transformers.models.falcon.modeling_falcon", "FALCON_ATTENTION_CLASSES", "FalconModel"),)
+_CLASS_TABLES = (
+    ("transformers.models.falcon.modeling_falcon", "FALCON_ATTENTION_CLASSES", "FalconModel"),
+    ("transformers.models.gpt_neo.modeling_gpt_neo", "GPT_NEO_ATTENTION_CLASSES", "GPTNeoModel"),
+)
 
 
 def _refuse_in_class_tables() -> None:
