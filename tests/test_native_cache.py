@@ -267,7 +267,7 @@ def _strided_run(fn, bases, dtype):
     upstream gradients."""
     q, k, v1, do, dl = bases
     B, H = q.shape[:2]
-    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v1)]
+    leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v1)]  # fresh leaves per run
     qs, ks, vs = _every_other(leaves[0]), _transposed(leaves[1]), _expanded(leaves[2], B, H)
     assert qs.stride(-1) == 2 and ks.stride(-1) == ks.shape[2] and vs.stride(0) == 0 and vs.stride(1) == 0
     out, lse = fn(qs, ks, vs)
