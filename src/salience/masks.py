@@ -165,6 +165,8 @@ class MaskMod:
 
 def evaluate(mask_mod: Callable, B: int, H: int, L: int, S: int, device=None) -> torch.Tensor:
     """Evaluate any mask_mod on the full (B, H, L, S) grid, checking that it returns booleans."""
+    if not isinstance(mask_mod, MaskMod):  # a user callable: FlexAttention's semantics (salience._callables)
+        mask_mod = as_mask_mod(mask_mod)
     b, h, q, kv = index_grid(B, H, L, S, device)
     out = mask_mod(b, h, q, kv)
     return check_mask_output(out, mask_mod, (B, H, L, S))
@@ -218,7 +220,9 @@ def as_mask_mod(mask, argname: str = "mask") -> MaskMod:
                 f"{argname} must be a mask_mod (b, h, q_idx, kv_idx) -> bool; {_name_of(mask)} takes {n} "
                 "required arguments. A score_mod (score, b, h, q_idx, kv_idx) goes to score_mod=."
             )
-        return MaskMod(mask, _name_of(mask))
+        from ._callables import wrap  # evaluated like FlexAttention (vmap) when broadcasting cannot serve
+
+        return MaskMod(wrap(mask, "mask"), _name_of(mask))
     raise TypeError(
         f"{argname} must be a salience mask (salience.masks.*), a callable (b, h, q_idx, kv_idx) -> bool or a "
         f"bool tensor broadcastable to (B, H, L, S); got {type(mask).__name__}."

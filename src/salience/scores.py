@@ -116,7 +116,9 @@ def as_score_mod(mod, argname: str = "score_mod") -> ScoreMod:
                 f"{getattr(mod, '__name__', type(mod).__name__)} takes {n} required arguments. "
                 "A mask_mod (b, h, q_idx, kv_idx) -> bool goes to mask=."
             )
-        return ScoreMod(mod, getattr(mod, "__name__", type(mod).__name__))
+        from ._callables import wrap  # evaluated like FlexAttention (vmap) when broadcasting cannot serve
+
+        return ScoreMod(wrap(mod, "score"), getattr(mod, "__name__", type(mod).__name__))
     raise TypeError(f"{argname} must be a callable (score, b, h, q_idx, kv_idx) -> score; got {type(mod).__name__}.")
 
 
