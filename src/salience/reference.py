@@ -47,10 +47,12 @@ def scores(
     heads: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     L: int | None = None,
+    batches: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked, modified scores ``(B, H', L', S)`` (hidden entries -inf) in q's dtype.
 
-    ``heads`` and ``rows`` (int64 index tensors) say which query heads and rows q holds, so that
+    ``batches``, ``heads`` and ``rows`` (int64 index tensors) say which batch entries, query heads and rows q
+    holds, so that
     score_mod and mask see the true indices; ``L`` is the full query length (for bottom-right masks).
     """
     B, Hq, Lq, _ = q.shape
@@ -58,7 +60,7 @@ def scores(
     dev = q.device
     h_idx = (heads if heads is not None else torch.arange(Hq, device=dev)).view(1, -1, 1, 1)
     q_idx = (rows if rows is not None else torch.arange(Lq, device=dev)).view(1, 1, -1, 1)
-    b_idx = torch.arange(B, device=dev).view(-1, 1, 1, 1)
+    b_idx = (batches if batches is not None else torch.arange(B, device=dev)).view(-1, 1, 1, 1)
     kv_idx = torch.arange(S, device=dev).view(1, 1, 1, -1)
     L_full = Lq if L is None else L
     if compatibility is not None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..reference import _acc_dtype
 
-__all__ = ["available", "forward", "backward", "bias_dtype"]
+__all__ = ["available", "forward", "backward", "bias_dtype", "check_operands"]
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -82,6 +82,46 @@ def _pad_last(t: torch.Tensor, width: int, value: float = 0.0) -> torch.Tensor:
     return F.pad(t, (0, width - t.shape[-1]), value=value)
 
 
+def _dense_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` with a unit stride on its last axis (a copy only when it has another stride).
+
+    The private CPU flash kernels read every operand through ``data_ptr`` and the strides of the leading
+    axes, but assume ``stride(-1) == 1`` without checking it (the public ``F.scaled_dot_product_attention``
+    makes such inputs contiguous first). A ``x[..., ::2]`` slice, keys stored (B, H, D, S) and passed
+    transposed, or an expanded last axis would otherwise be read as garbage. Stride-0 (expanded) batch, head
+    and length axes are read correctly through their strides and are not copied."""
+    if t is None or t.dim() == 0:
+        return t
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    return t
+
+
+def check_operands(q, k, v, bias=None):
+    """The kernels' preconditions, checked in one place before every call: q, k, v are floating tensors of
+    one supported dtype on the CPU, 4-D, with matching batch and grouped heads; a bias is floating or bool
+    and broadcastable to (B, H, L, S). Returns q, k, v and bias with unit last-axis strides."""
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"fused kernels take one dtype of {_DTYPES} for q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}.")
+    if q.device.type != "cpu" or k.device != q.device or v.device != q.device:
+        raise ValueError(f"fused kernels run on the CPU; got q on {q.device}, k on {k.device}, v on {v.device}.")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"fused kernels take 4-D (B, H, L, D) tensors; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}.")
+    B, H, L, _ = q.shape
+    if k.shape[0] != B or v.shape[0] != B or H % k.shape[1] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"fused kernels: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
+                         "(B, H, L, D), (B, Hkv, S, D), (B, Hkv, S, Dv) with H % Hkv == 0.")
+    if bias is not None:
+        S = k.shape[2]
+        try:
+            torch.broadcast_shapes(bias.shape, (B, H, L, S))
+        except RuntimeError:
+            raise ValueError(f"fused kernels: bias of shape {tuple(bias.shape)} does not broadcast to "
+                             f"(B, H, L, S) = {(B, H, L, S)}.") from None
+    return _dense_last(q), _dense_last(k), _dense_last(v), _dense_last(bias)
+
+
 def forward(q, k, v, *, scale: float, causal: bool = False, bias: torch.Tensor | None = None):
     """Fused attention over all of k (top-left causal if ``causal``; ``bias`` added to the scaled scores).
 
@@ -95,6 +135,7 @@ def forward(q, k, v, *, scale: float, causal: bool = False, bias: torch.Tensor |
         produce such rows set their lse to -inf themselves.
     """
     fwd, _ = _ops()
+    q, k, v, bias = check_operands(q, k, v, bias)
     D, Dv = q.shape[-1], v.shape[-1]
     if D != Dv:
         w = max(D, Dv)
@@ -119,12 +160,13 @@ def backward(dout, q, k, v, out, lse, *, scale: float, causal: bool = False, bia
         ``(dq, dk, dv)`` with the shapes and dtypes of q, k, v.
     """
     _, bwd = _ops()
+    q, k, v, bias = check_operands(q, k, v, bias)
     D, Dv = q.shape[-1], v.shape[-1]
-    lse = torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype), lse)
+    lse = _dense_last(torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype), lse))
     if lse.dtype != _acc_dtype(q.dtype):
         lse = lse.float()
-    out = out.to(q.dtype)
-    dout = dout.to(q.dtype)
+    out = _dense_last(out.to(q.dtype))
+    dout = _dense_last(dout.to(q.dtype))
     extra = dlse is not None
     w = max(D, Dv) + (1 if extra else 0)
     if w == D == Dv:
