@@ -97,6 +97,58 @@ def test_parity_with_torch_cross_attention_kdim_vdim_and_causal_mask():
     assert torch.allclose(w, o.weights, atol=1e-12)
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_from_torch_keeps_torchs_layout(batch_first, masked):
+    """The same tensors in torch's module and the copy give the same outputs, whatever batch_first says."""
+    t = nn.MultiheadAttention(E, H, batch_first=batch_first).double()
+    m = MultiHeadAttention.from_torch(t)
+    assert m.batch_first is batch_first
+    B, L = 3, 6
+    x = torch.randn(B, L, E, dtype=torch.float64)
+    if not batch_first:
+        x = x.transpose(0, 1).contiguous()  # (L, B, E), torch's default
+    kw_t, kw_s = {}, {}
+    if masked:
+        kpm = torch.zeros(B, L, dtype=torch.bool)
+        kpm[1, 4:] = True
+        causal = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)  # torch: True = not allowed
+        kw_t = dict(attn_mask=causal, key_padding_mask=kpm)
+        kw_s = dict(mask=M.causal(), key_padding_mask=kpm)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, w = t(x1, x1, x1, average_attn_weights=False, **kw_t)
+    o = m(x2, need_weights=True, **kw_s)
+    assert o.output.shape == a.shape == x.shape
+    assert torch.allclose(a, o.output, atol=1e-12)
+    assert torch.allclose(w, o.weights, atol=1e-12)  # weights are (B, H, L, S) in both
+    g = torch.randn_like(a)
+    a.backward(g)
+    o.output.backward(g)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_from_torch_cross_attention_layout(batch_first):
+    t = nn.MultiheadAttention(E, H, kdim=10, vdim=6, batch_first=batch_first).double()
+    m = MultiHeadAttention.from_torch(t)
+    x, y, z = (torch.randn(2, 5, E, dtype=torch.float64), torch.randn(2, 9, 10, dtype=torch.float64),
+               torch.randn(2, 9, 6, dtype=torch.float64))
+    if not batch_first:
+        x, y, z = (u.transpose(0, 1) for u in (x, y, z))
+    a, _ = t(x, y, z)
+    assert torch.allclose(a, m(x, y, z).output, atol=1e-12)
+
+
+def test_seq_first_layer_errors_name_its_layout():
+    m = MultiHeadAttention(E, H, batch_first=False)
+    assert "batch_first=False" in repr(m)
+    with pytest.raises(ValueError, match=r"\(L, B, 16\) \(batch_first=False"):
+        m(torch.randn(2, 3, 5))
+    with pytest.raises(TypeError, match="batch_first must be a bool"):
+        MultiHeadAttention(E, H, batch_first=1)
+    assert MultiHeadAttention(E, H).batch_first is True  # salience's own default is unchanged
+
+
 def test_from_torch_rejects_unsupported():
     with pytest.raises(ValueError, match="add_bias_kv"):
         MultiHeadAttention.from_torch(nn.MultiheadAttention(E, H, add_bias_kv=True))

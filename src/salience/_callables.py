@@ -238,7 +238,7 @@ class FlexCallable:
         res, why = self._check(out, args, shape)
         return res, why, None
 
-    def _fail(self, bc_why, vm_why, exc, shape):
+    def _fail(self, bc_why, vm_why, exc, shape, probe_shape=None):
         name = self.__name__
         if self.kind == "mask":
             what = (
@@ -262,10 +262,14 @@ class FlexCallable:
             parts.append(f"called on index grids it {bc_why}")
         if vm_why is not None:
             parts.append(f"under torch.vmap (FlexAttention's semantics) it {vm_why}")
-        msg = f"{head} cannot be evaluated on a grid of shape {tuple(shape)}: " + "; ".join(parts) + ". " + what
+        where = f"index grids of shape {tuple(shape)}"
+        if probe_shape is not None and tuple(probe_shape) != tuple(shape):
+            where += f" (probed on a {tuple(probe_shape)} sub-grid)"
+        msg = f"{head} cannot be evaluated on {where}: " + "; ".join(parts) + ". " + what
         if self.kind == "score" and any(w is not None and "not a floating-point score" in w for w in (bc_why, vm_why)):
             msg = (f"{head} returned a non-floating result: " + "; ".join(parts) + ". A score_mod must return the "
-                   "modified floating-point score, never bool or int (no silent cast); a predicate belongs in mask=.")
+                   "modified floating-point score, never bool or int (no silent cast): score_mod(score, b, h, q_idx, kv_idx) "
+                   "-> score. A predicate belongs in mask=.")
         return CallableError(msg) if exc is None else _chain(CallableError(msg), exc)
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -299,7 +303,7 @@ class FlexCallable:
             return BROADCAST
         if vm_why is None:
             return VMAP
-        raise self._fail(bc_why, vm_why, vm_exc or bc_exc, pshape)
+        raise self._fail(bc_why, vm_why, vm_exc or bc_exc, shape, pshape)
 
     def __call__(self, *args):
         shape = _shape_of(args)

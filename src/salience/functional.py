@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from ._layout import check_dropout, check_qkv, check_scale, expand_kv
+from ._layout import check_dropout, check_layout, check_qkv, check_scale, expand_kv
 from ._result import AttentionResult
 from .kernels import dispatch
 from .masks import as_mask_mod
+from .reference import _acc_dtype, broadcast_batch, check_mods, fold_scale
 from .reference import scores as _scores
 from .reference import softmax_from_scores
 from .scores import Compatibility, as_score_mod
@@ -19,28 +20,81 @@ from .scores import Compatibility, as_score_mod
 __all__ = ["attention", "attention_weights", "plan", "AttentionResult"]
 
 
-def _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p=0.0):
+def _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p=0.0, layout="BHLD"):
     if compatibility is not None and not isinstance(compatibility, Compatibility):
         raise TypeError(
             f"compatibility must be a salience.scores.Compatibility (Dot, ScaledDot, General, Additive, Cosine); "
             f"got {type(compatibility).__name__}."
         )
-    shp = check_qkv(q, k, v, same_dim=compatibility is None)
+    layout = check_layout(layout)
+    shp = check_qkv(q, k, v, same_dim=compatibility is None, layout=layout, broadcast_batch=True, allow_empty=True)
+    if layout == "BLHD":  # views: (B, L, H, D) -> (B, H, L, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    k, v = broadcast_batch(k, shp.B), broadcast_batch(v, shp.B)
+    grad_scale = isinstance(scale, torch.Tensor) and scale.requires_grad
     if compatibility is None or scale is not None:
-        scale = check_scale(scale, shp.D)
+        checked = check_scale(scale, shp.D)
+        # a tensor scale that requires grad: folded into q (scale 1.0) for dot products, after as_dot for
+        # compatibility functions that reduce to one, else kept as a tensor (the reference path multiplies by it)
+        scale = scale if grad_scale else checked
+    if compatibility is None and grad_scale:
+        q, scale = fold_scale(q, scale)
+    elif grad_scale and not compatibility.dot_reducible:
+        compatibility, scale = _Scaled(compatibility, scale), None
     p = check_dropout(dropout_p)
-    m = None if mask is None else as_mask_mod(mask)
-    sm = None if score_mod is None else as_score_mod(score_mod)
-    if compatibility is not None and compatibility.dot_reducible:
+    m, sm = check_mods(mask, score_mod, shp.B, shp.H, shp.L, shp.S)
+    if compatibility is not None and compatibility.dot_reducible and not _shape_only(q, shp):
         q2, k2, s = compatibility.as_dot(q, k)
         if isinstance(s, torch.Tensor):
             q2, s = q2 * s, 1.0
+        if grad_scale:
+            q2, scale = fold_scale(q2, scale)
         q, k, scale, compatibility = q2, k2, float(s) * (1.0 if scale is None else scale), None
     return q, k, v, m, sm, scale, compatibility, p, shp
 
 
+class _Scaled(Compatibility):
+    """``scale * compatibility(q, k)`` for a tensor scale that requires grad (the paths take float scales)."""
+
+    dot_reducible = False
+
+    def __init__(self, inner: Compatibility, scale: torch.Tensor):
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, q, k):
+        s = self.inner(q, k)
+        return s * self.scale.reshape(()).to(s.dtype)
+
+
+def _shape_only(q, shp) -> bool:
+    """Nothing to compute: an empty batch or sequence, or meta tensors (shapes without data)."""
+    return shp.B == 0 or shp.L == 0 or shp.S == 0 or q.device.type == "meta"
+
+
+def _shape_only_reason(q, shp) -> str:
+    if q.device.type == "meta":
+        return "meta tensors: outputs of the right shape and dtype on the meta device; no kernel runs"
+    return (f"empty problem (B={shp.B}, L={shp.L}, S={shp.S}): the textbook formulas on empty tensors (with S=0 every "
+            "row sees no key: output 0, lse -inf); no kernel runs")
+
+
+def _check_backend(backend) -> None:
+    if backend is not None and backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {dispatch.BACKENDS} or None; got {backend!r}.")
+
+
+def _shape_only_result(q, k, v, shp) -> AttentionResult:
+    """The result of an empty or meta problem, the same whatever the backend: out (B, H, L, Dv) (zeros when S=0)
+    and lse (B, H, L) (-inf when S=0), in the autograd graph of q, k and v (backward gives empty/zero grads)."""
+    ke, ve = expand_kv(k, shp.H), expand_kv(v, shp.H)
+    s = q.sum(-1, keepdim=True) * 0 + ke.sum(-1).unsqueeze(-2) * 0  # (B, H, L, S), no data read
+    w, lse = softmax_from_scores(s)
+    return AttentionResult(out=w.to(ve.dtype) @ ve, lse=lse.to(_acc_dtype(q.dtype)))
+
+
 def plan(q, k, v=None, *, mask=None, score_mod=None, scale=None, compatibility=None, return_lse=False,
-         backend=None, dropout_p: float = 0.0) -> dispatch.Plan:
+         backend=None, dropout_p: float = 0.0, layout: str = "BHLD") -> dispatch.Plan:
     """Describe the path :func:`attention` would take for these inputs, without computing it.
 
     Example:
@@ -50,7 +104,11 @@ def plan(q, k, v=None, *, mask=None, score_mod=None, scale=None, compatibility=N
         'sdpa'
     """
     v = k if v is None else v
-    q, k, v, m, sm, scale, compat, p, _ = _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p)
+    q, k, v, m, sm, scale, compat, p, shp = _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p,
+                                                     layout)
+    if _shape_only(q, shp):
+        _check_backend(backend)
+        return dispatch.Plan("reference", _shape_only_reason(q, shp), {"skipped": 0.0})
     return dispatch.choose(q, k, v, mask=m, score_mod=sm, compatibility=compat, need_lse=return_lse,
                            backend=backend, scale=scale, dropout_p=p)
 
@@ -67,6 +125,7 @@ def attention(
     return_lse: bool = False,
     compatibility: Compatibility | None = None,
     backend: str | None = None,
+    layout: str = "BHLD",
 ):
     """Exact softmax attention.
 
@@ -84,6 +143,13 @@ def attention(
         return_lse: also return the logsumexp of the scores (B, H, L).
         compatibility: a :class:`salience.scores.Compatibility` replacing the scaled dot product.
         backend: force a path (see :func:`plan`); None chooses the fastest exact one.
+        layout: ``"BHLD"`` (default) reads q, k, v as above; ``"BLHD"`` reads q (B, L, H, D), k (B, S, Hkv, D),
+            v (B, S, Hkv, Dv) (flash-attn's order) and returns the output (B, L, H, Dv); lse stays (B, H, L).
+
+    k and v may have batch size 1 against a larger query batch (broadcast, no copy). ``scale`` may be a number
+    (NumPy scalars included) or a one-element tensor; one that requires grad gets its gradient. An empty batch
+    or sequence (B, L or S = 0) gives an empty output (S = 0: zeros, lse -inf) on every backend, and meta tensors
+    give meta outputs of the right shape. See docs/edges.md.
 
     Returns:
         The output (B, H, L, Dv), or an :class:`AttentionResult` ``(out, lse)`` when ``return_lse=True``.
@@ -94,11 +160,18 @@ def attention(
         >>> salience.attention(q, k, v, mask=salience.masks.sliding_window(4)).shape
         torch.Size([2, 8, 16, 32])
     """
-    q, k, v, m, sm, scale, compat, p, _ = _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p)
-    pl, res = dispatch.attend(q, k, v, mask=m, score_mod=sm, scale=scale, compatibility=compat, dropout_p=p,
-                              need_lse=return_lse, backend=backend)
-    if return_lse and res.lse is None:
-        raise RuntimeError(f"backend {pl.backend!r} does not provide the logsumexp here; use backend=None.")
+    q, k, v, m, sm, scale, compat, p, shp = _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p,
+                                                     layout)
+    if _shape_only(q, shp):
+        _check_backend(backend)
+        res = _shape_only_result(q, k, v, shp)
+    else:
+        pl, res = dispatch.attend(q, k, v, mask=m, score_mod=sm, scale=scale, compatibility=compat, dropout_p=p,
+                                  need_lse=return_lse, backend=backend)
+        if return_lse and res.lse is None:
+            raise RuntimeError(f"backend {pl.backend!r} does not provide the logsumexp here; use backend=None.")
+    if layout == "BLHD":
+        res = AttentionResult(out=res.out.transpose(1, 2), lse=res.lse)
     return res if return_lse else res.out
 
 
@@ -113,13 +186,15 @@ def attention_weights(
     heads=None,
     rows=None,
     lse: torch.Tensor | None = None,
+    layout: str = "BHLD",
 ) -> torch.Tensor:
     """Attention weights (softmax probabilities) for the heads and query rows asked for.
 
     Only the selected ``heads`` (sequence of query-head indices) and ``rows`` (sequence of query indices,
     a slice, or None for all) are computed, so a few rows of a long sequence cost O(rows x S).
     If ``lse`` (B, H, L) from ``attention(..., return_lse=True)`` is given, the weights are
-    ``exp(score - lse)`` directly, without a second reduction over the keys.
+    ``exp(score - lse)`` directly, without a second reduction over the keys. ``layout="BLHD"`` reads q and k
+    as (B, L, H, D) and (B, S, Hkv, D); the weights and ``lse`` are (B, H, ...) in both layouts.
 
     Returns:
         weights (B, len(heads), len(rows), S) in q's dtype; rows with no visible key are 0.
@@ -131,8 +206,14 @@ def attention_weights(
         >>> w.shape, round(w.sum().item(), 5)
         (torch.Size([1, 1, 1, 10]), 1.0)
     """
-    q, k, _, m, sm, scale, compat, _, shp = _prepare(q, k, k, mask, score_mod, scale, compatibility)
+    q, k, _, m, sm, scale, compat, _, shp = _prepare(q, k, k, mask, score_mod, scale, compatibility, 0.0, layout)
     dev = q.device
+    if _shape_only(q, shp):
+        h_idx = _select(heads, shp.H, "heads", "cpu")
+        r_idx = _select(rows, shp.L, "rows", "cpu")
+        if lse is not None and lse.shape != q.shape[:3]:
+            raise ValueError(f"lse must have shape (B, H, L) = {tuple(q.shape[:3])}; got {tuple(lse.shape)}.")
+        return q.new_zeros(shp.B, h_idx.numel(), r_idx.numel(), shp.S)
     h_idx = _select(heads, shp.H, "heads", dev)
     r_idx = _select(rows, shp.L, "rows", dev)
     qs = q.index_select(1, h_idx).index_select(2, r_idx)

@@ -127,6 +127,18 @@ class MaskMod:
         return self.name
 
     # -- sizes ---------------------------------------------------------------------------------------
+    #: optional ``_check(B, H, L, S)`` set by factories whose mask only fits some sizes (per-batch lengths, tensors)
+    _check = None
+
+    def check(self, B: int, H: int, L: int, S: int) -> None:
+        """Raise a ValueError naming the argument when this mask cannot serve a (B, H, L, S) problem.
+
+        :func:`salience.attention`, :func:`~salience.attention_weights`, :func:`~salience.plan` and
+        :func:`salience.reference.attention` call it before any path runs, so every path gives the same
+        error. Factories set ``mask._check = fn(B, H, L, S)``; ``&``, ``|``, ``~`` and :func:`shift` pass it on."""
+        if self._check is not None:
+            self._check(B, H, L, S)
+
     def bind(self, L: int, S: int, device=None) -> MaskMod:
         """The concrete mask for query length L and key length S on ``device``."""
         if self._binder is None:
@@ -270,6 +282,7 @@ def _combine(a: MaskMod, b: MaskMod, op: str) -> MaskMod:
     if sized:
         out._binder = lambda L, S, dev: make(a.bind(L, S, dev), b.bind(L, S, dev))
     out.relative = a.relative and b.relative
+    out._check = lambda B, H, L, S: (a.check(B, H, L, S), b.check(B, H, L, S))
     return out
 
 
@@ -292,6 +305,7 @@ def _invert(a: MaskMod) -> MaskMod:
     if a._binder is not None:
         out._binder = lambda L, S, dev: make(a.bind(L, S, dev))
     out.relative = a.relative
+    out._check = a.check
     return out
 
 
@@ -448,7 +462,26 @@ def padding(q_lengths=None, kv_lengths=None) -> MaskMod:
         m.kind = ("padding", qd, kd)
         return m
 
-    return _unbound(binder)
+    out = _unbound(binder)
+    out._check = lambda B, H, L, S: _check_lengths(name, (("q_lengths", ql, L, "L"), ("kv_lengths", kl, S, "S")), B)
+    return out
+
+
+def _check_lengths(name: str, entries, B: int) -> None:
+    """Per-batch lengths: one per batch row, each in [0, the length it cuts]."""
+    for argname, t, n, axis in entries:
+        if t is None:
+            continue
+        if t.numel() != B:
+            raise ValueError(
+                f"mask {name}: {argname} holds {t.numel()} lengths but the batch has B={B}; give one length per "
+                f"batch row, shape (B,) = ({B},)."
+            )
+        if t.numel() and int(t.max()) > n:
+            raise ValueError(
+                f"mask {name}: {argname} {t.tolist() if t.numel() <= 8 else f'(max {int(t.max())})'} exceed "
+                f"{axis}={n}; each length must be in [0, {n}] (the tensors are right-padded to {axis})."
+            )
 
 
 def _ids(x, argname: str) -> torch.Tensor:
@@ -516,7 +549,17 @@ def document(ids, kv_ids=None) -> MaskMod:
         m.kind = ("document", qd, kd)
         return m
 
-    return _unbound(binder)
+    def check(B, H, L, S):
+        for argname, t in (("ids", qi), ("kv_ids", ki)):
+            if t.dim() == 2 and t.shape[0] not in (1, B):
+                raise ValueError(
+                    f"mask {name}: {argname} has shape {tuple(t.shape)} (B, length) but the batch has B={B}; give "
+                    f"one row per batch row, or shape (length,) for ids shared by the batch."
+                )
+
+    out = _unbound(binder)
+    out._check = check
+    return out
 
 
 def prefix_lm(n: int) -> MaskMod:
@@ -684,8 +727,16 @@ def dense(mask: torch.Tensor) -> MaskMod:
             f"mask tensor must have dtype torch.bool (True = may attend); got {seen}. "
             "For an additive float bias use a score_mod, e.g. lambda s, b, h, q, kv: s + bias[b, h, q, kv]."
         )
-    if mask.dim() > 4:
-        raise ValueError(f"mask tensor must broadcast to (B, H, L, S); got {mask.dim()} dimensions {tuple(mask.shape)}.")
+    if mask.dim() not in (2, 4):
+        extra = ""
+        if mask.dim() == 3:
+            extra = (" A 3-D mask is ambiguous: (B, L, S) per batch row or (H, L, S) per head (torch SDPA broadcasts "
+                     "it from the right, as (H, L, S)); salience refuses to guess.")
+        raise ValueError(
+            f"mask tensor must have shape (L, S) or (B|1, H|1, L, S); got {mask.dim()} dimensions "
+            f"{tuple(mask.shape)}.{extra} Add the axis explicitly: mask[:, None] for one mask per batch row "
+            f"(B, 1, L, S), mask[None] for one per head (1, H, L, S)."
+        )
     m4 = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
     name = f"dense(<bool mask {tuple(mask.shape)}>)"
 
@@ -714,7 +765,18 @@ def dense(mask: torch.Tensor) -> MaskMod:
         m.kind = ("dense", md)
         return m
 
-    return _unbound(binder)
+    def check(B, H, L, S):
+        want = (B, H, L, S)
+        if any(n not in (1, w) for n, w in zip(m4.shape, want)):
+            bad = ", ".join(f"{ax}: {n} (needs 1 or {w})" for ax, n, w in zip("BHLS", m4.shape, want) if n not in (1, w))
+            raise ValueError(
+                f"mask tensor of shape {tuple(mask.shape)} does not broadcast to (B, H, L, S) = {want}: {bad}. "
+                "Give it shape (L, S) or (B|1, H|1, L, S)."
+            )
+
+    out = _unbound(binder)
+    out._check = check
+    return out
 
 
 def _unbound(binder) -> MaskMod:
@@ -772,4 +834,6 @@ def shift(mask, q_offset: int, kv_offset: int, L_total: int | None = None, S_tot
 
     out = _unbound(binder)
     out.relative = m.relative
+    out._check = lambda B, H, L, S: m.check(B, H, q_offset + L if L_total is None else L_total,
+                                            kv_offset + S if S_total is None else S_total)
     return out

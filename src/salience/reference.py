@@ -32,6 +32,31 @@ from .scores import Compatibility, as_score_mod
 __all__ = ["attention", "scores", "softmax_from_scores"]
 
 
+def check_mods(mask, score_mod, B: int, H: int, L: int, S: int):
+    """The call's mask and score_mod as MaskMod / ScoreMod (or None), checked against (B, H, L, S) with their
+    ``check`` hooks (per-head tables, per-batch lengths, mask tensor shapes) before any path runs."""
+    m = None if mask is None else as_mask_mod(mask)
+    sm = None if score_mod is None else as_score_mod(score_mod)
+    for mod in (m, sm):
+        if mod is not None and callable(getattr(mod, "check", None)):
+            mod.check(B, H, L, S)
+    return m, sm
+
+
+def fold_scale(q: torch.Tensor, scale):
+    """``(q, scale)`` with a tensor ``scale`` that requires grad folded into q (``q * scale``, scale 1.0), so its
+    gradient flows on every path (the kernels take the scale as a float); other scales are returned unchanged.
+    Only for plain dot-product scores: with a compatibility function the scale multiplies its scores."""
+    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+        return q * scale.reshape(()).to(q.dtype), 1.0
+    return q, scale
+
+
+def broadcast_batch(t: torch.Tensor, B: int) -> torch.Tensor:
+    """k or v of batch size 1 against B queries: a stride-0 expand (no copy)."""
+    return t if t.shape[0] == B else t.expand(B, *t.shape[1:])
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -124,7 +149,7 @@ def attention(
     Returns:
         :class:`ReferenceResult` with ``out`` (B, H, L, Dv), ``lse`` (B, H, L), ``weights`` (B, H, L, S).
     """
-    shp = check_qkv(q, k, v, same_dim=compatibility is None)
+    shp = check_qkv(q, k, v, same_dim=compatibility is None, broadcast_batch=True, allow_empty=True)
     if compatibility is None or scale is not None:
         check_scale(scale, shp.D)
     p = check_dropout(dropout_p)
@@ -139,3 +164,7 @@ def attention(
     out = wd @ ve
     lse = lse.to(_acc_dtype(q.dtype))
     return ReferenceResult(out=out, lse=lse, weights=w)
+    mask, score_mod = check_mods(mask, score_mod, shp.B, shp.H, shp.L, shp.S)
+    k, v = broadcast_batch(k, shp.B), broadcast_batch(v, shp.B)
+    if compatibility is None:
+        q, scale = fold_scale(q, scale)

@@ -92,6 +92,18 @@ class ScoreMod:
         mover = getattr(self, "_mover", None)
         return mover(device) if mover is not None else self
 
+    #: optional ``_check(B, H, L, S)`` set by factories whose mod only fits some sizes (per-head tables)
+    _check = None
+
+    def check(self, B: int, H: int, L: int, S: int) -> None:
+        """Raise a ValueError naming the argument when this mod cannot serve a (B, H, L, S) problem.
+
+        :func:`salience.attention`, :func:`~salience.attention_weights`, :func:`~salience.plan` and
+        :func:`salience.reference.attention` call it before any path runs, so every path gives the same
+        error. Factories set ``mod._check = fn(B, H, L, S)``; :func:`compose` checks every part."""
+        if self._check is not None:
+            self._check(B, H, L, S)
+
 
 def as_score_mod(mod, argname: str = "score_mod") -> ScoreMod:
     """Accept a ScoreMod or a plain callable ``(score, b, h, q_idx, kv_idx) -> score``."""
@@ -143,6 +155,12 @@ def compose(*mods) -> ScoreMod:
     )
     out._mover = lambda dev: compose(*(m.to(dev) for m in ms))
     out.parts = tuple(ms)  # the components in order, for kernels that recognise them
+
+    def check(B, H, L, S):
+        for m in ms:
+            m.check(B, H, L, S)
+
+    out._check = check
     return out
 
 
@@ -197,7 +215,43 @@ def _alibi(sl: torch.Tensor) -> ScoreMod:
     m = ScoreMod(fn, f"alibi(<{sl.numel()} slopes>)", relative=True)
     m.slopes = sl
     m._mover = lambda dev: _alibi(sl.to(dev))
+    m._check = lambda B, H, L, S: _check_heads(m, sl.numel(), H, "slopes",
+                                               f"build it with alibi({H}) or alibi(alibi_slopes({H}))")
     return m
+
+
+def _check_heads(mod, n: int, H: int, what: str, fix: str) -> None:
+    """A per-head table must have exactly one entry per query head."""
+    if n != H:
+        raise ValueError(
+            f"score_mod {mod.name} carries {n} {what} (one per head) but the attention has H={H} query heads; "
+            f"{fix} (one per query head)."
+        )
+
+
+def _check_buckets(num_buckets, max_distance, bidirectional) -> None:
+    """T5's bucketing (transformers' ``T5Attention._relative_position_bucket``) is defined when
+    ``max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2 >= 1`` and ``max_distance > max_exact``;
+    otherwise its log-spaced buckets divide by zero or run negative."""
+    for argname, val in (("num_buckets", num_buckets), ("max_distance", max_distance)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise TypeError(f"{argname} must be an int; got {type(val).__name__} {val!r}.")
+    if bidirectional and num_buckets % 2:
+        raise ValueError(f"num_buckets must be even when bidirectional; got {num_buckets}.")
+    least = 4 if bidirectional else 2
+    if num_buckets < least:
+        raise ValueError(
+            f"num_buckets must be >= {least} with bidirectional={bidirectional} (T5 keeps half the buckets of each "
+            f"direction for exact distances, which needs at least one); got {num_buckets}."
+        )
+    exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+    if max_distance <= exact:
+        raise ValueError(
+            f"max_distance={max_distance} must exceed the {exact} exact-distance buckets of num_buckets={num_buckets} "
+            f"(bidirectional={bidirectional}): T5's log-spaced buckets run from distance {exact} to max_distance and "
+            f"would give negative bucket ids. Use max_distance >= {exact + 1} (T5: num_buckets=32, max_distance=128), "
+            f"or fewer buckets."
+        )
 
 
 def softcap(cap: float) -> ScoreMod:
@@ -241,6 +295,7 @@ def t5_bucket(relative_position: torch.Tensor, num_buckets: int = 32, max_distan
         >>> t5_bucket(torch.tensor([-3, 0, 3]), num_buckets=8, max_distance=16).tolist()
         [2, 0, 6]
     """
+    _check_buckets(num_buckets, max_distance, bidirectional)
     rel = relative_position.long()
     n = num_buckets
     ret = torch.zeros_like(rel)
@@ -273,10 +328,9 @@ def relative_bias(table: torch.Tensor, num_buckets: int = 32, max_distance: int 
     if not isinstance(table, torch.Tensor) or table.dim() != 2 or not table.is_floating_point():
         seen = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
         raise ValueError(f"table must be a float tensor (num_buckets, H); got {seen}.")
+    _check_buckets(num_buckets, max_distance, bidirectional)
     if table.shape[0] != num_buckets:
         raise ValueError(f"table has {table.shape[0]} rows but num_buckets={num_buckets}; they must match.")
-    if bidirectional and num_buckets % 2:
-        raise ValueError(f"num_buckets must be even when bidirectional; got {num_buckets}.")
     return _relative_bias(table, num_buckets, max_distance, bidirectional)
 
 
@@ -292,6 +346,9 @@ def _relative_bias(table, num_buckets, max_distance, bidirectional) -> ScoreMod:
     )
     m.table = table
     m._mover = lambda dev: _relative_bias(table.to(dev), num_buckets, max_distance, bidirectional)
+    m._check = lambda B, H, L, S: _check_heads(
+        m, table.shape[1], H, "table columns",
+        f"give table the shape (num_buckets, H) = ({num_buckets}, {H}), e.g. nn.Embedding({num_buckets}, {H}).weight")
     return m
 
 

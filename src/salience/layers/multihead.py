@@ -1,6 +1,7 @@
 """Multi-head attention: self and cross attention, MHA / GQA / MQA, masks, positional schemes, KV cache.
 
-Tensors at the module boundary are ``(B, L, E)`` (batch first); inside, queries, keys and values are laid
+Tensors at the module boundary are ``(B, L, E)`` (batch first; ``batch_first=False`` takes ``(L, B, E)`` like
+``torch.nn.MultiheadAttention``'s default); inside, queries, keys and values are laid
 out ``(B, H, L, D)`` and handed to :func:`salience.attention`, so every mask of :mod:`salience.masks`, every
 score_mod of :mod:`salience.scores` and every fast kernel of the functional core applies.
 
@@ -170,6 +171,9 @@ class MultiHeadAttention(nn.Module):
         core: optional head-level module replacing exact attention (e.g. ``PerformerAttention``); called
             ``core(q, k, v, mask=, score_mod=, scale=, kv_lengths=)``. No KV cache with a core.
         name, layer_index: how the layer identifies itself to interpretability recorders.
+        batch_first: True (default): query, key, value and the output are (B, L, E); False: (L, B, E), the
+            default of ``torch.nn.MultiheadAttention`` (:meth:`from_torch` copies the torch module's setting).
+            Masks, paddings and weights are batch first either way.
 
     Call:
         ``mha(query, key=None, value=None, *, mask=None, key_padding_mask=None, key_lengths=None,
@@ -207,10 +211,12 @@ class MultiHeadAttention(nn.Module):
         core: nn.Module | None = None,
         name: str | None = None,
         layer_index: int | None = None,
+        batch_first: bool = True,
         device=None,
         dtype=None,
     ):
         super().__init__()
+        self.batch_first = check_bool(batch_first, "batch_first")
         check_int(embed_dim, "embed_dim")
         check_int(num_heads, "num_heads")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -272,6 +278,8 @@ class MultiHeadAttention(nn.Module):
              f"head_dim={self.head_dim}, dropout={self.dropout}")
         if self.mask is not None:
             s += f", mask={self.mask}"
+        if not self.batch_first:
+            s += ", batch_first=False"
         return s
 
     # ------------------------------------------------------------------------------------------- torch peer
@@ -279,8 +287,9 @@ class MultiHeadAttention(nn.Module):
     def from_torch(cls, mha: nn.MultiheadAttention) -> MultiHeadAttention:
         """A MultiHeadAttention with the weights of a ``torch.nn.MultiheadAttention`` (same outputs).
 
-        ``add_bias_kv`` and ``add_zero_attn`` have no counterpart and are rejected. Inputs here are batch
-        first whatever ``mha.batch_first`` says.
+        ``add_bias_kv`` and ``add_zero_attn`` have no counterpart and are rejected. The layout follows
+        ``mha.batch_first``: (L, B, E) inputs and outputs when it is False (torch's default), (B, L, E) when True,
+        so the same tensors give the same outputs in both modules.
         """
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"mha must be a torch.nn.MultiheadAttention; got {type(mha).__name__}.")
@@ -289,7 +298,7 @@ class MultiHeadAttention(nn.Module):
         w = mha.in_proj_weight if mha._qkv_same_embed_dim else mha.q_proj_weight
         bias = mha.in_proj_bias is not None
         layer = cls(mha.embed_dim, mha.num_heads, kdim=mha.kdim, vdim=mha.vdim, bias=bias, dropout=mha.dropout,
-                    device=w.device, dtype=w.dtype)
+                    batch_first=bool(mha.batch_first), device=w.device, dtype=w.dtype)
         E = mha.embed_dim
         with torch.no_grad():
             if mha._qkv_same_embed_dim:
@@ -342,6 +351,30 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | StaticKVCache | None = None,
         positions=None,
     ) -> MultiHeadOutput:
+        kw = dict(mask=mask, key_padding_mask=key_padding_mask, key_lengths=key_lengths, need_weights=need_weights,
+                  cache=cache, positions=positions)
+        if self.batch_first:
+            return self._forward(query, key, value, **kw)
+        # batch_first=False: (L, B, E) in and out, like torch.nn.MultiheadAttention's default
+        ins = []
+        for argname, t, dim in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t is not None:
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{argname} must be a torch.Tensor (L, B, {dim}) (batch_first=False); got "
+                                    f"{type(t).__name__}.")
+                if t.dim() != 3 or t.shape[-1] != dim:
+                    raise ValueError(
+                        f"{argname} must have shape (L, B, {dim}) (batch_first=False, torch's default layout); got "
+                        f"{tuple(t.shape)}. Unbatched input: {argname}.unsqueeze(1); for (B, L, {dim}) input build "
+                        "the layer with batch_first=True."
+                    )
+                t = t.transpose(0, 1)
+            ins.append(t)
+        res = self._forward(*ins, **kw)
+        return MultiHeadOutput(res.output.transpose(0, 1), res.weights, res.lse)
+
+    def _forward(self, query, key=None, value=None, *, mask=None, key_padding_mask=None, key_lengths=None,
+                 need_weights=False, cache=None, positions=None) -> MultiHeadOutput:
         self._check_input(query, "query", self.embed_dim)
         B, L, _ = query.shape
         check_bool(need_weights, "need_weights")
