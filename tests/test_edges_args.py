@@ -117,6 +117,13 @@ def test_check_hook_is_generic_and_sees_B_H_L_S():
         salience.attention(q, k, v, mask=M.shift(M.padding(kv_lengths=[1, 2, 3]), 0, 0, 5, 7))
 
 
+def test_layers_shifted_score_mods_keep_the_check():
+    from salience.layers._util import shift_score_mod
+
+    q, k, v = qkv(H=4)
+    same_error(q, k, v, ValueError, "carries 2 slopes", score_mod=shift_score_mod(Sc.alibi(2), 3))
+
+
 # ------------------------------------------------------------------------------- 2. T5 bucket parameters
 
 

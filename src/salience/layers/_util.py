@@ -85,6 +85,7 @@ def shift_score_mod(mod, q_offset: int, kv_offset: int = 0) -> ScoreMod:
 
     out = ScoreMod(fn, f"{m.name} @ (q+{q_offset}, kv+{kv_offset})", relative=m.relative)
     out._mover = lambda dev: shift_score_mod(m.to(dev), q_offset, kv_offset)
+    out._check = m.check  # per-head tables are checked against H as before the shift
     return out
 
 
