@@ -245,7 +245,8 @@ q4 = torch.randn(1, 2, 3, 4)
         (dict(mask=lambda s, b, h, q, kv: s), TypeError, "score_mod"),
         (dict(mask=torch.ones(3, 3)), TypeError, "torch.bool"),
         (dict(score_mod=lambda b, h, q, kv: q > kv), TypeError, "mask"),
-        (dict(score_mod=lambda s, b, h, q, kv: s.sum()), ValueError, "score_mod .* returned"),
+        # s.sum() is the identity under FlexAttention's scalar semantics (salience evaluates callables that way)
+        (dict(score_mod=lambda s, b, h, q, kv: torch.stack([s, s])), ValueError, "score_mod .* returned"),
         (dict(q=torch.randn(1, 0, 3, 4)), ValueError, "head counts must be >= 1"),
         (dict(mask=lambda b, h, q, kv: (q - kv).float()), TypeError, "bool"),
         (dict(compatibility="dot"), TypeError, "compatibility"),

@@ -11,11 +11,10 @@ import torch
 from ._layout import check_dropout, check_layout, check_qkv, check_scale, expand_kv
 from ._result import AttentionResult
 from .kernels import dispatch
-from .masks import as_mask_mod
-from .reference import _acc_dtype, broadcast_batch, check_mods, fold_scale
+from .kernels.merge import check_sinks, with_sinks
+from .reference import _acc_dtype, broadcast_batch, check_mods, fold_scale, softmax_from_scores
 from .reference import scores as _scores
-from .reference import softmax_from_scores
-from .scores import Compatibility, as_score_mod
+from .scores import Compatibility
 
 __all__ = ["attention", "attention_weights", "plan", "AttentionResult"]
 
@@ -94,7 +93,7 @@ def _shape_only_result(q, k, v, shp) -> AttentionResult:
 
 
 def plan(q, k, v=None, *, mask=None, score_mod=None, scale=None, compatibility=None, return_lse=False,
-         backend=None, dropout_p: float = 0.0, layout: str = "BHLD") -> dispatch.Plan:
+         backend=None, dropout_p: float = 0.0, layout: str = "BHLD", sinks=None) -> dispatch.Plan:
     """Describe the path :func:`attention` would take for these inputs, without computing it.
 
     Example:
@@ -109,8 +108,13 @@ def plan(q, k, v=None, *, mask=None, score_mod=None, scale=None, compatibility=N
     if _shape_only(q, shp):
         _check_backend(backend)
         return dispatch.Plan("reference", _shape_only_reason(q, shp), {"skipped": 0.0})
-    return dispatch.choose(q, k, v, mask=m, score_mod=sm, compatibility=compat, need_lse=return_lse,
-                           backend=backend, scale=scale, dropout_p=p)
+    if sinks is not None:
+        check_sinks(sinks, shp.B, shp.H)
+    pl = dispatch.choose(q, k, v, mask=m, score_mod=sm, compatibility=compat,
+                         need_lse=return_lse or sinks is not None, backend=backend, scale=scale, dropout_p=p)
+    if sinks is not None:
+        pl.details["sinks"] = "merged after the kernel (a virtual key of value 0), both directions"
+    return pl
 
 
 def attention(
@@ -126,6 +130,7 @@ def attention(
     compatibility: Compatibility | None = None,
     backend: str | None = None,
     layout: str = "BHLD",
+    sinks: torch.Tensor | None = None,
 ):
     """Exact softmax attention.
 
@@ -145,6 +150,10 @@ def attention(
         backend: force a path (see :func:`plan`); None chooses the fastest exact one.
         layout: ``"BHLD"`` (default) reads q, k, v as above; ``"BLHD"`` reads q (B, L, H, D), k (B, S, Hkv, D),
             v (B, S, Hkv, Dv) (flash-attn's order) and returns the output (B, L, H, Dv); lse stays (B, H, L).
+        sinks: attention sinks, one learned logit per query head, (H,) or (B, H), in the score domain (gpt-oss's
+            ``sinks``/``s_aux``): a virtual key of value 0 in every row's softmax, so the weights of the real
+            keys sum to less than 1; the lse includes it, a row with no visible key gives 0 and lse = sink, and
+            the sinks get gradients. Works on every path (see :func:`salience.kernels.merge.with_sinks`).
 
     k and v may have batch size 1 against a larger query batch (broadcast, no copy). ``scale`` may be a number
     (NumPy scalars included) or a one-element tensor; one that requires grad gets its gradient. An empty batch
@@ -162,14 +171,20 @@ def attention(
     """
     q, k, v, m, sm, scale, compat, p, shp = _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p,
                                                      layout)
+    if sinks is not None:
+        check_sinks(sinks, shp.B, shp.H)
     if _shape_only(q, shp):
         _check_backend(backend)
         res = _shape_only_result(q, k, v, shp)
     else:
+        need = return_lse or sinks is not None
         pl, res = dispatch.attend(q, k, v, mask=m, score_mod=sm, scale=scale, compatibility=compat, dropout_p=p,
-                                  need_lse=return_lse, backend=backend)
-        if return_lse and res.lse is None:
-            raise RuntimeError(f"backend {pl.backend!r} does not provide the logsumexp here; use backend=None.")
+                                  need_lse=need, backend=backend)
+        if need and res.lse is None:
+            raise RuntimeError(f"backend {pl.backend!r} does not provide the logsumexp here (return_lse=True or "
+                               "sinks need it); use backend=None.")
+    if sinks is not None:
+        res = with_sinks(res.out, res.lse, sinks)
     if layout == "BLHD":
         res = AttentionResult(out=res.out.transpose(1, 2), lse=res.lse)
     return res if return_lse else res.out
@@ -187,6 +202,7 @@ def attention_weights(
     rows=None,
     lse: torch.Tensor | None = None,
     layout: str = "BHLD",
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention weights (softmax probabilities) for the heads and query rows asked for.
 
@@ -194,7 +210,9 @@ def attention_weights(
     a slice, or None for all) are computed, so a few rows of a long sequence cost O(rows x S).
     If ``lse`` (B, H, L) from ``attention(..., return_lse=True)`` is given, the weights are
     ``exp(score - lse)`` directly, without a second reduction over the keys. ``layout="BLHD"`` reads q and k
-    as (B, L, H, D) and (B, S, Hkv, D); the weights and ``lse`` are (B, H, ...) in both layouts.
+    as (B, L, H, D) and (B, S, Hkv, D); the weights and ``lse`` are (B, H, ...) in both layouts. With ``sinks``
+    (as in :func:`attention`) the weights of a row sum to less than 1 (the sink takes the rest); an ``lse`` from
+    ``attention(..., sinks=..., return_lse=True)`` already includes them.
 
     Returns:
         weights (B, len(heads), len(rows), S) in q's dtype; rows with no visible key are 0.
@@ -220,7 +238,11 @@ def attention_weights(
     ks = expand_kv(k, shp.H).index_select(1, h_idx)
     s = _scores(qs, ks, mask=m, score_mod=sm, scale=scale, compatibility=compat, heads=h_idx, rows=r_idx, L=shp.L)
     if lse is None:
-        w, _ = softmax_from_scores(s)
+        sk = None
+        if sinks is not None:
+            sk = check_sinks(sinks, shp.B, shp.H).to(dev)
+            sk = sk.reshape(-1, shp.H).expand(shp.B, shp.H).index_select(1, h_idx)
+        w, _ = softmax_from_scores(s, sinks=sk)
         return w
     if lse.shape != q.shape[:3]:
         raise ValueError(f"lse must have shape (B, H, L) = {tuple(q.shape[:3])}; got {tuple(lse.shape)}.")

@@ -112,16 +112,45 @@ def scores(
     return s
 
 
-def softmax_from_scores(s: torch.Tensor):
+def softmax_from_scores(s: torch.Tensor, sinks: torch.Tensor | None = None):
     """``(weights, lse)`` from masked scores; rows with no visible key give weights 0 and lse -inf
-    without NaN in forward or backward."""
-    row_any = (s != float("-inf")).any(-1, keepdim=True)
-    s_safe = torch.where(row_any, s, torch.zeros((), dtype=s.dtype, device=s.device))
-    lse = torch.logsumexp(s_safe, dim=-1, keepdim=True)
-    w = torch.exp(s_safe - lse)
-    w = torch.where(row_any, w, torch.zeros((), dtype=w.dtype, device=w.device))
-    lse = torch.where(row_any, lse, torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
-    return w, lse.squeeze(-1)
+    without NaN in forward or backward.
+
+    The softmax is the max-subtracted one (``exp(s - max) / sum``; exact shifts, so scores of size 1e3-1e4, from
+    large relative biases, lose no precision in the subtraction), accumulated in float32 for bfloat16/float16
+    scores (as torch's softmax does) and in float64 for float64: ``weights`` come back in the scores' dtype,
+    ``lse`` (B, H, L) in the accumulation dtype, so a reduced-precision row still sums to 1 within its rounding.
+
+    ``sinks`` (broadcastable to (B, H), e.g. (H,)): a learned sink logit per head, a virtual key with value 0
+    that takes part in every row's softmax (gpt-oss, StreamingLLM): ``lse = log(exp(sink) + sum exp(s))`` and
+    the weights of the real keys sum to ``1 - exp(sink - lse)``. A row that sees no key then has weights 0 and
+    lse = sink."""
+    acc = _acc_dtype(s.dtype)
+    x = s.to(acc)
+    if sinks is not None:
+        sk = _sink_column(sinks, x)
+        x = torch.cat([x, sk], dim=-1)
+    row_any = (x != float("-inf")).any(-1, keepdim=True)
+    zero = torch.zeros((), dtype=acc, device=s.device)
+    x_safe = torch.where(row_any, x, zero)
+    mx = x_safe.amax(-1, keepdim=True).detach()
+    e = torch.exp(x_safe - mx)
+    e = torch.where(x == float("-inf"), zero, e)
+    total = e.sum(-1, keepdim=True)
+    w = e / torch.where(row_any, total, torch.ones((), dtype=acc, device=s.device))
+    lse = torch.where(row_any, mx + torch.log(torch.where(row_any, total, torch.ones_like(total))),
+                      torch.full((), float("-inf"), dtype=acc, device=s.device))
+    if sinks is not None:
+        w = w[..., :-1]
+    return w.to(s.dtype), lse.squeeze(-1)
+
+
+def _sink_column(sinks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The sink logits as one extra score column (B, H, L, 1) beside scores ``x`` (B, H, L, S)."""
+    B, H, L = x.shape[:3]
+    sk = sinks.to(x.dtype)
+    sk = sk.reshape(*((1,) * (2 - sk.dim())), *sk.shape) if sk.dim() < 2 else sk
+    return sk.expand(B, H).reshape(B, H, 1, 1).expand(B, H, L, 1)
 
 
 def attention(
@@ -135,6 +164,7 @@ def attention(
     compatibility: Compatibility | None = None,
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> ReferenceResult:
     """Textbook attention in q's dtype.
 
@@ -145,6 +175,8 @@ def attention(
         scale: multiplies q @ k^T; default 1/sqrt(D).
         compatibility: a :class:`salience.scores.Compatibility` replacing the scaled dot product.
         dropout_p: dropout on the weights (the returned weights are before dropout).
+        sinks: one sink logit per query head, (H,) or (B, H): a virtual key of value 0 appended to every row's
+            scores before the softmax (see :func:`softmax_from_scores`).
 
     Returns:
         :class:`ReferenceResult` with ``out`` (B, H, L, Dv), ``lse`` (B, H, L), ``weights`` (B, H, L, S).
@@ -153,10 +185,18 @@ def attention(
     if compatibility is None or scale is not None:
         check_scale(scale, shp.D)
     p = check_dropout(dropout_p)
+    mask, score_mod = check_mods(mask, score_mod, shp.B, shp.H, shp.L, shp.S)
+    k, v = broadcast_batch(k, shp.B), broadcast_batch(v, shp.B)
+    if compatibility is None:
+        q, scale = fold_scale(q, scale)
     H = q.shape[1]
     ke, ve = expand_kv(k, H), expand_kv(v, H)
     s = scores(q, ke, mask=mask, score_mod=score_mod, scale=scale, compatibility=compatibility)
-    w, lse = softmax_from_scores(s)
+    if sinks is not None:
+        from .kernels.merge import check_sinks
+
+        sinks = check_sinks(sinks, shp.B, shp.H)
+    w, lse = softmax_from_scores(s, sinks=sinks)
     wd = w
     if p > 0:
         keep = torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float32) >= p
@@ -164,7 +204,3 @@ def attention(
     out = wd @ ve
     lse = lse.to(_acc_dtype(q.dtype))
     return ReferenceResult(out=out, lse=lse, weights=w)
-    mask, score_mod = check_mods(mask, score_mod, shp.B, shp.H, shp.L, shp.S)
-    k, v = broadcast_batch(k, shp.B), broadcast_batch(v, shp.B)
-    if compatibility is None:
-        q, scale = fold_scale(q, scale)

@@ -15,7 +15,7 @@ import torch
 
 from .._result import AttentionResult
 
-__all__ = ["merge"]
+__all__ = ["merge", "with_sinks", "check_sinks"]
 
 
 def merge(out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor) -> AttentionResult:
@@ -53,3 +53,40 @@ def merge(out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2: torc
     w2 = torch.where(finite, torch.exp(b - safe), torch.zeros((), dtype=acc, device=lse.device))
     out = w1.unsqueeze(-1) * out1.to(acc) + w2.unsqueeze(-1) * out2.to(acc)
     return AttentionResult(out=out.to(out1.dtype), lse=lse)
+
+
+def check_sinks(sinks, B: int, H: int) -> torch.Tensor:
+    """Validate sink logits against (B, H): a floating tensor of shape (H,), (1, H) or (B, H)."""
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        seen = sinks.dtype if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise TypeError(f"sinks must be a floating tensor of sink logits, shape (H,) or (B, H); got {seen}.")
+    if sinks.dim() not in (1, 2) or sinks.shape[-1] != H or (sinks.dim() == 2 and sinks.shape[0] not in (1, B)):
+        raise ValueError(f"sinks must have shape (H,) = ({H},) or (B, H) = ({B}, {H}) (one logit per query head); got "
+                         f"{tuple(sinks.shape)}.")
+    return sinks
+
+
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> AttentionResult:
+    """Add attention sinks to a finished result: ``merge`` with a virtual key of value 0 and logit ``sinks``.
+
+    ``sinks`` (H,) or (B, H) are logits in the score domain (after scale and score_mod). The result is what a
+    softmax over the real keys plus one sink column gives: ``lse' = log(exp(lse) + exp(sink))`` and
+    ``out' = exp(lse - lse') * out``; a row with no visible key (lse -inf) gets out 0 and lse = sink. Gradients
+    reach ``out``, ``lse`` and ``sinks``.
+
+    Example:
+        >>> import torch, salience
+        >>> q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64) for _ in range(3))
+        >>> r = salience.attention(q, k, v, return_lse=True)
+        >>> s = with_sinks(r.out, r.lse, torch.zeros(2, dtype=torch.float64))
+        >>> bool(torch.allclose(s.lse, torch.logaddexp(r.lse, torch.zeros(()))))
+        True
+    """
+    B, H = out.shape[:2]
+    acc = torch.float64 if torch.float64 in (lse.dtype, out.dtype) else torch.float32
+    sk = check_sinks(sinks, B, H).to(acc)
+    sk = sk.view(-1 if sk.dim() == 2 and sk.shape[0] == B else 1, H, 1) if sk.dim() == 2 else sk.view(1, H, 1)
+    a = lse.to(acc)
+    new = torch.logaddexp(a, sk.expand_as(a))
+    keep = torch.where(a == float("-inf"), torch.zeros((), dtype=acc, device=a.device), torch.exp(a - new))
+    return AttentionResult(out=(keep.unsqueeze(-1) * out.to(acc)).to(out.dtype), lse=new)
