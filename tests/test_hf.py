@@ -319,10 +319,27 @@ def test_error_qkv_not_4d():
         shf.attention_forward(_Mod(), q[0], k, v, None)
 
 
-def test_error_attention_sinks_not_implemented():
-    q, k, v = _qkv()
-    with pytest.raises(NotImplementedError, match="s_aux"):
-        shf.attention_forward(_Mod(), q, k, v, None, s_aux=torch.zeros(4))
+def test_attention_sinks_follow_gpt_oss_eager():
+    """s_aux (gpt-oss's sinks, one logit per head) as a virtual key of value 0: output, weights and gradients
+    equal gpt-oss's eager formula in float64; a query row that sees no key gives 0."""
+    q, k, v = _qkv(grad=True)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64, requires_grad=True)
+    left = torch.ones(2, 12, dtype=torch.bool)
+    left[1, :4] = False  # with causal: queries 0-3 of row 1 see nothing
+    hm = shf.translate_mask(2, 12, 12, mask_function=mu.causal_mask_function, attention_mask=left)
+    out, w = shf.attention_forward(_Mod(), q, k, v, hm, scaling=0.3, s_aux=sinks, output_attentions=True)
+    kk, vv = (t.repeat_interleave(2, dim=1) for t in (k, v))
+    s = (q @ kk.transpose(-1, -2) * 0.3).masked_fill(~hm.mask.to_dense(2, 1, 12, 12), float("-inf"))
+    p = torch.softmax(torch.cat([s, sinks.view(1, 4, 1, 1).expand(2, 4, 12, 1)], -1), -1)[..., :-1]
+    ref = (p @ vv).transpose(1, 2)
+    torch.testing.assert_close(w, p)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(out[1, :4], torch.zeros_like(out[1, :4]))
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v, sinks), g)
+    want = torch.autograd.grad(ref, (q, k, v, sinks), g)
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), got, want):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_error_mask_function_without_lengths():

@@ -279,3 +279,88 @@ def test_output_attentions_in_generate():
     again = model.generate(ids, attention_mask=am, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                            return_dict_in_generate=True)
     assert torch.equal(again.attentions[2][1], out.attentions[2][1])
+
+
+# --------------------------------------------------------------------------- gpt-oss: attention sinks (s_aux)
+
+
+def _gpt_oss():
+    """Tiny gpt-oss: sliding window 4 on layer 0, full attention on layer 1, 4 experts, sinks of size ~2."""
+    torch.manual_seed(0)
+    cfg = T.GptOssConfig(vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                         max_position_embeddings=128, initializer_range=0.2, **IDS)
+    model = T.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.randn(4) * 2)
+    return model
+
+
+def _oss_batch(L=12):
+    ids = torch.randint(3, V, (3, L), generator=torch.Generator().manual_seed(4))
+    am = torch.ones_like(ids)
+    am[1, :4] = 0  # left padding
+    am[2, L - 3:] = 0  # right padding
+    return ids, am
+
+
+@pytest.fixture(scope="module")
+def gpt_oss():
+    return _gpt_oss()
+
+
+def test_gpt_oss_logits_and_attentions_equal_eager(gpt_oss):
+    ids, am = _oss_batch()
+    out = {}
+    for impl in ("salience", "eager"):
+        gpt_oss.set_attn_implementation(impl)
+        with torch.no_grad():
+            out[impl] = gpt_oss(ids, attention_mask=am, output_attentions=True)
+    real = am.bool()
+    assert (out["salience"].logits - out["eager"].logits)[real].abs().max() <= 1e-5
+    real_q = real[:, None, :, None]
+    for a, b in zip(out["salience"].attentions, out["eager"].attentions):
+        assert (a - b).masked_fill(~real_q, 0).abs().max() <= 1e-6
+        assert (a.sum(-1)[real[:, None].expand(-1, 4, -1)] < 1 - 1e-3).any()  # the sinks take weight
+    from salience.interpret import capture
+
+    shf.enable(gpt_oss)
+    with torch.no_grad(), capture(gpt_oss) as rec:  # the maps a recorder recomputes include the sinks too
+        quiet = gpt_oss(ids, attention_mask=am).logits  # without output_attentions: the same kernels' output
+    assert (quiet - out["salience"].logits)[real].abs().max() <= 1e-6
+    maps = rec.result()
+    for b in range(3):
+        got = maps.stack(batch=b)
+        want = torch.stack([a[b] for a in out["eager"].attentions])
+        keep = real[b][None, None, :, None]
+        assert (got - want).masked_fill(~keep, 0).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_gpt_oss_generate_equals_eager(gpt_oss, cache):
+    ids, am = _oss_batch(L=7)
+    inputs = dict(input_ids=ids.masked_fill(am == 0, 0), attention_mask=am)
+    inputs["attention_mask"][2] = 1  # generate() wants left padding only
+    ours = _generate(gpt_oss, "salience", inputs, cache)
+    _assert_same(ours, _generate(gpt_oss, "eager", inputs, cache), f"gpt-oss {cache} greedy")
+    ours = _generate(gpt_oss, "salience", inputs, cache, seed=3)
+    _assert_same(ours, _generate(gpt_oss, "eager", inputs, cache, seed=3), f"gpt-oss {cache} sampled")
+
+
+def test_gpt_oss_gradients_equal_eager_including_the_sinks():
+    ids, am = _oss_batch()
+    proj = torch.randn(3, 12, V, generator=torch.Generator().manual_seed(7))
+    real = am.bool().unsqueeze(-1)
+    grads = {}
+    for impl in ("salience", "eager"):
+        model = _gpt_oss()
+        model.set_attn_implementation(impl)
+        logits = model(ids, attention_mask=am).logits
+        (logits * proj).masked_fill(~real, 0).sum().backward()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["salience"].keys() == grads["eager"].keys()
+    assert any(n.endswith("self_attn.sinks") for n in grads["eager"])
+    for n, b in grads["eager"].items():
+        a = grads["salience"][n]
+        assert (a - b).abs().max() <= 1e-5 * (1 + b.abs().max()), n

@@ -21,6 +21,7 @@ together with the weights ``(B, H, L, S)`` or None.
 
 ``output_attentions=True`` keeps the salience kernels: the output comes from
 ``salience.attention(..., return_lse=True)`` and the maps from ``salience.attention_weights(q, k, lse=...)``.
+Attention sinks (gpt-oss's ``s_aux``) go to ``salience.attention(..., sinks=...)``; the logsumexp includes them.
 While an interpretability recorder listens (:func:`salience._hooks.recording`), every call emits a
 :class:`salience._hooks.AttentionEvent`; otherwise nothing extra is computed.
 
@@ -507,6 +508,9 @@ def attention_forward(
         softcap: Gemma-2 style score capping, applied as :func:`salience.scores.softcap`.
         position_bias: additive bias broadcastable to (B, H, L, S) (T5-style).
         sliding_window: a hint some models pass; the window itself comes from the mask, as in eager.
+        s_aux: attention sinks (gpt-oss), one logit per query head (H,) in the scaled score domain, passed to
+            :func:`salience.attention` as ``sinks`` (a virtual key of value 0 in every row's softmax; gets its
+            gradient). The returned weights of a row then sum to less than 1, as eager's.
 
     Returns:
         ``(out (B, L, H, Dv), weights (B, H, L, S) or None)``; weights only when attentions are requested
@@ -520,11 +524,6 @@ def attention_forward(
         >>> out.shape, w.shape
         (torch.Size([1, 5, 4, 8]), torch.Size([1, 4, 5, 5]))
     """
-    if s_aux is not None:
-        raise NotImplementedError(
-            "attention sinks (s_aux, e.g. gpt-oss) are not supported by the salience attention implementation "
-            "yet; load this model with attn_implementation='sdpa' or 'eager'."
-        )
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             seen = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -557,22 +556,24 @@ def attention_forward(
     if softcap is not None:
         cap = _scores.softcap(float(softcap))
         score_mod = cap if score_mod is None else _scores.compose(cap, score_mod)
+    sink_kw = {} if s_aux is None else {"sinks": s_aux}  # gpt-oss: one sink logit per head, (H,)
     want_weights = _wants_attentions(module, kwargs)
     record = _hooks.recording()
     lse = weights = None
     if want_weights or record:
         out, lse = attention(query, key, value, mask=mask, score_mod=score_mod, scale=scaling,
-                             dropout_p=float(dropout), return_lse=True)
+                             dropout_p=float(dropout), return_lse=True, **sink_kw)
     else:
         out = attention(query, key, value, mask=mask, score_mod=score_mod, scale=scaling,
-                        dropout_p=float(dropout))
+                        dropout_p=float(dropout), **sink_kw)
     if want_weights:
         weights = attention_weights(query, key, mask=mask, score_mod=score_mod, scale=scaling, lse=lse)
     if record:
         _hooks.emit(_hooks.AttentionEvent(
             name=_module_name(module), q=query, k=key, mask=mask, score_mod=score_mod, scale=scaling, lse=lse,
             layer_index=getattr(module, "layer_idx", None), module=module,
-            extra={"source": "transformers", "hf_mask": attention_mask if isinstance(attention_mask, HFMask) else None},
+            extra={"source": "transformers", "hf_mask": attention_mask if isinstance(attention_mask, HFMask) else None,
+                   "sinks": s_aux},
         ))
     return out.transpose(1, 2).contiguous(), weights
 
