@@ -1,7 +1,8 @@
 """generate() on attn_implementation="salience": static and dynamic KV caches, greedy and seeded sampling,
 padded batches, token-for-token against "eager" and "sdpa", on tiny random configs of 13 architectures
-(decoder-only and encoder-decoder). Also: models that do not dispatch through AttentionInterface are refused
-with one clear error, and the documented output_attentions routes work.
+(decoder-only and encoder-decoder), plus gpt-oss (attention sinks) against eager. Also: models that do not
+dispatch through AttentionInterface are refused with one clear error, and the documented output_attentions
+routes work.
 
 No downloads: every model is built from a tiny random config (2 layers, width 32, vocabulary 100).
 """
