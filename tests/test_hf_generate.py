@@ -365,3 +365,24 @@ def test_gpt_oss_gradients_equal_eager_including_the_sinks():
     for n, b in grads["eager"].items():
         a = grads["salience"][n]
         assert (a - b).abs().max() <= 1e-5 * (1 + b.abs().max()), n
+
+
+def test_gpt_oss_capture_with_grad_keeps_the_sinks(gpt_oss):
+    """capture_with_grad recomputes the output as weights @ v: the sinks must take their share there too, so
+    the explained model's logits are the model's own and the recorded maps equal eager's."""
+    from salience.interpret.capture import capture_with_grad
+
+    ids, am = _oss_batch()
+    gpt_oss.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = gpt_oss(ids, attention_mask=am, output_attentions=True)
+    shf.enable(gpt_oss)
+    with capture_with_grad(gpt_oss) as rec:
+        logits = gpt_oss(ids, attention_mask=am).logits
+        logits[0, -1].max().backward()
+    real = am.bool()
+    assert (logits.detach() - eager.logits)[real].abs().max() <= 1e-5
+    for w, a in zip(rec.weights, eager.attentions):
+        keep = real[:, None, :, None]
+        assert (w.detach() - a).masked_fill(~keep, 0).abs().max() <= 1e-6
+    assert all(g.abs().sum() > 0 for g in rec.grads())

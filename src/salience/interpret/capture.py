@@ -445,7 +445,9 @@ def _explicit_forward_factory(rec_stack: list):
         finally:
             _hooks.unsubscribe(box.append)
         ev = [e for e in box if e.q is query][-1]
-        w = attention_weights(query, key, mask=ev.mask, score_mod=ev.score_mod, scale=ev.scale)
+        sinks = ev.extra.get("sinks")
+        w = attention_weights(query, key, mask=ev.mask, score_mod=ev.score_mod, scale=ev.scale,
+                              sinks=sinks)  # gpt-oss: the sink takes its share of each row
         if w.requires_grad:
             w.retain_grad()
         if rec_stack:
