@@ -880,3 +880,12 @@ def test_probe_overhead_is_small():
     first = time.perf_counter() - t0
     assert _callables.mode_of(fn) == "broadcast"
     assert first < 5.0
+
+
+def test_vmap_mask_that_ignores_b_and_h_stays_compact():
+    """Tile classification reduces over the axes a mask depends on; a vmapped mask keeps size 1 on b and h."""
+    e = _randn(16, 3, seed=42)
+    m = M.as_mask_mod(lambda b, h, q_idx, kv_idx: torch.dot(e[q_idx], e[kv_idx]) > 0)
+    out = m(*_grid(2, 2, 16, 16))
+    assert m.fn.mode == "vmap" and out.shape == (1, 1, 16, 16)
+    assert torch.equal(out[0, 0], e @ e.T > 0)

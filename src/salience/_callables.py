@@ -236,6 +236,8 @@ class FlexCallable:
         except Exception as e:  # noqa: BLE001 - reported below with what a mod must be
             return None, f"raised {_short(e)}", e
         res, why = self._check(out, args, shape)
+        if why is None and how == VMAP and self.kind == "mask":
+            res = _compact(res)
         return res, why, None
 
     def _fail(self, bc_why, vm_why, exc, shape, probe_shape=None):
@@ -328,6 +330,15 @@ class FlexCallable:
         if vm_why is None:
             return res
         raise self._fail(None, vm_why, vm_exc, shape)
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """Size 1 along the axes vmap only expanded (stride 0): a mask that ignores b and h stays (1, 1, n, m), so
+    tile classification reduces over the axes the mask depends on, as it does for broadcast results."""
+    for d in range(t.dim()):
+        if t.shape[d] > 1 and t.stride(d) == 0:
+            t = t.narrow(d, 0, 1)
+    return t
 
 
 def _chain(err: Exception, cause: Exception) -> Exception:
