@@ -128,17 +128,14 @@ def softmax_from_scores(s: torch.Tensor, sinks: torch.Tensor | None = None):
     acc = _acc_dtype(s.dtype)
     x = s.to(acc)
     if sinks is not None:
-        sk = _sink_column(sinks, x)
-        x = torch.cat([x, sk], dim=-1)
-    row_any = (x != float("-inf")).any(-1, keepdim=True)
-    zero = torch.zeros((), dtype=acc, device=s.device)
-    x_safe = torch.where(row_any, x, zero)
-    mx = x_safe.amax(-1, keepdim=True).detach()
-    e = torch.exp(x_safe - mx)
-    e = torch.where(x == float("-inf"), zero, e)
+        x = torch.cat([x, _sink_column(sinks, x)], dim=-1)
+    mx = x.amax(-1, keepdim=True).detach()
+    row_any = mx != float("-inf")  # a row with no visible key has max -inf
+    e = torch.exp(x - torch.where(row_any, mx, torch.zeros((), dtype=acc, device=s.device)))  # hidden: exp(-inf) = 0
     total = e.sum(-1, keepdim=True)
-    w = e / torch.where(row_any, total, torch.ones((), dtype=acc, device=s.device))
-    lse = torch.where(row_any, mx + torch.log(torch.where(row_any, total, torch.ones_like(total))),
+    ones = torch.ones((), dtype=acc, device=s.device)
+    w = e / torch.where(row_any, total, ones)
+    lse = torch.where(row_any, mx + torch.log(torch.where(row_any, total, ones)),
                       torch.full((), float("-inf"), dtype=acc, device=s.device))
     if sinks is not None:
         w = w[..., :-1]
