@@ -129,7 +129,10 @@ def softmax_from_scores(s: torch.Tensor, sinks: torch.Tensor | None = None):
     x = s.to(acc)
     if sinks is not None:
         x = torch.cat([x, _sink_column(sinks, x)], dim=-1)
-    mx = x.amax(-1, keepdim=True).detach()
+    if x.shape[-1]:
+        mx = x.amax(-1, keepdim=True).detach()
+    else:  # S = 0 (and no sink): every row sees no key
+        mx = torch.full((*x.shape[:-1], 1), float("-inf"), dtype=acc, device=s.device)
     row_any = mx != float("-inf")  # a row with no visible key has max -inf
     e = torch.exp(x - torch.where(row_any, mx, torch.zeros((), dtype=acc, device=s.device)))  # hidden: exp(-inf) = 0
     total = e.sum(-1, keepdim=True)
