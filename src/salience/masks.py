@@ -463,23 +463,25 @@ def padding(q_lengths=None, kv_lengths=None) -> MaskMod:
         return m
 
     out = _unbound(binder)
-    out._check = lambda B, H, L, S: _check_lengths(name, (("q_lengths", ql, L, "L"), ("kv_lengths", kl, S, "S")), B)
+    # sizes read once here (Python ints), so the per-call check does no tensor work (nor breaks a compiled graph)
+    sizes = tuple((argname, t, t.numel(), int(t.max()) if t.numel() else 0, axis)
+                  for argname, t, axis in (("q_lengths", ql, "L"), ("kv_lengths", kl, "S")) if t is not None)
+    out._check = lambda B, H, L, S: _check_lengths(name, sizes, B, {"L": L, "S": S})
     return out
 
 
-def _check_lengths(name: str, entries, B: int) -> None:
+def _check_lengths(name: str, sizes, B: int, limits: dict) -> None:
     """Per-batch lengths: one per batch row, each in [0, the length it cuts]."""
-    for argname, t, n, axis in entries:
-        if t is None:
-            continue
-        if t.numel() != B:
+    for argname, t, count, top, axis in sizes:
+        n = limits[axis]
+        if count != B:
             raise ValueError(
-                f"mask {name}: {argname} holds {t.numel()} lengths but the batch has B={B}; give one length per "
+                f"mask {name}: {argname} holds {count} lengths but the batch has B={B}; give one length per "
                 f"batch row, shape (B,) = ({B},)."
             )
-        if t.numel() and int(t.max()) > n:
+        if top > n:
             raise ValueError(
-                f"mask {name}: {argname} {t.tolist() if t.numel() <= 8 else f'(max {int(t.max())})'} exceed "
+                f"mask {name}: {argname} {t.tolist() if count <= 8 else f'(max {top})'} exceed "
                 f"{axis}={n}; each length must be in [0, {n}] (the tensors are right-padded to {axis})."
             )
 
