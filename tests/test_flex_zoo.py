@@ -889,3 +889,17 @@ def test_vmap_mask_that_ignores_b_and_h_stays_compact():
     out = m(*_grid(2, 2, 16, 16))
     assert m.fn.mode == "vmap" and out.shape == (1, 1, 16, 16)
     assert torch.equal(out[0, 0], e @ e.T > 0)
+
+
+def test_broadcast_decision_is_reprobed_when_an_axis_grows():
+    """Decided on one batch row, a callable is compared again once a call spans more rows."""
+    w = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+
+    def row_gate(b, h, q_idx, kv_idx):  # broadcast: .all() over every row at once; Flex: per batch row
+        return (w[b] > 0).all() | (q_idx >= kv_idx)
+
+    m = M.as_mask_mod(row_gate)
+    assert bool(m.to_dense(1, 1, 8, 8).all()) and m.fn.mode == "broadcast"
+    got = m.to_dense(2, 1, 8, 8)
+    assert m.fn.mode == "vmap"
+    assert bool(got[0].all()) and torch.equal(got[1, 0], torch.ones(8, 8, dtype=torch.bool).tril())

@@ -147,6 +147,13 @@ def vmap_eval(fn, *args) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ the wrapper
 
 
+def _probe_counts(shape) -> tuple:
+    """Positions the probe takes along each axis of ``shape`` (see :data:`PROBE_SIZES`)."""
+    nd = len(shape)
+    k = len(PROBE_SIZES)
+    return tuple(min(n, PROBE_SIZES[i - nd + k] if nd - i <= k else 2) for i, n in enumerate(shape))
+
+
 def _short(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     text = msg[0] if msg else ""
@@ -160,7 +167,7 @@ def mode_of(fn) -> str | None:
     for d in _decisions.values():
         try:
             if fn in d:
-                return d[fn]
+                return d[fn][0]
         except TypeError:
             pass
     return None
@@ -182,6 +189,7 @@ class FlexCallable:
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
         self.__wrapped__ = fn
         self._mode = None
+        self._cover = ()  # positions probed per axis (trailing-aligned), for a broadcast decision
 
     def __repr__(self) -> str:
         return f"FlexCallable({self.__name__}, {self.kind})"
@@ -191,17 +199,31 @@ class FlexCallable:
     def mode(self) -> str | None:
         if self._mode is None:
             try:
-                self._mode = _decisions[self.kind].get(self.fn)
+                got = _decisions[self.kind].get(self.fn)
             except TypeError:  # not weakly referenceable / hashable
-                pass
+                got = None
+            if got is not None:
+                self._mode, self._cover = got
         return self._mode
 
-    def _set_mode(self, mode: str) -> None:
+    def _set_mode(self, mode: str, cover=None) -> None:
         self._mode = mode
+        if cover is not None:
+            n = max(len(cover), len(self._cover))
+            a = (1,) * (n - len(cover)) + tuple(cover)
+            b = (1,) * (n - len(self._cover)) + tuple(self._cover)
+            self._cover = tuple(max(x, y) for x, y in zip(a, b))
         try:
-            _decisions[self.kind][self.fn] = mode
+            _decisions[self.kind][self.fn] = (mode, self._cover)
         except TypeError:
             pass
+
+    def _covered(self, shape) -> bool:
+        """True when the probe already saw at least as many positions along every axis as this call would."""
+        cover = _probe_counts(shape)
+        if len(cover) > len(self._cover):
+            return False
+        return all(c <= p for c, p in zip(cover, self._cover[len(self._cover) - len(cover):]))
 
     # -- checks --------------------------------------------------------------------------------------
     def _check(self, out, args, shape):
@@ -280,10 +302,8 @@ class FlexCallable:
         nd = len(shape)
         padded = [_pad(a, nd) for a in args]
         sel = []
-        for i, n in enumerate(shape):
-            k = min(n, PROBE_SIZES[i - nd + len(PROBE_SIZES)] if nd - i <= len(PROBE_SIZES) else 2)
-            pos = torch.linspace(0, n - 1, max(k, 1)).round().long().unique() if n > 1 else None
-            sel.append(pos)
+        for n, k in zip(shape, _probe_counts(shape)):
+            sel.append(torch.linspace(0, n - 1, k).round().long().unique() if n > 1 else None)
         pargs = []
         for a in padded:
             if isinstance(a, torch.Tensor):
@@ -314,9 +334,11 @@ class FlexCallable:
                 return torch.zeros(shape, dtype=torch.bool, device=_device_of(args))
             return args[0]
         mode = self.mode
-        if mode is None:
+        if mode is None or (mode == BROADCAST and not self._covered(shape)):
+            # first evaluation, or a broadcast decision taken on a grid with fewer positions along some axis
+            # (e.g. one batch row): probe (again) so that axis is compared too; vmap decisions are final
             mode = self._probe(args, shape)
-            self._set_mode(mode)
+            self._set_mode(mode, _probe_counts(shape))
         if mode == BROADCAST:
             res, bc_why, bc_exc = self._try(BROADCAST, args, shape)
             if bc_why is None:
