@@ -21,7 +21,9 @@ score_mod) and
   evaluation raised or returned.
 
 The decision is cached per user callable (weakly), so passing the same function to many calls probes once.
-A broadcast call that fails later (other sizes) falls back to vmap for that call and from then on.
+A broadcast decision is probed again when a call spans more positions along an axis than the probe saw
+(e.g. the first call had one batch row), and a broadcast call that fails later (other sizes) falls back to
+vmap for that call and from then on; vmap decisions are final (vmap is FlexAttention's own semantics).
 
 Example:
     >>> import torch
