@@ -128,6 +128,45 @@ def test_gradient_x_attention_averages_clamped_heads():
     close(M.gradient_x_attention(a, g), [[2.0, 0.0], [1.0, 1.0]])
 
 
+def test_gradient_x_attention_without_identity_by_hand():
+    # TWO with gradient 1 on layer 0 and 2 on layer 1 (one head, so no head mean):
+    # A_bar0 = A0 = [[1, 0], [.5, .5]], A_bar1 = 2 * A1 = [[1, 1], [0, 2]]
+    # d0 = A_bar0;  d1 = d0 + A_bar1 + A_bar1 @ d0 = [[1,0],[.5,.5]] + [[1,1],[0,2]] + [[1.5,.5],[1,1]]
+    g = torch.stack([torch.ones(2, 2), 2 * torch.ones(2, 2)]).unsqueeze(1).double()
+    d = M.gradient_x_attention(TWO, g, include_identity=False)
+    close(d, [[3.5, 1.5], [1.5, 3.5]])
+    close(M.gradient_x_attention(TWO, g), [[4.5, 1.5], [1.5, 4.5]])  # Chefer's R = I + d
+    # token importance of a mean-pooled output: mean over rows of R - I = [2.5, 2.5]; query 0: [3.5, 1.5]
+    close(M.token_importance(d, "mean"), [2.5, 2.5])
+    close(M.token_importance(d, 0), [3.5, 1.5])
+    # zero or negative gradients: attention adds nothing, every token gets 0 (not the identity's 1/L)
+    close(M.gradient_x_attention(TWO, -g, include_identity=False), torch.zeros(2, 2).tolist())
+    with pytest.raises(TypeError, match="include_identity"):
+        M.gradient_x_attention(TWO, g, include_identity="no")
+
+
+def test_gradient_x_attention_tiny_model_by_hand():
+    """One attention layer, F = w . mean_i (A V)_i: dF/dA_ij = (w . V_j) / L, by autograd through the maps.
+
+    Three tokens, two heads; the token importance (mean over rows of R - I) is then
+    mean_i mean_h max(A_hij (w . V_j) / L, 0), computed here by hand from the numbers."""
+    A = torch.tensor([[[0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.6, 0.2, 0.2]],
+                      [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.25, 0.25, 0.5]]], dtype=torch.float64)
+    V = torch.tensor([[1.0, 2.0], [-3.0, 1.0], [0.5, 0.5]], dtype=torch.float64)  # w . V = [3, -2, 1]
+    w = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    a = A.clone().requires_grad_(True)
+    F = ((a @ V).mean(1) @ w).mean()  # mean over heads of each head's mean-pooled output, projected on w
+    (g,) = torch.autograd.grad(F, a)
+    # dF/dA_hij = (w . V_j) / (L * H) = [3, -2, 1] / 6 for every head and row
+    close(g, torch.tensor([0.5, -1 / 3, 1 / 6]).expand(2, 3, 3).tolist())
+    imp = M.token_importance(M.gradient_x_attention(A.unsqueeze(0), g.unsqueeze(0), include_identity=False))
+    # token 0: mean_i mean_h A_hi0 * 0.5 = 0.5 * (0.2 + 0.1 + 0.6 + 1.0 + 0 + 0.25) / 6 = 0.5 * 2.15 / 6
+    # token 1: gradient negative -> 0;  token 2: (1/6) * (0.3 + 0.8 + 0.2 + 0 + 0.5 + 0.5) / 6 = 2.3 / 36
+    close(imp, [0.5 * 2.15 / 6, 0.0, 2.3 / 36])
+    # the identity adds 1/3 to every token: the old, flat reading
+    close(M.token_importance(M.gradient_x_attention(A.unsqueeze(0), g.unsqueeze(0))), (imp + 1 / 3).tolist())
+
+
 def test_token_importance():
     m = torch.tensor([[0.5, 0.5], [0.0, 1.0]])
     close(M.token_importance(m, "mean"), [0.25, 0.75])

@@ -429,7 +429,8 @@ def attention_importances(attn: torch.Tensor, query, grads: torch.Tensor | None 
             if grads is None:
                 skipped[m] = "needs gradients of a scalar output (classifier, or a pair for similarity)"
                 continue
-            out[m] = _m.token_importance(_m.gradient_x_attention(a, grads), query)
+            # R - I: the identity (residual stream) is the same for every token and would swamp attention's part
+            out[m] = _m.token_importance(_m.gradient_x_attention(a, grads, include_identity=False), query)
         elif m == "uniform":
             out[m] = _m.token_importance(_m.rollout(_uniform_like(a)), query)
     return out, skipped

@@ -330,16 +330,31 @@ def flow(attn, residual: float = 0.5, head_fusion: str = "mean", start_layer: in
     return out
 
 
-def gradient_x_attention(attn, grads, start_layer: int = 0, end_layer: int | None = None) -> torch.Tensor:
-    """Gradient x attention relevance (Chefer et al. 2021, the simplified rule for self-attention).
+def gradient_x_attention(attn, grads, start_layer: int = 0, end_layer: int | None = None, *,
+                         include_identity: bool = True) -> torch.Tensor:
+    """Gradient x attention relevance: Chefer et al. 2021 ("Generic attention-model explainability"), the rule
+    for self-attention.
 
-    Per layer ``A_bar = mean_h( max(dF/dA * A, 0) )`` and ``R = R + A_bar @ R`` starting from ``R = I``.
-    ``R[i, j]`` is the relevance of input token ``j`` for position ``i`` (the identity included: subtract
-    ``torch.eye(L)`` to keep only what attention adds).
+    Per layer ``A_bar = mean_h( max(A * dF/dA, 0) )`` (elementwise product of the weights and the gradient of
+    the explained scalar ``F`` with respect to them, positive part, mean over heads) and, starting from
+    ``R = I``, ``R <- R + A_bar @ R`` through the layers. ``R[i, j]`` is the relevance of input token ``j``
+    for position ``i``.
+
+    The starting ``I`` stands for each position's own input carried by the residual stream; it is not
+    attention. It gives every token the same ``1`` on its own row, which swamps what attention adds when the
+    gradients are small (on MiniLM ``A * dF/dA`` is ~1e-4: with the identity kept, the mean over rows is
+    ``1/L + ~1e-4`` for every token, a flat series). ``include_identity=False`` returns ``R - I``, the
+    relevance attention adds; that is what a token importance should be read from (``salience explain``
+    and :func:`salience.interpret.faithfulness.evaluate` do so), e.g.
+    ``token_importance(gradient_x_attention(a, g, include_identity=False), "mean")`` for a mean-pooled
+    output (``query=0`` for a [CLS] classifier: there the identity only touches [CLS] itself). Subtracting
+    ``I`` shifts every token of the mean row by the same ``1/L``, so rankings are unchanged.
 
     Args:
         attn: ``(layers, H, L, L)`` maps of one input.
         grads: gradients of the explained scalar with respect to those weights, same shape.
+        start_layer, end_layer: the layers propagated, ``attn[start_layer:end_layer]``.
+        include_identity: keep the starting ``I`` (Chefer et al.'s ``R``, the default) or return ``R - I``.
 
     Returns:
         ``(L, L)`` float64.
@@ -350,7 +365,11 @@ def gradient_x_attention(attn, grads, start_layer: int = 0, end_layer: int | Non
         >>> a = torch.tensor([[[[0.5, 0.5], [0.0, 1.0]]]]); g = torch.ones_like(a)
         >>> methods.gradient_x_attention(a, g).tolist()
         [[1.5, 0.5], [0.0, 2.0]]
+        >>> methods.gradient_x_attention(a, g, include_identity=False).tolist()
+        [[0.5, 0.5], [0.0, 1.0]]
     """
+    if not isinstance(include_identity, bool):
+        raise TypeError(f"include_identity must be True or False; got {include_identity!r}.")
     a = check_maps(attn, square=True)
     g = check_maps(grads, argname="grads")
     if g.shape != a.shape:
@@ -358,19 +377,22 @@ def gradient_x_attention(attn, grads, start_layer: int = 0, end_layer: int | Non
     sl = _layer_slice(a.shape[0], start_layer, end_layer)
     a, g = a[sl].double(), g[sl].double().to(a.device)
     L = a.shape[-1]
-    r = torch.eye(L, dtype=torch.float64, device=a.device)
+    eye = torch.eye(L, dtype=torch.float64, device=a.device)
+    # d = R - I, updated as R <- R + A_bar @ R  <=>  d <- d + A_bar @ (I + d): no cancellation of a large I
+    d = torch.zeros(L, L, dtype=torch.float64, device=a.device)
     for layer in range(a.shape[0]):
         abar = (g[layer] * a[layer]).clamp(min=0).mean(0)
-        r = r + abar @ r
-    return r
+        d = d + abar + abar @ d
+    return d + eye if include_identity else d
 
 
 def token_importance(matrix: torch.Tensor, query="mean", exclude_self: bool = False) -> torch.Tensor:
     """One importance per input token from a ``(L, S)`` relevance matrix (rollout, flow, a fused raw map).
 
     ``query``: an int (that position's row, e.g. 0 for [CLS]) or ``"mean"`` (mean over rows: what a
-    mean-pooled embedding reads). ``exclude_self`` zeroes the diagonal first (the identity part of
-    gradient x attention).
+    mean-pooled embedding reads). ``exclude_self`` zeroes the whole diagonal first (each position's relevance
+    to itself, attention's included); to drop only the identity of :func:`gradient_x_attention` pass it
+    ``include_identity=False`` instead.
 
     Example:
         >>> import torch
