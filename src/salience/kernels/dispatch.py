@@ -636,7 +636,29 @@ def _reference_rows(q, k, v, mask, score_mod, scale, compatibility, dropout_p, b
     return AttentionResult(out=w @ v[b:b + 1, h // g:h // g + 1], lse=lse.to(_acc_dtype(q.dtype)))
 
 
-@torch.compiler.disable
+def _opaque_to_compile(fn):
+    """``torch.compiler.disable(fn)``, made when first needed: applying it at import would import
+    ``torch._dynamo`` (about 2 s, more than ``import torch`` itself). Until ``torch._dynamo`` is loaded nothing
+    can be compiling, so ``fn`` runs as is; from then on every call goes through ``torch.compiler.disable(fn)``.
+    Dynamo reads ``_torchdynamo_disable`` on the wrapper and graph-breaks around it, as around ``fn`` disabled."""
+    import functools
+    import sys
+
+    disabled = []
+
+    @functools.wraps(fn)
+    def opaque(*args, **kwargs):
+        if not disabled:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    opaque._torchdynamo_disable = True
+    return opaque
+
+
+@_opaque_to_compile
 def attend(q, k, v, *, mask, score_mod, scale, compatibility, dropout_p, need_lse, backend) -> tuple:
     """``choose`` then ``run`` (opaque to torch.compile, which graph-breaks around it): ``(plan, result)``.
 
