@@ -97,7 +97,7 @@ def test_relative_bias_trains():
     [
         (lambda: Sc.softcap(0), ValueError, "cap"),
         (lambda: Sc.temperature(-1.0), ValueError, "t must"),
-        (lambda: Sc.alibi(torch.ones(2, 2)), ValueError, "slopes"),
+        (lambda: Sc.alibi(torch.ones(2, 2, 2)), ValueError, "slopes"),
         (lambda: Sc.relative_bias(torch.ones(4, 2), num_buckets=8), ValueError, "num_buckets"),
         (lambda: Sc.relative_bias(torch.ones(3, 2), num_buckets=3), ValueError, "even"),
         (lambda: Sc.compose(), ValueError, "at least one"),

@@ -357,17 +357,27 @@ def _band(lo: float, hi: float, name: str) -> MaskMod:
     return m
 
 
-def causal(align: str = "top_left") -> MaskMod:
+def causal(align: str = "top_left", *, q_lengths=None, kv_lengths=None) -> MaskMod:
     """Causal mask. ``align="top_left"`` (default): query i sees keys j <= i.
     ``align="bottom_right"``: the last query sees the last key, query i sees keys j <= i + (S - L)
-    (the KV-cache convention, where S >= L).
+    (the KV-cache convention, where S >= L; flash-attention's ``causal=True``).
+
+    ``q_lengths``/``kv_lengths`` (B,) (both, with ``align="bottom_right"``) align each sequence of a right-padded
+    batch to its own lengths: in batch row b query i sees keys j <= i + kv_lengths[b] - q_lengths[b] (what
+    flash-attention's varlen functions do per sequence). It does not hide the padding: combine it with
+    ``padding(q_lengths, kv_lengths)``. Such a mask runs on the tile kernels (``blockwise``; its tiles are
+    classified analytically); salience.compat's varlen functions run each sequence on the fast paths instead.
 
     Example:
         >>> causal(align="bottom_right").to_dense(1, 1, 2, 4)[0, 0].int().tolist()
         [[1, 1, 1, 0], [1, 1, 1, 1]]
+        >>> causal("bottom_right", q_lengths=[2], kv_lengths=[3]).to_dense(1, 1, 2, 4)[0, 0].int().tolist()
+        [[1, 1, 0, 0], [1, 1, 1, 0]]
     """
     if align not in _ALIGNS:
         raise ValueError(f"align must be one of {_ALIGNS}; got {align!r}.")
+    if q_lengths is not None or kv_lengths is not None:
+        return _per_sequence_band(None, 0, align, q_lengths, kv_lengths, "causal")
     if align == "top_left":
         m = _band(-math.inf, 0, "causal()")
         m.kind = ("causal", "top_left")
@@ -384,20 +394,97 @@ def causal(align: str = "top_left") -> MaskMod:
     return out
 
 
-def sliding_window(left: int, right: int = 0) -> MaskMod:
+def sliding_window(left: int | None, right: int | None = 0, *, align: str = "top_left", q_lengths=None,
+                   kv_lengths=None) -> MaskMod:
     """Local window: query i sees keys ``i - left <= j <= i + right`` (both ends inclusive).
 
     ``sliding_window(w)`` is the causal window of the last ``w`` keys plus the query's own position.
+    ``left=None`` / ``right=None``: unbounded on that side (flash-attention's ``-1``).
+    ``align="bottom_right"`` centres the window on ``i + S - L`` (the last query on the last key:
+    flash-attention's ``window_size`` convention); for L == S both alignments agree. With ``q_lengths`` and
+    ``kv_lengths`` (B,) and ``align="bottom_right"`` each sequence of a padded batch is aligned to its own
+    lengths (centre ``i + kv_lengths[b] - q_lengths[b]``; see :func:`causal`).
 
     Example:
         >>> sliding_window(1, 1).to_dense(1, 1, 3, 3)[0, 0].int().tolist()
         [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
+        >>> sliding_window(1, 0, align="bottom_right").to_dense(1, 1, 2, 4)[0, 0].int().tolist()
+        [[0, 1, 1, 0], [0, 0, 1, 1]]
     """
-    _check_int(left, "left")
-    _check_int(right, "right")
-    m = _band(-left, right, f"sliding_window(left={left}, right={right})")
-    m.kind = ("sliding_window", left, right)
-    return m
+    if align not in _ALIGNS:
+        raise ValueError(f"align must be one of {_ALIGNS}; got {align!r}.")
+    if left is not None:
+        _check_int(left, "left")
+    if right is not None:
+        _check_int(right, "right")
+    lo = -math.inf if left is None else -left
+    hi = math.inf if right is None else right
+    if q_lengths is not None or kv_lengths is not None:
+        return _per_sequence_band(None if left is None else -left, right, align, q_lengths, kv_lengths,
+                                  f"sliding_window(left={left}, right={right}")
+    if align == "top_left":
+        m = _band(lo, hi, f"sliding_window(left={left}, right={right})")
+        m.kind = ("sliding_window", left, right)
+        return m
+    name = f"sliding_window(left={left}, right={right}, align='bottom_right')"
+
+    def binder(L, S, device):
+        off = 0 if L is None or S is None else S - L
+        m = _band(lo + off, hi + off, name)
+        m.kind = ("sliding_window", left, right, "bottom_right")
+        return m
+
+    out = MaskMod(None, name, binder=binder, relative=True)
+    out.kind = ("sliding_window", left, right, "bottom_right")
+    return out
+
+
+def _per_sequence_band(lo, hi, align, q_lengths, kv_lengths, head: str) -> MaskMod:
+    """Visible iff ``lo <= kv_idx - q_idx - (kv_lengths[b] - q_lengths[b]) <= hi`` (None = unbounded)."""
+    if align != "bottom_right":
+        raise ValueError("q_lengths/kv_lengths align each sequence's last query with its last key; pass "
+                         "align='bottom_right' with them (top-left alignment does not depend on the lengths).")
+    ql = _lengths(q_lengths, "q_lengths")
+    kl = _lengths(kv_lengths, "kv_lengths")
+    if ql is None or kl is None:
+        raise ValueError("per-sequence alignment needs both q_lengths and kv_lengths (B,).")
+    if ql.shape != kl.shape:
+        raise ValueError(f"q_lengths has {ql.numel()} entries but kv_lengths has {kl.numel()}; give one per batch row.")
+    off_all = kl - ql
+    shown = (lambda t: t.tolist() if t.numel() <= 8 else f"<{t.numel()} lengths>")  # noqa: E731
+    opener = "causal(" if head == "causal" else head + ", "  # head: "causal" or "sliding_window(left=.., right=.."
+    name = f"{opener}align='bottom_right', q_lengths={shown(ql)}, kv_lengths={shown(kl)})"
+
+    def binder(L, S, device):
+        off = off_all.to(device)
+
+        def fn(b, h, q, kv):
+            d = kv - q - off[b]
+            if lo is None and hi is None:
+                return d == d
+            if lo is None:
+                return d <= hi
+            if hi is None:
+                return d >= lo
+            return (d >= lo) & (d <= hi)
+
+        def tiles(ctx):
+            o = off.view(-1, 1, 1, 1)
+            dmin = ctx.k_start - (ctx.q_end - 1) - o
+            dmax = (ctx.k_end - 1) - ctx.q_start - o
+            lo_t = -(2**62) if lo is None else lo
+            hi_t = 2**62 if hi is None else hi
+            return (dmax >= lo_t) & (dmin <= hi_t), (dmin >= lo_t) & (dmax <= hi_t)
+
+        m = MaskMod(fn, name, tiles=tiles)
+        m.kind = ("per_sequence_band", lo, hi, ql, kl)
+        return m
+
+    out = _unbound(binder)
+    sizes = (("q_lengths", ql, ql.numel(), int(ql.max()) if ql.numel() else 0, "L"),
+             ("kv_lengths", kl, kl.numel(), int(kl.max()) if kl.numel() else 0, "S"))
+    out._check = lambda B, H, L, S: _check_lengths(name, sizes, B, {"L": L, "S": S})
+    return out
 
 
 def _lengths(x, argname: str) -> torch.Tensor | None:

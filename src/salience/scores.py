@@ -189,32 +189,67 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(s, dtype=torch.float32)
 
 
-def alibi(slopes) -> ScoreMod:
-    """ALiBi: add ``-slopes[h] * |q_idx - kv_idx|`` to the scores (Press et al. 2022).
+def alibi(slopes, *, offset: int = 0) -> ScoreMod:
+    """ALiBi: add ``-slopes[h] * |q_idx + offset - kv_idx|`` to the scores (Press et al. 2022).
 
-    ``slopes`` is a tensor (H,) (see :func:`alibi_slopes`) or an int head count for the standard schedule.
-    Under a causal mask this equals the usual ``slope * (kv_idx - q_idx)``.
+    ``slopes`` is a tensor (H,) (see :func:`alibi_slopes`) or an int head count for the standard schedule, or
+    a tensor (B, H) of per-batch slopes (``-slopes[b, h] * ...``; flash-attention's ``alibi_slopes`` may be
+    either). Under a causal mask this equals the usual ``slope * (kv_idx - q_idx)``. ``offset`` moves the
+    zero-distance diagonal: ``offset = S - L`` is flash-attention's bottom-right convention
+    (``-slope * |i + S - L - j|``, the last query at distance 0 from the last key).
+
+    Per-head slopes (with any offset) are a relative bias the fast paths run (``spans``); per-batch slopes
+    run on the tile kernels (``blockwise``) unless every row has the same slopes.
 
     Example:
         >>> m = alibi(2)
         >>> m(torch.zeros(()), 0, torch.tensor(0), torch.tensor(3), torch.tensor(1)).item()
         -0.125
+        >>> alibi(2, offset=2)(torch.zeros(()), 0, torch.tensor(0), torch.tensor(3), torch.tensor(1)).item()
+        -1.0
     """
     if isinstance(slopes, int) and not isinstance(slopes, bool):
         slopes = alibi_slopes(slopes)
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int (S - L for bottom-right alignment); got {type(offset).__name__} {offset!r}.")
     sl = torch.as_tensor(slopes)
-    if sl.dim() != 1 or not sl.is_floating_point():
-        raise ValueError(f"slopes must be a 1-D float tensor (H,) or an int head count; got {sl.dtype} {tuple(sl.shape)}.")
-    return _alibi(sl)
+    if sl.dim() not in (1, 2) or not sl.is_floating_point():
+        raise ValueError(f"slopes must be a float tensor (H,) or (B, H), or an int head count; got {sl.dtype} "
+                         f"{tuple(sl.shape)}.")
+    if sl.dim() == 2:
+        if sl.shape[0] == 1 or bool((sl == sl[:1]).all()):
+            return _alibi(sl[0], offset)
+        return _alibi_per_batch(sl, offset)
+    return _alibi(sl, offset)
 
 
-def _alibi(sl: torch.Tensor) -> ScoreMod:
+def _alibi_per_batch(sl: torch.Tensor, offset: int) -> ScoreMod:
     def fn(score, b, h, q, kv):
-        return score - sl.to(score.dtype)[h] * (q - kv).abs().to(score.dtype)
+        return score - sl.to(score.dtype)[b, h] * (q + offset - kv).abs().to(score.dtype)
 
-    m = ScoreMod(fn, f"alibi(<{sl.numel()} slopes>)", relative=True)
+    # not named "alibi(": the fast paths' relative bias is per head, not per batch row
+    m = ScoreMod(fn, f"alibi_per_batch(<{sl.shape[0]} x {sl.shape[1]} slopes>{f', offset={offset}' if offset else ''})")
     m.slopes = sl
-    m._mover = lambda dev: _alibi(sl.to(dev))
+    m._mover = lambda dev: _alibi_per_batch(sl.to(dev), offset)
+
+    def check(B, H, L, S):
+        _check_heads(m, sl.shape[1], H, "slopes per row", f"give slopes of shape (B, H) = ({B}, {H})")
+        if sl.shape[0] != B:
+            raise ValueError(f"score_mod {m.name} carries slopes for {sl.shape[0]} batch rows but the batch has B={B}; "
+                             f"give slopes of shape (B, H) = ({B}, {H}) or (H,).")
+
+    m._check = check
+    return m
+
+
+def _alibi(sl: torch.Tensor, offset: int = 0) -> ScoreMod:
+    def fn(score, b, h, q, kv):
+        return score - sl.to(score.dtype)[h] * (q + offset - kv).abs().to(score.dtype)
+
+    m = ScoreMod(fn, f"alibi(<{sl.numel()} slopes>{f', offset={offset}' if offset else ''})", relative=True)
+    m.slopes = sl
+    m.offset = offset
+    m._mover = lambda dev: _alibi(sl.to(dev), offset)
     m._check = lambda B, H, L, S: _check_heads(m, sl.numel(), H, "slopes",
                                                f"build it with alibi({H}) or alibi(alibi_slopes({H}))")
     return m
