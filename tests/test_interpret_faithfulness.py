@@ -72,6 +72,69 @@ def test_compare_table_by_hand():
     assert d["rows"][0]["method"] == "rollout" and d["verdict"] == rep.verdict()
 
 
+def _ranked(s, seed, n=30):
+    """``arange(n)`` plus Gaussian noise of scale ``s``: a ranking that agrees with ``arange(n)`` to a degree."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.arange(n, dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64) * s
+
+
+def test_grade_thresholds():
+    # own grade: chance band first, then |r| < MODERATE weak, < STRONG moderate, else strong
+    assert F.grade(0.38, 0.25) == "weak" and F.grade(0.5, 0.25) == "moderate" and F.grade(0.7, 0.25) == "strong"
+    assert F.grade(0.5, 0.62) == "no better than chance" and F.grade(-0.8, 0.62) == "inverted"
+    assert F.grade(float("nan"), 0.3) == "undefined"
+    # capped by the references' own agreement; inconclusive when that is within chance or inverted
+    assert F.grade(0.9, 0.3, 0.8) == "strong" and F.grade(0.9, 0.3, 0.5) == "moderate"
+    assert F.grade(0.9, 0.3, 0.35) == "weak" and F.grade(0.38, 0.25, 0.9) == "weak"
+    assert F.grade(0.84, 0.62, 0.08) == "inconclusive" and F.grade(0.84, 0.62, -0.7) == "inconclusive"
+    # a method within chance stays there whatever the references do
+    assert F.grade(0.2, 0.3, 0.1) == "no better than chance"
+
+
+@pytest.mark.parametrize("case", ["strong", "capped", "references disagree", "inverted", "chance"])
+def test_verdict_follows_the_evidence(case):
+    x = torch.arange(30, dtype=torch.float64)
+    erasure, gxi, method = {
+        "strong": (x, _ranked(3, 0), _ranked(3, 1)),  # references +0.94, method +0.96
+        "capped": (x, _ranked(15, 2), x),  # references +0.54 (moderate), method +1.00
+        "references disagree": (x, _ranked(60, 2), x),  # references +0.12 (within chance), method +1.00
+        "inverted": (x, _ranked(3, 0), -x),
+        "chance": (x, _ranked(3, 0), _ranked(60, 2)),  # method +0.12
+    }[case]
+    rep = F.compare({"grad_attention": method, "uniform": torch.ones(30)},
+                    {"gradient_x_input": gxi, "erasure": erasure})
+    ra = rep.reference_agreement["spearman"]
+    r = rep.correlations["grad_attention"]["erasure"]["spearman"]
+    ch = rep.chance["spearman"]
+    assert 0.30 < ch < 0.40  # 30 tokens
+    text = rep.verdict()
+    # the sample size and the chance band are always stated
+    assert "n = 30 tokens" in text and f"|Spearman| <= {ch:.2f}" in text and "closest of 1 method to leave-one-out erasure" in text
+    want = {"strong": "strong", "capped": "moderate", "references disagree": "inconclusive", "inverted": "inverted",
+            "chance": "no better than chance"}[case]
+    assert rep.verdict_grade() == want and rep.to_dict()["verdict_grade"] == want
+    if case == "strong":
+        assert ra > 0.9 and r > 0.9 and text.endswith("attention explains this output strongly.")
+    else:
+        assert "strongly" not in text
+    if case == "capped":
+        assert 0.4 < ra < 0.7 and r == pytest.approx(1.0)
+        assert "caps the verdict" in text and text.endswith("moderately.")
+    if case == "references disagree":
+        assert abs(ra) < ch and f"agree only at Spearman {ra:+.2f} (inside the chance band)" in text
+        assert "the evidence is inconclusive" in text
+    if case == "inverted":
+        assert "inversely" in text
+    if case == "chance":
+        assert abs(r) < ch and text.endswith("no better than chance.")
+
+
+def test_verdict_with_one_reference_is_graded_alone():
+    rep = F.compare({"rollout": _ranked(8, 0)}, {"erasure": torch.arange(30, dtype=torch.float64)})
+    assert rep.verdict_grade() == "strong" and "n = 30 tokens" in rep.verdict()
+    assert rep.verdict().startswith("rollout is the closest of 1 method to leave-one-out erasure")
+
+
 def test_compare_errors():
     with pytest.raises(ValueError, match="references is empty"):
         F.compare({"a": torch.ones(3)}, {})

@@ -47,6 +47,10 @@ __all__ = [
     "KINDS",
     "METHODS",
     "REFERENCES",
+    "GRADES",
+    "MODERATE",
+    "STRONG",
+    "grade",
 ]
 
 #: the explained scalars :func:`evaluate` knows
@@ -176,19 +180,54 @@ def _snap(v: torch.Tensor, digits: int = 9) -> torch.Tensor:
     return torch.round(v / q) * q
 
 
+#: |Spearman| from which an agreement is called "moderate" and "strong" (below: "weak"); a correlation must
+#: also lie outside the chance band to count at all. Stated in docs/interpret.md ("Verdict").
+MODERATE, STRONG = 0.4, 0.7
+
+#: the grades of an agreement, weakest first; "inconclusive": the two references disagree with each other
+GRADES = ("undefined", "no better than chance", "inverted", "inconclusive", "weak", "moderate", "strong")
+
+_ADVERB = {"weak": "weakly", "moderate": "moderately", "strong": "strongly", "undefined": "in no measurable way",
+           "inverted": "inversely (more attention, less effect)", "no better than chance": "no better than chance",
+           "inconclusive": "to an extent these references cannot settle"}
+
+
 def _strength(r: float, chance: float) -> str:
-    if math.isnan(r):
+    """Grade one correlation ``r`` against the chance band ``chance`` (the 95% quantile of |r| at random)."""
+    if r is None or math.isnan(r):
         return "undefined"
     a = abs(r)
     if a <= chance:
         return "no better than chance"
     if r < 0:
         return "inverted"
-    if a < 0.4:
+    if a < MODERATE:
         return "weak"
-    if a < 0.7:
+    if a < STRONG:
         return "moderate"
     return "strong"
+
+
+def grade(r: float, chance: float, agreement: float | None = None) -> str:
+    """The verdict's grade (one of :data:`GRADES`) for a method that agrees with the primary reference at
+    Spearman ``r``, when the two references agree with each other at ``agreement`` (None: one reference).
+
+    ``r`` is graded on its own (:func:`_strength`: chance band, then the :data:`MODERATE` / :data:`STRONG`
+    thresholds). A positive grade is then capped by the references' own agreement: the verdict is never
+    stronger than the agreement of the two measures it is judged by, and when that agreement is itself within
+    the chance band (or negative) the verdict is "inconclusive".
+
+    Example:
+        >>> grade(0.85, 0.59, 0.80), grade(0.85, 0.59, 0.63), grade(0.85, 0.59, 0.08), grade(0.3, 0.59, 0.9)
+        ('strong', 'moderate', 'inconclusive', 'no better than chance')
+    """
+    own = _strength(r, chance)
+    if own not in ("weak", "moderate", "strong") or agreement is None:
+        return own
+    ref = _strength(agreement, chance)
+    if ref not in ("weak", "moderate", "strong"):
+        return "inconclusive"
+    return min(own, ref, key=GRADES.index)
 
 
 @dataclass
@@ -227,8 +266,22 @@ class FaithfulnessReport:
                 if reference in c and m != "uniform" and not math.isnan(c[reference]["spearman"])]
         return max(vals, key=lambda t: t[1]) if vals else None
 
+    def verdict_grade(self) -> str:
+        """The grade behind :meth:`verdict` (one of :data:`GRADES`, see :func:`grade`)."""
+        ref = "erasure" if "erasure" in self.references else next(iter(self.references), None)
+        b = self.best(ref) if ref else None
+        if b is None:
+            return "undefined"
+        ra = self.reference_agreement.get("spearman") if len(self.references) >= 2 else None
+        return grade(b[1], self.chance.get("spearman", 0.0), ra)
+
     def verdict(self) -> str:
-        """One or two sentences: how far attention explains this output on this input."""
+        """How far attention explains this output on this input, in words that follow the numbers.
+
+        Names the method that ranks tokens most like leave-one-out erasure, its correlations, the sample size
+        (scored tokens) and the chance band, the two references' agreement, and the :meth:`verdict_grade`
+        (thresholds in :func:`grade`; "strongly" only when the method and the two references all agree
+        strongly, beyond chance)."""
         ref = "erasure" if "erasure" in self.references else next(iter(self.references), None)
         b = self.best(ref) if ref else None
         if b is None:
@@ -236,17 +289,25 @@ class FaithfulnessReport:
         m, r = b
         c = self.correlations[m][ref]
         ch = self.chance.get("spearman", 0.0)
-        s = _strength(r, ch)
-        how = {"weak": "weakly", "moderate": "moderately", "strong": "strongly", "undefined": "in no measurable way",
-               "inverted": "inversely (more attention, less effect)",
-               "no better than chance": "no better than chance"}[s]
-        text = (f"{LABELS.get(m, m)} tracks {LABELS.get(ref, ref)} best (Spearman {r:+.2f}, Kendall "
-                f"{c['kendall']:+.2f}; chance band +-{ch:.2f} over {len(self.positions)} tokens): attention "
-                f"explains this output {how}")
-        ra = self.reference_agreement.get("spearman")
-        if ra is not None and not math.isnan(ra) and ra < 0.4:
-            text += f"; the two references agree only at Spearman {ra:+.2f}, so read both columns"
-        return text + "."
+        n = len(self.positions)
+        k = sum(1 for x in self.correlations if x != "uniform")
+        others = [x for x in self.references if x != ref]
+        vs_other = "".join(f"; vs {LABELS.get(o, o)} {self.correlations[m][o]['spearman']:+.2f}" for o in others
+                           if o in self.correlations[m] and not math.isnan(self.correlations[m][o]["spearman"]))
+        text = (f"{LABELS.get(m, m)} is the closest of {k} method{'s' * (k != 1)} to {LABELS.get(ref, ref)} (Spearman "
+                f"{r:+.2f}, Kendall {c['kendall']:+.2f}{vs_other}) over n = {n} tokens, where random rankings reach "
+                f"|Spearman| <= {ch:.2f} (95% chance band)")
+        g = self.verdict_grade()
+        ra = self.reference_agreement.get("spearman") if others else None
+        if g == "inconclusive":
+            where = "inside the chance band" if abs(ra) <= ch else "inverted"
+            text += (f"; but the two references agree only at Spearman {ra:+.2f} ({where}), so they disagree about "
+                     "which tokens matter: the evidence is inconclusive, read both columns")
+            return text + "."
+        if ra is not None and not math.isnan(ra) and _strength(r, ch) != g and g in ("weak", "moderate"):
+            text += (f"; the references agree with each other at Spearman {ra:+.2f} ({_strength(ra, ch)}), which "
+                     "caps the verdict")
+        return text + f": attention explains this output {_ADVERB[g]}."
 
     def rows(self) -> list[dict]:
         """Table rows: ``{"method", "label", "<reference>_spearman", "<reference>_kendall", "note"}``."""
@@ -318,6 +379,7 @@ class FaithfulnessReport:
             "reference_agreement": self.reference_agreement,
             "chance": self.chance,
             "verdict": self.verdict(),
+            "verdict_grade": self.verdict_grade(),
         }
 
 
