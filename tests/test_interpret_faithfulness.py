@@ -183,6 +183,9 @@ def test_similarity_references_by_direct_computation(minilm):
     assert set(rep.correlations) == {"raw_last", "raw_mean", "rollout", "flow", "grad_attention", "uniform"}
     assert all(math.isfinite(c["erasure"]["spearman"]) for c in rep.correlations.values())
     assert "cosine similarity" in rep.target and rep.attn.shape == (6, 12, ids.shape[1], ids.shape[1])
+    # gradient x attention without the identity: no 1/L floor under every token (that made it flat), a spread
+    ga = rep.importances["grad_attention"][rep.positions]
+    assert float(ga.min()) >= 0 and float(ga.max()) < 0.1 / ids.shape[1] and float(ga.max()) > 2 * float(ga.min())
 
 
 def test_shift_target_erasure_by_direct_computation(minilm):

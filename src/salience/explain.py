@@ -283,6 +283,11 @@ def run(args) -> int:
         r = importances["rollout"]
         top = [j for j in torch.argsort(r, descending=True).tolist() if j not in special][:5]
         p("\nrollout, top tokens: " + ", ".join(f"{tokens[j]} {float(r[j]):.3f}" for j in top))
+    if "gradient x attention" in importances:
+        r = importances["gradient x attention"]
+        top = [j for j in torch.argsort(r, descending=True).tolist() if j not in special][:5]
+        p("gradient x attention (the part attention adds, R - I), top tokens: "
+          + ", ".join(f"{tokens[j]} {float(r[j]):.2g}" for j in top))
     if faith is not None:
         p("\nfaithfulness:")
         p(faith.table())
