@@ -517,17 +517,17 @@ def _plot(results: list, path: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="small grid (N=2048; memory measured on the fwd+bwd config only), under two minutes")
-    parser.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
-    parser.add_argument("--n", type=int, default=None, help="sequence length for every config")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="only this dtype")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
+    parser.add_argument("--only", default=None, help="comma-separated substrings of config names to run (default: all)")
+    parser.add_argument("--n", type=int, default=None, help="sequence length for every config (default: each config's own)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="only this dtype (default: all)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation (default: each config's own)")
     parser.add_argument("--flex", action="store_true", help="include compiled FlexAttention (slow to compile)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory runs")
     parser.add_argument("--million", action="store_true",
                         help="one million tokens (H=4, D=64, float32) with a causal sliding window of 256")
-    parser.add_argument("--json", default=None, help="write results to this JSON file")
-    parser.add_argument("--plot", default=None, help="write a PNG bar chart to this path")
-    parser.add_argument("--model", default=None, help="benchmark a real model (e.g. minilm) via the hf integration")
+    parser.add_argument("--json", default=None, help="write results to this JSON file (default: none written)")
+    parser.add_argument("--plot", default=None, help="write a PNG bar chart to this path (default: none written)")
+    parser.add_argument("--model", default=None, help="benchmark a real model (minilm) via the hf integration (default: none; the kernel grid runs)")
     parser.add_argument("--lengths", default="128,512,2048", help="sequence lengths for --model")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -552,7 +552,24 @@ def _select(args) -> list:
     return out
 
 
+def _check(args) -> None:
+    """The options' values, before anything runs: a ValueError names the option and what it takes."""
+    for name in ("n", "repeats", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name} must be >= 1; got {v}.")
+    if args.model is not None:
+        try:
+            lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+        except ValueError:
+            lengths = []
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"--lengths takes a comma list of positive lengths, e.g. 128,512,2048; got {args.lengths!r}.")
+
+
 def run(args) -> int:
+    if not args.worker:
+        _check(args)
     if args.worker:
         if args.threads:
             import torch
@@ -571,7 +588,10 @@ def run(args) -> int:
                   file=sys.stderr)
             return 2
         lengths = [int(x) for x in args.lengths.split(",") if x]
-        res = run_model_bench(args.model, lengths)
+        from .cli import quiet_transformers
+
+        with quiet_transformers():  # transformers' "Loading weights" bars would mix into the table
+            res = run_model_bench(args.model, lengths)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=2, default=str)

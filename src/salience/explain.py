@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", type=parse_methods, default=list(METHODS),
                    help=f"comma list of {', '.join(METHODS)}, or all (default)")
     p.add_argument("--pair", default=None,
-                   help="a second sentence: explain the embedding similarity with it (encoders)")
+                   help="a second sentence: explain the embedding similarity with it (encoders; default: none)")
     p.add_argument("--label", type=int, default=None, help="class to explain (classifiers; default: predicted)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="storage precision of the recorded maps")
@@ -119,7 +119,44 @@ class Progress:
         self.stream.flush()
 
 
+def _check_model_arg(model_arg: str) -> None:
+    if model_arg == "minilm":
+        return
+    path = Path(model_arg)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise SystemExit(
+            f"salience explain: --model must be 'minilm' or a local transformers model directory with config.json; "
+            f"got {model_arg!r} (nothing is downloaded)."
+        )
+
+
+def _check_indices(args, model) -> None:
+    """``--layers`` and ``--heads`` against the model's counts (from its config), negative ones resolved from the
+    end; a ValueError names the option, the model's count and the valid range."""
+    cfg = getattr(model, "config", None)
+    counts = {"layers": ("layers", ("num_hidden_layers", "n_layer", "num_layers")),
+              "heads": ("heads per layer", ("num_attention_heads", "n_head", "num_heads"))}
+    for opt, (what, keys) in counts.items():
+        sel = getattr(args, opt)
+        n = next((getattr(cfg, k) for k in keys if isinstance(getattr(cfg, k, None), int)), None)
+        if sel is None or n is None:
+            continue
+        bad = [i for i in sel if not -n <= i < n]
+        if bad:
+            raise ValueError(f"--{opt} {','.join(map(str, bad))} out of range: the model ({args.model}) has {n} "
+                             f"{what}; use 0-{n - 1} (or -{n}..-1 from the end), e.g. --{opt} {n - 1}.")
+        if opt == "layers":
+            args.layers = sorted({i % n for i in sel})
+
+
 def _load(model_arg: str):
+    from .cli import quiet_transformers
+
+    with quiet_transformers():
+        return _load_model(model_arg)
+
+
+def _load_model(model_arg: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .integrations import hf
 
@@ -127,12 +164,8 @@ def _load(model_arg: str):
         from .models import minilm
 
         return minilm()
+    _check_model_arg(model_arg)
     path = Path(model_arg)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise SystemExit(
-            f"salience explain: --model must be 'minilm' or a local transformers model directory with config.json; "
-            f"got {model_arg!r} (nothing is downloaded)."
-        )
     import json
 
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
@@ -153,11 +186,15 @@ def run(args) -> int:
 
     text = args.text
     if not isinstance(text, str) or not text.strip():
-        print("salience explain: TEXT is empty; pass the text to explain in quotes.", file=sys.stderr)
+        print("salience explain: error: TEXT is empty; pass the text to explain in quotes.", file=sys.stderr)
         return 2
     if args.pool < 1:
-        print(f"salience explain: --pool must be >= 1; got {args.pool}.", file=sys.stderr)
+        print(f"salience explain: error: --pool must be >= 1; got {args.pool}.", file=sys.stderr)
         return 2
+    if args.max_tokens < 1 or not args.flow_seconds >= 0:
+        raise ValueError(f"--max-tokens must be >= 1 and --flow-seconds >= 0; got {args.max_tokens} and "
+                         f"{args.flow_seconds}.")
+    _check_model_arg(args.model)
     methods = args.method
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +202,7 @@ def run(args) -> int:
     bar = Progress(steps, enabled=not args.quiet)
 
     model, tok = _load(args.model)
+    _check_indices(args, model)
     bar.step(f"loaded {args.model}")
 
     limit = getattr(tok, "model_max_length", None)

@@ -132,5 +132,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    if not args.text.split():
+        raise ValueError("TEXT is empty; pass a few words in quotes, e.g. salience walkthrough \"the cat sat\" "
+                         "(or none for the default sentence).")
+    if args.dim < 1:
+        raise ValueError(f"--dim must be >= 1 (the head dimension; 4 to 8 reads best); got {args.dim}.")
     print(walkthrough(args.text, dim=args.dim, seed=args.seed))
     return 0

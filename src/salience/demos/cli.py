@@ -6,6 +6,8 @@
 2. Interpretability: the share of each model's attention on the source token the task aligns.
 3. Efficiency: time and peak memory of exact full, exact sliding-window, linear and Performer attention
    (and the textbook computation) as the length doubles, with fitted log-log slopes.
+4. Attention flow (``--parts flow``, not run by default): Abnar & Zuidema 2020's Table 1 in shape, on a
+   generated subject-verb agreement task and on MiniLM (:mod:`salience.demos.flow`; ``OUT/flow.json``, ``flow.png``).
 
 Writes ``OUT/index.html`` (tables and figures, self-contained), ``OUT/attention.html`` (interactive maps),
 PNGs and ``OUT/results.json``, and prints the tables. Seeded. ``--quick`` runs in about a minute.
@@ -43,7 +45,7 @@ PRESETS = {
               "eff_min_len": 512, "eff_max_len": 4096, "time_limit": 2.0, "memory_limit_gib": 1.0},
 }
 
-_PARTS = ("accuracy", "efficiency")
+_PARTS = ("accuracy", "efficiency", "flow")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller run, about a minute; still shows the effect")
     parser.add_argument("--out", default="salience-demo", help="report directory (default: salience-demo)")
     parser.add_argument("--parts", default="accuracy,efficiency",
-                        help="comma-separated parts to run: accuracy (includes interpretability), efficiency")
+                        help="comma-separated parts to run: accuracy (includes interpretability), efficiency, flow "
+                             "(attention flow vs blank-out, Abnar & Zuidema 2020; not in the default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of models, data and random features")
     g = parser.add_argument_group("accuracy experiment")
     g.add_argument("--min-len", type=int, default=None, help="shortest sequence (default 5)")
@@ -122,10 +125,11 @@ class DemoResult:
     sweep: SweepResult | None
     files: dict[str, Path]
     seconds: float
+    flow: dict | None = None
 
 
 _DEFAULTS = {"seed": 0, "batch_size": 32, "hidden": 64, "vocab": 20, "order": "monotone", "threads": 1,
-             "eff_threads": 1, "parts": list(_PARTS), "models": list(KINDS), "methods": list(METHODS)}
+             "eff_threads": 1, "parts": ["accuracy", "efficiency"], "models": list(KINDS), "methods": list(METHODS)}
 
 
 def _command(s: dict) -> str:
@@ -207,8 +211,23 @@ def run_demo(s: dict, stream=None) -> DemoResult:
         for m, why in res.stopped.items():
             say(f"  {m}: {why}")
         figures["efficiency"] = report.plot_efficiency(res, out / "efficiency.png")
+    flow_res = None
+    if "flow" in s["parts"]:
+        import torch
+
+        from .flow import run_flow
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(s["threads"])
+        try:
+            flow_res = run_flow(quick=s["quick"], seed=s["seed"], out=out, say=say,
+                                progress=lambda i, n, loss: bar.update("train agreement", i, n, f"loss {loss:.3f}"))
+        finally:
+            torch.set_num_threads(old)
+        files.update({k: Path(v) for k, v in flow_res.get("files", {}).items()})
+        notes.append("Attention flow (Abnar & Zuidema 2020): tables in flow.json, plot in flow.png.")
     files.update({k: v for k, v in figures.items() if v is not None})
-    files["json"] = report.write_json(out, accuracy=comp, efficiency=res, settings={k: str(v) for k, v in s.items()})
+    files["json"] = report.write_json(out, accuracy=comp, efficiency=res, flow=flow_res, settings={k: str(v) for k, v in s.items()})
     files["html"] = report.write_html(out, command=_command(s), comparison=comp, task=task, sweep=res,
                                       figures=figures, interactive=interactive, notes=notes)
     secs = time.perf_counter() - t0
@@ -221,7 +240,7 @@ def run_demo(s: dict, stream=None) -> DemoResult:
                     f"{100 * m.sequence_accuracy:.1f}% sequences vs no attention {100 * base.token_accuracy:.1f}% / "
                     f"{100 * base.sequence_accuracy:.1f}%")
     say(f"\nDone in {secs:.0f}s. Open {files['html']}")
-    return DemoResult(comp, res, files, secs)
+    return DemoResult(comp, res, files, secs, flow_res)
 
 
 def run(args) -> int:
@@ -229,7 +248,7 @@ def run(args) -> int:
     try:
         s = settings(args)
     except ValueError as e:
-        print(f"salience demo: {e}", file=sys.stderr)
+        print(f"salience demo: error: {e}", file=sys.stderr)
         return 2
     run_demo(s)
     return 0

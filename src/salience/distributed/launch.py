@@ -72,24 +72,26 @@ def parse_mask(spec: str, n: int):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the launcher's options to ``p`` (used by ``python -m salience.distributed`` and the CLI)."""
     p.add_argument("--seq", type=int, default=8192, help="global sequence length N (default 8192)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1, help="batch size B")
+    p.add_argument("--heads", type=int, default=8, help="query heads H")
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     p.add_argument("--dim", type=int, default=64, help="head dimension")
-    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32",
+                   help="dtype of q, k and v")
     p.add_argument("--mask", default="none", help="none | causal | sliding:W | documents:K | documents-causal:K")
-    p.add_argument("--layout", choices=["contiguous", "zigzag"], default="contiguous")
+    p.add_argument("--layout", choices=["contiguous", "zigzag"], default="contiguous",
+                   help="how the sequence is sharded: contiguous, or zigzag (balances causal work; --seq must be a multiple of 2 x ranks)")
     p.add_argument("--no-backward", action="store_true", help="time the forward only")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--no-baseline", action="store_true", help="skip the single-process timing")
     p.add_argument("--no-check", action="store_true", help="skip the float64 check against one process")
     p.add_argument("--nproc", type=int, default=2, help="processes to spawn when not under torchrun")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda uses NCCL, cpu gloo")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a stalled peer is an error")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the results of rank 0 to this file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random q, k, v")
+    p.add_argument("--json", default=None, help="write the results of rank 0 to this JSON file (default: none written)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,8 +307,13 @@ def _validate(args) -> None:
         raise ValueError(f"--nproc must be >= 1; got {args.nproc}.")
     d = 2 * world if args.layout == "zigzag" else world
     if args.seq < d or args.seq % d:
+        near = max(d, round(args.seq / d) * d)
         raise ValueError(f"--seq {args.seq} must be a positive multiple of {d} for {world} ranks with "
-                         f"--layout {args.layout}.")
+                         f"--layout {args.layout}; e.g. --seq {near}.")
+    if args.warmup < 0 or not args.timeout > 0:
+        raise ValueError(f"--warmup must be >= 0 and --timeout > 0; got {args.warmup} and {args.timeout}.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA build of torch and a GPU; none is available here (use --device cpu).")
     for name in ("batch", "heads", "dim", "repeat"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}.")
