@@ -1,0 +1,440 @@
+"""Drop-in functions with the signatures and conventions of the attention APIs people already use.
+
+Porting is one import; each function translates its peer's conventions into salience's masks and score_mods
+and calls :func:`salience.attention`, so the same fast paths run (``sdpa``, ``spans``, ``blockwise``):
+
+* :func:`scaled_dot_product_attention`: ``torch.nn.functional.scaled_dot_product_attention``
+  (``attn_mask`` bool True = take part, or float added; top-left ``is_causal``; ``scale``; ``enable_gqa``).
+* :func:`flex_attention` and :func:`create_block_mask`: ``torch.nn.attention.flex_attention``'s (a torch
+  ``BlockMask`` is accepted too: its ``mask_mod`` is read).
+* :func:`flash_attn_func` and :func:`flash_attn_varlen_func`: flash-attention's, in its (B, L, H, D) layout,
+  with bottom-right ``causal`` and ``window_size``, ``softcap``, ``alibi_slopes`` (H,) or (B, H) and
+  ``return_attn_probs``; varlen takes packed (total, H, D) tensors and ``cu_seqlens``.
+
+:func:`plan` says which path a compat call takes: ``compat.plan(compat.flash_attn_func, q, k, v, causal=True)``.
+Differences from the peers are listed in docs/compat.md (rows with no visible key give output 0 and lse -inf
+everywhere; dropout draws different random numbers).
+
+Example:
+    >>> import torch
+    >>> from salience.compat import flash_attn_func
+    >>> q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 10, 2, 8), torch.randn(2, 10, 2, 8)
+    >>> flash_attn_func(q, k, v, causal=True, window_size=(3, -1)).shape
+    torch.Size([2, 6, 4, 8])
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+import torch
+
+from . import masks as M
+from . import scores as Sc
+from .functional import attention, attention_weights
+from .functional import plan as _plan
+
+__all__ = [
+    "scaled_dot_product_attention",
+    "flex_attention",
+    "create_block_mask",
+    "CompatBlockMask",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "plan",
+]
+
+_PLANS: contextvars.ContextVar = contextvars.ContextVar("salience_compat_plans", default=None)
+
+
+def _run(q, k, v, **kw):
+    """salience.attention, recording the plan when :func:`plan` asked for it."""
+    rec = _PLANS.get()
+    if rec is not None:
+        pk = {n: kw[n] for n in ("mask", "score_mod", "scale", "dropout_p", "layout", "return_lse") if n in kw}
+        rec.append(_plan(q, k, v, **pk))
+    return attention(q, k, v, **kw)
+
+
+def plan(fn, *args, **kwargs):
+    """Run a compat call and return the :class:`salience.kernels.dispatch.Plan` of each salience call it made
+    (one Plan, or a list when the call ran per sequence or per batch row).
+
+    Example:
+        >>> import torch
+        >>> from salience import compat
+        >>> q = torch.randn(1, 1024, 2, 16)
+        >>> compat.plan(compat.flash_attn_func, q, q, q, window_size=(128, 0)).backend
+        'spans'
+    """
+    token = _PLANS.set([])
+    try:
+        fn(*args, **kwargs)
+        plans = _PLANS.get()
+    finally:
+        _PLANS.reset(token)
+    return plans[0] if len(plans) == 1 else plans
+
+
+def _check_gqa(Hq: int, Hkv: int, enable_gqa: bool, who: str) -> None:
+    if Hq != Hkv and not enable_gqa:
+        raise ValueError(
+            f"{who}: query has {Hq} heads but key/value have {Hkv}; pass enable_gqa=True for grouped-query "
+            "attention (query head i reads key/value head i // (Hq // Hkv)), as in torch.")
+    if Hq % Hkv:
+        raise ValueError(f"{who}: query heads ({Hq}) must be a multiple of key/value heads ({Hkv}).")
+
+
+# ------------------------------------------------------------------------------------------- torch SDPA
+
+
+def _additive(bias: torch.Tensor) -> Sc.ScoreMod:
+    """A score_mod adding ``bias`` (broadcastable to (B, H, L, S)) to the scaled scores."""
+    n = bias.shape
+
+    def fn(score, b, h, q, kv):
+        return score + bias[b.clamp(max=n[0] - 1) if n[0] > 1 else 0 * b, h.clamp(max=n[1] - 1) if n[1] > 1 else 0 * h,
+                            q.clamp(max=n[2] - 1) if n[2] > 1 else 0 * q,
+                            kv.clamp(max=n[3] - 1) if n[3] > 1 else 0 * kv].to(score.dtype)
+
+    return Sc.ScoreMod(fn, f"attn_mask(<float {tuple(n)}>)")
+
+
+def _bool_mask(m: torch.Tensor, B: int, L: int, S: int):
+    """A bool (1|B, 1|H, 1|L, S) mask as a named salience mask where its shape is recognised (right key padding,
+    top-left or bottom-right causal), so the fast paths take it; else the tensor itself."""
+    if m.shape[1] == 1 and m.shape[2] == 1:  # key mask: right padding?
+        lengths = m.reshape(m.shape[0], S).sum(-1)
+        if torch.equal(m.reshape(m.shape[0], S), torch.arange(S, device=m.device) < lengths.view(-1, 1)):
+            if bool((lengths == S).all()):
+                return None
+            return M.padding(kv_lengths=lengths.expand(B).cpu())
+    if m.shape[0] == 1 and m.shape[1] == 1 and m.shape[2] == L:
+        if bool(m.all()):
+            return None
+        tri = torch.ones(L, S, dtype=torch.bool, device=m.device)
+        if torch.equal(m[0, 0], tri.tril()):
+            return M.causal()
+        if torch.equal(m[0, 0], tri.tril(S - L)):
+            return M.causal(align="bottom_right")
+    return m
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """``torch.nn.functional.scaled_dot_product_attention`` with salience's kernels.
+
+    query (N, ..., Hq, L, E), key (N, ..., Hkv, S, E), value (N, ..., Hkv, S, Ev) -> (N, ..., Hq, L, Ev), as in torch.
+    ``attn_mask``: bool (True = the key takes part) or float (added to the scaled scores), broadcastable to
+    (N, ..., L, S) (2-D (L, S) and 3-D masks included). ``is_causal``: top-left (query i sees keys j <= i),
+    like torch; given together with ``attn_mask`` the two are combined (torch raises instead).
+    ``enable_gqa``: Hq a multiple of Hkv. ``dropout_p`` is applied whatever the module's training mode (as in
+    torch). A row whose keys are all masked gives 0 (as torch >= 2.5 does; older torch gave NaN).
+
+    Masks that salience recognises run on its fast paths: a right key-padding mask (N, 1, 1, S) and causal
+    (L, S) triangles become named masks; a float mask of 0 and -inf becomes a bool mask; other masks are read
+    as tensors (tile kernels).
+    """
+    for argname, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"scaled_dot_product_attention: {argname} must be a torch.Tensor; got {type(t).__name__}.")
+        if t.dim() < 2:
+            raise ValueError(f"scaled_dot_product_attention: {argname} must have shape (..., L, E); got {tuple(t.shape)}.")
+    q, k, v = query, key, value
+    lead = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]) if q.dim() >= 4 else None
+    if q.dim() < 4:  # (L, E) or (N, L, E): one head
+        q, k, v = (t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 3 else t.unsqueeze(1)
+                   for t in (q, k, v))
+    elif q.dim() > 4:
+        q, k, v = (t.expand(*lead, *t.shape[-3:]).reshape(-1, *t.shape[-3:]) for t in (q, k, v))
+    B, Hq, L, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    _check_gqa(Hq, Hkv, enable_gqa, "scaled_dot_product_attention")
+    mask, score_mod = None, None
+    if attn_mask is not None:
+        am = attn_mask
+        if not isinstance(am, torch.Tensor):
+            raise TypeError(f"attn_mask must be a bool or float tensor; got {type(am).__name__}.")
+        if query.dim() < 4 and am.dim() == 3:  # (N, L, S) for 3-D inputs: one head
+            am = am.unsqueeze(1)
+        elif query.dim() > 4 and am.dim() > 2:
+            am = am.expand(*lead, *query.shape[-3:-1], S).reshape(-1, *query.shape[-3:-1], S)
+        if am.dim() > 4:
+            raise ValueError(f"attn_mask with shape {tuple(attn_mask.shape)} does not broadcast to (N, H, L, S).")
+        am = am.reshape((1,) * (4 - am.dim()) + tuple(am.shape))
+        try:
+            torch.broadcast_shapes(am.shape, (B, Hq, L, S))
+        except RuntimeError:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (N, H, L, S) = "
+                             f"{(B, Hq, L, S)}.") from None
+        if am.dtype != torch.bool and not am.requires_grad:
+            zero_inf = (am == 0) | (am == float("-inf"))
+            if bool(zero_inf.all()):
+                am = am == 0
+        if am.dtype == torch.bool:
+            mask = _bool_mask(am, B, L, S)
+        elif am.is_floating_point():
+            score_mod = _additive(am)
+        else:
+            raise TypeError(f"attn_mask must be bool or floating point; got {am.dtype}.")
+    if is_causal:
+        mask = M.causal() if mask is None else M.as_mask_mod(mask) & M.causal()
+    out = _run(q, k, v, mask=mask, score_mod=score_mod, scale=scale, dropout_p=dropout_p)
+    if query.dim() < 4:
+        return out.reshape(*query.shape[:-1], out.shape[-1])
+    if query.dim() > 4:
+        return out.reshape(*lead, *out.shape[1:])
+    return out
+
+
+# ------------------------------------------------------------------------------------------- FlexAttention
+
+
+@dataclass
+class CompatBlockMask:
+    """What :func:`create_block_mask` returns: the mask_mod and the sizes it was made for (torch's BlockMask
+    has the same ``mask_mod``, ``shape`` and ``seq_lengths`` attributes). salience classifies tiles itself, so
+    no block table is built; ``to_dense()`` evaluates the mask."""
+
+    mask_mod: object
+    B: int | None
+    H: int | None
+    Q_LEN: int
+    KV_LEN: int
+    BLOCK_SIZE: int | tuple = 128
+
+    @property
+    def shape(self):
+        return (self.B or 1, self.H or 1, self.Q_LEN, self.KV_LEN)
+
+    @property
+    def seq_lengths(self):
+        return (self.Q_LEN, self.KV_LEN)
+
+    def to_dense(self, device=None) -> torch.Tensor:
+        """The bool mask (B, H, Q_LEN, KV_LEN) (B and H of None give 1)."""
+        return M.evaluate(M.as_mask_mod(self.mask_mod), *self.shape, device=device)
+
+    def __repr__(self) -> str:
+        name = getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
+        return f"CompatBlockMask({name}, shape={self.shape})"
+
+
+def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=128, _compile=False):
+    """FlexAttention's ``create_block_mask``: a :class:`CompatBlockMask` carrying ``mask_mod`` and the sizes.
+
+    ``mask_mod`` is FlexAttention's ``(b, h, q_idx, kv_idx) -> bool`` (a :mod:`salience.masks` object runs on the
+    fast paths it is recognised by). Nothing is evaluated here; ``device`` and ``_compile`` are accepted for
+    compatibility.
+    """
+    if not callable(mask_mod):
+        raise TypeError(f"mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool; got {type(mask_mod).__name__}.")
+    for argname, val in (("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise ValueError(f"create_block_mask: {argname} must be an int >= 0; got {val!r}.")
+    return CompatBlockMask(mask_mod, B, H, Q_LEN, KV_LEN, BLOCK_SIZE)
+
+
+def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
+                   return_lse=False, kernel_options=None):
+    """``torch.nn.attention.flex_attention.flex_attention`` with salience's kernels.
+
+    query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev). ``score_mod(score, b, h, q_idx, kv_idx)``
+    and ``block_mask`` (from :func:`create_block_mask` or torch's own ``create_block_mask``: its ``mask_mod``
+    is used) as in FlexAttention; ``return_lse=True`` returns ``(out, lse)`` with lse (B, Hq, L) in natural log.
+    Rows with no visible key give 0 and lse -inf, as FlexAttention does. ``kernel_options`` is ignored.
+    """
+    mask = None
+    if block_mask is not None:
+        mm = getattr(block_mask, "mask_mod", None)
+        if mm is None:
+            raise TypeError(f"block_mask must come from create_block_mask (a mask_mod and sizes); got "
+                            f"{type(block_mask).__name__}.")
+        ql, kl = block_mask.seq_lengths
+        if (ql, kl) != (query.shape[-2], key.shape[-2]):
+            raise ValueError(f"block_mask was made for Q_LEN={ql}, KV_LEN={kl} but query has L={query.shape[-2]} "
+                             f"and key S={key.shape[-2]}; build it with create_block_mask(..., Q_LEN="
+                             f"{query.shape[-2]}, KV_LEN={key.shape[-2]}).")
+        if getattr(mm, "__name__", "") != "noop_mask":
+            mask = mm
+    if query.dim() != 4:
+        raise ValueError(f"flex_attention: query must be (B, H, L, E); got {tuple(query.shape)}.")
+    _check_gqa(query.shape[1], key.shape[1], enable_gqa, "flex_attention")
+    res = _run(query, key, value, mask=mask, score_mod=score_mod, scale=scale, return_lse=return_lse)
+    return (res.out, res.lse) if return_lse else res
+
+
+# ------------------------------------------------------------------------------------------- flash-attention
+
+
+def _window(causal: bool, window_size, L: int, S: int):
+    """flash-attention's causal/window_size (bottom-right aligned) as a salience mask (None = every key)."""
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
+        raise ValueError(f"window_size must be a pair (left, right) with -1 for unbounded; got {window_size!r}.")
+    left, right = (int(x) for x in window_size)
+    if causal:
+        right = 0
+    lo = None if left < 0 else left
+    hi = None if right < 0 else right
+    if lo is None and hi is None:
+        return None
+    align = "top_left" if L == S else "bottom_right"
+    if lo is None and hi == 0:
+        return M.causal(align=align)
+    return M.sliding_window(lo, hi, align=align)
+
+
+def _slopes(alibi_slopes, B: int, H: int):
+    if alibi_slopes is None:
+        return None
+    sl = torch.as_tensor(alibi_slopes)
+    if sl.shape not in ((H,), (B, H)) or not sl.is_floating_point():
+        raise ValueError(f"alibi_slopes must be a float tensor (nheads,) = ({H},) or (batch_size, nheads) = "
+                         f"({B}, {H}); got {sl.dtype} {tuple(sl.shape)}.")
+    if sl.dim() == 2 and bool((sl == sl[:1]).all()):
+        sl = sl[0]
+    return sl
+
+
+def _score_mod(softcap: float, slopes, offset: int):
+    mods = []
+    if softcap and softcap > 0:
+        mods.append(Sc.softcap(float(softcap)))
+    if slopes is not None:
+        mods.append(Sc.alibi(slopes, offset=offset))  # added after the softcap, as flash-attention does
+    return None if not mods else Sc.compose(*mods)
+
+
+def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, slopes, return_probs):
+    """One (B, L, H, D) problem with per-head slopes (or None)."""
+    L, S = q.shape[1], k.shape[1]
+    mask = _window(causal, window_size, L, S)
+    sm = _score_mod(softcap, slopes, S - L)
+    res = _run(q, k, v, mask=mask, score_mod=sm, scale=softmax_scale, dropout_p=dropout_p, return_lse=True,
+               layout="BLHD")
+    probs = None
+    if return_probs:
+        probs = attention_weights(q, k, mask=mask, score_mod=sm, scale=softmax_scale, lse=res.lse, layout="BLHD")
+    return res.out, res.lse, probs
+
+
+def _check_flash(q, k, v, who, dims):
+    for argname, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != dims:
+            shape = "(batch_size, seqlen, nheads, headdim)" if dims == 4 else "(total_tokens, nheads, headdim)"
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{who}: {argname} must be a tensor {shape}; got {got}.")
+    if q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"{who}: q has {q.shape[-2]} heads, not a multiple of k's {k.shape[-2]} (MQA/GQA).")
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash-attention's ``flash_attn_func`` with salience's kernels.
+
+    q (batch_size, seqlen_q, nheads, headdim), k and v (batch_size, seqlen_k, nheads_k, headdim): nheads a
+    multiple of nheads_k (MQA/GQA). ``causal`` and ``window_size=(left, right)`` (-1 = unbounded) are aligned
+    bottom-right: query i sees keys ``i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right``
+    (causal sets right = 0). ``softcap > 0``: ``softcap * tanh(score / softcap)`` on the scaled scores, before
+    the mask and ALiBi. ``alibi_slopes`` (nheads,) or (batch_size, nheads): ``-slope * |i + seqlen_k - seqlen_q - j|``
+    added to the scores. ``deterministic`` is accepted (salience's CPU paths are deterministic).
+
+    Returns:
+        out (batch_size, seqlen_q, nheads, headdim); with ``return_attn_probs=True`` the tuple
+        ``(out, softmax_lse, attn_probs)`` like flash-attention: lse (batch_size, nheads, seqlen_q) and the
+        softmax probabilities (batch_size, nheads, seqlen_q, seqlen_k) (exact, without the dropout pattern).
+    """
+    _check_flash(q, k, v, "flash_attn_func", 4)
+    B, _, H, _ = q.shape
+    slopes = _slopes(alibi_slopes, B, H)
+    if slopes is not None and slopes.dim() == 2:  # per-batch slopes: each row on the fast paths
+        parts = [_flash(q[b:b + 1], k[b:b + 1] if k.shape[0] > 1 else k, v[b:b + 1] if v.shape[0] > 1 else v,
+                        dropout_p, softmax_scale, causal, window_size, softcap, slopes[b], return_attn_probs)
+                 for b in range(B)]
+        out, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        probs = torch.cat([p[2] for p in parts]) if return_attn_probs else None
+    else:
+        out, lse, probs = _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, slopes,
+                                 return_attn_probs)
+    return (out, lse, probs) if return_attn_probs else out
+
+
+def _cu(cu, argname: str, total: int) -> list:
+    t = torch.as_tensor(cu)
+    if t.dim() != 1 or t.numel() < 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{argname} must be a 1-D integer tensor (batch_size + 1,) of cumulative lengths; got "
+                         f"{t.dtype} {tuple(t.shape)}.")
+    c = t.tolist()
+    if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] > total:
+        raise ValueError(f"{argname} must start at 0, never decrease and end at most at the {total} packed tokens; "
+                         f"got {c if len(c) <= 10 else str(c[:10])[:-1] + ', ...]'}.")
+    return c
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """flash-attention's ``flash_attn_varlen_func``: sequences packed without padding.
+
+    q (total_q, nheads, headdim), k and v (total_k, nheads_k, headdim); sequence b is rows
+    ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of k and v.
+    ``causal``, ``window_size`` and ALiBi are aligned bottom-right *per sequence* (query i of sequence b sees
+    keys j <= i + len_k[b] - len_q[b] under causal), as in flash-attention. When every sequence has as many
+    keys as queries the packed problem runs in one call with a document mask (``masks.document``) and the
+    window/causal band; otherwise each sequence runs on its own (each on the fast paths).
+
+    Returns:
+        out (total_q, nheads, headdim); with ``return_attn_probs=True`` ``(out, softmax_lse, attn_probs)``:
+        lse (nheads, total_q) and the probabilities (batch_size, nheads, max_seqlen_q, max_seqlen_k), zero
+        beyond each sequence's lengths. Rows past ``cu_seqlens_q[-1]`` give 0.
+    """
+    if block_table is not None:
+        raise NotImplementedError("flash_attn_varlen_func: block_table (paged KV cache) is not supported; gather "
+                                  "the pages into packed k and v first.")
+    _check_flash(q, k, v, "flash_attn_varlen_func", 3)
+    cq, ck = _cu(cu_seqlens_q, "cu_seqlens_q", q.shape[0]), _cu(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
+    if len(cq) != len(ck):
+        raise ValueError(f"cu_seqlens_q describes {len(cq) - 1} sequences but cu_seqlens_k {len(ck) - 1}.")
+    B, H, Tq = len(cq) - 1, q.shape[1], q.shape[0]
+    lq = [b - a for a, b in zip(cq, cq[1:])]
+    lk = [b - a for a, b in zip(ck, ck[1:])]
+    if B and (max(lq) > max_seqlen_q or max(lk) > max_seqlen_k):
+        raise ValueError(f"max_seqlen_q={max_seqlen_q}, max_seqlen_k={max_seqlen_k} are below the longest sequences "
+                         f"({max(lq)} queries, {max(lk)} keys).")
+    slopes = _slopes(alibi_slopes, B, H)
+    Dv = v.shape[-1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if B and cq == ck and not return_attn_probs and (slopes is None or slopes.dim() == 1):
+        n = cq[-1]
+        ids = torch.repeat_interleave(torch.arange(B), torch.tensor(lq))
+        win = _window(causal, window_size, 1, 1)  # every sequence has L == S: top-left == bottom-right
+        mask = M.document(ids) if win is None else M.document(ids) & win
+        sm = _score_mod(softcap, slopes, 0)
+        res = _run(q[:n].unsqueeze(0), k[:n].unsqueeze(0), v[:n].unsqueeze(0), mask=mask, score_mod=sm,
+                   scale=softmax_scale, dropout_p=dropout_p, return_lse=True, layout="BLHD")
+        out, lse = res.out[0], res.lse[0]
+        if n < Tq:
+            out = torch.cat([out, out.new_zeros(Tq - n, H, Dv)])
+            lse = torch.cat([lse, lse.new_full((H, Tq - n), float("-inf"))], dim=1)
+        return out
+    outs, lses, probs = [], [], []
+    for b in range(B):
+        sl = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[b])
+        o, lse, p = _flash(q[cq[b]:cq[b + 1]].unsqueeze(0), k[ck[b]:ck[b + 1]].unsqueeze(0),
+                           v[ck[b]:ck[b + 1]].unsqueeze(0), dropout_p, softmax_scale, causal, window_size, softcap,
+                           sl, return_attn_probs)
+        outs.append(o[0])
+        lses.append(lse[0])
+        if return_attn_probs:
+            probs.append(torch.nn.functional.pad(p[0], (0, max_seqlen_k - lk[b], 0, max_seqlen_q - lq[b])))
+    if cq[-1] < Tq:
+        outs.append(q.new_zeros(Tq - cq[-1], H, Dv))
+        lses.append(torch.full((H, Tq - cq[-1]), float("-inf"), dtype=acc, device=q.device))
+    out = torch.cat(outs) if outs else q.new_zeros(Tq, H, Dv)
+    if not return_attn_probs:
+        return out
+    lse = torch.cat(lses, dim=1) if lses else torch.full((H, Tq), float("-inf"), dtype=acc, device=q.device)
+    pr = torch.stack(probs) if probs else q.new_zeros(0, H, max_seqlen_q, max_seqlen_k)
+    return out, lse, pr
+
