@@ -206,7 +206,7 @@ def alibi(slopes, *, offset: int = 0) -> ScoreMod:
         >>> m(torch.zeros(()), 0, torch.tensor(0), torch.tensor(3), torch.tensor(1)).item()
         -0.125
         >>> alibi(2, offset=2)(torch.zeros(()), 0, torch.tensor(0), torch.tensor(3), torch.tensor(1)).item()
-        -1.0
+        -0.25
     """
     if isinstance(slopes, int) and not isinstance(slopes, bool):
         slopes = alibi_slopes(slopes)
