@@ -188,6 +188,11 @@ def test_correlations_and_bootstrap_summary():
     s = c["blank_out"]["rollout"][0]
     assert s["lo"] == pytest.approx(1.0) and s["hi"] == pytest.approx(1.0) and s["n"] == 5
     assert c["references"]["mean"] == pytest.approx(-1.0)
+    assert c["tied_at_max"]["raw"] == pytest.approx([1 / 5, 1 / 5])  # one maximum among 5 scored tokens
+    per[0]["scores"]["raw"] = torch.ones(2, L, dtype=torch.float64)  # constant: all tied, correlation counted 0
+    c = F.correlations(per, lambda i: torch.arange(1, L), reps=50)
+    assert c["tied_at_max"]["raw"][0] == pytest.approx((1 + 4 / 5) / 5)
+    assert c["blank_out"]["raw"][0]["mean"] == pytest.approx(4 / 5)
 
 
 def test_tiny_end_to_end_run_writes_json_png_and_markdown(tmp_path):
@@ -196,7 +201,8 @@ def test_tiny_end_to_end_run_writes_json_png_and_markdown(tmp_path):
                      test_examples=20, bootstrap=20, model_kw={"d_model": 16, "num_heads": 2, "num_layers": 2})
     data = json.loads((tmp_path / "flow.json").read_text())
     assert (tmp_path / "flow.png").stat().st_size > 1000
-    assert set(data["agreement"]) == {"blank_out", "input_gradient", "references"}
+    assert set(data["agreement"]) == {"blank_out", "input_gradient", "references", "tied_at_max"}
+    assert all(0 < v <= 1 for v in data["agreement"]["tied_at_max"]["flow"])
     assert len(data["agreement"]["blank_out"]["flow"]) == 2 and data["model"]["layers"] == 2
     assert data["task"]["statistics"]["test"]["examples"] == 20 and "all" in data["accuracy"]
     md = F.markdown(data)

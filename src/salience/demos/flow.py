@@ -260,6 +260,10 @@ def correlations(per_example: list[dict], positions_of, reps: int = 1000, seed: 
                     pos = positions_of(i)
                     vals.append(_spearman(ex["scores"][m][layer, pos], ex[ref][pos]))
                 out[ref][m].append(_summary(vals, reps, seed))
+    # share of an example's scored tokens tied at its maximum (flow saturates at the source's capacity, 1)
+    out["tied_at_max"] = {m: [sum(float((v := ex["scores"][m][layer, positions_of(i)]).ge(v.max() - 1e-6).double().mean())
+                                  for i, ex in enumerate(per_example)) / len(per_example) for layer in range(n_layers)]
+                          for m in methods}
     out["references"] = _summary([_spearman(ex["blank_out"][positions_of(i)], ex["input_gradient"][positions_of(i)])
                                   for i, ex in enumerate(per_example)], reps, seed)
     return out
@@ -370,6 +374,9 @@ def table(result: dict, part: str = "agreement") -> str:
         if part == "agreement":
             lines.append("  paper, layer 6: " + " | ".join(f"{PAPER[ref].get(m, float('nan')):>22.2f}" for m in ms))
     lines.append(f"blank-out vs input gradient: {_cell(c['references'])}")
+    if "tied_at_max" in c:
+        lines.append("share of tokens tied at the maximum, per layer: " + "; ".join(
+            f"{LABELS[m]} " + " ".join(f"{v:.2f}" for v in c["tied_at_max"][m]) for m in c["tied_at_max"]))
     return "\n".join(lines)
 
 
@@ -407,6 +414,11 @@ def markdown(result: dict) -> str:
                     f"{PAPER[ref][m]:.2f}" if m in PAPER[ref] else "-" for m in ms) + " |")
         out.append("")
         out.append(f"Blank-out vs input gradient (agreement of the two references): {_cell(c['references'])}.")
+        if "tied_at_max" in c:
+            out.append("")
+            out.append("Share of an example's tokens tied at its maximum value, layers 1..6 (ties carry no ranking): "
+                       + "; ".join(f"{LABELS[m]} " + " ".join(f"{v:.2f}" for v in c["tied_at_max"][m])
+                                   for m in c["tied_at_max"]) + ".")
     return "\n".join(out)
 
 
