@@ -359,3 +359,64 @@ def test_alibi_offset_and_per_batch_slopes():
         salience.attention(q, q, q, score_mod=Sc.alibi(slb))
     with pytest.raises(TypeError, match="offset"):
         Sc.alibi(2, offset=1.5)
+
+
+# ---------------------------------------------------------------------------------------------- MultiHeadAttention
+
+
+def _mha_pair(batch_first):
+    from salience.layers import MultiHeadAttention
+
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first, dtype=f64)
+    return ref, MultiHeadAttention.from_torch(ref)
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", ["bool2d", "bool3d", "float2d", "float3d", "causal", "causal+padding", "none"])
+@pytest.mark.parametrize("average", [True, False])
+def test_multihead_torch_arguments(kind, batch_first, average):
+    ref, mha = _mha_pair(batch_first)
+    B, L, E, H = 2, 6, 16, 4
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, L, E, dtype=f64, generator=g)
+    if not batch_first:
+        x = x.transpose(0, 1).contiguous()
+    kw = {}
+    if kind == "bool2d":
+        kw["attn_mask"] = torch.rand(L, L, generator=g) > 0.6
+        kw["attn_mask"].diagonal().fill_(False)  # every row keeps a key (torch gives NaN for none)
+    elif kind == "bool3d":
+        kw["attn_mask"] = torch.rand(B * H, L, L, generator=g) > 0.6
+        kw["attn_mask"].diagonal(dim1=1, dim2=2).fill_(False)
+    elif kind == "float2d":
+        kw["attn_mask"] = torch.randn(L, L, dtype=f64, generator=g)
+    elif kind == "float3d":
+        kw["attn_mask"] = torch.randn(B * H, L, L, dtype=f64, generator=g)
+    elif kind.startswith("causal"):
+        kw["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(L, dtype=f64)
+        kw["is_causal"] = True
+        if kind == "causal+padding":
+            kw["key_padding_mask"] = torch.arange(L).view(1, -1) >= torch.tensor([6, 4]).view(-1, 1)
+    want, want_w = ref(x, x, x, need_weights=True, average_attn_weights=average, **kw)
+    got, got_w = mha(x, x, x, need_weights=True, average_attn_weights=average, **kw)
+    _close(got, want)
+    _close(got_w, want_w)
+    # gradients of the projections agree as well
+    want.sum().backward()
+    got.sum().backward()
+    _close(mha.q_proj.weight.grad, ref.in_proj_weight.grad[:E])
+
+
+def test_multihead_is_causal_alone_and_errors():
+    ref, mha = _mha_pair(True)
+    x = _rand(2, 5, 16)
+    tri = torch.ones(5, 5, dtype=torch.bool).triu(1)  # torch: True = NOT allowed
+    want, _ = ref(x, x, x, attn_mask=tri, need_weights=False)
+    _close(mha(x, is_causal=True).output, want)
+    _close(mha(x, mask=M.causal()).output, want)  # salience's own convention: True = visible
+    with pytest.raises(ValueError, match="attn_mask must have shape"):
+        mha(x, attn_mask=torch.zeros(3, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        mha(x, attn_mask=torch.zeros(5, 5, dtype=torch.long))

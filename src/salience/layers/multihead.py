@@ -28,7 +28,8 @@ from torch import nn
 from .. import _hooks
 from .._layout import check_scale
 from ..functional import attention, attention_weights
-from ..masks import as_mask_mod
+from ..masks import as_mask_mod, causal
+from ..scores import ScoreMod, compose
 from ._util import (
     cache_mask,
     check_bool,
@@ -177,7 +178,8 @@ class MultiHeadAttention(nn.Module):
 
     Call:
         ``mha(query, key=None, value=None, *, mask=None, key_padding_mask=None, key_lengths=None,
-        need_weights=False, cache=None, positions=None) -> MultiHeadOutput``
+        need_weights=False, cache=None, positions=None, attn_mask=None, is_causal=False,
+        average_attn_weights=False) -> MultiHeadOutput``
 
         * query (B, L, E); key (B, S, kdim); value (B, S, vdim).
         * mask: any salience mask (True = visible), combined with the layer's mask.
@@ -186,6 +188,17 @@ class MultiHeadAttention(nn.Module):
         * need_weights: also return per-head weights (B, H, L, S), from :func:`salience.attention_weights`.
         * cache: a :class:`KVCache` (self-attention) or :class:`StaticKVCache` (cross-attention).
         * positions: explicit token positions (L,) or (B, L) for RoPE (e.g. a shard of a long sequence).
+        * attn_mask, is_causal, average_attn_weights: ``torch.nn.MultiheadAttention``'s, with torch's meaning
+          (porting is unchanged code): ``attn_mask`` (L, S) or (B * num_heads, L, S), bool with **True = NOT
+          allowed** (the opposite of salience's ``mask=``, where True = visible) or float added to the scores;
+          ``is_causal=True`` applies the top-left causal mask (torch reads it as a hint that ``attn_mask`` is
+          causal and requires ``attn_mask`` with it; here ``attn_mask`` is optional and both are applied);
+          ``average_attn_weights=True`` returns the weights averaged over heads (B, L, S).
+
+        Where the defaults differ from torch's: ``need_weights`` is False here (torch: True) and weights are
+        per head unless ``average_attn_weights=True`` (torch's default averages); ``batch_first`` is True
+        here (torch: False). Pass them explicitly when porting. Rows whose keys are all masked give 0 (torch
+        gives NaN in some versions).
 
     Example:
         >>> mha = MultiHeadAttention(16, 4, positional=RotaryEmbedding(4))
@@ -350,9 +363,13 @@ class MultiHeadAttention(nn.Module):
         need_weights: bool = False,
         cache: KVCache | StaticKVCache | None = None,
         positions=None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        average_attn_weights: bool = False,
     ) -> MultiHeadOutput:
         kw = dict(mask=mask, key_padding_mask=key_padding_mask, key_lengths=key_lengths, need_weights=need_weights,
-                  cache=cache, positions=positions)
+                  cache=cache, positions=positions, attn_mask=attn_mask, is_causal=is_causal,
+                  average_attn_weights=average_attn_weights)
         if self.batch_first:
             return self._forward(query, key, value, **kw)
         # batch_first=False: (L, B, E) in and out, like torch.nn.MultiheadAttention's default
@@ -374,10 +391,50 @@ class MultiHeadAttention(nn.Module):
         return MultiHeadOutput(res.output.transpose(0, 1), res.weights, res.lse)
 
     def _forward(self, query, key=None, value=None, *, mask=None, key_padding_mask=None, key_lengths=None,
-                 need_weights=False, cache=None, positions=None) -> MultiHeadOutput:
+                 need_weights=False, cache=None, positions=None, attn_mask=None, is_causal=False,
+                 average_attn_weights=False) -> MultiHeadOutput:
         self._check_input(query, "query", self.embed_dim)
         B, L, _ = query.shape
         check_bool(need_weights, "need_weights")
+        check_bool(is_causal, "is_causal")
+        check_bool(average_attn_weights, "average_attn_weights")
+        res = self._forward_inner(query, key, value, mask=mask, key_padding_mask=key_padding_mask,
+                                  key_lengths=key_lengths, need_weights=need_weights, cache=cache, positions=positions,
+                                  attn_mask=attn_mask, is_causal=is_causal)
+        if average_attn_weights and res.weights is not None:
+            res = MultiHeadOutput(res.output, res.weights.mean(1), res.lse)
+        return res
+
+    def _torch_attn_mask(self, attn_mask, B: int, L: int, S: int):
+        """torch's ``attn_mask`` (L, S) or (B * num_heads, L, S), bool True = NOT allowed or float added, as
+        ``(salience mask or None, additive score_mod or None)``."""
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor (L, S) or (B * num_heads, L, S); got "
+                            f"{type(attn_mask).__name__}.")
+        H = self.num_heads
+        if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (L, S):
+            am = attn_mask.view(1, 1, L, S)
+        elif attn_mask.dim() == 3 and tuple(attn_mask.shape) == (B * H, L, S):
+            am = attn_mask.view(B, H, L, S)
+        else:
+            raise ValueError(f"attn_mask must have shape (L, S) = ({L}, {S}) or (B * num_heads, L, S) = "
+                             f"({B * H}, {L}, {S}) (torch.nn.MultiheadAttention's); got {tuple(attn_mask.shape)}.")
+        if am.dtype == torch.bool:
+            return as_mask_mod(~am, "attn_mask"), None  # torch: True = NOT allowed; salience: True = visible
+        if not am.is_floating_point():
+            raise TypeError(f"attn_mask must be bool (True = NOT allowed, torch's convention) or float (added); got "
+                            f"{am.dtype}.")
+        n = am.shape
+
+        def add(score, b, h, q, kv):
+            return score + am[b.clamp(max=n[0] - 1) if n[0] > 1 else 0 * b, h.clamp(max=n[1] - 1) if n[1] > 1 else 0 * h,
+                              q, kv].to(score.dtype)
+
+        return None, ScoreMod(add, f"attn_mask(<float {tuple(n)}>)")
+
+    def _forward_inner(self, query, key=None, value=None, *, mask=None, key_padding_mask=None, key_lengths=None,
+                       need_weights=False, cache=None, positions=None, attn_mask=None, is_causal=False):
+        B, L, _ = query.shape
         if key is None and value is not None:
             raise ValueError("value was given without key; pass key= as well for cross-attention (or neither).")
         cross = key is not None or isinstance(cache, StaticKVCache)
@@ -396,6 +453,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("positions= sets RoPE positions and needs positional=RotaryEmbedding(...).")
         if mask is not None:
             mask = as_mask_mod(mask, "mask")
+        if is_causal:
+            mask = causal() if mask is None else mask & causal()
 
         q = self._split(self.q_proj(query), self.num_heads)
         offset = 0
@@ -432,10 +491,15 @@ class MultiHeadAttention(nn.Module):
         if mask is not None:
             m = mask if m is None else m & mask
         m_base = cache_mask(m, offset, L, S)
+        t_mask, t_add = (None, None) if attn_mask is None else self._torch_attn_mask(attn_mask, B, L, S)
+        if t_mask is not None:  # torch's attn_mask is in this call's (local) positions
+            m_base = t_mask if m_base is None else m_base & t_mask
         m = with_padding(m_base, key_padding_mask, key_lengths, B, S, query.device)
         sm = None
         if isinstance(self.positional, (ALiBi, T5RelativeBias)):
             sm = shift_score_mod(self.positional.score_mod(), offset, 0)
+        if t_add is not None:
+            sm = t_add if sm is None else compose(sm, t_add)
         p = self.dropout if self.training else 0.0
 
         if self.core is not None:
