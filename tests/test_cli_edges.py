@@ -45,7 +45,11 @@ CASES = [
     (["bench", "--n", "0"], ["--n", ">= 1"]),
     (["bench", "--dtype", "f8"], ["--dtype", "invalid choice"]),
     (["bench", "--model", "minilm", "--lengths", "x"], ["--lengths"]),
+    (["bench", "--only", "no-such-config"], ["--only", "window"]),
     (["measure-layers", "--threads", "0"], ["--threads"]),
+    (["measure-layers", "--repeats", "0"], ["--repeats"]),
+    (["explain", "The cat sat.", "--out", "a_file"], ["--out", "directory"]),
+    (["demo", "--out", "a_file"], ["--out", "directory"]),
     (["no-such-command"], ["invalid choice", "walkthrough"]),
 ]
 
@@ -68,6 +72,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cli")  # explain/demo would write their default output directories here
+    (cwd / "a_file").write_text("not a directory")
     argvs = [a for a, _ in CASES]
     r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(argvs)], capture_output=True, text=True,
                        timeout=300, env=ENV, cwd=cwd)

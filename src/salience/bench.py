@@ -598,7 +598,9 @@ def run(args) -> int:
         return 0
     configs = [million_config()] if args.million else _select(args)
     if not configs:
-        print("no configuration matches --only/--dtype", file=sys.stderr)
+        names = ", ".join(dict.fromkeys(c.name for c in (QUICK_GRID if args.quick else GRID)))
+        print(f"salience bench: error: no configuration matches --only {args.only!r} and --dtype {args.dtype}; "
+              f"names: {names}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     results = []

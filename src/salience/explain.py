@@ -197,6 +197,8 @@ def run(args) -> int:
     _check_model_arg(args.model)
     methods = args.method
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a directory for the report (default: salience-report).")
     out.mkdir(parents=True, exist_ok=True)
     steps = 4 + ("faithfulness" in methods or "grad" in methods) + (not args.no_png)
     bar = Progress(steps, enabled=not args.quiet)
@@ -210,12 +212,16 @@ def run(args) -> int:
     enc = tok(text, return_tensors="pt", truncation=limit is not None, max_length=limit)
     ids = enc["input_ids"]
     L = ids.shape[1]
+    if args.pool > L:
+        raise ValueError(f"--pool {args.pool} is more than the {L} tokens of the input; use at most --pool {L} "
+                         "(or the default 1 for rollout, flow and faithfulness).")
     tokens = tok.convert_ids_to_tokens(ids[0].tolist())
     n_text = len(tok(text)["input_ids"]) if limit is not None else L
     with torch.no_grad(), capture(model, layers=args.layers, heads=args.heads, dtype=args.dtype,
                                   pool=args.pool) as rec:
         model(**enc)
-    maps = rec.result(tokens=tokens)
+    blocks = [" ".join(tokens[i:i + args.pool]) for i in range(0, L, args.pool)]  # --pool: one label per block
+    maps = rec.result(tokens=tokens if args.pool == 1 else blocks)
     if not maps.maps:
         print("salience explain: no attention was recorded (check --layers).", file=sys.stderr)
         return 1
@@ -290,7 +296,7 @@ def run(args) -> int:
             notes.append(f"PNGs skipped: {e}")
         bar.step("PNGs")
     summary = f"{L} tokens" + (f" (truncated from {n_text})" if n_text > L else "") + f"; {maps.summary()}"
-    files.insert(0, html.report(maps, tokens, out / "report.html", importances=importances, faithfulness=faith,
+    files.insert(0, html.report(maps, maps.tokens, out / "report.html", importances=importances, faithfulness=faith,
                                 entropy=ent, layer_names=names, title=f"salience explain: {text[:80]}",
                                 summary=summary))
     bar.step("HTML report")

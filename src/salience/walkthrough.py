@@ -126,12 +126,14 @@ def walkthrough(text: str = DEFAULT_TEXT, dim: int = 4, seed: int = 0) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("text", nargs="?", default=DEFAULT_TEXT, help=f"your words (default: {DEFAULT_TEXT!r})")
+    parser.add_argument("text", nargs="*", default=[DEFAULT_TEXT],
+                        help=f"your words, quoted or not (default: {DEFAULT_TEXT!r})")
     parser.add_argument("--dim", type=int, default=4, help="head dimension of the example (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed for embeddings and projections")
 
 
 def run(args) -> int:
+    args.text = " ".join(args.text) if isinstance(args.text, list) else args.text
     if not args.text.split():
         raise ValueError("TEXT is empty; pass a few words in quotes, e.g. salience walkthrough \"the cat sat\" "
                          "(or none for the default sentence).")

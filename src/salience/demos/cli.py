@@ -95,6 +95,8 @@ def settings(args) -> dict:
         v = getattr(args, k, None)
         if v is not None:
             s[k] = v
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a directory for the report.")
     s["parts"] = _csv(args.parts, _PARTS, "--parts")
     s["models"] = _csv(args.models, KINDS, "--models")
     s["methods"] = _csv(args.methods, tuple(METHODS), "--methods")

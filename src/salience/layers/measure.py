@@ -151,6 +151,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     """Print the error curves and the cost table."""
     torch.manual_seed(0)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1; got {args.repeats}.")
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1; got {args.threads}.")
