@@ -154,3 +154,18 @@ def test_quiet_transformers_restores_settings():
     with cli.quiet_transformers():
         assert not tlog.is_progress_bar_enabled() and tlog.get_verbosity() == tlog.ERROR
     assert tlog.is_progress_bar_enabled() == bars and tlog.get_verbosity() == level
+
+
+def test_no_transformers_bars_while_a_command_runs():
+    """Every command runs inside ``no_transformers_bars``: transformers imported inside it has no bars, and
+    they come back after (here in a fresh process, where transformers is not imported before)."""
+    pytest.importorskip("transformers")
+    code = ("import os; os.environ.pop('HF_HUB_DISABLE_PROGRESS_BARS', None)\n"
+            "from salience import cli\n"
+            "with cli.no_transformers_bars():\n"
+            "    from transformers.utils import logging as tlog\n"
+            "    inside = tlog.is_progress_bar_enabled()\n"
+            "print(inside, tlog.is_progress_bar_enabled(), 'HF_HUB_DISABLE_PROGRESS_BARS' in os.environ)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True", "False"], r.stdout

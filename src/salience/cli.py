@@ -112,6 +112,29 @@ def quiet_transformers():
             tlog.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def no_transformers_bars():
+    """Inside: no transformers / huggingface_hub progress bars (such as "Loading weights"), whether transformers
+    is imported before or inside; the state before is restored on exit. Costs nothing when transformers is not
+    used (it sets ``HF_HUB_DISABLE_PROGRESS_BARS``, which both read at import). A value the user set wins."""
+    key = "HF_HUB_DISABLE_PROGRESS_BARS"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "1"
+    tlog = sys.modules.get("transformers.utils.logging")
+    before = tlog.is_progress_bar_enabled() if tlog is not None else True
+    if tlog is not None:
+        tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+        tlog = sys.modules.get("transformers.utils.logging")
+        if tlog is not None and before:
+            tlog.enable_progress_bar()
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command_of(argv)
@@ -125,7 +148,8 @@ def main(argv=None) -> int:
         subs[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     debug = os.environ.get("SALIENCE_TRACEBACK", "") not in ("", "0")
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        with no_transformers_bars():  # they would mix into salience's own progress lines
+            return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:
         print(f"salience {args.command}: interrupted", file=sys.stderr)
         return 130
