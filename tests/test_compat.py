@@ -79,6 +79,12 @@ def test_sdpa_float_mask_gradient():
     _close(gb, rb)
 
 
+def test_sdpa_more_batch_dims():
+    q, k, v = _rand(2, 3, 2, 5, 8, seed=1), _rand(2, 3, 2, 7, 8, seed=2), _rand(2, 3, 2, 7, 3, seed=3)
+    for m in (torch.rand(3, 1, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.3, _rand(2, 1, 1, 5, 7, seed=4)):
+        _close(C.scaled_dot_product_attention(q, k, v, attn_mask=m), F.scaled_dot_product_attention(q, k, v, attn_mask=m))
+
+
 def test_sdpa_fast_paths_and_errors():
     q = torch.randn(2, 4, 512, 32)
     assert C.plan(C.scaled_dot_product_attention, q, q, q, is_causal=True).backend == "sdpa"
