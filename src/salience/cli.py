@@ -91,6 +91,14 @@ def _one_line(command: str, err) -> str:
     return f"salience {command}: error: {text}"
 
 
+def _enable_bars(tlog) -> None:
+    import warnings
+
+    with warnings.catch_warnings():  # huggingface_hub imported with HF_HUB_DISABLE_PROGRESS_BARS=1 keeps its own
+        warnings.simplefilter("ignore")  # bars off and warns so; transformers' bars come back
+        tlog.enable_progress_bar()
+
+
 @contextlib.contextmanager
 def quiet_transformers():
     """Inside: transformers' own progress bars ("Loading weights") and info/warning logs off, so they do not
@@ -109,7 +117,7 @@ def quiet_transformers():
     finally:
         tlog.set_verbosity(level)
         if bars:
-            tlog.enable_progress_bar()
+            _enable_bars(tlog)
 
 
 @contextlib.contextmanager
@@ -132,7 +140,7 @@ def no_transformers_bars():
         os.environ.pop(key, None)
         tlog = sys.modules.get("transformers.utils.logging")
         if tlog is not None and before:
-            tlog.enable_progress_bar()
+            _enable_bars(tlog)
 
 
 def main(argv=None) -> int:
