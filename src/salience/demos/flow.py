@@ -387,6 +387,8 @@ def markdown(result: dict) -> str:
     acc = result["accuracy"]
     out.append(f"Task: {st['examples']} test sentences, {st['length_min']}..{st['length_max']} tokens "
                f"(mean {st['length_mean']}, with [CLS]); by number of attractors {st['by_attractors']}. "
+               f"Evaluation examples: {result['task']['statistics']['evaluation']['examples']}, by attractors "
+               f"{result['task']['statistics']['evaluation']['by_attractors']}. "
                f"Trained {result['settings']['train_steps']} steps x {result['settings']['batch']}.")
     out.append("")
     out.append("| attractors | " + " | ".join(acc) + " |")
