@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="salience-demo", help="report directory (default: salience-demo)")
     parser.add_argument("--parts", default="accuracy,efficiency",
                         help="comma-separated parts to run: accuracy (includes interpretability), efficiency, flow "
-                             "(attention flow vs blank-out, Abnar & Zuidema 2020; not in the default)")
+                             "(attention flow vs blank-out, Abnar & Zuidema 2020) (default: accuracy,efficiency)")
     parser.add_argument("--seed", type=int, default=0, help="seed of models, data and random features")
     g = parser.add_argument_group("accuracy experiment")
     g.add_argument("--min-len", type=int, default=None, help="shortest sequence (default 5)")
