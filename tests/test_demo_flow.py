@@ -80,7 +80,7 @@ def test_blank_out_and_input_gradient_on_a_linear_model():
     # w.emb: UNK 1, token3 4, token4 5 -> |1-4| = 3, |1-5| = 4; [CLS] skipped
     assert bo.tolist() == [0.0, 3.0, 4.0, 3.0]
     assert F.blank_out(score_ids, ids, skip=()).tolist() == [1.0, 3.0, 4.0, 3.0]
-    gi = F.input_gradient(lambda E: (E @ w).sum((-1)), emb[ids])
+    gi = F.input_gradient(lambda E: (E @ w).sum(-1), emb[ids])
     assert gi.tolist() == [0.0, 4.0, 5.0, 4.0]
     # a quadratic: F = sum_i (w . x_i)^2, dF/dx_i = 2 (w . x_i) w, gradient x input 2 (w . x_i)^2
     gq = F.input_gradient(lambda E: ((E @ w) ** 2).sum(-1), emb[ids])
@@ -177,7 +177,7 @@ def test_rollout_and_flow_on_a_tiny_model_equal_a_direct_computation():
 def test_correlations_and_bootstrap_summary():
     L = 6
     per = []
-    for k in range(5):
+    for _ in range(5):
         ref = torch.arange(L, dtype=torch.float64)
         per.append({"scores": {"raw": torch.stack([ref, -ref]), "rollout": torch.stack([ref, ref])},
                     "blank_out": ref, "input_gradient": ref.flip(0)})

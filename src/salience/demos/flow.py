@@ -36,7 +36,7 @@ from ..interpret import methods as M
 from ..interpret.capture import capture
 from ..interpret.faithfulness import spearman
 from ..layers import TransformerEncoder
-from .agreement import CLS, UNK, Agreement, statistics
+from .agreement import UNK, Agreement, statistics
 
 __all__ = ["PAPER", "PRESETS", "AgreementClassifier", "train", "accuracy_by_attractors", "importances",
            "layer_scores", "blank_out", "input_gradient", "correlations", "minilm_correlations", "run_flow", "markdown", "plot", "SENTENCES"]
@@ -273,6 +273,7 @@ def minilm_correlations(sentences, reps: int = 1000, seed: int = 0) -> dict:
     """The same per-layer table on all-MiniLM-L6-v2 (mean-pooled sentence embedding): references from
     :func:`salience.interpret.faithfulness.evaluate` (kind ``"shift"``), maps captured by it."""
     import salience.models
+
     from ..interpret.faithfulness import evaluate
 
     model, tok = salience.models.minilm()
