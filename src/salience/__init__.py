@@ -18,6 +18,18 @@ from .kernels.merge import merge
 
 __version__ = "0.1.0"
 
+
+
+def __getattr__(name):
+    """``salience.compat`` (drop-in functions with torch SDPA's, FlexAttention's and flash-attn's signatures) is
+    imported on first use, so ``import salience`` stays light."""
+    if name == "compat":
+        import importlib
+
+        return importlib.import_module(".compat", __name__)
+    raise AttributeError(f"module 'salience' has no attribute {name!r}")
+
+
 __all__ = [
     "LAYOUT",
     "AttentionResult",
