@@ -220,3 +220,15 @@ def test_demo_cli_accepts_the_flow_part():
     s = settings(p.parse_args(["--quick", "--parts", "flow"]))
     assert s["parts"] == ["flow"] and "--parts flow" in _command(s)
     assert "--parts" not in _command(settings(p.parse_args(["--quick"])))
+
+
+def test_minilm_part_is_skipped_without_the_hf_extra(tmp_path, monkeypatch):
+    def missing(*_a, **_k):
+        raise ImportError("no transformers here")
+
+    monkeypatch.setattr(F, "minilm_correlations", missing)
+    said = []
+    res = F.run_flow(quick=True, out=None, say=said.append, train_steps=1, eval_examples=2, test_examples=8,
+                     bootstrap=10, model_kw={"d_model": 8, "num_heads": 2, "num_layers": 1})
+    assert "minilm" not in res and "no transformers here" in res["minilm_skipped"]
+    assert any("MiniLM part skipped" in s for s in said)

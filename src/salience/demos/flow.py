@@ -340,10 +340,15 @@ def run_flow(quick: bool = False, seed: int = 0, out=None, say=print, progress=N
     say("   " + table(result, "agreement").replace("\n", "\n   "))
     if minilm:
         t3 = time.perf_counter()
-        result["minilm"] = minilm_correlations(SENTENCES[: p["minilm_sentences"]], p["bootstrap"], seed)
-        result["seconds"]["minilm"] = time.perf_counter() - t3
-        say("   MiniLM (all-MiniLM-L6-v2, sentence embedding):")
-        say("   " + table(result, "minilm").replace("\n", "\n   "))
+        try:
+            result["minilm"] = minilm_correlations(SENTENCES[: p["minilm_sentences"]], p["bootstrap"], seed)
+        except (ImportError, FileNotFoundError) as e:  # the hf extra is optional
+            result["minilm_skipped"] = str(e)
+            say(f"   MiniLM part skipped: {e}")
+        else:
+            result["seconds"]["minilm"] = time.perf_counter() - t3
+            say("   MiniLM (all-MiniLM-L6-v2, sentence embedding):")
+            say("   " + table(result, "minilm").replace("\n", "\n   "))
     result["seconds"]["total"] = time.perf_counter() - t0
     if out is not None:
         out = Path(out)
