@@ -6,10 +6,16 @@ The page has four parts, all drawn on ``<canvas>`` so that it stays responsive a
 * **head view**: queries on the left, keys on the right, a line per weight (opacity = weight); hover a token
   to keep only its lines; long inputs show a window of tokens (slider) and gather the weight that leaves
   the window into the "above" / "below" markers;
-* **matrix view**: the selected map as a heatmap with zoom (mouse wheel), pan (drag), reset (double click)
-  and the tokens and weight under the cursor;
-* **token importance** bars (rollout, flow, gradient x input, erasure...), the **faithfulness table** and
-  the per-head **entropy**.
+* **matrix view**: the selected map as a heatmap with query tokens down the left, key tokens along the bottom
+  (every token when there is room, every n-th otherwise; zooming in shows them all), a colour scale in
+  weight units, zoom (mouse wheel), pan (drag), reset (double click) and the tokens and weight under the
+  cursor;
+* **token importance** bars (rollout, flow, gradient x input, erasure...) on a y axis with values, the
+  **faithfulness table** and the per-head **entropy**.
+
+A token that occurs more than once is labelled with its position everywhere (``the·3``), so that two
+``the`` rows are never confused. In Jupyter, ``report(...)`` without a path returns a :class:`ReportHTML`
+that displays inline (the same page in an ``<iframe srcdoc>``).
 
 Maps longer than ``detail`` tokens are pooled to ``detail`` blocks per side (mean over query rows, sum over
 keys, so rows keep their mass) and each map is stored as 8-bit levels of its own maximum; the page says
@@ -36,9 +42,9 @@ from pathlib import Path
 import torch
 
 from .. import methods as _m
-from .png import pool_map
+from .png import pool_map, token_labels
 
-__all__ = ["report", "payload", "DETAIL"]
+__all__ = ["report", "payload", "DETAIL", "ReportHTML", "notebook_html"]
 
 #: largest map side (in tokens or token blocks) embedded at full resolution
 DETAIL = 192
@@ -107,6 +113,7 @@ def payload(attn, tokens: Sequence[str] | None = None, *, row_index: Sequence[in
         "title": title,
         "summary": summary,
         "tokens": tokens,
+        "labels": token_labels(tokens),
         "row_index": row_index,
         "layer_names": list(layer_names) if layer_names else [f"layer {i}" for i in range(n)],
         "maps": {"layers": n, "heads": H, "rows": Rd, "cols": Sd, "block": block, "R": R, "S": S,
@@ -134,7 +141,8 @@ def report(attn, tokens: Sequence[str] | None = None, path=None, *, row_index: S
         detail: maps longer than this are pooled to ``detail`` blocks per side.
 
     Returns:
-        the written :class:`pathlib.Path`, or the HTML string when ``path`` is None.
+        the written :class:`pathlib.Path`, or the HTML text when ``path`` is None: a :class:`ReportHTML`
+        (a ``str``) that Jupyter displays inline through its ``_repr_html_``.
     """
     data = payload(attn, tokens, row_index=row_index, importances=importances, faithfulness=faithfulness,
                    entropy=entropy, layer_names=layer_names, title=title, summary=summary, detail=detail)
@@ -142,11 +150,41 @@ def report(attn, tokens: Sequence[str] | None = None, path=None, *, row_index: S
     page = (_PAGE.replace("__TITLE__", _html.escape(title))
             .replace("__CSS__", _CSS).replace("__DATA__", blob).replace("__JS__", _JS))
     if path is None:
-        return page
+        return ReportHTML(page)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def notebook_html(page: str, height: int = 1500) -> str:
+    """The page for a Jupyter output cell: the same self-contained HTML in an ``<iframe srcdoc=...>``, so that
+    its element ids, styles and script stay apart from the notebook's and from other reports (no network)."""
+    return (f'<iframe srcdoc="{_html.escape(page, quote=True)}" style="width:100%;height:{int(height)}px;'
+            'border:1px solid #ddd" title="salience attention report"></iframe>')
+
+
+class ReportHTML(str):
+    """The report's HTML text (a ``str``); in Jupyter it displays inline (:meth:`_repr_html_`), and
+    :meth:`save` writes it to a file.
+
+    Example:
+        >>> import torch
+        >>> page = report(torch.softmax(torch.randn(1, 1, 3, 3), -1), ["a", "b", "a"])
+        >>> page._repr_html_().startswith("<iframe srcdoc=")
+        True
+    """
+
+    __slots__ = ()
+
+    def _repr_html_(self) -> str:
+        return notebook_html(str(self))
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(self), encoding="utf-8")
+        return path
 
 
 _PAGE = """<!DOCTYPE html>
@@ -164,10 +202,10 @@ _PAGE = """<!DOCTYPE html>
   <div class="controls"><label>window <input type="range" id="hv-offset" min="0" max="0" value="0"></label> <span id="hv-range"></span></div>
   <canvas id="hv" width="560" height="400"></canvas></div>
  <div class="panel"><h2>Matrix view <small>wheel: zoom, drag: pan, double click: reset</small></h2>
-  <canvas id="mx" width="560" height="560"></canvas><div id="mx-info" class="info">&nbsp;</div></div>
+  <canvas id="mx" width="680" height="600"></canvas><div id="mx-info" class="info">&nbsp;</div></div>
 </section>
 <section id="bars-sec"><h2>Token importance <select id="series"></select></h2>
- <canvas id="bars" width="1100" height="240"></canvas><div id="bars-info" class="info">&nbsp;</div><p id="top"></p></section>
+ <canvas id="bars" width="1100" height="260"></canvas><div id="bars-info" class="info">&nbsp;</div><p id="top"></p></section>
 <section id="faith-sec"><h2>Faithfulness <small id="faith-target"></small></h2><div id="faith"></div></section>
 <section id="ent-sec"><h2>Entropy per head <small>mean over rows, nats; low = focused</small></h2><div id="ent"></div></section>
 </main>
@@ -217,7 +255,8 @@ function offscreen(l, h){ // canvas C x R with the map coloured by its own maxim
  var ctx = cv.getContext("2d"), img = ctx.createImageData(C, R);
  for (var i = 0; i < R*C; i++){var c = color(m[i]/mx);img.data[4*i] = c[0];img.data[4*i+1] = c[1];img.data[4*i+2] = c[2];img.data[4*i+3] = 255;}
  ctx.putImageData(img, 0, 0); offs[key] = cv; return cv;}
-function tok(i){return D.tokens[i] === undefined ? "?" : D.tokens[i];}
+var LAB = D.labels || D.tokens;
+function tok(i){return LAB[i] === undefined ? "?" : LAB[i];}
 function colLabel(c){if (B === 1) return tok(c);var a = c*B, b = Math.min(D.tokens.length, a + B) - 1;return tok(a) + "\u2026" + tok(b) + " [" + a + "-" + b + "]";}
 function rowLabel(r){if (B === 1) return tok(D.row_index[r]);var a = r*B, b = Math.min(D.row_index.length, a + B) - 1;
  return tok(D.row_index[a]) + "\u2026" + tok(D.row_index[b]) + " [rows " + a + "-" + b + "]";}
@@ -298,12 +337,34 @@ hv.addEventListener("mouseleave", function(){st.q = null; st.k = null; drawHead(
 // ---- matrix view
 var mxc = document.getElementById("mx"), mctx = mxc.getContext("2d"), info = document.getElementById("mx-info");
 function fullView(){return {x0: 0, y0: 0, x1: C, y1: R};}
+var ML = 100, MT = 10, MR = 80, MB = 90, PW = mxc.width - ML - MR, PH = mxc.height - MT - MB;
 function drawMatrix(){
  if (!st.view) st.view = fullView();
  var v = st.view; mctx.imageSmoothingEnabled = false; mctx.fillStyle = "#fff"; mctx.fillRect(0, 0, mxc.width, mxc.height);
- mctx.drawImage(offscreen(st.layer, st.head), v.x0, v.y0, v.x1 - v.x0, v.y1 - v.y0, 0, 0, mxc.width, mxc.height);}
+ mctx.drawImage(offscreen(st.layer, st.head), v.x0, v.y0, v.x1 - v.x0, v.y1 - v.y0, ML, MT, PW, PH);
+ mctx.strokeStyle = "#999"; mctx.lineWidth = 1; mctx.strokeRect(ML - 0.5, MT - 0.5, PW + 1, PH + 1);
+ // token labels on both axes: every cell when there is room, else every n-th
+ mctx.font = "11px system-ui, sans-serif"; mctx.fillStyle = "#222"; mctx.textBaseline = "middle";
+ var cw = PW/(v.x1 - v.x0), ch = PH/(v.y1 - v.y0), sc = Math.max(1, Math.ceil(12/cw)), sr = Math.max(1, Math.ceil(12/ch));
+ var xs = [], ys = [];
+ mctx.textAlign = "right";
+ for (var c = Math.floor(v.x0); c < v.x1; c++){if (c % sc) continue; var x = ML + (c + 0.5 - v.x0)*cw; if (x < ML || x > ML + PW) continue;
+  var t = colLabel(c).slice(0, 14); mctx.save(); mctx.translate(x, MT + PH + 4); mctx.rotate(-Math.PI/2); mctx.fillText(t, 0, 0); mctx.restore(); xs.push(t);}
+ for (var r = Math.floor(v.y0); r < v.y1; r++){if (r % sr) continue; var y = MT + (r + 0.5 - v.y0)*ch; if (y < MT || y > MT + PH) continue;
+  var t2 = rowLabel(r).slice(0, 14); mctx.fillText(t2, ML - 4, y); ys.push(t2);}
+ mctx.fillStyle = "#777"; mctx.textAlign = "left"; mctx.fillText("keys \u2192", ML, mxc.height - 8);
+ mctx.save(); mctx.translate(10, MT + PH/2); mctx.rotate(-Math.PI/2); mctx.textAlign = "center"; mctx.fillText("queries \u2192", 0, 0); mctx.restore();
+ // colour scale: the map is coloured by its own maximum
+ var mx = maxOf(mapAt(st.layer, st.head)), LX = ML + PW + 12, LW = 14, ticks = [];
+ for (var i = 0; i < PH; i++){var col = color(1 - i/(PH - 1)); mctx.fillStyle = "rgb(" + col.join(",") + ")"; mctx.fillRect(LX, MT + i, LW, 1);}
+ mctx.strokeStyle = "#999"; mctx.strokeRect(LX - 0.5, MT - 0.5, LW + 1, PH + 1); mctx.fillStyle = "#222"; mctx.textAlign = "left";
+ for (var k = 0; k <= 4; k++){var val = mx*k/4, yy = MT + PH - k/4*(PH - 1); mctx.fillRect(LX + LW, yy, 4, 1);
+  var s = val === 0 ? "0" : val.toPrecision(2); mctx.fillText(s, LX + LW + 6, yy); ticks.push(s);}
+ mctx.save(); mctx.translate(LX + LW + 8, MT + PH + 30); mctx.fillStyle = "#777"; mctx.fillText("weight", -10, 0); mctx.restore();
+ mctx.textBaseline = "alphabetic";
+ mxc.setAttribute("data-xlabels", xs.join("|")); mxc.setAttribute("data-ylabels", ys.join("|")); mxc.setAttribute("data-legend", ticks.join("|"));}
 function cellAt(ev){var rect = mxc.getBoundingClientRect(), v = st.view;
- var fx = (ev.clientX - rect.left)/rect.width, fy = (ev.clientY - rect.top)/rect.height;
+ var fx = ((ev.clientX - rect.left)*mxc.width/rect.width - ML)/PW, fy = ((ev.clientY - rect.top)*mxc.height/rect.height - MT)/PH;
  return {fx: fx, fy: fy, c: v.x0 + fx*(v.x1 - v.x0), r: v.y0 + fy*(v.y1 - v.y0)};}
 mxc.addEventListener("wheel", function(ev){ev.preventDefault(); var p = cellAt(ev), v = st.view, f = ev.deltaY < 0 ? 0.8 : 1.25;
  var w = Math.max(2, Math.min(C, (v.x1 - v.x0)*f)), hgt = Math.max(2, Math.min(R, (v.y1 - v.y0)*f));
@@ -314,7 +375,7 @@ mxc.addEventListener("mousedown", function(ev){drag = {x: ev.clientX, y: ev.clie
 window.addEventListener("mouseup", function(){drag = null;});
 mxc.addEventListener("mousemove", function(ev){
  if (drag){var rect = mxc.getBoundingClientRect(), v = drag.v, w = v.x1 - v.x0, hgt = v.y1 - v.y0;
-  var dx = (ev.clientX - drag.x)/rect.width*w, dy = (ev.clientY - drag.y)/rect.height*hgt;
+  var dx = (ev.clientX - drag.x)*mxc.width/rect.width/PW*w, dy = (ev.clientY - drag.y)*mxc.height/rect.height/PH*hgt;
   var x0 = Math.max(0, Math.min(C - w, v.x0 - dx)), y0 = Math.max(0, Math.min(R - hgt, v.y0 - dy));
   st.view = {x0: x0, y0: y0, x1: x0 + w, y1: y0 + hgt}; drawMatrix(); return;}
  var p = cellAt(ev), r = Math.floor(p.r), c = Math.floor(p.c);
@@ -332,22 +393,35 @@ function binned(){var v = D.importances[sel.value] || [], n = v.length, nb = Mat
  var out = []; for (var b = 0; b*bs < n; b++){var m = 0, arg = b*bs;
   for (var i = b*bs; i < Math.min(n, (b+1)*bs); i++){var x = Math.abs(v[i] || 0); if (x > m){m = x; arg = i;}}
   out.push({v: m, a: b*bs, b: Math.min(n, (b+1)*bs) - 1, arg: arg});} return out;}
+var YL = 64;
 function drawBars(){
  bctx.clearRect(0, 0, bars.width, bars.height);
  if (!series.length){bctx.fillStyle = "#777"; bctx.fillText("no token importance given", 10, 20); return;}
  var bs = binned(), mx = 0; bs.forEach(function(b){if (b.v > mx) mx = b.v;}); mx = mx || 1;
- var labels = bs.length <= 120 && bs[0] && bs[0].a === bs[0].b, H0 = labels ? 150 : 220, bw = (bars.width - 20)/bs.length;
+ var labels = bs.length <= 120 && bs[0] && bs[0].a === bs[0].b, H0 = labels ? 160 : 235, T0 = 12, bw = (bars.width - YL - 10)/bs.length;
+ var neg = (D.importances[sel.value] || []).some(function(x){return x !== null && x < 0;});
+ // y axis with values
+ bctx.font = "11px system-ui, sans-serif"; bctx.strokeStyle = "#999"; bctx.fillStyle = "#222"; bctx.textAlign = "right"; bctx.textBaseline = "middle";
+ bctx.beginPath(); bctx.moveTo(YL - 0.5, T0); bctx.lineTo(YL - 0.5, H0); bctx.lineTo(bars.width - 10, H0); bctx.stroke();
+ var ticks = [];
+ for (var k = 0; k <= 4; k++){var val = mx*k/4, y = H0 - k/4*(H0 - T0), s = val === 0 ? "0" : val.toPrecision(2);
+  bctx.strokeStyle = "#eee"; bctx.beginPath(); bctx.moveTo(YL, y); bctx.lineTo(bars.width - 10, y); bctx.stroke();
+  bctx.fillRect(YL - 5, y, 4, 1); bctx.fillText(s, YL - 7, y); ticks.push(s);}
+ bctx.save(); bctx.translate(12, (H0 + T0)/2); bctx.rotate(-Math.PI/2); bctx.textAlign = "center"; bctx.fillStyle = "#777";
+ bctx.fillText(neg ? "|" + sel.value + "|" : sel.value, 0, 0); bctx.restore();
+ bars.setAttribute("data-yticks", ticks.join("|"));
  bctx.fillStyle = "#3b528b";
- bs.forEach(function(b, i){var h = (b.v/mx)*(H0 - 10); bctx.fillRect(10 + i*bw, H0 - h, Math.max(1, bw - 1), h);});
- if (labels){bctx.save(); bctx.font = "11px system-ui, sans-serif"; bctx.fillStyle = "#222";
-  bs.forEach(function(b, i){bctx.save(); bctx.translate(10 + i*bw + bw/2 + 4, H0 + 4); bctx.rotate(Math.PI/2); bctx.fillText(tok(b.a).slice(0, 14), 0, 0); bctx.restore();});
+ bs.forEach(function(b, i){var h = (b.v/mx)*(H0 - T0); bctx.fillRect(YL + i*bw, H0 - h, Math.max(1, bw - 1), h);});
+ bctx.textBaseline = "alphabetic"; bctx.textAlign = "left";
+ if (labels){bctx.save(); bctx.fillStyle = "#222";
+  bs.forEach(function(b, i){bctx.save(); bctx.translate(YL + i*bw + bw/2 + 4, H0 + 4); bctx.rotate(Math.PI/2); bctx.fillText(tok(b.a).slice(0, 14), 0, 0); bctx.restore();});
   bctx.restore();}
  var v = D.importances[sel.value], idx = v.map(function(x, i){return i;}).filter(function(i){return v[i] !== null;});
  idx.sort(function(a, b){return Math.abs(v[b]) - Math.abs(v[a]);});
  document.getElementById("top").textContent = "top tokens: " + idx.slice(0, 10).map(function(i){return tok(i) + " (" + (+v[i]).toPrecision(3) + ")";}).join(", ");}
 sel.addEventListener("change", drawBars);
 bars.addEventListener("mousemove", function(ev){var bs = binned(); if (!bs.length) return; var rect = bars.getBoundingClientRect();
- var i = Math.floor(((ev.clientX - rect.left)*bars.width/rect.width - 10)/((bars.width - 20)/bs.length));
+ var i = Math.floor(((ev.clientX - rect.left)*bars.width/rect.width - YL)/((bars.width - YL - 10)/bs.length));
  if (i >= 0 && i < bs.length){var b = bs[i]; binfo.textContent = (b.a === b.b ? tok(b.a) + " [" + b.a + "]" : "tokens " + b.a + "-" + b.b + ", max at " + tok(b.arg) + " [" + b.arg + "]") + "  " + (+b.v).toPrecision(4);}});
 
 // ---- faithfulness table

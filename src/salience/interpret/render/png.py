@@ -1,7 +1,8 @@
 """Static figures with matplotlib (the ``viz`` extra): PNG, SVG or PDF by file suffix.
 
-* :func:`head_heatmap`: one head's ``(L, S)`` map with token labels;
-* :func:`layer_head_grid`: every layer x head map of one input as thumbnails;
+* :func:`head_heatmap`: one head's ``(L, S)`` map with token labels (repeated tokens carry their
+  position, ``the·3``; figure and type sized so every shown label is readable at 100 %);
+* :func:`layer_head_grid`: every layer x head map of one input as thumbnails, with a colour bar;
 * :func:`importance_bars`: one or more token-importance vectors as bars (each scaled to its maximum);
 * :func:`head_matrix`: a ``(layers, H)`` score (entropy, importance, a role) as a labelled matrix;
 * :func:`save`: write a figure, format from the suffix.
@@ -22,12 +23,14 @@ Example:
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["FORMATS", "head_heatmap", "layer_head_grid", "importance_bars", "head_matrix", "save", "pool_map"]
+__all__ = ["FORMATS", "head_heatmap", "layer_head_grid", "importance_bars", "head_matrix", "save", "pool_map",
+           "token_labels"]
 
 #: file formats :func:`save` writes
 FORMATS = (".png", ".svg", ".pdf")
@@ -68,16 +71,38 @@ def pool_map(m: torch.Tensor, max_cells: int) -> tuple[torch.Tensor, int]:
     return (x / counts.view(1, Lp, 1)).view(*lead, Lp, Sp), p
 
 
+def token_labels(tokens: Sequence) -> list[str]:
+    """Labels that tell repeated tokens apart: a token that occurs more than once carries its position
+    (``["the", "cat", "the"]`` -> ``["the\u00b70", "cat", "the\u00b72"]``); unique tokens are unchanged.
+
+    Example:
+        >>> token_labels(["the", "cat", "saw", "the", "dog"])
+        ['the·0', 'cat', 'saw', 'the·3', 'dog']
+    """
+    toks = [str(t) for t in tokens]
+    counts = Counter(toks)
+    return [f"{t}\u00b7{i}" if counts[t] > 1 else t for i, t in enumerate(toks)]
+
+
 def _labels(tokens, n: int, block: int, max_labels: int = 60):
     if tokens is None:
         return None, None
     toks = list(tokens)
+    if block == 1:
+        toks = token_labels(toks)
     if block > 1:
         toks = [f"{toks[i * block]}..({i * block})" if i * block < len(toks) else "" for i in range(n)]
     toks = toks[:n] + [""] * max(0, n - len(toks))
     step = max(1, math.ceil(n / max_labels))
     idx = list(range(0, n, step))
-    return idx, [toks[i] for i in idx]
+    return idx, [toks[i] if len(toks[i]) <= 18 else toks[i][:17] + "\u2026" for i in idx]
+
+
+def _tick_font(n: int, max_labels: int) -> tuple[int, float]:
+    """(label step, font size in points) for ``n`` cells: at most ``max_labels`` labels, smaller type when many."""
+    step = max(1, math.ceil(n / max_labels))
+    shown = math.ceil(n / step)
+    return step, (9.0 if shown <= 40 else 8.0 if shown <= 70 else 7.0)
 
 
 def head_heatmap(m, tokens: Sequence[str] | None = None, key_tokens: Sequence[str] | None = None,
@@ -92,17 +117,21 @@ def head_heatmap(m, tokens: Sequence[str] | None = None, key_tokens: Sequence[st
     a = _as_2d(m, "m")
     a, block = pool_map(a, max_cells)
     L, S = a.shape
-    size = min(12.0, 3.0 + 0.22 * max(L, S))
-    fig = Figure(figsize=(size + 1.2, size))
+    # the figure grows with the number of labels so that each tick label gets its own line at 100 %:
+    # a label takes about 1.45 x its font size, at most 100 labels per axis, 7-9 pt type
+    step, fs = _tick_font(max(L, S), 100)
+    shown = math.ceil(max(L, S) / step)
+    side = min(22.0, max(4.5, 2.0 + shown * fs * 1.45 / 72))
+    fig = Figure(figsize=(side + 1.6, side + 0.6))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(a.numpy(), cmap=cmap, aspect="auto", interpolation="nearest", vmin=0)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="weight" + (f" (blocks of {block})" if block > 1 else ""))
-    yi, yl = _labels(tokens, L, block)
-    xi, xl = _labels(key_tokens if key_tokens is not None else tokens, S, block)
+    yi, yl = _labels(tokens, L, block, max_labels=100)
+    xi, xl = _labels(key_tokens if key_tokens is not None else tokens, S, block, max_labels=100)
     if yi is not None:
-        ax.set_yticks(yi, yl, fontsize=8)
+        ax.set_yticks(yi, yl, fontsize=fs)
     if xi is not None:
-        ax.set_xticks(xi, xl, fontsize=8, rotation=90)
+        ax.set_xticks(xi, xl, fontsize=fs, rotation=90)
     ax.set_xlabel("key")
     ax.set_ylabel("query")
     if title:
@@ -128,9 +157,10 @@ def layer_head_grid(attn, title: str = "", max_cells: int = 48, layer_names: Seq
         for h in range(H):
             mosaic[la * (r + gap): la * (r + gap) + r, h * (c + gap): h * (c + gap) + c] = a[la, h]
     cell = 0.9 if H <= 12 else 0.7
-    fig = Figure(figsize=(1.2 + cell * H, 0.8 + cell * n * r / max(c, 1)))
+    fig = Figure(figsize=(2.2 + cell * H, max(2.0, 0.8 + cell * n * r / max(c, 1))))
     ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(mosaic.numpy(), cmap=cmap, vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+    im = ax.imshow(mosaic.numpy(), cmap=cmap, vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="weight / that map's maximum")
     ax.set_xticks([h * (c + gap) + c / 2 - 0.5 for h in range(H)], [f"h{h}" for h in range(H)], fontsize=8)
     ax.set_yticks([la * (r + gap) + r / 2 - 0.5 for la in range(n)],
                   list(layer_names) if layer_names else [f"L{la}" for la in range(n)], fontsize=8)
@@ -139,7 +169,7 @@ def layer_head_grid(attn, title: str = "", max_cells: int = 48, layer_names: Seq
         spine.set_visible(False)
     if title:
         ax.set_title(title)
-    fig.subplots_adjust(left=0.08, right=0.99, top=0.92 if title else 0.97, bottom=0.06)
+    fig.subplots_adjust(left=0.08, right=0.97, top=0.92 if title else 0.97, bottom=0.06)
     return fig
 
 
@@ -175,9 +205,9 @@ def importance_bars(values, tokens: Sequence[str] | None = None, title: str = ""
         mx = float(v.abs().max())
         ax.bar([i + (s - (k - 1) / 2) * bw for i in range(n)], (v / mx if mx > 0 else v).tolist(), width=bw,
                label=name)
-    idx, lab = _labels(tokens, n, block)
+    idx, lab = _labels(tokens, n, block, max_labels=100)
     if idx is not None:
-        ax.set_xticks(idx, lab, rotation=90, fontsize=8)
+        ax.set_xticks(idx, lab, rotation=90, fontsize=_tick_font(n, 100)[1])
     ax.set_ylabel("importance / max")
     if k > 1:
         ax.legend(fontsize=8, ncols=min(k, 4))
