@@ -139,6 +139,14 @@ class AttentionMaps:
         return (f"{len(self.maps)} map(s), first {tuple(m0.shape)} (B, heads, rows, keys), {dt}, "
                 f"{_fmt_bytes(self.nbytes)} recorded{extra}")
 
+    def _repr_html_(self) -> str:
+        """Jupyter shows the recorded maps as the self-contained HTML report (in an ``<iframe srcdoc>``)."""
+        if not self.maps:
+            return f"<pre>{self.summary()}</pre>"
+        from .render import html
+
+        return html.report(self)._repr_html_()
+
     # ------------------------------------------------------------------------------------------ npz
     def save(self, path) -> Path:
         """Write an ``.npz`` (maps as arrays, tokens and metadata as JSON); bfloat16 is kept as its bits."""

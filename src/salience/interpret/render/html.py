@@ -64,7 +64,8 @@ def _clean(v):
 
 def payload(attn, tokens: Sequence[str] | None = None, *, row_index: Sequence[int] | None = None,
             importances: dict | None = None, faithfulness=None, entropy=None, layer_names=None,
-            title: str = "salience attention report", summary: str = "", detail: int = DETAIL) -> dict:
+            title: str = "salience attention report", summary: str = "", detail: int = DETAIL,
+            merge_wordpieces: bool = False) -> dict:
     """The JSON-ready data the page embeds (see :func:`report` for the arguments)."""
     from ..capture import AttentionMaps
 
@@ -94,7 +95,21 @@ def payload(attn, tokens: Sequence[str] | None = None, *, row_index: Sequence[in
     row_index = [int(r) for r in row_index]
     if len(row_index) != R:
         raise ValueError(f"row_index has {len(row_index)} entries for {R} map rows.")
+    if merge_wordpieces:
+        from ..words import merge_wordpieces as _merge
+
+        if row_index != list(range(S)):
+            raise ValueError("merge_wordpieces needs every query row at full resolution (no rows=, no pooling).")
+        n_tok = S
+        tokens, a, importances = _merge(tokens, a, importances)
+        a = a.float()
+        S = R = len(tokens)
+        row_index = list(range(S))
+        entropy = None  # recomputed over words
+        summary = (summary + "; " if summary else "") + (f"{n_tok} tokens merged into {S} words (keys summed, "
+                                                         "queries averaged, importances summed)")
     pooled, block = pool_map(a, detail)
+    n, H, R, S = a.shape
     Rd, Sd = pooled.shape[-2:]
     mx = pooled.amax(dim=(-2, -1)).clamp(min=1e-30)
     q = torch.round(pooled / mx[..., None, None] * 255).clamp(0, 255).to(torch.uint8)
@@ -126,7 +141,8 @@ def payload(attn, tokens: Sequence[str] | None = None, *, row_index: Sequence[in
 
 def report(attn, tokens: Sequence[str] | None = None, path=None, *, row_index: Sequence[int] | None = None,
            importances: dict | None = None, faithfulness=None, entropy=None, layer_names=None,
-           title: str = "salience attention report", summary: str = "", detail: int = DETAIL):
+           title: str = "salience attention report", summary: str = "", detail: int = DETAIL,
+           merge_wordpieces: bool = False):
     """Write (or return) the HTML report.
 
     Args:
@@ -139,13 +155,16 @@ def report(attn, tokens: Sequence[str] | None = None, path=None, *, row_index: S
         entropy: ``(layers, H)``; computed from the maps when omitted.
         layer_names: labels of the layers. title, summary: page header.
         detail: maps longer than this are pooled to ``detail`` blocks per side.
+        merge_wordpieces: merge ``##`` pieces into words first (:mod:`salience.interpret.words`: keys summed,
+            queries averaged, importances summed); needs all rows at full resolution.
 
     Returns:
         the written :class:`pathlib.Path`, or the HTML text when ``path`` is None: a :class:`ReportHTML`
         (a ``str``) that Jupyter displays inline through its ``_repr_html_``.
     """
     data = payload(attn, tokens, row_index=row_index, importances=importances, faithfulness=faithfulness,
-                   entropy=entropy, layer_names=layer_names, title=title, summary=summary, detail=detail)
+                   entropy=entropy, layer_names=layer_names, title=title, summary=summary, detail=detail,
+                   merge_wordpieces=merge_wordpieces)
     blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     page = (_PAGE.replace("__TITLE__", _html.escape(title))
             .replace("__CSS__", _CSS).replace("__DATA__", blob).replace("__JS__", _JS))
