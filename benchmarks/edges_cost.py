@@ -5,7 +5,8 @@ For each problem, ``salience.attention`` as shipped (with the guards) and ``sali
 guards switched off (``dispatch._guarded`` replaced by a direct call, for this comparison only) are timed
 interleaved in one process, medians of 7; the ratio is the guards' cost. A strided q (``x[..., ::2]``) is timed too: its copy to a unit last-axis stride, against the same
 values already contiguous. The CPU model and flags are printed beside the figures. ``--doc`` rewrites the table
-between the ``edges_cost`` markers of that file from the JSON this run wrote.
+between the ``table:edges-cost`` markers of that file from the JSON this run wrote (the renderer of
+``benchmarks/docs_tables.py``, which checks that table in CI).
 """
 
 import argparse
@@ -13,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -109,25 +111,19 @@ def main() -> None:
 
 
 def render(json_path: str, doc: str) -> None:
-    """Rewrite the table between ``<!-- edges_cost:begin -->`` and ``<!-- edges_cost:end -->`` in ``doc``."""
+    """Rewrite the ``edges-cost`` table (between ``<!-- table:edges-cost:begin -->`` and ``...:end -->``) in
+    ``doc`` from ``json_path``, with the renderer ``benchmarks/docs_tables.py`` checks it against."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import docs_tables
+
     with open(json_path) as f:
         data = json.load(f)
-    meta = data["meta"]
-    lines = [f"| problem (N={meta['N']}) | path | with guards ms | without ms | ratio |", "|---|---|---:|---:|---:|"]
-    for r in data["results"]:
-        lines.append(f"| {r['problem']} | {r['backend']} | {r['guarded_ms']:.1f} | {r['unguarded_ms']:.1f} | "
-                     f"{r['ratio']:.3f} |")
-    load = ", ".join(f"{x:.2f}" for x in meta["loadavg"])
-    lines.append("")
-    lines.append(f"CPU: {meta['cpu']['model']} ({meta['cpu']['flags']}), {meta['cpu']['threads']} threads, torch "
-                 f"{meta['torch']}; load average during the run {load}. Command: `{meta['command']}`. The last "
-                 "row compares a strided q (`x[..., ::2]`, copied once per call) with the same values contiguous.")
     with open(doc) as f:
         text = f.read()
-    a, b = "<!-- edges_cost:begin -->", "<!-- edges_cost:end -->"
+    a, b = "<!-- table:edges-cost:begin -->", "<!-- table:edges-cost:end -->"
     i, j = text.index(a) + len(a), text.index(b)
     with open(doc, "w") as f:
-        f.write(text[:i] + "\n" + "\n".join(lines) + "\n" + text[j:])
+        f.write(text[:i] + docs_tables.block("edges-cost", data) + text[j:])
 
 
 if __name__ == "__main__":

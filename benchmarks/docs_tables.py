@@ -1,0 +1,277 @@
+"""The measured tables in README.md and docs/*.md, rendered from the result files the benchmarks write.
+
+    .venv/bin/python benchmarks/docs_tables.py --check   # exit 1 if a table differs from what its JSON renders
+    .venv/bin/python benchmarks/docs_tables.py --write   # rewrite every table from its JSON
+    .venv/bin/python benchmarks/docs_tables.py --list    # which table comes from which file
+
+A generated block sits between two markers in the markdown file:
+
+    <!-- table:NAME:begin -->
+    ...generated; do not edit by hand...
+    <!-- table:NAME:end -->
+
+and NAME is a key of ``TABLES`` below, which names the result file under ``benchmarks/results/`` and the
+function that renders it. Numbers are never edited in the docs: rerun the benchmark (it rewrites the JSON),
+then ``--write``. ``tests/test_docs_tables.py`` runs ``--check``, so a table that no longer matches its JSON
+fails the CI suite. A marker whose NAME is not in ``TABLES`` fails the check too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+
+MARKER = re.compile(r"<!-- table:([A-Za-z0-9_.-]+):begin -->(.*?)<!-- table:\1:end -->", re.S)
+
+
+def _load(name: str) -> dict:
+    with open(os.path.join(RESULTS, name)) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------- grid.json
+def _by_name(data: dict) -> dict:
+    return {r["config"]["name"]: r for r in data["results"] if "impls" in r}
+
+
+def _ms(x: float) -> str:
+    """Three significant figures for the README: 1833, 621, 55.7, 8.1."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _vs(impls: dict, peer: str, missing: str = "") -> str:
+    e = impls.get(peer)
+    if not e or e.get("speedup_vs_salience") is None:
+        return missing
+    r = e["speedup_vs_salience"]
+    return f"salience {_ratio(r)}x faster" if r >= 1 else f"{_ratio(1 / r)}x faster than salience"
+
+
+def render_readme_grid(data: dict) -> str:
+    """README's forward-ratio table (N=16384) from grid.json."""
+    g = _by_name(data)
+    head = ("| config | salience ms | torch SDPA (with the equivalent dense mask or bias) | FlexAttention (compiled; "
+            "compile time apart) |\n|---|---:|---:|---:|")
+    rows = [head]
+    for name, label, note in (("nomask", "no mask", " (same fused kernel)"), ("causal", "causal", "")):
+        a, b = g[f"{name}_f32"]["impls"], g[f"{name}_bf16"]["impls"]
+        rows.append(f"| {label}, fp32 / bf16 | {_ms(a['salience']['median_ms'])} / {_ms(b['salience']['median_ms'])} "
+                    f"| {a['sdpa']['speedup_vs_salience']:.2f}x / {b['sdpa']['speedup_vs_salience']:.2f}x{note} | |")
+    for name, label in (("window_f32", "sliding window 256, fp32"), ("window_bf16", "sliding window 256, bf16"),
+                        ("documents_f32", "4 documents, fp32"), ("documents_bf16", "4 documents, bf16"),
+                        ("alibi_causal_f32", "causal + ALiBi, fp32 (no L x S tensor)"),
+                        ("softcap_causal_f32", "causal + softcap, fp32"),
+                        ("documents_alibi_f32", "4 documents + ALiBi, fp32")):
+        e = g[name]["impls"]
+        rows.append(f"| {label} | {_ms(e['salience']['median_ms'])} | {_vs(e, 'sdpa', '(no SDPA equivalent)')} | "
+                    f"{_vs(e, 'flex', '(not measured)')} |")
+    e = g["window_fwdbwd_f32"]["impls"]
+    s, d = e["salience"], e["sdpa"]
+    rows.append(f"| sliding window 256, fwd+bwd, fp32 | {_ms(s['median_ms'])} | {_vs(e, 'sdpa')}; peak "
+                f"{s['peak_mib']:.0f} MiB vs {d['with_setup_mib']:.0f} MiB with its mask ({d['peak_mib']:.0f} "
+                f"without) | {_vs(e, 'flex', '(no backward on CPU)')} |")
+    return "\n".join(rows)
+
+
+_LABEL = (("none", "no mask"), ("window256", "window 256"), ("causal + alibi", "ALiBi + causal"),
+          ("causal + softcap", "softcap + causal"), ("4 documents + alibi", "4 documents + ALiBi"))
+
+
+def _perf_label(label: str) -> str:
+    label = label.replace(" N=16384", "")
+    for a, b in _LABEL:
+        if label.startswith(a + " "):
+            label = b + label[len(a):]
+            break
+    return label
+
+
+def render_performance_grid(data: dict) -> str:
+    """docs/performance.md's grid table from grid.json (reference rows omitted; the notes folded into names)."""
+    rows = ["| config | impl | median ms | useful GFLOP/s | time / salience | peak MiB | working MiB | "
+            "peak with set-up MiB | max err |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in data["results"]:
+        if "impls" not in r:
+            continue
+        label = _perf_label(r["label"])
+        for name, e in r["impls"].items():
+            if name == "reference":
+                continue
+
+            def f(key, fmt, e=e, blank="—"):
+                return format(e[key], fmt) if e.get(key) is not None else blank
+
+            config, impl, blank, star = label, name, "—", ""
+            note = e.get("note", "")
+            if name == "salience forward":
+                config, impl, blank = label.replace(" fwd+bwd", " forward, same run"), "salience", ""
+            elif name == "sdpa" and "dense bool mask" in note:
+                impl = "sdpa + bool mask"
+            elif name == "sdpa" and "materialised bias" in note:
+                impl, star = "sdpa + materialised bias", "*"
+            elif name == "flex" and e.get("setup_s"):
+                impl = f"flex (compile {e['setup_s']:.1f} s)"
+            setup = f("with_setup_mib", ".1f", blank=blank)
+            rows.append(f"| {config} | {impl} | {f('median_ms', '.1f')} | {f('gflops_useful', '.1f')} | "
+                        f"{f('speedup_vs_salience', '.2f')} | {f('peak_mib', '.1f', blank=blank)} | "
+                        f"{f('working_mib', '.1f', blank=blank)} | {setup}{star if setup != blank else ''} | "
+                        f"{f('max_err', '.1e')} |")
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------- edges_cost.json
+def render_edges_cost(data: dict) -> str:
+    """docs/kernels.md's cost of the input guards, from benchmarks/edges_cost.py's JSON."""
+    meta = data["meta"]
+    lines = [f"| problem (N={meta['N']}) | path | with guards ms | without ms | ratio |", "|---|---|---:|---:|---:|"]
+    for r in data["results"]:
+        lines.append(f"| {r['problem']} | {r['backend']} | {r['guarded_ms']:.1f} | {r['unguarded_ms']:.1f} | "
+                     f"{r['ratio']:.3f} |")
+    load = ", ".join(f"{x:.2f}" for x in meta["loadavg"])
+    lines.append("")
+    lines.append(f"CPU: {meta['cpu']['model']} ({meta['cpu']['flags']}), {meta['cpu']['threads']} threads, torch "
+                 f"{meta['torch']}; load average during the run {load}. Command: `{meta['command']}`. The last "
+                 "row compares a strided q (`x[..., ::2]`, copied once per call) with the same values contiguous.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- flow_full.json
+def render_flow(data: dict) -> str:
+    """docs/demo.md's attention-flow tables: ``salience.demos.flow.markdown`` of the kept full run."""
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+    from salience.demos import flow
+
+    return flow.markdown(data)
+
+
+# -------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Table:
+    result: str                          # file under benchmarks/results/
+    render: Callable[[dict], str]
+    command: str                         # what writes the result file
+
+
+TABLES: dict[str, Table] = {
+    "grid-ratios": Table("grid.json", render_readme_grid, "python benchmarks/run_grid.py"),
+    "grid": Table("grid.json", render_performance_grid, "python benchmarks/run_grid.py"),
+    "edges-cost": Table("edges_cost.json", render_edges_cost,
+                        "python benchmarks/edges_cost.py --json benchmarks/results/edges_cost.json"),
+    "flow-full": Table("flow_full.json", render_flow,
+                       "salience demo --parts flow, then copy flow.json to benchmarks/results/flow_full.json"),
+}
+
+
+def docs(root: str = ROOT) -> list[str]:
+    out = [os.path.join(root, "README.md")]
+    d = os.path.join(root, "docs")
+    out += sorted(os.path.join(d, n) for n in os.listdir(d) if n.endswith(".md"))
+    return [p for p in out if os.path.exists(p)]
+
+
+def block(name: str, data: dict | None = None) -> str:
+    """The text that goes between the markers of table NAME (with its leading and trailing newline)."""
+    t = TABLES[name]
+    return "\n" + t.render(data if data is not None else _load(t.result)) + "\n"
+
+
+def process(path: str, write: bool = False, cache: dict | None = None) -> list[str]:
+    """Check (or rewrite) every marked table in one file; returns one message per table that differs."""
+    cache = {} if cache is None else cache
+    with open(path) as f:
+        text = f.read()
+    problems: list[str] = []
+    rel = os.path.relpath(path, ROOT)
+
+    def sub(m: re.Match) -> str:
+        name, old = m.group(1), m.group(2)
+        if name not in TABLES:
+            problems.append(f"{rel}: table '{name}' has markers but no renderer in benchmarks/docs_tables.py")
+            return m.group(0)
+        if name not in cache:
+            cache[name] = block(name)
+        new = cache[name]
+        if old != new:
+            diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
+                                                f"{rel} (table {name})", f"rendered from benchmarks/results/"
+                                                f"{TABLES[name].result}", n=0))
+            problems.append(f"{rel}: table '{name}' differs from benchmarks/results/{TABLES[name].result}\n{diff}")
+        return f"<!-- table:{name}:begin -->{new}<!-- table:{name}:end -->"
+
+    new_text = MARKER.sub(sub, text)
+    if write and new_text != text:
+        with open(path, "w") as f:
+            f.write(new_text)
+    return problems
+
+
+def found(paths: list[str]) -> dict[str, list[str]]:
+    """Table name -> the files that hold it."""
+    out: dict[str, list[str]] = {}
+    for p in paths:
+        with open(p) as f:
+            for m in MARKER.finditer(f.read()):
+                out.setdefault(m.group(1), []).append(os.path.relpath(p, ROOT))
+    return out
+
+
+def write_one(name: str, path: str) -> None:
+    """Rewrite table NAME in one file (what a benchmark's --doc option calls after writing its JSON)."""
+    with open(path) as f:
+        text = f.read()
+    new = MARKER.sub(lambda m: (f"<!-- table:{name}:begin -->{block(name)}<!-- table:{name}:end -->"
+                                if m.group(1) == name else m.group(0)), text)
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--check", action="store_true", help="exit 1 if a marked table differs from its JSON")
+    g.add_argument("--write", action="store_true", help="rewrite every marked table from its JSON")
+    g.add_argument("--list", action="store_true", help="print each table, its result file and where it is")
+    a = p.parse_args(argv)
+    paths = docs()
+    if a.list:
+        where = found(paths)
+        for name, t in TABLES.items():
+            print(f"{name:12s} benchmarks/results/{t.result:16s} {', '.join(where.get(name, ['(no markers)']))}"
+                  f"  <- {t.command}")
+        return 0
+    cache: dict = {}
+    problems = [m for path in paths for m in process(path, write=a.write, cache=cache)]
+    unused = sorted(set(TABLES) - set(found(paths)))
+    if a.write:
+        print(f"rewrote the tables in {len(paths)} files" + (f"; changed: {len(problems)}" if problems else ""))
+        for m in problems:
+            print(m.splitlines()[0])
+        return 0
+    for m in problems:
+        print(m, file=sys.stderr)
+    for name in unused:
+        print(f"table '{name}' is registered but no file has its markers", file=sys.stderr)
+    if problems or unused:
+        print("fix: rerun the benchmark that writes the JSON, then `python benchmarks/docs_tables.py --write`",
+              file=sys.stderr)
+        return 1
+    print(f"{sum(len(v) for v in found(paths).values())} tables match their result files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
