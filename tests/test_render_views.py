@@ -149,3 +149,19 @@ def test_long_input_labels_every_nth_in_chromium(tmp_path):
     dom = _browse(tmp_path, path.as_uri(), "--dump-dom")
     xs = _attr(dom.stdout, "mx", "data-xlabels").split("|")
     assert 10 <= len(xs) < L and xs[0] == "t0·0" and all("·" in x for x in xs)
+
+
+def test_explain_words_merges_wordpieces_in_the_report(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import json
+
+    from salience import cli
+
+    out = tmp_path / "r"
+    assert cli.main(["explain", "Tokenization is unbelievably hard.", "--words", "--method", "rollout,entropy",
+                     "--no-png", "--quiet", "--out", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    data = json.loads(re.search(r'id="salience-data">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</"))
+    assert "tokenization" in data["tokens"] and "unbelievably" in data["tokens"]
+    assert not any(t.startswith("##") for t in data["tokens"]) and "merged into" in data["summary"]
+    assert len(data["importances"]["rollout"]) == len(data["tokens"]) == data["maps"]["S"]

@@ -87,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest input for the faithfulness table (erasure costs one pass per token)")
     p.add_argument("--flow-seconds", type=float, default=10.0, help="refuse attention flow beyond this estimate")
     p.add_argument("--no-png", action="store_true", help="skip the matplotlib PNGs")
+    p.add_argument("--words", action="store_true", help="report.html: merge ## wordpieces into words (keys summed, queries averaged, importances summed; default off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -298,7 +299,7 @@ def run(args) -> int:
     summary = f"{L} tokens" + (f" (truncated from {n_text})" if n_text > L else "") + f"; {maps.summary()}"
     files.insert(0, html.report(maps, maps.tokens, out / "report.html", importances=importances, faithfulness=faith,
                                 entropy=ent, layer_names=names, title=f"salience explain: {text[:80]}",
-                                summary=summary))
+                                summary=summary, merge_wordpieces=bool(getattr(args, "words", False)) and square))
     bar.step("HTML report")
 
     # ------------------------------------------------------------------------------ terminal
