@@ -158,6 +158,56 @@ def render_flow(data: dict) -> str:
     return flow.markdown(data)
 
 
+# ------------------------------------------------------------------------- grid_quick.json, million.json
+def render_quick(data: dict) -> str:
+    """docs/performance.md's small-size sentence from grid_quick.json."""
+    g = _by_name(data)
+    w, d, a, c = (g[n]["impls"] for n in ("window_f32", "documents_f32", "alibi_causal_f32", "causal_f32"))
+    return (f"`benchmarks/results/grid_quick.json` ({data['meta']['seconds']:.0f} s): at this size Python overhead "
+            f"matters more and the gaps shrink: window 256 f32 {w['salience']['median_ms']:.1f} ms vs SDPA + mask "
+            f"{w['sdpa']['median_ms']:.1f} ms ({w['sdpa']['speedup_vs_salience']:.1f}x), documents f32 "
+            f"{d['sdpa']['speedup_vs_salience']:.1f}x, ALiBi {a['sdpa']['speedup_vs_salience']:.2f}x over SDPA with "
+            f"a per-head bias, causal {c['sdpa']['speedup_vs_salience']:.2f}x of SDPA "
+            f"({c['salience']['median_ms']:.1f} vs {c['sdpa']['median_ms']:.1f} ms).")
+
+
+def _e(x: float) -> str:
+    m, e = f"{x:.1e}".split("e")
+    return f"{m}e{int(e)}"
+
+
+def render_million(data: dict) -> str:
+    """docs/performance.md's one-million-token paragraph from million.json."""
+    r = data["results"][0]
+    c, s = r["config"], r["impls"]["salience"]
+    plan = r["plan"]
+    backend = re.search(r"backend='([^']+)'", plan).group(1)
+    skipped = float(re.search(r"skipped=([0-9.]+)", plan).group(1))
+    calls = re.search(r"fused_calls=(\d+)", plan)
+    how = f"{calls.group(1)} fused calls, " if calls else ""
+    mask = f"`sliding_window({c['window']})`" if c["mask"] == "window" else f"`{c['mask']}`"
+    dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}[c["dtype"]]
+    return (f"`benchmarks/results/million.json`: B={c['B']}, H={c['H']}, L=S={c['N']:,}, D={c['D']}, {dtype}, {mask}:\n"
+            f"forward {s['median_ms'] / 1000:.2f} s ({s['gflops_useful']:.0f} useful GFLOP/s), plan `{backend}` ({how}"
+            f"{100 * skipped:.2f}% of the L x S grid skipped),\nprocess peak RSS {s['process_peak_mib']:.0f} MiB for q, k, "
+            f"v and the output of {s['qkvo_mib']:.0f} MiB together ({s['process_peak_mib'] / s['qkvo_mib']:.2f}x); max "
+            f"error against the\nfloat64 reference on sampled rows {_e(s['max_err'])}.")
+
+
+# ------------------------------------------------------------------------------------ import_time.json
+def render_import_time(data: dict) -> str:
+    """README's start-up figures from benchmarks/import_time.py's JSON."""
+    m, r, h, b = (data["median_s"], data["ratio_import_salience_to_torch"], data["help_minus_import_torch_s"],
+                  data["budgets"])
+    cpu = data["cpu_model"].split("(R)")[0] + (" Xeon" if "Xeon" in data["cpu_model"] else "")
+    return (f"Start-up, measured by `python benchmarks/import_time.py` (medians of {data['repeats']} fresh processes, "
+            f"interleaved, on {data['cpu_count']} {cpu.replace('Intel ', '').strip()} cores at load average "
+            f"{data['loadavg'][0]:.1f}; `benchmarks/results/import_time.json`): `import salience` "
+            f"{m['import salience']['wall']:.2f} s against `import torch` {m['import torch']['wall']:.2f} s "
+            f"({r['wall']:.2f}x; CPU time {r['cpu']:.2f}x; budget {b['ratio_import_salience_to_torch']}x), and "
+            f"`salience --help` `import torch` + {h['wall']:.2f} s (budget + {b['help_minus_import_torch_s']} s).")
+
+
 # -------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Table:
@@ -171,6 +221,9 @@ TABLES: dict[str, Table] = {
     "grid": Table("grid.json", render_performance_grid, "python benchmarks/run_grid.py"),
     "edges-cost": Table("edges_cost.json", render_edges_cost,
                         "python benchmarks/edges_cost.py --json benchmarks/results/edges_cost.json"),
+    "grid-quick": Table("grid_quick.json", render_quick, "python benchmarks/run_grid.py --quick"),
+    "million": Table("million.json", render_million, "python benchmarks/million_tokens.py"),
+    "import-time": Table("import_time.json", render_import_time, "python benchmarks/import_time.py"),
     "flow-full": Table("flow_full.json", render_flow,
                        "salience demo --parts flow, then copy flow.json to benchmarks/results/flow_full.json"),
 }
