@@ -158,6 +158,64 @@ def render_flow(data: dict) -> str:
     return flow.markdown(data)
 
 
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def render_targets(data: dict) -> str:
+    """docs/performance.md's "against the issue's targets" table from grid.json and million.json."""
+    g = {n: r["impls"] for n, r in _by_name(data).items()}
+
+    def sp(name, peer):
+        return g[name][peer]["speedup_vs_salience"]
+
+    rows = ["| target | measured | |", "|---|---|---|"]
+    same = [sp(n, "sdpa") for n in ("nomask_f32", "causal_f32", "nomask_bf16", "causal_bf16")]
+    rows.append("| no mask and causal, f32 and bf16: >= 0.97x SDPA's speed | "
+                + ", ".join(f"{x:.2f}" for x in same) + f" | {_met(min(same) >= 0.97)} |")
+    w = sp("window_f32", "sdpa")
+    rows.append(f"| window 256, N=16384, f32: >= 25x SDPA + bool mask | {w:.1f}x | {_met(w >= 25)} |")
+    wf = sp("window_f32", "flex")
+    rows.append(f"| ... and >= 1.5x compiled Flex | {wf:.2f}x (compile {g['window_f32']['flex']['setup_s']:.1f} s "
+                f"apart) | {_met(wf >= 1.5)} |")
+    wb = sp("window_bf16", "flex")
+    rows.append("| window 256 bf16: within 1.5x of Flex | "
+                + (f"{wb:.2f}x *faster* than Flex" if wb >= 1 else f"{1 / wb:.2f}x slower than Flex")
+                + f" | {_met(wb >= 1 / 1.5)} |")
+    ds = [sp("documents_f32", "sdpa"), sp("documents_bf16", "sdpa")]
+    rows.append(f"| 4 documents: >= 4x SDPA + bool mask, f32 and bf16 | {ds[0]:.2f}x, {ds[1]:.2f}x | "
+                f"{_met(min(ds) >= 4)} |")
+    df = [sp("documents_f32", "flex"), sp("documents_bf16", "flex")]
+    rows.append(f"| ... and faster than Flex | {df[0]:.2f}x, {df[1]:.2f}x | {_met(min(df) > 1)} |")
+    a = [sp("alibi_causal_f32", "sdpa"), sp("alibi_causal_f32", "flex")]
+    rows.append(f"| ALiBi + causal f32: >= 1.5x SDPA + materialised bias and Flex | {a[0]:.2f}x, {a[1]:.2f}x (the "
+                f"compiled interval kernel); salience allocates no L x S tensor (peak "
+                f"{g['alibi_causal_f32']['salience']['peak_mib']:.1f} MiB) | {_met(min(a) >= 1.5)} |")
+    s = sp("softcap_causal_f32", "flex")
+    rows.append(f"| softcap + causal f32: >= 1.5x Flex | {s:.2f}x (no L x S tensor: peak "
+                f"{g['softcap_causal_f32']['salience']['peak_mib']:.1f} MiB) | {_met(s >= 1.5)} |")
+    fb = g["window_fwdbwd_f32"]
+    step, fwd = fb["salience"]["median_ms"], fb["salience forward"]["median_ms"]
+    rows.append(f"| fwd+bwd window 256 at 16K: <= 4x its own forward | {step:.1f} / {fwd:.1f} = **{step / fwd:.2f}x** "
+                f"in one run | {_met(step / fwd <= 4)} |")
+    sal, sd = fb["salience"], fb["sdpa"]
+    with_mask, alone = sal["with_setup_mib"] / sd["with_setup_mib"], sal["peak_mib"] / sd["peak_mib"]
+    verdict = ("met" if alone <= 0.1 else "met counting SDPA's mask") if with_mask <= 0.1 else "**not met**"
+    rows.append(f"| ... peak memory <= 1/10 of SDPA + bool mask | {sal['with_setup_mib']:.1f} MiB against SDPA's "
+                f"{sd['with_setup_mib']:.0f} MiB with its mask = **{with_mask:.3f}**; against SDPA's call alone (mask "
+                f"built beforehand, {sd['peak_mib']:.0f} MiB) {alone:.3f}, where {sal['qkvo_mib']:.0f} / "
+                f"{sd['peak_mib']:.0f} = {sal['qkvo_mib'] / sd['peak_mib']:.3f} is the floor for any implementation "
+                f"(dq, dk, dv and the output); working memory {sal['working_mib']:.1f} / {sd['working_mib']:.0f} MiB "
+                f"| {verdict} |")
+    m = _load("million.json")["results"][0]["impls"]["salience"]
+    rows.append(f"| 1M tokens (H=4, f32, causal window 256): forward < 10 s | {m['median_ms'] / 1000:.2f} s | "
+                f"{_met(m['median_ms'] < 10000)} |")
+    rows.append(f"| ... peak RSS <= 2x bytes of q, k, v, out | {m['process_peak_mib']:.0f} MiB = "
+                f"{m['process_peak_mib'] / m['qkvo_mib']:.2f}x of {m['qkvo_mib']:.0f} MiB | "
+                f"{_met(m['process_peak_mib'] <= 2 * m['qkvo_mib'])} |")
+    return "\n".join(rows)
+
+
 # ------------------------------------------------------------------------- grid_quick.json, million.json
 def render_quick(data: dict) -> str:
     """docs/performance.md's small-size sentence from grid_quick.json."""
@@ -221,6 +279,8 @@ TABLES: dict[str, Table] = {
     "grid": Table("grid.json", render_performance_grid, "python benchmarks/run_grid.py"),
     "edges-cost": Table("edges_cost.json", render_edges_cost,
                         "python benchmarks/edges_cost.py --json benchmarks/results/edges_cost.json"),
+    "targets": Table("grid.json", render_targets, "python benchmarks/run_grid.py; python benchmarks/million_tokens.py "
+                     "(also reads million.json)"),
     "grid-quick": Table("grid_quick.json", render_quick, "python benchmarks/run_grid.py --quick"),
     "million": Table("million.json", render_million, "python benchmarks/million_tokens.py"),
     "import-time": Table("import_time.json", render_import_time, "python benchmarks/import_time.py"),
