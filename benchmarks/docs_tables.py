@@ -342,16 +342,6 @@ def found(paths: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def write_one(name: str, path: str) -> None:
-    """Rewrite table NAME in one file (what a benchmark's --doc option calls after writing its JSON)."""
-    with open(path) as f:
-        text = f.read()
-    new = MARKER.sub(lambda m: (f"<!-- table:{name}:begin -->{block(name)}<!-- table:{name}:end -->"
-                                if m.group(1) == name else m.group(0)), text)
-    with open(path, "w") as f:
-        f.write(new)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group(required=True)
