@@ -165,3 +165,11 @@ def test_explain_words_merges_wordpieces_in_the_report(tmp_path, capsys):
     assert "tokenization" in data["tokens"] and "unbelievably" in data["tokens"]
     assert not any(t.startswith("##") for t in data["tokens"]) and "merged into" in data["summary"]
     assert len(data["importances"]["rollout"]) == len(data["tokens"]) == data["maps"]["S"]
+
+
+def test_head_view_overlays_all_heads_in_chromium(tmp_path):
+    """The self test ticks "all heads in colour", hides head 0 with its chip, and checks the heads drawn."""
+    path = html.report(maps(2, 4), TOKS, tmp_path / "r.html")
+    assert 'id="hv-all"' in path.read_text()
+    dom = _browse(tmp_path, path.as_uri() + "#selftest", "--dump-dom")
+    assert 'data-selftest="ok' in dom.stdout and "overlay=true" in dom.stdout, re.findall(r'data-selftest="[^"]*"', dom.stdout)

@@ -4,7 +4,8 @@ The page has four parts, all drawn on ``<canvas>`` so that it stays responsive a
 
 * **model view**: every layer x head map as a thumbnail (plus the mean over heads); click one to select it;
 * **head view**: queries on the left, keys on the right, a line per weight (opacity = weight); hover a token
-  to keep only its lines; long inputs show a window of tokens (slider) and gather the weight that leaves
+  to keep only its lines; "all heads in colour" overlays every head of the layer, one colour per head
+  (click a head's chip to hide or show it); long inputs show a window of tokens (slider) and gather the weight that leaves
   the window into the "above" / "below" markers;
 * **matrix view**: the selected map as a heatmap with query tokens down the left, key tokens along the bottom
   (every token when there is room, every n-th otherwise; zooming in shows them all), a colour scale in
@@ -218,7 +219,8 @@ _PAGE = """<!DOCTYPE html>
 <section id="model"><h2>Model view <small>layer x head; click to select, last column: mean of heads</small></h2><div id="grid"></div></section>
 <section id="views">
  <div class="panel"><h2>Head view <small id="hv-sel"></small></h2>
-  <div class="controls"><label>window <input type="range" id="hv-offset" min="0" max="0" value="0"></label> <span id="hv-range"></span></div>
+  <div class="controls"><label>window <input type="range" id="hv-offset" min="0" max="0" value="0"></label> <span id="hv-range"></span>
+  <label id="hv-all-l"> <input type="checkbox" id="hv-all"> all heads in colour</label> <span id="hv-heads"></span></div>
   <canvas id="hv" width="560" height="400"></canvas></div>
  <div class="panel"><h2>Matrix view <small>wheel: zoom, drag: pan, double click: reset</small></h2>
   <canvas id="mx" width="680" height="600"></canvas><div id="mx-info" class="info">&nbsp;</div></div>
@@ -247,6 +249,7 @@ canvas{display:block}.info{font-size:12px;color:#444;min-height:1.4em;font-famil
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
 th{background:#f0f0f0}td.l{text-align:left}.controls{font-size:12px;margin-bottom:4px}
 #bars{background:#fff;border:1px solid #ddd;max-width:100%}
+.chip{display:inline-block;color:#fff;font-size:11px;padding:0 4px;margin:0 1px;border-radius:3px;cursor:pointer}
 """
 
 _JS = r"""
@@ -313,16 +316,32 @@ var slider = document.getElementById("hv-offset");
 slider.max = String(Math.max(0, R - WR, C - WC));
 slider.addEventListener("input", function(){st.off = +slider.value; drawHead();});
 hv.height = 40 + ROWH*WIN;
+// all heads at once, one colour per head (click a head's chip to hide or show it)
+var PAL = [[228,26,28],[55,126,184],[77,175,74],[152,78,163],[255,127,0],[166,86,40],[247,129,191],[120,120,120],
+ [23,190,207],[188,189,34],[31,60,140],[140,20,60]];
+var hvAll = document.getElementById("hv-all"), hvHeads = document.getElementById("hv-heads"), headOn = [], chips = [];
+if (nH < 2) document.getElementById("hv-all-l").style.display = "none";
+for (var hc = 0; hc < nH; hc++){var chip = document.createElement("span"); headOn.push(true); chip.className = "chip";
+ chip.textContent = "h" + hc; chip.dataset.h = hc; chip.style.background = "rgb(" + PAL[hc % PAL.length].join(",") + ")";
+ chip.addEventListener("click", function(ev){var h = +ev.target.dataset.h; headOn[h] = !headOn[h]; ev.target.style.opacity = headOn[h] ? 1 : 0.25; drawHead();});
+ hvHeads.appendChild(chip); chips.push(chip);}
+hvHeads.style.display = "none";
+hvAll.addEventListener("change", function(){hvHeads.style.display = hvAll.checked ? "" : "none"; drawHead();});
 function drawHead(){
  var m = mapAt(st.layer, st.head), mx = maxOf(m), W = hv.width, X0 = 215, X1 = 345, top = 28;
  hctx.clearRect(0, 0, W, hv.height); hctx.font = "12px system-ui, sans-serif";
  var r0 = Math.min(st.off, R - WR), c0 = Math.min(st.off, C - WC);
  var r1 = r0 + WR, c1 = c0 + WC;
- document.getElementById("hv-sel").textContent = "layer " + st.layer + ", " + headName(st.head) + " (hover a token)";
+ var overlay = hvAll.checked && nH > 1, hs = [];
+ if (overlay){for (var hh0 = 0; hh0 < nH; hh0++) if (headOn[hh0]) hs.push(hh0);} else hs.push(st.head);
+ hv.setAttribute("data-heads", overlay ? hs.join(",") : "");
+ document.getElementById("hv-sel").textContent = "layer " + st.layer + ", " + (overlay ? hs.length + " heads in colour" : headName(st.head)) + " (hover a token)";
  document.getElementById("hv-range").textContent = "rows " + r0 + "-" + (r1-1) + " of " + R + ", keys " + c0 + "-" + (c1-1) + " of " + C;
  hctx.fillStyle = "#777"; hctx.fillText("queries", X0 - 60, 14); hctx.fillText("keys", X1 + 8, 14);
  var yAbove = top - 8, yBelow = top + ROWH*WC + 2;
  if (c0 > 0){hctx.fillText("\u25b2 above", X1 + 8, yAbove + 4);} if (c1 < C){hctx.fillText("\u25bc below", X1 + 8, yBelow + 4);}
+ hs.forEach(function(hh){
+ var m = mapAt(st.layer, hh), mx = maxOf(m), rgb = overlay ? PAL[hh % PAL.length].join(",") : "228,87,46";
  for (var r = r0; r < r1; r++){
   if (st.q !== null && st.q !== r) continue;
   var y = top + (r - r0)*ROWH + ROWH/2, above = 0, below = 0;
@@ -332,11 +351,11 @@ function drawHead(){
    if (c < c0){above += w; continue;} if (c >= c1){below += w; continue;}
    if (w <= 0.02*mx && st.q === null) continue;
    var yk = top + (c - c0)*ROWH + ROWH/2;
-   hctx.strokeStyle = "rgba(228,87,46," + Math.min(1, w/mx).toFixed(3) + ")"; hctx.lineWidth = st.q !== null ? 2.5 : 1.5;
+   hctx.strokeStyle = "rgba(" + rgb + "," + Math.min(1, w/mx).toFixed(3) + ")"; hctx.lineWidth = st.q !== null ? 2.5 : 1.5;
    hctx.beginPath(); hctx.moveTo(X0, y); hctx.lineTo(X1, yk); hctx.stroke();}
-  if (st.k === null){
+  if (st.k === null && !overlay){
    if (above > 0){hctx.strokeStyle = "rgba(60,60,200," + Math.min(1, above).toFixed(3) + ")"; hctx.beginPath(); hctx.moveTo(X0, y); hctx.lineTo(X1, yAbove); hctx.stroke();}
-   if (below > 0){hctx.strokeStyle = "rgba(60,60,200," + Math.min(1, below).toFixed(3) + ")"; hctx.beginPath(); hctx.moveTo(X0, y); hctx.lineTo(X1, yBelow); hctx.stroke();}}}
+   if (below > 0){hctx.strokeStyle = "rgba(60,60,200," + Math.min(1, below).toFixed(3) + ")"; hctx.beginPath(); hctx.moveTo(X0, y); hctx.lineTo(X1, yBelow); hctx.stroke();}}}});
  hctx.textAlign = "right";
  for (var r2 = r0; r2 < r1; r2++){hctx.fillStyle = r2 === st.q ? "#e4572e" : "#222"; hctx.fillText(rowLabel(r2).slice(0, 30), X0 - 6, top + (r2 - r0)*ROWH + ROWH/2 + 4);}
  hctx.textAlign = "left";
@@ -485,13 +504,17 @@ if (location.hash === "#selftest"){
  ev(mxc, "mousemove", 0.3, 0.3); ev(mxc, "mousedown", 0.3, 0.3); ev(mxc, "mousemove", 0.5, 0.5); ev(window.document.body, "mouseup", 0, 0);
  ev(mxc, "dblclick", 0.5, 0.5); ev(mxc, "click", 0.5, 0.9);
  ev(hv, "mousemove", 0.2, 40/hv.height); ev(hv, "mousemove", 0.8, 40/hv.height); ev(hv, "mouseleave", 0, 0);
+ if (nH > 1){hvAll.checked = true; hvAll.dispatchEvent(new Event("change")); ev(chips[0], "click", 0.5, 0.5);
+  ev(hv, "mousemove", 0.2, 40/hv.height); ev(hv, "mouseleave", 0, 0);}
+ var okOverlay = nH < 2 || hv.getAttribute("data-heads") === Array.from({length: nH - 1}, function(_, i){return i + 1;}).join(",");
+ if (nH > 1){hvAll.checked = false; hvAll.dispatchEvent(new Event("change"));}
  ev(thumbs[0], "click", 0.5, 0.5);
  slider.value = slider.max; slider.dispatchEvent(new Event("input"));
  if (series.length > 1){sel.value = series[series.length - 1]; sel.dispatchEvent(new Event("change"));}
  ev(bars, "mousemove", 0.5, 0.5);
  var okSel = st.layer === 0 && st.head === 0, text = info.textContent.length > 3;
- document.body.setAttribute("data-selftest", (zoomed && okSel && text ? "ok" : "fail") + " zoomed=" + zoomed +
-  " select=" + okSel + " tooltip=" + text);
+ document.body.setAttribute("data-selftest", (zoomed && okSel && text && okOverlay ? "ok" : "fail") + " zoomed=" + zoomed +
+  " select=" + okSel + " tooltip=" + text + " overlay=" + okOverlay);
 }
 })();
 """
