@@ -178,7 +178,7 @@ def test_sweep_measures_and_stops_at_the_time_limit():
     short = sweep(methods=("full",), min_len=32, max_len=128, heads=1, head_dim=8, time_limit=1e-12, repeats=1)
     assert [p.length for p in short.points] == [32] and "time limit" in short.stopped["full"]
     d = res.to_dict()
-    assert set(d) == {"config", "points", "stopped", "slope_time", "slope_memory"}
+    assert set(d) == {"config", "points", "stopped", "slope_time", "slope_memory", "slope_fit"}
 
 
 def test_sweep_rejects_bad_arguments():

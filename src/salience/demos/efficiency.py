@@ -48,7 +48,8 @@ from .. import masks, reference
 from ..functional import attention, plan
 from ..layers import LinearAttention, PerformerAttention
 
-__all__ = ["METHODS", "MEMORY_RESOLUTION", "Point", "SweepResult", "sweep", "fit_slope", "PeakRSS"]
+__all__ = ["METHODS", "MEMORY_RESOLUTION", "Point", "SweepResult", "SlopeFit", "sweep", "fit_slope", "slope_fit",
+           "PeakRSS"]
 
 #: peaks below this many bytes are not resolved by the resident-set sampling
 MEMORY_RESOLUTION = 1 << 20
@@ -182,9 +183,88 @@ class SweepResult:
             out[m] = fit_slope(pts[-tail:]) if len(pts) >= 2 else None
         return out
 
+    def slope_fits(self, what: str = "seconds", tail: int = 4) -> dict[str, SlopeFit]:
+        """Like :meth:`slopes`, with the fit's quality and whether the slope is readable
+        (:func:`slope_fit`)."""
+        floor = MEMORY_RESOLUTION if what == "peak_bytes" else 0
+        out = {}
+        for m in dict.fromkeys(p.method for p in self.points):
+            pts = [(p.length, getattr(p, what)) for p in self.of(m)
+                   if getattr(p, what) is not None and getattr(p, what) > floor]
+            out[m] = slope_fit(pts[-tail:])
+        return out
+
     def to_dict(self) -> dict:
         return {"config": self.config, "points": [asdict(p) for p in self.points], "stopped": self.stopped,
-                "slope_time": self.slopes("seconds"), "slope_memory": self.slopes("peak_bytes")}
+                "slope_time": self.slopes("seconds"), "slope_memory": self.slopes("peak_bytes"),
+                "slope_fit": {"time": {m: asdict(f) for m, f in self.slope_fits("seconds").items()},
+                              "memory": {m: asdict(f) for m, f in self.slope_fits("peak_bytes").items()}}}
+
+
+#: a slope is shown only when fitted through at least this many points ...
+SLOPE_MIN_POINTS = 3
+#: ... with at least this R^2 of the log-log line ...
+SLOPE_MIN_R2 = 0.98
+#: ... and no doubling step whose own exponent is further than this from the fitted one
+SLOPE_MAX_STEP_DEVIATION = 0.5
+
+
+@dataclass
+class SlopeFit:
+    """A fitted exponent with its evidence: ``r2`` of the log-log line, ``n`` points, the exponent of each
+    step between consecutive points, and ``readable`` (see :func:`slope_fit`) with ``reason`` when not."""
+
+    slope: float | None
+    r2: float | None
+    n: int
+    steps: list[float]
+    readable: bool
+    reason: str = ""
+
+    def label(self) -> str:
+        """``"1.02"``, or ``"not readable (R^2=0.91)"`` and the like."""
+        if self.readable:
+            return f"{self.slope:.2f}"
+        return f"not readable ({self.reason})" if self.reason else "not readable"
+
+
+def slope_fit(points) -> SlopeFit:
+    """The log-log slope of ``(x, y)`` points and whether it can be read as the cost's exponent.
+
+    The rule: at least :data:`SLOPE_MIN_POINTS` points, R^2 of the line at least :data:`SLOPE_MIN_R2`, and
+    every doubling step's own exponent within :data:`SLOPE_MAX_STEP_DEVIATION` of the fit. Short calls on a
+    shared machine and memory peaks near the sampling resolution break one of these; the figure and the
+    table then say "not readable" instead of printing a misleading exponent.
+
+    Example:
+        >>> slope_fit([(512, 1.0), (1024, 2.0), (2048, 4.1), (4096, 8.0)]).label()
+        '1.00'
+        >>> slope_fit([(512, 1.0), (1024, 1.1), (2048, 9.0), (4096, 10.0)]).label()
+        'not readable (R^2=0.835)'
+        >>> slope_fit([(512, 1.0), (1024, 4.0)]).label()
+        'not readable (2 points)'
+    """
+    pts = sorted((x, y) for x, y in points if x > 0 and y is not None and y > 0)
+    n = len(pts)
+    if n < 2 or len({x for x, _ in pts}) < 2:
+        return SlopeFit(None, None, n, [], False, f"{n} point{'s' if n != 1 else ''}")
+    p = fit_slope(pts)
+    lx = [math.log(x) for x, _ in pts]
+    ly = [math.log(y) for _, y in pts]
+    my = sum(ly) / n
+    mx = sum(lx) / n
+    sst = sum((y - my) ** 2 for y in ly)
+    sse = sum((y - (my + p * (x - mx))) ** 2 for x, y in zip(lx, ly))
+    r2 = 1.0 if sst == 0 else 1.0 - sse / sst
+    steps = [(ly[i + 1] - ly[i]) / (lx[i + 1] - lx[i]) for i in range(n - 1) if lx[i + 1] != lx[i]]
+    if n < SLOPE_MIN_POINTS:
+        return SlopeFit(p, r2, n, steps, False, f"{n} points")
+    if r2 < SLOPE_MIN_R2:
+        return SlopeFit(p, r2, n, steps, False, f"R^2={r2:.3f}")
+    worst = max(steps, key=lambda st: abs(st - p))
+    if abs(worst - p) > SLOPE_MAX_STEP_DEVIATION:
+        return SlopeFit(p, r2, n, steps, False, f"R^2={r2:.3f}, one doubling step {worst:.2f}")
+    return SlopeFit(p, r2, n, steps, True)
 
 
 def fit_slope(points) -> float:

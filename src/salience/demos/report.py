@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .efficiency import MEMORY_RESOLUTION, METHODS, SweepResult
+from .efficiency import MEMORY_RESOLUTION, METHODS, SLOPE_MAX_STEP_DEVIATION, SLOPE_MIN_R2, SweepResult
 from .seq2seq import LABELS, Comparison
 
 __all__ = [
@@ -172,13 +172,22 @@ def efficiency_table(r: SweepResult) -> str:
         row += [_fmt_s(by[m, n].seconds) if (m, n) in by else "-" for m in methods]
         row += [_fmt_bytes(by[m, n].peak_bytes) if (m, n) in by else "-" for m in methods]
         rows.append(row)
-    st, sm = r.slopes("seconds"), r.slopes("peak_bytes")
+    st, sm = r.slope_fits("seconds"), r.slope_fits("peak_bytes")
     rows.append(["slope"] + [_slope(st.get(m)) for m in methods] + [_slope(sm.get(m)) for m in methods])
-    return table(headers, rows)
+    text = table(headers, rows)
+    unread = [f"{m} {what}: slope not readable ({f.reason})" for what, fits in (("time", st), ("mem", sm))
+              for m in methods if (f := fits.get(m)) is not None and not f.readable and f.n >= 2]
+    if unread:
+        text += ("\nn/r = not readable: fewer than 3 points above the resolution, R^2 of the log-log fit below "
+                 f"{SLOPE_MIN_R2}, or a doubling step off the fit by more than {SLOPE_MAX_STEP_DEVIATION}\n"
+                 + "\n".join(unread))
+    return text
 
 
-def _slope(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
+def _slope(f) -> str:
+    if f is None or f.slope is None:
+        return "-"
+    return f"{f.slope:.2f}" if f.readable else "n/r"
 
 
 # ------------------------------------------------------------------------------------------- figures
@@ -294,9 +303,11 @@ def plot_training(c: Comparison, path) -> Path:
 
 
 def plot_efficiency(r: SweepResult, path) -> Path:
-    """Time and peak memory against N on log-log axes; the legend gives each method's fitted slope."""
-    fig = _figure(11, 4.2)
-    st, sm = r.slopes("seconds"), r.slopes("peak_bytes")
+    """Time and peak memory against N on log-log axes; the legend (below each plot, so that it hides no
+    curve) gives each method's fitted slope, or says "slope not readable (R^2=..)" where the points do not
+    support one (:func:`salience.demos.efficiency.slope_fit`)."""
+    fig = _figure(11, 5.6)
+    st, sm = r.slope_fits("seconds"), r.slope_fits("peak_bytes")
     for i, (what, slopes, ylabel) in enumerate((("seconds", st, "forward time (s)"),
                                                 ("peak_bytes", sm, "peak memory (MiB)"))):
         ax = fig.add_subplot(1, 2, i + 1)
@@ -306,8 +317,8 @@ def plot_efficiency(r: SweepResult, path) -> Path:
             if not pts:
                 continue
             ys = [y / 2**20 if what == "peak_bytes" else y for _, y in pts]
-            s = slopes.get(m)
-            lab = METHODS[m] + ("" if s is None else f"  (slope {s:.2f})")
+            f = slopes.get(m)
+            lab = METHODS[m] + ("" if f is None or f.n < 2 else f"  (slope {f.label()})")
             ax.plot([x for x, _ in pts], ys, "o-", color=_COLORS.get(m), label=lab)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -315,15 +326,19 @@ def plot_efficiency(r: SweepResult, path) -> Path:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         if ax.get_lines():
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
         else:
             ax.text(0.5, 0.5, "nothing above the 1 MiB resolution", ha="center", transform=ax.transAxes)
     c = r.config
     fig.suptitle(f"B={c['batch']} H={c['heads']} D={c['head_dim']} {c['dtype']}, window {c['window']}, "
-                 f"{c['features']} Performer features, {c['threads']} thread(s); slope = fitted exponent over "
-                 "the last 4 points; memory below 1 MiB not shown", fontsize=9)
+                 f"{c['features']} Performer features, {c['threads']} thread(s)\nslope = fitted exponent over "
+                 f"the last 4 points, shown only with >= 3 points, R^2 >= {SLOPE_MIN_R2} and every doubling step "
+                 f"within {SLOPE_MAX_STEP_DEVIATION} of it; memory below 1 MiB not shown", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps the legends below the axes
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- html
@@ -393,7 +408,11 @@ def write_html(out: Path, *, command: str, comparison: Comparison | None = None,
         parts.append(f"<p>Forward pass, q = k = v of shape (B={cfg['batch']}, H={cfg['heads']}, N, "
                      f"D={cfg['head_dim']}), {cfg['dtype']}, {cfg['threads']} thread(s). Peak memory is the "
                      "growth of the resident set during the call. The slope is the fitted exponent p of "
-                     "cost ~ N^p over each method's last 4 lengths.</p>")
+                     "cost ~ N^p over each method's last 4 lengths; 'n/r' (not readable) where the points do not "
+                     f"support one: fewer than 3 of them, R^2 of the fit below {SLOPE_MIN_R2}, or a doubling step "
+                     f"off the fit by more than {SLOPE_MAX_STEP_DEVIATION} (short calls on a shared machine, "
+                     "memory near the 1 MiB resolution). Before each memory call the heap is trimmed "
+                     "(malloc_trim), so memory freed by earlier calls does not hide a peak.</p>")
         parts.append(_pre(efficiency_table(sweep)))
         stops = "\n".join(f"{m}: {why}" for m, why in sweep.stopped.items())
         backends = "\n".join(f"{m}: {b}" for m, b in dict.fromkeys((p.method, p.backend) for p in sweep.points))
@@ -419,10 +438,31 @@ def write_json(out: Path, **parts) -> Path:
     return path
 
 
+#: short model names for the interactive page's grid (its layer labels must stay under 12 characters)
+SHORT_LABELS = {"none": "no attention", "additive": "Bahdanau", "luong": "Luong"}
+
+
+def _demo_payload_page(page: str, data: dict) -> str:
+    """``page`` with its embedded JSON replaced by ``data`` (as the renderer escapes it)."""
+    import re
+
+    blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    pat = re.compile(r'(<script type="application/json" id="salience-data">)(.*?)(</script>)', re.S)
+    return pat.sub(lambda m: m.group(1) + blob + m.group(3), page, count=1)
+
+
+def _hide_section(page: str, sid: str) -> str:
+    return page.replace(f'<section id="{sid}">', f'<section id="{sid}" hidden>', 1)
+
+
 def write_interactive(c: Comparison, task, out: Path) -> Path | None:
     """``out/attention.html`` from :func:`salience.interpret.render.html.report`: each attention model's map
-    of the example as one layer, rows labelled by the source token they should align to. None without
-    attention models."""
+    of the example as one "layer" named after the model.
+
+    Axes of the seq2seq maps: rows (queries) are the decoder's steps, labelled with the target token it
+    produced and its position (``"B (t3)"``); columns (keys) are the source tokens (``"b (s3)"``). The
+    sections the demo has no data for (token importance, faithfulness) are hidden rather than left empty.
+    None without attention models."""
     from ..interpret.render import html as render_html
 
     kinds = [k for k, e in c.examples.items() if e["weights"] is not None]
@@ -430,7 +470,29 @@ def write_interactive(c: Comparison, task, out: Path) -> Path | None:
         return None
     e0 = c.examples[kinds[0]]
     maps = torch.stack([c.examples[k]["weights"] for k in kinds]).unsqueeze(1)  # (models, 1, T, S)
-    return render_html.report(maps, task.source_symbols(e0["src"]), Path(out) / "attention.html",
-                              row_index=e0["aligned"], layer_names=[LABELS[k] for k in kinds],
-                              title="salience demo: alignment maps of the trained attention models",
-                              summary=f"{c.task}; one example of length {len(e0['src'])}")
+    T, S = maps.shape[-2:]
+    src = [f"{t} (s{i})" for i, t in enumerate(task.source_symbols(e0["src"]))]
+    tgt = [f"{t} (t{i})" for i, t in enumerate(task.target_symbols(e0["pred"][:T]))]
+    tgt += [f"? (t{i})" for i in range(len(tgt), T)]
+    names = [SHORT_LABELS.get(k, k)[:11] for k in kinds]
+    models = "; ".join(f"{n} = {LABELS[k]}" for n, k in zip(names, kinds))
+    title = "salience demo: cross-attention maps of the trained seq2seq models"
+    summary = (f"{c.task}; one example of length {len(e0['src'])}. Models (one row each in the grid): {models}. "
+               f"Queries (rows, left in the head view) are the {T} target tokens the decoder produced, one per "
+               f"step; keys (columns, right) are the {S} source tokens. Labels give the position: t3 = target "
+               "step 3, s3 = source token 3.")
+    kw = dict(layer_names=names, title=title, summary=summary)
+    page = render_html.report(maps, src, None, **kw)
+    if max(T, S) <= render_html.DETAIL:
+        # the renderer labels rows with tokens[row_index[r]] (one token list for both axes): append the target
+        # tokens after the source tokens and point each row at its own target token
+        data = render_html.payload(maps, src, **kw)
+        data["tokens"] = src + tgt
+        data["row_index"] = list(range(S, S + T))
+        page = _demo_payload_page(page, data)
+    for sid in ("bars-sec", "faith-sec"):
+        page = _hide_section(page, sid)
+    path = Path(out) / "attention.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
