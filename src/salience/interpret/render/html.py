@@ -277,7 +277,10 @@ function offscreen(l, h){ // canvas C x R with the map coloured by its own maxim
  var ctx = cv.getContext("2d"), img = ctx.createImageData(C, R);
  for (var i = 0; i < R*C; i++){var c = color(m[i]/mx);img.data[4*i] = c[0];img.data[4*i+1] = c[1];img.data[4*i+2] = c[2];img.data[4*i+3] = 255;}
  ctx.putImageData(img, 0, 0); offs[key] = cv; return cv;}
-var LAB = D.labels || D.tokens;
+// repeated tokens carry their position ("the\u00b73"); computed here as well when a caller edited D.tokens
+var LAB = (D.labels && D.labels.length === D.tokens.length) ? D.labels : (function(){var n = {};
+ D.tokens.forEach(function(t){n[t] = (n[t] || 0) + 1;});
+ return D.tokens.map(function(t, i){return n[t] > 1 ? t + "\u00b7" + i : t;});})();
 function tok(i){return LAB[i] === undefined ? "?" : LAB[i];}
 function colLabel(c){if (B === 1) return tok(c);var a = c*B, b = Math.min(D.tokens.length, a + B) - 1;return tok(a) + "\u2026" + tok(b) + " [" + a + "-" + b + "]";}
 function rowLabel(r){if (B === 1) return tok(D.row_index[r]);var a = r*B, b = Math.min(D.row_index.length, a + B) - 1;
