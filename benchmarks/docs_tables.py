@@ -13,7 +13,9 @@ A generated block sits between two markers in the markdown file:
 and NAME is a key of ``TABLES`` below, which names the result file under ``benchmarks/results/`` and the
 function that renders it. Numbers are never edited in the docs: rerun the benchmark (it rewrites the JSON),
 then ``--write``. ``tests/test_docs_tables.py`` runs ``--check``, so a table that no longer matches its JSON
-fails the CI suite. A marker whose NAME is not in ``TABLES`` fails the check too.
+fails the CI suite. A marker whose NAME is not in ``TABLES`` fails the check too. A few figures quoted
+inside prose (``FIGURES``) are checked as phrases: ``--check`` fails when the JSON no longer gives that phrase,
+and the prose is then edited by hand to the JSON's figures.
 """
 
 from __future__ import annotations
@@ -289,6 +291,53 @@ TABLES: dict[str, Table] = {
 }
 
 
+def _fig_million(data: dict) -> str:
+    s = data["results"][0]["impls"]["salience"]
+    return (f"take {s['median_ms'] / 1000:.2f} s forward with peak RSS {s['process_peak_mib'] / s['qkvo_mib']:.2f}x "
+            "the bytes of q, k, v and the output")
+
+
+def _fig_fwdbwd(data: dict) -> str:
+    e = _by_name(data)["window_fwdbwd_f32"]["impls"]
+    return (f"Forward+backward of the window is {e['salience']['median_ms'] / e['salience forward']['median_ms']:.2f}x "
+            "its own forward in the grid run")
+
+
+def _fig_docs_alibi(data: dict) -> str:
+    e = _by_name(data)["documents_alibi_f32"]["impls"]
+    return (f"4 documents + ALiBi (bidirectional within each document) {e['sdpa']['speedup_vs_salience']:.2f}x faster "
+            f"than SDPA with a materialised bias and {e['flex']['speedup_vs_salience']:.2f}x faster than Flex")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A measured phrase inside prose: checked (whitespace-insensitive) but not rewritten by ``--write``."""
+    doc: str
+    result: str
+    render: Callable[[dict], str]
+
+
+FIGURES: list[Figure] = [
+    Figure("README.md", "million.json", _fig_million),
+    Figure("README.md", "grid.json", _fig_fwdbwd),
+    Figure("docs/performance.md", "grid.json", _fig_docs_alibi),
+]
+
+
+def check_figures(root: str | None = None) -> list[str]:
+    root = root or ROOT
+    problems = []
+    for f in FIGURES:
+        path = os.path.join(root, f.doc)
+        with open(path) as fh:
+            text = " ".join(fh.read().split())
+        phrase = " ".join(f.render(_load(f.result)).split())
+        if phrase not in text:
+            problems.append(f"{f.doc}: the sentence with figures from benchmarks/results/{f.result} no longer reads "
+                            f"\"{phrase}\" (edit the prose to the JSON's figures)")
+    return problems
+
+
 def docs(root: str = ROOT) -> list[str]:
     out = [os.path.join(root, "README.md")]
     d = os.path.join(root, "docs")
@@ -358,21 +407,25 @@ def main(argv=None) -> int:
         return 0
     cache: dict = {}
     problems = [m for path in paths for m in process(path, write=a.write, cache=cache)]
+    figures = check_figures()
     unused = sorted(set(TABLES) - set(found(paths)))
     if a.write:
         print(f"rewrote the tables in {len(paths)} files" + (f"; changed: {len(problems)}" if problems else ""))
         for m in problems:
             print(m.splitlines()[0])
-        return 0
-    for m in problems:
+        for m in figures:
+            print(m)
+        return 1 if figures else 0
+    for m in problems + figures:
         print(m, file=sys.stderr)
     for name in unused:
         print(f"table '{name}' is registered but no file has its markers", file=sys.stderr)
-    if problems or unused:
+    if problems or figures or unused:
         print("fix: rerun the benchmark that writes the JSON, then `python benchmarks/docs_tables.py --write`",
               file=sys.stderr)
         return 1
-    print(f"{sum(len(v) for v in found(paths).values())} tables match their result files")
+    print(f"{sum(len(v) for v in found(paths).values())} tables and {len(FIGURES)} figures in prose match their "
+          "result files")
     return 0
 
 

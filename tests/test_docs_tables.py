@@ -78,6 +78,17 @@ def test_unknown_marker_fails(copy, capsys):
     assert "table 'nonesuch' has markers but no renderer" in capsys.readouterr().err
 
 
+def test_a_changed_figure_in_prose_fails(copy, capsys):
+    p = copy / "README.md"
+    text = " ".join(p.read_text().split())
+    phrase = D._fig_million(D._load("million.json"))
+    assert phrase in text
+    p.write_text(text.replace(phrase, phrase.replace("take ", "take 0", 1)))
+    assert D.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "README.md: the sentence with figures from benchmarks/results/million.json" in err
+
+
 def test_renderers_follow_the_json():
     """A changed result changes the rendered table (the JSON wins over the prose)."""
     data = json.loads((ROOT / "benchmarks" / "results" / "edges_cost.json").read_text())
@@ -96,4 +107,4 @@ def test_check_from_the_command_line():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "docs_tables.py"), "--check"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert r.returncode == 0, r.stderr
-    assert "tables match their result files" in r.stdout
+    assert "figures in prose match their result files" in r.stdout
