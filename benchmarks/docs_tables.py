@@ -338,6 +338,22 @@ def check_figures(root: str | None = None) -> list[str]:
     return problems
 
 
+def check_grid_md() -> list[str]:
+    """benchmarks/results/grid.md (README links it) holds ``salience.bench.format_table`` of grid.json."""
+    path = os.path.join(RESULTS, "grid.md")
+    if not os.path.exists(path):
+        return []
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+    from salience import bench
+
+    with open(path) as f:
+        text = f.read()
+    if bench.format_table(_load("grid.json")["results"]) in text:
+        return []
+    return ["benchmarks/results/grid.md: its table differs from salience.bench.format_table(grid.json); rerun "
+            "`python benchmarks/run_grid.py` (it writes both)"]
+
+
 def docs(root: str = ROOT) -> list[str]:
     out = [os.path.join(root, "README.md")]
     d = os.path.join(root, "docs")
@@ -407,7 +423,7 @@ def main(argv=None) -> int:
         return 0
     cache: dict = {}
     problems = [m for path in paths for m in process(path, write=a.write, cache=cache)]
-    figures = check_figures()
+    figures = check_figures() + check_grid_md()
     unused = sorted(set(TABLES) - set(found(paths)))
     if a.write:
         print(f"rewrote the tables in {len(paths)} files" + (f"; changed: {len(problems)}" if problems else ""))
