@@ -330,7 +330,7 @@ def test_tensor_scale_gradient_with_compatibility_functions():
     q, k, v = (t.requires_grad_() for t in qkv(B=1, H=1, Hkv=1, L=4, S=5, D=3, Dv=2))
     s = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
     for compat in (Sc.General(3, 3).double(), Sc.Cosine(0.5).double(), Sc.Additive(3, 3, hidden=4).double()):
-        assert torch.autograd.gradcheck(lambda a, b, c, t: salience.attention(a, b, c, scale=t, compatibility=compat),
+        assert torch.autograd.gradcheck(lambda a, b, c, t, compat=compat: salience.attention(a, b, c, scale=t, compatibility=compat),
                                         (q, k, v, s))
         want = reference.attention(q, k, v, scale=0.6, compatibility=compat).out
         assert torch.allclose(salience.attention(q, k, v, scale=s, compatibility=compat), want, atol=1e-12)
