@@ -148,9 +148,7 @@ def softmax_from_scores(s: torch.Tensor, sinks: torch.Tensor | None = None):
 def _sink_column(sinks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The sink logits as one extra score column (B, H, L, 1) beside scores ``x`` (B, H, L, S)."""
     B, H, L = x.shape[:3]
-    sk = sinks.to(x.dtype)
-    sk = sk.reshape(*((1,) * (2 - sk.dim())), *sk.shape) if sk.dim() < 2 else sk
-    return sk.expand(B, H).reshape(B, H, 1, 1).expand(B, H, L, 1)
+    return sinks.to(x.dtype).reshape(-1, H, 1, 1).expand(B, H, L, 1)
 
 
 def attention(

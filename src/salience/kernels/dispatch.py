@@ -559,11 +559,6 @@ def run(plan: Plan, q, k, v, *, mask=None, score_mod=None, scale=None, compatibi
     return AttentionResult(out=out, lse=lse)
 
 
-def _dense_last(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with a unit stride on its last axis, copied once here rather than in every kernel call."""
-    return t.contiguous() if t.shape[-1] > 1 and t.stride(-1) != 1 else t
-
-
 def _all_finite(t: torch.Tensor) -> bool:
     """True when ``t`` holds no NaN or inf: one summing pass (an overflowing sum of finite values only sends
     the call down the exact guarded route, which is still right)."""
@@ -664,7 +659,7 @@ def attend(q, k, v, *, mask, score_mod, scale, compatibility, dropout_p, need_ls
 
     Inputs are given a unit last-axis stride once here (the fused and compiled kernels assume it), and keys
     a row cannot see never change that row, even when they hold NaN or inf (see :func:`_guarded`)."""
-    q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+    q, k, v = fused.dense_last(q), fused.dense_last(k), fused.dense_last(v)  # once here, not per kernel call
     pl = choose(q, k, v, mask=mask, score_mod=score_mod, compatibility=compatibility, need_lse=need_lse,
                 backend=backend, scale=scale, dropout_p=dropout_p)
 

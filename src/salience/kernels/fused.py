@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..reference import _acc_dtype
 
-__all__ = ["available", "forward", "backward", "bias_dtype", "check_operands"]
+__all__ = ["available", "forward", "backward", "bias_dtype", "check_operands", "dense_last"]
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -82,7 +82,7 @@ def _pad_last(t: torch.Tensor, width: int, value: float = 0.0) -> torch.Tensor:
     return F.pad(t, (0, width - t.shape[-1]), value=value)
 
 
-def _dense_last(t: torch.Tensor | None) -> torch.Tensor | None:
+def dense_last(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` with a unit stride on its last axis (a copy only when it has another stride).
 
     The private CPU flash kernels read every operand through ``data_ptr`` and the strides of the leading
@@ -119,7 +119,7 @@ def check_operands(q, k, v, bias=None):
         except RuntimeError:
             raise ValueError(f"fused kernels: bias of shape {tuple(bias.shape)} does not broadcast to "
                              f"(B, H, L, S) = {(B, H, L, S)}.") from None
-    return _dense_last(q), _dense_last(k), _dense_last(v), _dense_last(bias)
+    return dense_last(q), dense_last(k), dense_last(v), dense_last(bias)
 
 
 def forward(q, k, v, *, scale: float, causal: bool = False, bias: torch.Tensor | None = None):
@@ -162,11 +162,11 @@ def backward(dout, q, k, v, out, lse, *, scale: float, causal: bool = False, bia
     _, bwd = _ops()
     q, k, v, bias = check_operands(q, k, v, bias)
     D, Dv = q.shape[-1], v.shape[-1]
-    lse = _dense_last(torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype), lse))
+    lse = dense_last(torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype), lse))
     if lse.dtype != _acc_dtype(q.dtype):
         lse = lse.float()
-    out = _dense_last(out.to(q.dtype))
-    dout = _dense_last(dout.to(q.dtype))
+    out = dense_last(out.to(q.dtype))
+    dout = dense_last(dout.to(q.dtype))
     extra = dlse is not None
     w = max(D, Dv) + (1 if extra else 0)
     if w == D == Dv:

@@ -84,8 +84,7 @@ def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> Att
     """
     B, H = out.shape[:2]
     acc = torch.float64 if torch.float64 in (lse.dtype, out.dtype) else torch.float32
-    sk = check_sinks(sinks, B, H).to(acc)
-    sk = sk.view(-1 if sk.dim() == 2 and sk.shape[0] == B else 1, H, 1) if sk.dim() == 2 else sk.view(1, H, 1)
+    sk = check_sinks(sinks, B, H).to(acc).reshape(-1, H, 1)  # (1 or B, H, 1) against lse (B, H, L)
     a = lse.to(acc)
     new = torch.logaddexp(a, sk.expand_as(a))
     keep = torch.where(a == float("-inf"), torch.zeros((), dtype=acc, device=a.device), torch.exp(a - new))
