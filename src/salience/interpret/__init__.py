@@ -11,6 +11,8 @@
   gradient x input and leave-one-out erasure (Spearman and Kendall), with a uniform-attention baseline.
 * :mod:`~salience.interpret.render`: PNG/SVG/PDF figures (matplotlib, the ``viz`` extra) and one
   self-contained HTML report.
+* :func:`~salience.interpret.generation.generation_attention`: each generated token's attention over the
+  prompt and earlier output during ``generate()`` of a causal LM, with a step-by-step HTML view.
 
 Layout of maps for one input: ``(layers, H, L, S)``.
 
@@ -31,10 +33,14 @@ Example:
 from . import methods
 from .capture import AttentionMaps, Recorder, capture, capture_with_grad
 
-__all__ = ["AttentionMaps", "Recorder", "capture", "capture_with_grad", "methods", "faithfulness", "render"]
+__all__ = ["AttentionMaps", "Recorder", "capture", "capture_with_grad", "generation_attention", "methods", "faithfulness", "render"]
 
 
 def __getattr__(name):  # faithfulness and render import lazily (render needs matplotlib only for PNGs)
+    if name == "generation_attention":  # imports transformers-facing code only when asked for
+        from .generation import generation_attention
+
+        return generation_attention
     if name in ("faithfulness", "render"):
         import importlib
 

@@ -1,0 +1,89 @@
+"""Attention during generation (causal LMs), the sentence-pair view and encoder-decoder cross-attention views.
+
+The browser checks need headless Chromium (Debian: ``apt-get install -y chromium``) and are skipped without it.
+"""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import salience.integrations.hf as shf  # noqa: E402
+from salience.interpret.generation import generation_attention  # noqa: E402
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=40, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make", [_gpt2, _llama])
+def test_generation_rows_equal_eager_full_forward(make):
+    model = shf.enable(make())
+    prompt = torch.tensor([[3, 5, 7, 9]])
+    g = generation_attention(model, prompt, max_new_tokens=5, min_new_tokens=5)
+    P = 4
+    assert g.prompt_length == P and len(g.ids) == P + 5 and g.ids[:P] == prompt[0].tolist() and len(g.steps) == 5
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = model(torch.tensor([g.ids]), output_attentions=True).attentions
+    full = torch.stack([a[0] for a in att])  # (layers, H, L, L)
+    for t, s in enumerate(g.steps):
+        p = g.row_position(t)
+        assert p == P - 1 + t and s.shape == (full.shape[0], full.shape[1], p + 1)
+        torch.testing.assert_close(s, full[:, :, p, : p + 1], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(s.sum(-1), torch.ones(s.shape[:2]), atol=1e-5, rtol=0)
+
+
+def test_generation_refusals():
+    model = shf.enable(_gpt2())
+    with pytest.raises(ValueError, match="batch size 1"):
+        generation_attention(model, torch.tensor([[1, 2], [3, 4]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="tokenizer"):
+        generation_attention(model, "hello", max_new_tokens=2)
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="emits no attention events"):
+        generation_attention(model, torch.tensor([[1, 2]]), max_new_tokens=2)
+
+
+def _chromium():
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if exe is None:
+        pytest.skip("headless Chromium is not installed (Debian: apt-get install -y chromium)")
+    return exe
+
+
+def _dom(tmp_path, uri):
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=6000", "--dump-dom", uri]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_generation_view_html_and_chromium(tmp_path):
+    model = shf.enable(_gpt2())
+    g = generation_attention(model, [3, 5, 7], max_new_tokens=4, min_new_tokens=4)
+    page = g.report()
+    assert 'id="gen-step"' in page and 'id="salience-gen-data"' in page and "Generation view" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert page._repr_html_().startswith("<iframe srcdoc=")
+    path = g.report(tmp_path / "gen.html")
+    dom = _dom(tmp_path, path.as_uri() + "#selftest")
+    assert dom.returncode == 0 and 'data-ready="1"' in dom.stdout and 'data-errors=' not in dom.stdout, dom.stderr[-2000:]
+    # one step per generated token, each over all earlier positions (3, 4, 5, 6 keys)
+    assert re.search(r'data-selftest="keys=3,4,5,6"', dom.stdout), re.findall(r'data-selftest="[^"]*"', dom.stdout)
