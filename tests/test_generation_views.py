@@ -3,6 +3,7 @@
 The browser checks need headless Chromium (Debian: ``apt-get install -y chromium``) and are skipped without it.
 """
 
+import json
 import re
 import shutil
 import subprocess
@@ -87,3 +88,41 @@ def test_generation_view_html_and_chromium(tmp_path):
     assert dom.returncode == 0 and 'data-ready="1"' in dom.stdout and 'data-errors=' not in dom.stdout, dom.stderr[-2000:]
     # one step per generated token, each over all earlier positions (3, 4, 5, 6 keys)
     assert re.search(r'data-selftest="keys=3,4,5,6"', dom.stdout), re.findall(r'data-selftest="[^"]*"', dom.stdout)
+
+
+# ------------------------------------------------------------------------------------ sentence pair
+
+
+def test_pair_cross_mass_hand_case_and_page():
+    from salience.interpret.pair import PairAttention
+
+    m = torch.zeros(1, 2, 4, 4)
+    m[0, 0] = torch.tensor([[0.5, 0.0, 0.5, 0.0], [1.0, 0, 0, 0], [0, 0, 1.0, 0], [0.25, 0.25, 0.25, 0.25]])
+    m[0, 1] = torch.eye(4)
+    pa = PairAttention(tokens=["a1", "a2", "b1", "b2"], side=[0, 0, 1, 1], maps=m)
+    cm = pa.cross_mass()
+    torch.testing.assert_close(cm["a_to_b"], torch.tensor([[0.25, 0.0]]))
+    torch.testing.assert_close(cm["b_to_a"], torch.tensor([[0.25, 0.0]]))
+    page = pa.report()
+    assert "Sentence A" in page and "Sentence B" in page and 'id="pair-svg"' in page and "Cross-sentence share" in page
+    with pytest.raises(ValueError, match="both present"):
+        PairAttention(tokens=["a", "b"], side=[0, 0], maps=torch.ones(1, 1, 2, 2))
+
+
+def test_explain_pair_writes_the_joint_pair_view(tmp_path):
+    from salience import cli
+
+    out = tmp_path / "r"
+    assert cli.main(["explain", "A man plays a guitar.", "--pair", "Someone makes music.", "--method", "rollout",
+                     "--no-png", "--quiet", "--out", str(out)]) == 0
+    page = (out / "pair.html").read_text()
+    data = json.loads(re.search(r'id="salience-pair-data">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</"))
+    toks, side = data["tokens"], data["side"]
+    assert toks[0] == "[CLS]" and "guitar" in toks and "music" in toks and toks.count("[SEP]") == 2
+    assert side[toks.index("guitar")] == 0 and side[toks.index("music")] == 1  # one joint input, A then B
+    assert len(data["maps"][0][0]) == len(toks) and data["layers"] == 6
+    assert all(0 < x < 1 for x in data["a_to_b"][0])
+    dom = _dom(tmp_path, (out / "pair.html").as_uri() + "#selftest")
+    assert 'data-ready="1"' in dom.stdout and "data-errors=" not in dom.stdout
+    sel = re.search(r'data-selftest="ab=(\d+),ba=(\d+),all=(\d+)"', dom.stdout)
+    assert sel and int(sel.group(1)) > 0 and int(sel.group(2)) > 0 and int(sel.group(3)) > 0

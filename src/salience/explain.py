@@ -78,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", type=parse_methods, default=list(METHODS),
                    help=f"comma list of {', '.join(METHODS)}, or all (default)")
     p.add_argument("--pair", default=None,
-                   help="a second sentence: explain the embedding similarity with it (encoders; default: none)")
+                   help="a second sentence: explain the embedding similarity with it (encoders), and draw the pair encoded "
+                        "together with its cross-sentence attention in pair.html (default: none)")
     p.add_argument("--label", type=int, default=None, help="class to explain (classifiers; default: predicted)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="storage precision of the recorded maps")
@@ -300,6 +301,14 @@ def run(args) -> int:
     files.insert(0, html.report(maps, maps.tokens, out / "report.html", importances=importances, faithfulness=faith,
                                 entropy=ent, layer_names=names, title=f"salience explain: {text[:80]}",
                                 summary=summary, merge_wordpieces=bool(getattr(args, "words", False)) and square))
+    if args.pair:  # the pair encoded together (tokenizer(text, pair)): A and B side by side, cross attention
+        from .interpret.pair import pair_attention
+
+        try:
+            pa = pair_attention(model, tok, text, args.pair, layers=args.layers, heads=args.heads)
+            files.append(pa.report(out / "pair.html", title=f"salience explain: {text[:40]} | {args.pair[:40]}"))
+        except ValueError as e:
+            notes.append(f"pair view: skipped ({e})")
     bar.step("HTML report")
 
     # ------------------------------------------------------------------------------ terminal

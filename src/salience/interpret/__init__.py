@@ -13,6 +13,8 @@
   self-contained HTML report.
 * :func:`~salience.interpret.generation.generation_attention`: each generated token's attention over the
   prompt and earlier output during ``generate()`` of a causal LM, with a step-by-step HTML view.
+* :func:`~salience.interpret.pair.pair_attention`: a sentence pair encoded together, A and B side by side
+  with the attention that crosses between them.
 
 Layout of maps for one input: ``(layers, H, L, S)``.
 
@@ -33,7 +35,7 @@ Example:
 from . import methods
 from .capture import AttentionMaps, Recorder, capture, capture_with_grad
 
-__all__ = ["AttentionMaps", "Recorder", "capture", "capture_with_grad", "generation_attention", "methods", "faithfulness", "render"]
+__all__ = ["AttentionMaps", "Recorder", "capture", "capture_with_grad", "generation_attention", "pair_attention", "methods", "faithfulness", "render"]
 
 
 def __getattr__(name):  # faithfulness and render import lazily (render needs matplotlib only for PNGs)
@@ -41,6 +43,10 @@ def __getattr__(name):  # faithfulness and render import lazily (render needs ma
         from .generation import generation_attention
 
         return generation_attention
+    if name == "pair_attention":
+        from .pair import pair_attention
+
+        return pair_attention
     if name in ("faithfulness", "render"):
         import importlib
 
