@@ -126,3 +126,66 @@ def test_explain_pair_writes_the_joint_pair_view(tmp_path):
     assert 'data-ready="1"' in dom.stdout and "data-errors=" not in dom.stdout
     sel = re.search(r'data-selftest="ab=(\d+),ba=(\d+),all=(\d+)"', dom.stdout)
     assert sel and int(sel.group(1)) > 0 and int(sel.group(2)) > 0 and int(sel.group(3)) > 0
+
+
+# ------------------------------------------------------------------------------------ encoder-decoder
+
+
+def _bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(2)
+    cfg = BartConfig(vocab_size=50, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+    return BartForConditionalGeneration(cfg).eval()
+
+
+def test_bart_cross_attention_equals_eager_and_renders(tmp_path):
+    from salience.interpret.seq2seq import cross_attention
+
+    model = shf.enable(_bart())
+    x, y = torch.tensor([[0, 5, 6, 7, 8, 2]]), torch.tensor([[2, 0, 9, 10]])
+    ca = cross_attention(model, y, x)
+    assert ca.maps.shape == (2, 2, 4, 6) and ca.source == ["0", "5", "6", "7", "8", "2"] and ca.target == ["2", "0", "9", "10"]
+    assert all("encoder_attn" in n for n in ca.layer_names)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = torch.stack([a[0] for a in model(input_ids=x, decoder_input_ids=y, output_attentions=True).cross_attentions])
+    torch.testing.assert_close(ca.maps, ref, atol=1e-5, rtol=1e-4)
+    page = ca.report()
+    assert "Cross-attention view" in page and "decoder (queries)" in page and "encoder (keys)" in page
+    path = ca.report(tmp_path / "cross.html")
+    dom = _dom(tmp_path, path.as_uri())
+    assert 'data-ready="1"' in dom.stdout and "data-errors=" not in dom.stdout
+    xl = re.search(r'<canvas[^>]*id="cx"[^>]*data-xlabels="([^"]*)"[^>]*data-ylabels="([^"]*)"', dom.stdout)
+    assert xl and xl.group(1).split("|") == ca.source and xl.group(2).split("|") == ca.target
+
+
+def test_cross_attention_refuses_decoder_only():
+    from salience.interpret.seq2seq import cross_attention
+
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        cross_attention(shf.enable(_gpt2()), torch.tensor([[1, 2]]), torch.tensor([[1, 2]]))
+
+
+def test_t5_cross_attention_equals_eager():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from salience.interpret.seq2seq import cross_attention
+
+    torch.manual_seed(3)
+    cfg = T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+                   decoder_start_token_id=0)
+    model = shf.enable(T5ForConditionalGeneration(cfg).eval())
+    x, y = torch.tensor([[5, 6, 7, 8, 1]]), torch.tensor([[0, 9, 10]])
+    ca = cross_attention(model, y, x)
+    assert ca.maps.shape == (2, 2, 3, 5) and all("EncDecAttention" in n for n in ca.layer_names)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = torch.stack([a[0] for a in model(input_ids=x, decoder_input_ids=y, output_attentions=True).cross_attentions])
+    torch.testing.assert_close(ca.maps, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_generation_refuses_encoder_decoder_with_a_reason():
+    with pytest.raises(NotImplementedError, match="cross_attention"):
+        generation_attention(shf.enable(_bart()), torch.tensor([[0, 5, 2]]), max_new_tokens=2)

@@ -15,6 +15,8 @@
   prompt and earlier output during ``generate()`` of a causal LM, with a step-by-step HTML view.
 * :func:`~salience.interpret.pair.pair_attention`: a sentence pair encoded together, A and B side by side
   with the attention that crosses between them.
+* :func:`~salience.interpret.seq2seq.cross_attention`: encoder-decoder cross-attention (BART, T5, ...), decoder
+  tokens against encoder tokens.
 
 Layout of maps for one input: ``(layers, H, L, S)``.
 
@@ -35,7 +37,7 @@ Example:
 from . import methods
 from .capture import AttentionMaps, Recorder, capture, capture_with_grad
 
-__all__ = ["AttentionMaps", "Recorder", "capture", "capture_with_grad", "generation_attention", "pair_attention", "methods", "faithfulness", "render"]
+__all__ = ["AttentionMaps", "Recorder", "capture", "capture_with_grad", "generation_attention", "pair_attention", "cross_attention", "methods", "faithfulness", "render"]
 
 
 def __getattr__(name):  # faithfulness and render import lazily (render needs matplotlib only for PNGs)
@@ -47,6 +49,10 @@ def __getattr__(name):  # faithfulness and render import lazily (render needs ma
         from .pair import pair_attention
 
         return pair_attention
+    if name == "cross_attention":
+        from .seq2seq import cross_attention
+
+        return cross_attention
     if name in ("faithfulness", "render"):
         import importlib
 

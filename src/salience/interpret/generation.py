@@ -111,8 +111,9 @@ def generation_attention(model, prompt, tokenizer=None, *, max_new_tokens: int =
     """
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise NotImplementedError(
-            "generation_attention records decoder-only models; for encoder-decoder models the decoder's self- and "
-            "cross-attention calls would need to be told apart per step, which is not built."
+            "generation_attention records decoder-only models; step-by-step generation of encoder-decoder models is "
+            "not built. For their cross-attention, run salience.interpret.seq2seq.cross_attention on the generated "
+            "sequence (teacher-forced: the same rows as during generation)."
         )
     if isinstance(prompt, str):
         if tokenizer is None:
