@@ -22,10 +22,7 @@ Example:
 
 from __future__ import annotations
 
-import html as _html
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -80,17 +77,9 @@ class PairAttention:
 
     def report(self, path=None, *, title: str = "salience: sentence-pair attention"):
         """Write (or return as a :class:`~salience.interpret.render.html.ReportHTML`) the self-contained page."""
-        from .render.html import ReportHTML
+        from .render.html import write_page
 
-        blob = json.dumps(self.payload(), separators=(",", ":")).replace("</", "<\\/")
-        page = (_PAGE.replace("__TITLE__", _html.escape(title)).replace("__CSS__", _CSS)
-                .replace("__DATA__", blob).replace("__JS__", _JS))
-        if path is None:
-            return ReportHTML(page)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(page, encoding="utf-8")
-        return path
+        return write_page(_PAGE, _CSS, _JS, self.payload(), title, path)
 
     def _repr_html_(self) -> str:
         return self.report()._repr_html_()

@@ -166,9 +166,16 @@ def report(attn, tokens: Sequence[str] | None = None, path=None, *, row_index: S
     data = payload(attn, tokens, row_index=row_index, importances=importances, faithfulness=faithfulness,
                    entropy=entropy, layer_names=layer_names, title=title, summary=summary, detail=detail,
                    merge_wordpieces=merge_wordpieces)
+    return write_page(_PAGE, _CSS, _JS, data, title, path)
+
+
+def write_page(template: str, css: str, js: str, data, title: str, path=None):
+    """Fill a self-contained page template (``__TITLE__``, ``__CSS__``, ``__DATA__`` as JSON, ``__JS__``) and write
+    it to ``path`` (returning the path), or return it as a :class:`ReportHTML` when ``path`` is None. Every view
+    (report, generation, sentence pair, cross-attention) is written through here."""
     blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-    page = (_PAGE.replace("__TITLE__", _html.escape(title))
-            .replace("__CSS__", _CSS).replace("__DATA__", blob).replace("__JS__", _JS))
+    page = (template.replace("__TITLE__", _html.escape(title))
+            .replace("__CSS__", css).replace("__DATA__", blob).replace("__JS__", js))
     if path is None:
         return ReportHTML(page)
     path = Path(path)
