@@ -21,12 +21,17 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    """``salience.compat`` (drop-in functions with torch SDPA's, FlexAttention's and flash-attn's signatures) is
-    imported on first use, so ``import salience`` stays light."""
+    """``salience.compat`` (drop-in functions with torch SDPA's, FlexAttention's and flash-attn's signatures) and
+    ``salience.attention_with_kvcache`` (:mod:`salience.kvcache`) are imported on first use, so ``import salience``
+    stays light."""
     if name == "compat":
         import importlib
 
         return importlib.import_module(".compat", __name__)
+    if name == "attention_with_kvcache":  # KV-cache attention (salience.kvcache), imported on first use too
+        from .kvcache import attention_with_kvcache
+
+        return attention_with_kvcache
     raise AttributeError(f"module 'salience' has no attribute {name!r}")
 
 
@@ -36,6 +41,7 @@ __all__ = [
     "BlockMask",
     "attention",
     "attention_weights",
+    "attention_with_kvcache",
     "masks",
     "merge",
     "plan",
