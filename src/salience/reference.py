@@ -5,9 +5,10 @@ favours clarity over speed. Steps, in order:
 
 1. scores = compatibility(q, k) (default: ``scale * q @ k^T`` with ``scale = 1/sqrt(D)``),
 2. scores = score_mod(scores, b, h, q_idx, kv_idx),
-3. scores of keys the mask hides are set to -inf,
-4. lse = logsumexp over keys; weights = exp(scores - lse) (rows with no visible key: weights 0, lse -inf),
-5. (optional dropout on the weights), out = weights @ v.
+3. scores = scores + bias (an optional float tensor broadcastable to (B, H, L, S); -inf hides a key),
+4. scores of keys the mask hides are set to -inf,
+5. lse = logsumexp over keys; weights = exp(scores - lse) (rows with no visible key: weights 0, lse -inf),
+6. (optional dropout on the weights), out = weights @ v.
 
 Layout (B, H, L, D); see :mod:`salience._layout`.
 
@@ -73,12 +74,14 @@ def scores(
     rows: torch.Tensor | None = None,
     L: int | None = None,
     batches: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked, modified scores ``(B, H', L', S)`` (hidden entries -inf) in q's dtype.
 
     ``batches``, ``heads`` and ``rows`` (int64 index tensors) say which batch entries, query heads and rows q
     holds, so that
     score_mod and mask see the true indices; ``L`` is the full query length (for bottom-right masks).
+    ``bias`` (4-D (Bb, Hb, Lb, Sb), each axis 1 or the full size) is added after the score_mod, before the mask.
     """
     B, Hq, Lq, _ = q.shape
     S = k.shape[-2]
@@ -105,11 +108,22 @@ def scores(
                 "a score_mod must return a tensor of the score's shape (use torch ops that broadcast)."
             )
         s = s2.to(s.dtype)
+    if bias is not None:  # a float bias (Bb, Hb, Lb, Sb), each 1 or full size: added after the score_mod
+        s = s + select_bias(bias, b_idx, h_idx, q_idx).to(s.dtype)
     if mask is not None:
         m = as_mask_mod(mask).bind(L_full, S, dev)
         vis = check_mask_output(m(b_idx, h_idx, q_idx, kv_idx), m, tuple(s.shape))
         s = s.masked_fill(~vis, float("-inf"))
     return s
+
+
+def select_bias(bias: torch.Tensor, b_idx, h_idx, q_idx) -> torch.Tensor:
+    """The entries of a 4-D float bias (Bb, Hb, Lb, Sb) (each axis 1 or full) for the batch entries, heads and
+    rows ``b_idx`` (B', 1, 1, 1), ``h_idx`` (1, H', 1, 1), ``q_idx`` (1, 1, L', 1): broadcastable to the scores."""
+    for axis, idx in ((0, b_idx), (1, h_idx), (2, q_idx)):
+        if bias.shape[axis] > 1:
+            bias = bias.index_select(axis, idx.flatten().to(bias.device))
+    return bias
 
 
 def softmax_from_scores(s: torch.Tensor, sinks: torch.Tensor | None = None):
@@ -163,6 +177,7 @@ def attention(
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
     sinks: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> ReferenceResult:
     """Textbook attention in q's dtype.
 
@@ -175,6 +190,8 @@ def attention(
         dropout_p: dropout on the weights (the returned weights are before dropout).
         sinks: one sink logit per query head, (H,) or (B, H): a virtual key of value 0 appended to every row's
             scores before the softmax (see :func:`softmax_from_scores`).
+        bias: a float tensor broadcastable to (B, H, L, S) (-inf hides a key), added to the scores after the
+            score_mod and before the mask (as torch SDPA adds a float ``attn_mask`` to the scaled scores).
 
     Returns:
         :class:`ReferenceResult` with ``out`` (B, H, L, Dv), ``lse`` (B, H, L), ``weights`` (B, H, L, S).
@@ -189,7 +206,9 @@ def attention(
         q, scale = fold_scale(q, scale)
     H = q.shape[1]
     ke, ve = expand_kv(k, H), expand_kv(v, H)
-    s = scores(q, ke, mask=mask, score_mod=score_mod, scale=scale, compatibility=compatibility)
+    if bias is not None:
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    s = scores(q, ke, mask=mask, score_mod=score_mod, scale=scale, compatibility=compatibility, bias=bias)
     if sinks is not None:
         from .kernels.merge import check_sinks
 
