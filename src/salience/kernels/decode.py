@@ -1,0 +1,290 @@
+"""Decoding attention: a few query rows per sequence against a long, possibly paged, key/value cache.
+
+:func:`forward` is the executor under ``salience.attention_with_kvcache``: exact attention of ``L`` (1..16)
+query rows per sequence against a contiguous cache ``(B, Hkv, S, D)`` or a paged pool ``(num_blocks, Hkv,
+block_size, D)`` with a ``(B, max_blocks)`` block table (vLLM / FlashInfer layout), where query row ``i`` of
+sequence ``b`` sees the logical keys ``[lo[b, i], hi[b, i])``. That one interval per row expresses
+bottom-right causal masks, sliding windows and per-sequence cache lengths.
+
+The scores of a visible key ``p`` for query row ``i`` of head ``h`` are, in this order::
+
+    s = scale * (q . k_p)                      # float32 (float64 for float64 inputs)
+    s = softcap * tanh(s / softcap)            # if softcap is given
+    s = s - slope[h] * |q_pos[b, i] - p|       # if slopes are given (ALiBi)
+
+that is ``scores.compose(scores.softcap(c), scores.alibi(...))`` (softcap first, then the bias), and the
+optional per-head ``sinks`` logits join every row's softmax as a virtual key of value 0
+(:func:`salience.kernels.merge.with_sinks`). The returned logsumexp includes the sink. A row with no visible
+key gets output 0 and logsumexp -inf (or the sink's logit when sinks are given), never NaN. Keys outside a
+row's interval are never read into its result: NaN or garbage stored there changes nothing.
+
+Two implementations, one signature and one result (the tests check both against the float64 reference):
+
+* the compiled kernel ``decode.cpp`` (built on first use like the interval kernels of :mod:`.native`: same
+  compiler, cache, manifest and ``SALIENCE_NATIVE=0`` switch): grouped-query aware (each key/value head's
+  keys and values are read once for all the query heads and rows that share it), bfloat16/float16 caches
+  read as stored with float32 accumulation, online softmax, paged caches read block by block in place, the
+  key axis split across threads when there are fewer (sequence, kv head) pairs than threads
+  (flash-decoding; partial results merged by logsumexp), and only the keys in ``[lo, hi)`` are read;
+* a torch fallback (per sequence: gather the visible keys, float32 accumulation) used when the kernel cannot
+  be built, for float64 inputs, for tensors not on the CPU, or when :data:`FORCE_TORCH` is set.
+
+Forward only: there is no backward (decoding needs none); inputs that require grad are refused.
+
+Example:
+    >>> import torch
+    >>> from salience.kernels import decode
+    >>> q = torch.randn(2, 8, 1, 64)                      # B=2 sequences, 8 query heads, one new token each
+    >>> k, v = torch.randn(2, 2, 100, 64), torch.randn(2, 2, 100, 64)  # 2 kv heads, cache capacity 100
+    >>> lens = torch.tensor([[37], [100]])               # per-sequence cache lengths
+    >>> out, lse = decode.forward(q, k, v, lo=torch.zeros_like(lens), hi=lens, scale=64 ** -0.5)
+    >>> out.shape, lse.shape
+    (torch.Size([2, 8, 1, 64]), torch.Size([2, 8, 1]))
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from ..reference import _acc_dtype, softmax_from_scores
+from .merge import check_sinks
+
+__all__ = ["forward", "available", "status", "FORCE_TORCH"]
+
+#: set to True to run the torch fallback even where the compiled kernel is available (tests, debugging)
+FORCE_TORCH = False
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Sizes read off validated arguments."""
+
+    B: int
+    H: int
+    Hkv: int
+    L: int
+    D: int
+    Dv: int
+    paged: bool
+    block_size: int  # the pool's block size; S for a contiguous cache
+    capacity: int    # logical keys per sequence: S, or max_blocks * block_size
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _int_table(name: str, t, want: tuple, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+        raise ValueError(f"{name}: expected an integer tensor of shape {what} = {want}; got {_shape(t)}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name}: expected an integer tensor (int64 or int32); got {t.dtype}; convert it with .long()")
+    return t
+
+
+def _check_cache(q, k, v, block_table) -> _Problem:
+    B, H, L, D = q.shape
+    paged = block_table is not None
+    lay = "(num_blocks, Hkv, block_size, D)" if paged else "(B, Hkv, S, D)"
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-dimensional cache {lay}; got {_shape(t)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: its dtype {t.dtype} differs from q's {q.dtype}; the decode path takes one dtype "
+                             f"for q, k and v (cast q with .to({t.dtype}))")
+        if t.device != q.device:
+            raise ValueError(f"{name}: on {t.device} while q is on {q.device}; move them to one device")
+    if k.shape[3] != D:
+        raise ValueError(f"k: its head dim {k.shape[3]} differs from q's D={D} (k {tuple(k.shape)}, q {tuple(q.shape)})")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v: expected one {lay[:-3]}...) for both; got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    Hkv = k.shape[1]
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"k: the query heads H={H} must be a multiple of the key/value heads Hkv={Hkv} (query head i "
+                         f"uses kv head i // (H // Hkv)); got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if not paged:
+        if k.shape[0] != B:
+            raise ValueError(f"k: a contiguous cache (B, Hkv, S, D) needs B={B} sequences like q; got {tuple(k.shape)} "
+                             "(for a paged pool pass block_table)")
+        return _Problem(B, H, Hkv, L, D, v.shape[3], False, k.shape[2], k.shape[2])
+    bs = k.shape[2]
+    if bs < 1 or k.shape[0] < 1:
+        raise ValueError(f"k: a paged pool {lay} needs num_blocks >= 1 and block_size >= 1; got {tuple(k.shape)}")
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != B:
+        raise ValueError(f"block_table: expected (B, max_blocks) = ({B}, max_blocks) int32/int64; got "
+                         f"{_shape(block_table)}")
+    if block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_table: expected int32 or int64; got {block_table.dtype}")
+    return _Problem(B, H, Hkv, L, D, v.shape[3], True, bs, block_table.shape[1] * bs)
+
+
+def _check_blocks(block_table, lo, hi, p: _Problem, num_blocks: int) -> None:
+    """Every pool block that some row reads must exist (entries of unread logical blocks are not looked at,
+    so tables padded with -1 are fine)."""
+    rows = hi > lo
+    if not bool(rows.any()):
+        return
+    big = p.capacity + 1
+    first = torch.where(rows, lo, torch.full_like(lo, big)).amin(1)   # (B,) first key read per sequence
+    last = torch.where(rows, hi, torch.zeros_like(hi)).amax(1)        # one past the last
+    j = torch.arange(block_table.shape[1], device=lo.device).view(1, -1) * p.block_size
+    used = (j + p.block_size > first.view(-1, 1)) & (j < last.view(-1, 1))
+    tb = block_table.to(lo.device, torch.int64)
+    bad = used & ((tb < 0) | (tb >= num_blocks))
+    if bool(bad.any()):
+        b, blk = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table: entry [{b}, {blk}] = {int(tb[b, blk])} is not a block of the pool (num_blocks="
+                         f"{num_blocks}), but sequence {b} reads logical keys {blk * p.block_size}.."
+                         f"{(blk + 1) * p.block_size - 1} through it; give indices in [0, {num_blocks})")
+
+
+def _check(q, k, v, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks):
+    """Validate every argument at the boundary; returns (problem, lo, hi, q_pos, slopes, sinks, scale, softcap)
+    with the index tables as int64 on q's device and slopes / sinks as (B, H) float tables."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q: expected (B, H, L, D); got {_shape(q)}")
+    if q.dtype not in _FLOATS:
+        raise ValueError(f"q: expected float32, float64, bfloat16 or float16; got {q.dtype}")
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
+        raise ValueError("q, k, v: the decode path is forward only (no backward); call it under torch.no_grad() or "
+                         "with detached tensors, or use salience.attention for training")
+    p = _check_cache(q, k, v, block_table)
+    B, L = p.B, p.L
+    lo = _int_table("lo", lo, (B, L), "(B, L)").to(q.device, torch.int64)
+    hi = _int_table("hi", hi, (B, L), "(B, L)").to(q.device, torch.int64)
+    for name, t in (("lo", lo), ("hi", hi)):
+        bad = (t < 0) | (t > p.capacity)
+        if bool(bad.any()):
+            b, i = (int(x) for x in bad.nonzero()[0])
+            where = "max_blocks * block_size" if p.paged else "S"
+            raise ValueError(f"{name}: [{b}, {i}] = {int(t[b, i])} lies outside [0, {p.capacity}] (the cache holds "
+                             f"{where} = {p.capacity} logical keys per sequence); rows see keys [lo, hi) of the cache")
+    if p.paged:
+        _check_blocks(block_table, lo, hi, p, k.shape[0])
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+        raise ValueError(f"scale: expected a finite number (e.g. D ** -0.5); got {scale!r}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not (
+                math.isfinite(float(softcap)) and float(softcap) > 0):
+            raise ValueError(f"softcap: expected a positive finite number or None; got {softcap!r}")
+        softcap = float(softcap)
+    if slopes is not None:
+        if not isinstance(slopes, torch.Tensor) or not slopes.is_floating_point() or slopes.dim() not in (1, 2) or \
+                slopes.shape[-1] != p.H or (slopes.dim() == 2 and slopes.shape[0] != B):
+            raise ValueError(f"slopes: expected a float tensor (H,) = ({p.H},) or (B, H) = ({B}, {p.H}) of ALiBi slopes; "
+                             f"got {_shape(slopes)} {getattr(slopes, 'dtype', '')}")
+        if q_pos is None:
+            raise ValueError("q_pos: ALiBi slopes need the logical position of each query row, (B, L) int64 (for one "
+                             "new token per sequence: the cache length before it, i.e. hi - 1)")
+        q_pos = _int_table("q_pos", q_pos, (B, L), "(B, L)").to(q.device, torch.int64)
+        slopes = slopes.to(q.device).reshape(-1, p.H).expand(B, p.H)
+    if sinks is not None:
+        sinks = check_sinks(sinks, B, p.H).to(q.device).reshape(-1, p.H).expand(B, p.H)
+    return p, lo, hi, q_pos, slopes, sinks, float(scale), softcap
+
+
+def _gather(cache, b: int, pos: torch.Tensor, p: _Problem, block_table) -> torch.Tensor:
+    """Logical keys ``pos`` of sequence b: (Hkv, len(pos), D) (a view for a contiguous cache)."""
+    if not p.paged:
+        return cache[b, :, int(pos[0]):int(pos[-1]) + 1] if pos.numel() else cache[b, :, :0]
+    blocks = block_table[b].to(torch.int64)[pos // p.block_size].clamp(0, cache.shape[0] - 1)
+    return cache[blocks, :, pos % p.block_size].transpose(0, 1)  # (W, Hkv, D) -> (Hkv, W, D)
+
+
+def _torch_forward(q, k, v, p: _Problem, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks):
+    """The fallback: per sequence, gather the keys of the union of its rows' intervals, compute in float32
+    (float64 for float64), mask each row to its own interval (values it cannot see are zeroed, not multiplied)."""
+    acc = _acc_dtype(q.dtype)
+    B, H, Hkv, L = p.B, p.H, p.Hkv, p.L
+    G = H // Hkv
+    out = torch.zeros(B, H, L, p.Dv, dtype=acc, device=q.device)
+    lse = torch.empty(B, H, L, dtype=acc, device=q.device)
+    for b in range(B):
+        rows = hi[b] > lo[b]
+        a = int(lo[b][rows].min()) if bool(rows.any()) else 0
+        z = int(hi[b][rows].max()) if bool(rows.any()) else 0
+        pos = torch.arange(a, z, device=q.device)
+        kb = _gather(k, b, pos, p, block_table).to(acc)
+        vb = _gather(v, b, pos, p, block_table).to(acc)
+        qb = q[b].to(acc).reshape(Hkv, G * L, p.D)
+        s = (qb @ kb.transpose(-1, -2)) * scale                    # (Hkv, G*L, W)
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        s = s.view(H, L, -1)
+        if slopes is not None:
+            dist = (q_pos[b].view(L, 1) - pos.view(1, -1)).abs().to(acc)
+            s = s - slopes[b].to(acc).view(H, 1, 1) * dist
+        vis = (pos.view(1, -1) >= lo[b].view(L, 1)) & (pos.view(1, -1) < hi[b].view(L, 1))   # (L, W)
+        s = s.masked_fill(~vis, float("-inf"))
+        w, lse_b = softmax_from_scores(s.unsqueeze(0), sinks=None if sinks is None else sinks[b:b + 1])
+        lse[b] = lse_b[0]
+        w = w[0].view(Hkv, G, L, -1)
+        for i in range(L):
+            vi = torch.where(vis[i].view(1, -1, 1), vb, torch.zeros((), dtype=acc, device=q.device))
+            out[b, :, i] = (w[:, :, i] @ vi).reshape(H, p.Dv)
+    return out.to(q.dtype), lse
+
+
+def _lib():
+    """The compiled decode library, or None (not built yet in this version)."""
+    return None
+
+
+def available(q: torch.Tensor | None = None) -> bool:
+    """True when the compiled decode kernel can run on tensors like ``q`` (builds it on first call)."""
+    if q is not None and (q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+        return False
+    return not FORCE_TORCH and _lib() is not None
+
+
+def status() -> str:
+    """Why the compiled decode kernel is or is not in use ("compiled" when it is)."""
+    import os
+
+    if os.environ.get("SALIENCE_NATIVE", "1") == "0":
+        return "turned off by SALIENCE_NATIVE=0"
+    return "compiled" if _lib() is not None else "not built yet: the torch fallback runs"
+
+
+def forward(q, k, v, *, lo, hi, scale, block_table=None, slopes=None, q_pos=None, softcap=None, sinks=None):
+    """Exact attention of a few query rows per sequence against a KV cache: ``(out, lse)``.
+
+    Args:
+        q: (B, H, L, D) queries, L small (1..16); float32, bfloat16, float16 (float64 runs the torch path).
+        k, v: the cache in q's dtype: contiguous (B, Hkv, S, D) and (B, Hkv, S, Dv), or with ``block_table`` a
+            paged pool (num_blocks, Hkv, block_size, D) and (num_blocks, Hkv, block_size, Dv). H % Hkv == 0.
+        lo, hi: (B, L) int64: query row i of sequence b sees the logical keys ``[lo[b, i], hi[b, i])``, each
+            bound in ``[0, capacity]`` (S, or max_blocks * block_size); ``lo >= hi`` is an empty row.
+        scale: the factor on q . k.
+        block_table: None, or (B, max_blocks) int32/int64: logical key p of sequence b lives in pool block
+            ``block_table[b, p // block_size]``, slot ``p % block_size``. Only entries of blocks that some row
+            reads are used (and checked against num_blocks).
+        slopes: ALiBi slopes (H,) or (B, H); needs ``q_pos`` (B, L) int64, the logical position of each query
+            row: the score gets ``- slope * |q_pos - p|`` (as :func:`salience.scores.alibi` with its offset
+            folded into q_pos).
+        softcap: c > 0: the scaled score becomes ``c * tanh(score / c)`` before the ALiBi bias is added.
+        sinks: (H,) or (B, H) sink logits, a virtual key of value 0 in every row's softmax.
+
+    Returns:
+        ``(out, lse)``: out (B, H, L, Dv) in q's dtype; lse (B, H, L) float32 (float64 for float64 inputs),
+        including the sink; rows with no visible key: out 0, lse -inf (the sink logit with sinks).
+
+    Example:
+        >>> import torch
+        >>> q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 1, 10, 16), torch.randn(1, 1, 10, 16)
+        >>> lo, hi = torch.tensor([[0]]), torch.tensor([[1]])       # the row sees key 0 only
+        >>> out, lse = forward(q, k, v, lo=lo, hi=hi, scale=0.25)
+        >>> bool(torch.allclose(out[0, :, 0], v[0, 0, 0].expand(4, 16)))
+        True
+    """
+    p, lo, hi, q_pos, slopes, sinks, scale, softcap = _check(q, k, v, lo, hi, scale, block_table, slopes, q_pos,
+                                                               softcap, sinks)
+    if available(q):
+        raise NotImplementedError("the compiled decode kernel is not wired in yet")
+    return _torch_forward(q, k, v, p, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)
