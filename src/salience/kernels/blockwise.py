@@ -14,32 +14,29 @@ q, k, v, the output and the logsumexp, skipping the same tiles, so training memo
 chunk; fully masked rows get zero gradients. A score_mod that closes over tensors requiring grad (a learned
 relative-position table) gets its gradient too, through autograd on each chunk.
 
-Public functions for distributed and custom kernels: :func:`block_forward` and :func:`block_backward`
-compute one (query block, key block) pair of a larger problem, with global index offsets, so that a shard
-knows where its rows and keys sit (ring attention). They use the fastest exact path for the block.
+One (query block, key block) pair of a larger problem at global offsets (ring attention) is
+:mod:`salience.kernels.partial`'s job.
 
 Example:
     >>> import torch
     >>> from salience import masks
-    >>> from salience.kernels.blockwise import block_forward
-    >>> q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
-    >>> res = block_forward(q, k, v, mask=masks.causal(), q_offset=64, kv_offset=0, q_len=128, kv_len=128)
-    >>> res.out.shape, res.lse.shape
+    >>> from salience.kernels.blockwise import TileKernel
+    >>> q = torch.randn(1, 2, 64, 16)
+    >>> tk = TileKernel(1, 2, 64, 64, mask=masks.causal().bind(64, 64), scale=0.25, q_tile=16, kv_tile=16)
+    >>> out, lse = tk.forward(q, q, q)
+    >>> out.shape, lse.shape
     (torch.Size([1, 2, 64, 16]), torch.Size([1, 2, 64]))
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-from .._result import AttentionResult
 from ..blocks import EMPTY, FULL, PARTIAL, BlockMask
 from ..masks import as_mask_mod, check_mask_output, shift
 from ..reference import _acc_dtype
 
-__all__ = ["TileKernel", "BlockGrads", "block_forward", "block_backward", "classify"]
+__all__ = ["TileKernel", "classify"]
 
 #: query rows per tile and keys per tile
 Q_TILE = 128
@@ -53,14 +50,6 @@ SOFTCAP_FIXED_MAX_F64 = 600.0
 EVAL_ELEMENTS = 1 << 18
 #: cache of partial-tile masks (bytes) kept between tiles, forward and backward
 MASK_CACHE_BYTES = 16 << 20
-
-
-class BlockGrads(NamedTuple):
-    """Gradients returned by :func:`block_backward`: dq (B, H, L, D), dk (B, Hkv, S, D), dv (B, Hkv, S, Dv)."""
-
-    dq: torch.Tensor
-    dk: torch.Tensor
-    dv: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------- tile classification
@@ -163,6 +152,9 @@ class TileKernel:
             block is the whole problem).
         grad_tensors: tensors the score_mod closes over that require grad; :meth:`backward` returns their
             gradients.
+        block_map: a precomputed structure in local indices (``kernels.derive.Intervals`` or ``BlockMap``:
+            ``classes_at(q_tile, kv_tile)`` and ``hidden(r0, r1, k0, k1)``): tiles are classified and partial
+            tiles masked from it, and ``mask`` (may be None) only names the mask.
 
     ``forward(q, k, v)`` returns ``(out, lse)``; ``backward(q, k, v, out, lse, dout, dlse)`` returns
     ``(dq, dk, dv, grads_of_grad_tensors)``. k and v may have fewer heads than q (grouped-query).
@@ -170,7 +162,8 @@ class TileKernel:
 
     def __init__(self, B, H, L, S, *, mask=None, score_mod=None, scale: float, q_offset: int = 0, kv_offset: int = 0,
                  q_len: int | None = None, kv_len: int | None = None, device=None, grad_tensors=(),
-                 q_tile: int | None = None, kv_tile: int | None = None, relative_bias=None, bias_dtype=None):
+                 q_tile: int | None = None, kv_tile: int | None = None, relative_bias=None, bias_dtype=None,
+                 block_map=None):
         q_tile = Q_TILE if q_tile is None else q_tile
         kv_tile = KV_TILE if kv_tile is None else kv_tile
         self.B, self.H, self.L, self.S = B, H, L, S
@@ -199,7 +192,16 @@ class TileKernel:
         self.device = device
         self.block_mask = None
         nq, nk = (L + q_tile - 1) // q_tile, (S + kv_tile - 1) // kv_tile
-        if mask is None:
+        self._bmap = block_map
+        if block_map is not None:  # a precomputed structure (kernels/derive.py): classes and bits, never the mask
+            classes = block_map.classes_at(q_tile, kv_tile)
+            named = as_mask_mod(mask) if mask is not None else None
+            self.block_mask = BlockMask(classes, q_tile, kv_tile, L, S, named, False)
+            c = classes.flatten(0, 1)
+            nonempty = (c != EMPTY).any(0).cpu()
+            full = (c == FULL).all(0).cpu()
+            self.local_mask = block_map
+        elif mask is None:
             nonempty = torch.ones(nq, nk, dtype=torch.bool)
             full = nonempty
             self.local_mask = None
@@ -249,11 +251,14 @@ class TileKernel:
         if hit is not None:
             return hit
         dev = self.device
-        qi = (torch.arange(r1 - 1, r0 - 1, -1, device=dev) if rev else torch.arange(r0, r1, device=dev)).view(1, 1, -1, 1)
-        ki = torch.arange(a, b, device=dev).view(1, 1, 1, -1)
-        vis = self.local_mask(self._bidx, self._hidx, qi, ki)
-        vis = torch.as_tensor(vis)
-        hid = ~vis.view((1,) * (4 - vis.dim()) + tuple(vis.shape))
+        if self._bmap is not None:
+            hid = self._bmap.hidden(r0, r1, a, b).to(dev)
+            hid = hid.flip(2) if rev else hid
+        else:
+            qi = (torch.arange(r1 - 1, r0 - 1, -1, device=dev) if rev else torch.arange(r0, r1, device=dev))
+            ki = torch.arange(a, b, device=dev).view(1, 1, 1, -1)
+            vis = torch.as_tensor(self.local_mask(self._bidx, self._hidx, qi.view(1, 1, -1, 1), ki))
+            hid = ~vis.view((1,) * (4 - vis.dim()) + tuple(vis.shape))
         size = hid.numel()
         if self._cache_bytes + size <= MASK_CACHE_BYTES:
             self._cache[key] = hid
@@ -419,120 +424,3 @@ def _expand(t: torch.Tensor, H: int) -> torch.Tensor:
     if t.shape[1] == H:
         return t
     return t.repeat_interleave(H // t.shape[1], dim=1)
-
-
-# ------------------------------------------------------------------------------------- public block API
-
-
-def _check_block_args(q, k, v, q_offset, kv_offset, q_len, kv_len):
-    from .._layout import check_qkv
-
-    shp = check_qkv(q, k, v)
-    for name, val in (("q_offset", q_offset), ("kv_offset", kv_offset)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-            raise ValueError(f"{name} must be an int >= 0 (the global index of the block's first row); got {val!r}.")
-    for name, val, off, n in (("q_len", q_len, q_offset, shp.L), ("kv_len", kv_len, kv_offset, shp.S)):
-        if val is None:
-            continue
-        if isinstance(val, bool) or not isinstance(val, int) or val < off + n:
-            raise ValueError(
-                f"{name} is the global length and must be an int >= offset + block length = {off} + {n} = {off + n}; "
-                f"got {val!r}.")
-    return shp
-
-
-def _block_plan(q, k, v, mask, score_mod, scale, q_offset, kv_offset, q_len, kv_len, backend):
-    from .._layout import check_scale
-    from ..masks import as_mask_mod
-    from ..scores import as_score_mod
-    from . import dispatch
-
-    shp = _check_block_args(q, k, v, q_offset, kv_offset, q_len, kv_len)
-    sc = check_scale(scale, shp.D)
-    if backend == "reference":
-        raise ValueError("backend='reference' does not take block offsets; use None, 'sdpa', 'spans' or 'blockwise'.")
-    m = None if mask is None else as_mask_mod(mask)
-    sm = None if score_mod is None else as_score_mod(score_mod)
-    plan = dispatch.choose(q, k, v, mask=m, score_mod=sm, compatibility=None, need_lse=True, backend=backend,
-                           scale=sc, q_offset=q_offset, kv_offset=kv_offset, q_len=q_len, kv_len=kv_len,
-                           allow_reference=False)
-    return plan, sc
-
-
-def block_forward(q, k, v, *, mask=None, score_mod=None, scale=None, q_offset: int = 0, kv_offset: int = 0,
-                  q_len: int | None = None, kv_len: int | None = None, backend: str | None = None) -> AttentionResult:
-    """Attention of one query block against one key block of a larger problem: ``(out, lse)``.
-
-    The block's query rows are the global rows ``q_offset .. q_offset + L - 1`` and its keys the global keys
-    ``kv_offset .. kv_offset + S - 1``; ``mask`` and ``score_mod`` are evaluated at global indices and bound
-    to the global lengths ``q_len`` and ``kv_len`` (default: offset + block length). Results over disjoint
-    key blocks combine exactly with :func:`salience.merge`. Differentiable (the backward recomputes from
-    the saved output and logsumexp), or use :func:`block_backward` explicitly with the merged results.
-
-    Args:
-        q: (B, H, L, D); k: (B, Hkv, S, D); v: (B, Hkv, S, Dv).
-        mask, score_mod, scale: as in :func:`salience.attention`.
-        q_offset, kv_offset: global index of the first query row and key of the block.
-        q_len, kv_len: global query and key lengths.
-        backend: force ``"sdpa"``, ``"spans"`` or ``"blockwise"`` (default: the fastest exact one).
-
-    Returns:
-        :class:`~salience.AttentionResult`: out (B, H, L, Dv) in q's dtype, lse (B, H, L) float32 (float64 for
-        float64); rows that see no key of this block get out 0 and lse -inf.
-
-    Example:
-        >>> import torch, salience
-        >>> q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
-        >>> a = block_forward(q, k[:, :, :5], v[:, :, :5], mask=salience.masks.causal(), kv_len=8)
-        >>> b = block_forward(q, k[:, :, 5:], v[:, :, 5:], mask=salience.masks.causal(), kv_offset=5)
-        >>> whole = salience.attention(q, k, v, mask=salience.masks.causal())
-        >>> bool(torch.allclose(salience.merge(a.out, a.lse, b.out, b.lse).out, whole))
-        True
-    """
-    from . import dispatch
-
-    plan, sc = _block_plan(q, k, v, mask, score_mod, scale, q_offset, kv_offset, q_len, kv_len, backend)
-    return dispatch.run(plan, q, k, v, scale=sc)
-
-
-def block_backward(q, k, v, out, lse, dout, *, mask=None, score_mod=None, scale=None, q_offset: int = 0,
-                   kv_offset: int = 0, q_len: int | None = None, kv_len: int | None = None, dlse=None,
-                   backend: str | None = None) -> BlockGrads:
-    """Gradients of one (query block, key block) pair, given the *final* output and logsumexp of the rows.
-
-    When a row's attention is split over several key blocks (ring attention), pass the merged ``out`` and
-    ``lse`` (over all blocks) and the gradient ``dout`` of the merged output: each block's result is then its
-    exact share, and the sum over key blocks of ``dq`` is the full query gradient (FlashAttention-2's
-    ``dS = P * (dP - rowsum(dout * out))`` with ``P = exp(S - lse)``). Nothing of size L x S is stored.
-
-    Args:
-        q, k, v: the block's inputs, as in :func:`block_forward`.
-        out: (B, H, L, Dv) final output of the rows; lse: (B, H, L) their final logsumexp (-inf = no key).
-        dout: (B, H, L, Dv) gradient of the loss with respect to ``out``.
-        dlse: optional (B, H, L) gradient with respect to ``lse``.
-        mask, score_mod, scale, q_offset, kv_offset, q_len, kv_len, backend: as in :func:`block_forward`.
-
-    Returns:
-        :class:`BlockGrads` ``(dq, dk, dv)`` with the shapes and dtypes of q, k, v. Gradients of tensors a
-        score_mod closes over are not returned here (use autograd through :func:`block_forward` for those).
-
-    Example:
-        >>> import torch, salience
-        >>> q, k, v = (torch.randn(1, 1, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-        >>> res = block_forward(q, k, v)
-        >>> do = torch.randn(1, 1, 6, 4, dtype=torch.float64)
-        >>> g = block_backward(q, k, v, res.out, res.lse, do)
-        >>> res.out.backward(do)
-        >>> bool(torch.allclose(g.dq, q.grad) and torch.allclose(g.dv, v.grad))
-        True
-    """
-    plan, _ = _block_plan(q, k, v, mask, score_mod, scale, q_offset, kv_offset, q_len, kv_len, backend)
-    B, H, L, _ = q.shape
-    for name, t, shape in (("out", out, (B, H, L, v.shape[-1])), ("lse", lse, (B, H, L)),
-                           ("dout", dout, (B, H, L, v.shape[-1])), ("dlse", dlse, (B, H, L))):
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (the block's rows); got {tuple(t.shape)}.")
-    with torch.no_grad():
-        dq, dk, dv, _ = plan.executor.backward(q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-                                               dout.detach(), None if dlse is None else dlse.detach())
-    return BlockGrads(dq, dk, dv)
