@@ -326,3 +326,46 @@ def test_plan_reports_the_path():
                       block_table=a["block_table"], score_mod=lambda s, b, h, qi, kv: s * 2)
     assert pl.path == "fallback" and "score_mod" in pl.reason
     assert "forward only" in str(pl)
+
+
+# --------------------------------------------------------------------------- MultiHeadAttention's KVCache
+
+
+def test_layer_cache_is_a_growing_buffer_written_in_place():
+    from salience.layers import KVCache, MultiHeadAttention
+
+    layer = MultiHeadAttention(32, 4, 2, mask=masks.causal()).double().eval()
+    x = torch.randn(2, 150, 32, dtype=torch.float64)
+    full = layer(x).output
+    cache, outs, caps = KVCache(), [], set()
+    with torch.no_grad():
+        outs.append(layer(x[:, :70], cache=cache).output)
+        for i in range(70, 150):
+            outs.append(layer(x[:, i : i + 1], cache=cache).output)
+            caps.add(cache.capacity)
+            assert cache.k.data_ptr() == cache.buffers[0].data_ptr()  # a view of the buffer, no copy
+    torch.testing.assert_close(torch.cat(outs, 1), full)
+    assert sorted(caps) == [140, 280]  # 70 after the prompt, doubled when full, not grown per step
+    fixed = KVCache(max_length=8)
+    with torch.no_grad():
+        layer(x[:, :8], cache=fixed)
+        assert fixed.capacity == 8
+        with pytest.raises(ValueError, match="max_length=8"):
+            layer(x[:, 8:9], cache=fixed)
+    fixed.reset()
+    with torch.no_grad():  # a new batch size after reset() gets a new buffer
+        torch.testing.assert_close(layer(x[:1, :3], cache=fixed).output, layer(x[:1, :3]).output)
+
+
+def test_layer_cache_keeps_gradients_when_training_through_chunks():
+    from salience.layers import ALiBi, KVCache, MultiHeadAttention
+
+    layer = MultiHeadAttention(16, 4, 2, mask=masks.causal(), positional=ALiBi(4)).double()
+    x = torch.randn(1, 9, 16, dtype=torch.float64)
+    layer(x).output.square().sum().backward()
+    want = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    cache = KVCache()
+    torch.cat([layer(x[:, a:b], cache=cache).output for a, b in ((0, 4), (4, 5), (5, 9))], 1).square().sum().backward()
+    for p, g in zip(layer.parameters(), want):
+        torch.testing.assert_close(p.grad, g)

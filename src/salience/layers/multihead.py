@@ -28,8 +28,9 @@ from torch import nn
 from .. import _hooks
 from .._layout import check_scale
 from ..functional import attention, attention_weights
+from ..kvcache import attention_with_kvcache
 from ..masks import as_mask_mod, causal
-from ..scores import ScoreMod, compose
+from ..scores import ScoreMod, alibi, compose
 from ._util import (
     cache_mask,
     check_bool,
@@ -72,42 +73,114 @@ class KVCache:
     ``cache=`` appends the new tokens, and its queries take positions ``length .. length + L - 1``, so feeding
     a sequence in pieces gives the outputs of the full sequence. One cache per layer and sequence batch.
 
+    The keys live in a preallocated buffer (B, Hkv, capacity, D) written in place: ``max_length`` fixes the
+    capacity up front (appending past it is an error); without it the capacity doubles when full (amortised O(1)
+    copy per token instead of re-concatenating the whole cache every step). The layer attends through
+    :func:`salience.attention_with_kvcache` on the buffer, so decoding steps run the decode kernel on the keys in
+    place. ``k`` and ``v`` are views of the filled part. While gradients are recorded (training through a cache)
+    the appended keys also keep their autograd graph, as a concatenation, so every chunk gets its gradient.
+
     Example:
         >>> c = KVCache()
         >>> _ = c.append(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
-        >>> c.length
-        3
+        >>> c.length, KVCache(max_length=100).max_length
+        (3, 100)
     """
 
-    def __init__(self):
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+    #: smallest buffer allocated when no max_length is given (positions)
+    MIN_CAPACITY = 64
+
+    def __init__(self, max_length: int | None = None):
+        if max_length is not None:
+            check_int(max_length, "max_length", 1)
+        self.max_length = max_length
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._n = 0
+        self._graph: tuple | None = None  # (k, v) with their autograd graph while training through the cache
 
     @property
     def length(self) -> int:
         """How many positions are cached (0 when empty)."""
-        return 0 if self.k is None else self.k.shape[2]
+        return self._n
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffer holds before it grows (0 when empty)."""
+        return 0 if self._k is None else self._k.shape[2]
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        """The cached keys (B, Hkv, length, D) (a view of the buffer), or None when empty."""
+        if self._graph is not None:
+            return self._graph[0]
+        return None if self._k is None else self._k[:, :, : self._n]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        """The cached values (B, Hkv, length, Dv), or None when empty."""
+        if self._graph is not None:
+            return self._graph[1]
+        return None if self._v is None else self._v[:, :, : self._n]
+
+    @property
+    def buffers(self) -> tuple:
+        """``(k_buffer, v_buffer)``: the whole preallocated buffers (B, Hkv, capacity, D); the first ``length``
+        positions are filled (what :func:`salience.attention_with_kvcache` takes with ``cache_seqlens=length``)."""
+        return self._k, self._v
+
+    def _grow(self, k, v, need: int) -> None:
+        if self.max_length is not None and need > self.max_length:
+            raise ValueError(f"KVCache(max_length={self.max_length}) cannot hold {need} positions ({self._n} cached + "
+                             f"{need - self._n} new); build it with a larger max_length (or without one to grow).")
+        if self._k is not None and need <= self.capacity:
+            return
+        cap = self.max_length or max(need, 2 * self.capacity, self.MIN_CAPACITY)
+        B, Hkv, _, D = k.shape
+        nk, nv = k.new_empty(B, Hkv, cap, D), v.new_empty(B, Hkv, cap, v.shape[3])
+        if self._n:
+            nk[:, :, : self._n] = self._k[:, :, : self._n]
+            nv[:, :, : self._n] = self._v[:, :, : self._n]
+        self._k, self._v = nk, nv
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
-        """Append new keys/values along the length axis; return all keys and values."""
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            if k.shape[0] != self.k.shape[0] or k.shape[1] != self.k.shape[1] or k.shape[3] != self.k.shape[3]:
+        """Append new keys/values (B, Hkv, L, D) along the length axis in place; return all keys and values."""
+        if self._k is not None and self._n == 0 and (
+                k.shape[:2] != self._k.shape[:2] or k.shape[3] != self._k.shape[3] or v.shape[3] != self._v.shape[3]
+                or k.dtype != self._k.dtype or k.device != self._k.device):
+            self._k = self._v = None  # after reset(): a new batch, dtype or device gets a new buffer
+        if self._k is not None:
+            if (k.shape[0] != self._k.shape[0] or k.shape[1] != self._k.shape[1] or k.shape[3] != self._k.shape[3]
+                    or v.shape[3] != self._v.shape[3]):
                 raise ValueError(
                     f"new keys {tuple(k.shape)} do not continue the cached keys {tuple(self.k.shape)}: batch, heads "
                     "and head dim must match. Use one KVCache per layer and batch (cache.reset() to start over)."
                 )
-            self.k = torch.cat((self.k, k), dim=2)
-            self.v = torch.cat((self.v, v), dim=2)
+            if k.dtype != self._k.dtype or k.device != self._k.device:
+                raise ValueError(f"new keys are {k.dtype} on {k.device} but the cache holds {self._k.dtype} on "
+                                 f"{self._k.device}; keep one dtype and device per cache (cache.reset() to start over).")
+        grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+        prev = (self.k, self.v) if grad and self._n else None
+        n, need = self._n, self._n + k.shape[2]
+        self._grow(k, v, need)
+        with torch.no_grad():
+            self._k[:, :, n:need] = k
+            self._v[:, :, n:need] = v
+        self._n = need
+        if grad:  # training through the cache: keep the graph of every appended chunk
+            self._graph = (k, v) if prev is None else (torch.cat((prev[0], k), 2), torch.cat((prev[1], v), 2))
+        else:
+            self._graph = None
         return self.k, self.v
 
     def reset(self) -> None:
-        """Forget everything cached."""
-        self.k = self.v = None
+        """Forget everything cached (the buffer is kept for reuse)."""
+        self._n = 0
+        self._graph = None
 
     def __repr__(self) -> str:
-        return f"KVCache(length={self.length})"
+        cap = f", max_length={self.max_length}" if self.max_length is not None else ""
+        return f"KVCache(length={self.length}{cap})"
 
 
 class StaticKVCache:
@@ -496,7 +569,9 @@ class MultiHeadAttention(nn.Module):
             m_base = t_mask if m_base is None else m_base & t_mask
         m = with_padding(m_base, key_padding_mask, key_lengths, B, S, query.device)
         sm = None
-        if isinstance(self.positional, (ALiBi, T5RelativeBias)):
+        if isinstance(self.positional, ALiBi):  # alibi's own offset: the form the decode kernel takes
+            sm = alibi(self.positional.slopes, offset=offset)
+        elif isinstance(self.positional, T5RelativeBias):
             sm = shift_score_mod(self.positional.score_mod(), offset, 0)
         if t_add is not None:
             sm = t_add if sm is None else compose(sm, t_add)
@@ -506,7 +581,13 @@ class MultiHeadAttention(nn.Module):
             return self._forward_core(q, k, v, m_base, sm, key_padding_mask, key_lengths, need_weights, B, L)
 
         need_lse = need_weights or _hooks.recording()
-        res = attention(q, k, v, mask=m, score_mod=sm, scale=self.scale, dropout_p=p, return_lse=need_lse)
+        if isinstance(cache, KVCache) and p == 0.0 and cache._graph is None:
+            # the buffer in place: decoding steps take the decode kernel without copying the cache
+            kb, vb = cache.buffers
+            res = attention_with_kvcache(q, kb, vb, cache_seqlens=cache.length, mask=m, score_mod=sm,
+                                         scale=self.scale, return_lse=need_lse)
+        else:
+            res = attention(q, k, v, mask=m, score_mod=sm, scale=self.scale, dropout_p=p, return_lse=need_lse)
         out, lse = (res.out, res.lse) if need_lse else (res, None)
         weights = None
         if need_weights:
