@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import structure as st
+
 __all__ = [
     "MaskMod",
     "TileContext",
@@ -47,6 +49,7 @@ __all__ = [
     "random_blocks",
     "dense",
     "shift",
+    "band",
 ]
 
 _ALIGNS = ("top_left", "bottom_right")
@@ -97,6 +100,8 @@ class MaskMod:
     Combinations carry ``parts``: ``("&", a, b)``, ``("|", a, b)`` or ``("~", a)`` with bound operands.
         binder: optional ``binder(L, S, device) -> MaskMod`` for masks whose meaning depends on the
             sizes (bottom-right causal) or that hold tensors to move to the device.
+        structure: what the mask is, as data (:mod:`salience.structure`); kernels read it instead of the
+            name. Default: ``Callable(fn)`` (opaque).
     """
 
     def __init__(
@@ -107,7 +112,9 @@ class MaskMod:
         tiles: Callable | None = None,
         relative: bool = False,
         binder: Callable | None = None,
+        structure: st.MaskStructure | None = None,
     ):
+        self.structure = st.Callable(fn) if structure is None else structure
         self.fn = fn
         self.name = name
         self.__name__ = name
@@ -234,7 +241,7 @@ def as_mask_mod(mask, argname: str = "mask") -> MaskMod:
             )
         from ._callables import wrap  # evaluated like FlexAttention (vmap) when broadcasting cannot serve
 
-        return MaskMod(wrap(mask, "mask"), _name_of(mask))
+        return MaskMod(wrap(mask, "mask"), _name_of(mask), structure=st.Callable(getattr(mask, "__wrapped__", mask)))
     raise TypeError(
         f"{argname} must be a salience mask (salience.masks.*), a callable (b, h, q_idx, kv_idx) -> bool or a "
         f"bool tensor broadcastable to (B, H, L, S); got {type(mask).__name__}."
@@ -274,11 +281,15 @@ def _combine(a: MaskMod, b: MaskMod, op: str) -> MaskMod:
                     return a_any & b_any, a_all & b_all
                 return a_any | b_any, a_all | b_all
 
-        out = MaskMod(fn, name, tiles=tiles, relative=ma.relative and mb.relative)
+        join = st.and_ if op == "&" else st.or_
+        out = MaskMod(fn, name, tiles=tiles, relative=ma.relative and mb.relative,
+                      structure=join(ma.structure, mb.structure))
         out.parts = (op, ma, mb)  # the structure, for kernels that recognise combinations
         return out
 
-    out = make(a, b) if (a.fn is not None and b.fn is not None) else MaskMod(None, name)
+    join = st.and_ if op == "&" else st.or_
+    out = (make(a, b) if (a.fn is not None and b.fn is not None)
+           else MaskMod(None, name, structure=join(a.structure, b.structure)))
     if sized:
         out._binder = lambda L, S, dev: make(a.bind(L, S, dev), b.bind(L, S, dev))
     out.relative = a.relative and b.relative
@@ -297,11 +308,12 @@ def _invert(a: MaskMod) -> MaskMod:
                 a_any, a_all = ma._tiles(ctx)
                 return ~a_all, ~a_any
 
-        out = MaskMod(lambda b, h, q, kv: ~ma(b, h, q, kv), name, tiles=tiles, relative=ma.relative)
+        out = MaskMod(lambda b, h, q, kv: ~ma(b, h, q, kv), name, tiles=tiles, relative=ma.relative,
+                      structure=st.not_(ma.structure))
         out.parts = ("~", ma)
         return out
 
-    out = make(a) if a.fn is not None else MaskMod(None, name)
+    out = make(a) if a.fn is not None else MaskMod(None, name, structure=st.not_(a.structure))
     if a._binder is not None:
         out._binder = lambda L, S, dev: make(a.bind(L, S, dev))
     out.relative = a.relative
@@ -327,7 +339,8 @@ def full() -> MaskMod:
         t = torch.ones((), dtype=torch.bool, device=ctx.device)
         return t, t
 
-    return MaskMod(lambda b, h, q, kv: (q >= 0) & (kv >= 0), "full()", tiles=tiles, relative=True)
+    return MaskMod(lambda b, h, q, kv: (q >= 0) & (kv >= 0), "full()", tiles=tiles, relative=True,
+                   structure=st.Full())
 
 
 def _band(lo: float, hi: float, name: str) -> MaskMod:
@@ -337,6 +350,8 @@ def _band(lo: float, hi: float, name: str) -> MaskMod:
 
     def fn(b, h, q, kv):
         d = kv - q
+        if lo_i is None and hi_i is None:  # sliding_window(None, None): every key
+            return d == d
         if lo_i is None:
             return d <= hi_i
         if hi_i is None:
@@ -352,7 +367,7 @@ def _band(lo: float, hi: float, name: str) -> MaskMod:
         all_ = (dmin >= lo_t) & (dmax <= hi_t)
         return any_, all_
 
-    m = MaskMod(fn, name, tiles=tiles, relative=True)
+    m = MaskMod(fn, name, tiles=tiles, relative=True, structure=st.Band(lo, hi))
     m.band = (lo_i, hi_i)
     return m
 
@@ -389,7 +404,7 @@ def causal(align: str = "top_left", *, q_lengths=None, kv_lengths=None) -> MaskM
         m.kind = ("causal", "bottom_right")
         return m
 
-    out = MaskMod(None, name, binder=binder, relative=True)
+    out = MaskMod(None, name, binder=binder, relative=True, structure=st.Band(-math.inf, 0, "bottom_right"))
     out.kind = ("causal", "bottom_right")
     return out
 
@@ -434,7 +449,7 @@ def sliding_window(left: int | None, right: int | None = 0, *, align: str = "top
         m.kind = ("sliding_window", left, right, "bottom_right")
         return m
 
-    out = MaskMod(None, name, binder=binder, relative=True)
+    out = MaskMod(None, name, binder=binder, relative=True, structure=st.Band(lo, hi, "bottom_right"))
     out.kind = ("sliding_window", left, right, "bottom_right")
     return out
 
@@ -476,7 +491,8 @@ def _per_sequence_band(lo, hi, align, q_lengths, kv_lengths, head: str) -> MaskM
             hi_t = 2**62 if hi is None else hi
             return (dmax >= lo_t) & (dmin <= hi_t), (dmin >= lo_t) & (dmax <= hi_t)
 
-        m = MaskMod(fn, name, tiles=tiles)
+        m = MaskMod(fn, name, tiles=tiles, structure=st.PerSequence(
+            -math.inf if lo is None else lo, math.inf if hi is None else hi, ql.to(device), kl.to(device)))
         m.kind = ("per_sequence_band", lo, hi, ql, kl)
         return m
 
@@ -545,7 +561,7 @@ def padding(q_lengths=None, kv_lengths=None) -> MaskMod:
             f = alls[0] if len(alls) == 1 else alls[0] & alls[1]
             return a, f
 
-        m = MaskMod(fn, name, tiles=tiles)
+        m = MaskMod(fn, name, tiles=tiles, structure=st.Padding(qd, kd))
         m.kind = ("padding", qd, kd)
         return m
 
@@ -634,7 +650,7 @@ def document(ids, kv_ids=None) -> MaskMod:
             all_ = (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
             return any_, all_
 
-        m = MaskMod(fn, name, tiles=tiles)
+        m = MaskMod(fn, name, tiles=tiles, structure=st.Documents(qd, kd))
         m.kind = ("document", qd, kd)
         return m
 
@@ -670,7 +686,7 @@ def prefix_lm(n: int) -> MaskMod:
         lim_hi = torch.clamp(ctx.q_end - 1, min=n - 1)
         return ctx.k_start <= lim_hi, (ctx.k_end - 1) <= lim_lo
 
-    m = MaskMod(fn, f"prefix_lm({n})", tiles=tiles)
+    m = MaskMod(fn, f"prefix_lm({n})", tiles=tiles, structure=st.PrefixLM(n))
     m.kind = ("prefix_lm", n)
     return m
 
@@ -708,7 +724,7 @@ def global_tokens(indices) -> MaskMod:
             all_ = (cq == ctx.q_end - ctx.q_start) | (ck == ctx.k_end - ctx.k_start)
             return any_, all_
 
-        return MaskMod(fn, name, tiles=tiles)
+        return MaskMod(fn, name, tiles=tiles, structure=st.GlobalTokens(gd))
 
     return _unbound(binder)
 
@@ -732,7 +748,7 @@ def dilated(stride: int) -> MaskMod:
         all_ = torch.full_like(any_, stride == 1)
         return any_, all_
 
-    return MaskMod(fn, f"dilated({stride})", tiles=tiles, relative=True)
+    return MaskMod(fn, f"dilated({stride})", tiles=tiles, relative=True, structure=st.Dilated(stride))
 
 
 def block_diagonal(size: int) -> MaskMod:
@@ -752,7 +768,7 @@ def block_diagonal(size: int) -> MaskMod:
         ka, kb = ctx.k_start // size, (ctx.k_end - 1) // size
         return (qb >= ka) & (kb >= qa), (qa == qb) & (ka == kb) & (qa == ka)
 
-    m = MaskMod(fn, f"block_diagonal({size})", tiles=tiles)
+    m = MaskMod(fn, f"block_diagonal({size})", tiles=tiles, structure=st.BlockDiagonal(size))
     m.kind = ("block_diagonal", size)
     return m
 
@@ -800,7 +816,7 @@ def random_blocks(density: float, block: int = 64, seed: int = 0) -> MaskMod:
         cnt = cs[qz, kz] - cs[qa, kz] - cs[qz, ka] + cs[qa, ka]
         return cnt > 0, cnt == (qz - qa) * (kz - ka)
 
-    return MaskMod(fn, name, tiles=tiles)
+    return MaskMod(fn, name, tiles=tiles, structure=st.RandomBlocks(float(density), block, seed))
 
 
 def dense(mask: torch.Tensor) -> MaskMod:
@@ -850,7 +866,7 @@ def dense(mask: torch.Tensor) -> MaskMod:
             sh = (md.shape[0], md.shape[1], nq, tq, nk, tk)
             return padded_any.view(sh).any(5).any(3), padded_all.view(sh).all(5).all(3)
 
-        m = MaskMod(fn, name, tiles=tiles)
+        m = MaskMod(fn, name, tiles=tiles, structure=st.Dense(md))
         m.kind = ("dense", md)
         return m
 
@@ -873,8 +889,6 @@ def _unbound(binder) -> MaskMod:
     m = binder(None, None, None)
     m._binder = binder
     return m
-
-
 
 def shift(mask, q_offset: int, kv_offset: int, L_total: int | None = None, S_total: int | None = None) -> MaskMod:
     """The mask of one block of a larger problem, in the block's local indices.
@@ -914,7 +928,12 @@ def shift(mask, q_offset: int, kv_offset: int, L_total: int | None = None, S_tot
                                 ctx.k_start + kv_offset, ctx.k_end + kv_offset, ctx.device)
                 return inner._tiles(g)
 
-        out = MaskMod(fn if inner.fn is not None else None, name, tiles=tiles, relative=m.relative)
+        if inner is m:  # sizes unknown: the structure keeps the totals it will be resolved with
+            structure = st.shifted(m.structure, q_offset, kv_offset, L_total, S_total)
+        else:
+            structure = st.shifted(inner.structure, q_offset, kv_offset)
+        out = MaskMod(fn if inner.fn is not None else None, name, tiles=tiles, relative=m.relative,
+                      structure=structure)
         band = getattr(inner, "band", None)
         if band is not None:  # lo <= kv_idx - q_idx <= hi in local indices
             d = q_offset - kv_offset
@@ -926,3 +945,42 @@ def shift(mask, q_offset: int, kv_offset: int, L_total: int | None = None, S_tot
     out._check = lambda B, H, L, S: m.check(B, H, q_offset + L if L_total is None else L_total,
                                             kv_offset + S if S_total is None else S_total)
     return out
+
+
+def band(lo: int | None, hi: int | None, align: str = "top_left") -> MaskMod:
+    """A relative band: query i sees key j iff ``lo <= j - i <= hi`` (both ends inclusive; None = unbounded).
+
+    With ``align="bottom_right"`` the offset is measured from the bottom-right diagonal:
+    ``lo <= j - i - (S - L) <= hi``. A band that is a named mask comes back as that mask (``band(None, 0)``
+    is ``causal()``, ``band(-w, 0)`` is ``sliding_window(w)``, ``band(None, None)`` is ``full()``); any other,
+    e.g. one that excludes the diagonal, is a band of its own with analytic tiles. Its structure is
+    :class:`salience.structure.Band`; ``lo > hi`` gives the empty mask (every row sees nothing).
+
+    Example:
+        >>> band(None, 0)
+        causal()
+        >>> band(-3, -2).to_dense(1, 1, 4, 4)[0, 0].int().tolist()
+        [[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0]]
+    """
+    if align not in _ALIGNS:
+        raise ValueError(f"align must be one of {_ALIGNS}; got {align!r}.")
+    for argname, val in (("lo", lo), ("hi", hi)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int)):
+            raise TypeError(f"{argname} must be an int or None (unbounded); got {type(val).__name__} {val!r}.")
+    if lo is None and hi is None:
+        return full()
+    if lo is None and hi == 0:
+        return causal(align)
+    if (lo is None or lo <= 0) and (hi is None or hi >= 0):
+        return sliding_window(None if lo is None else -lo, hi, align=align)
+    lo_f = -math.inf if lo is None else lo
+    hi_f = math.inf if hi is None else hi
+    name = f"band(lo={lo}, hi={hi})" if align == "top_left" else f"band(lo={lo}, hi={hi}, align='bottom_right')"
+    if align == "top_left":
+        return _band(lo_f, hi_f, name)
+
+    def binder(L, S, device):
+        off = 0 if L is None or S is None else S - L
+        return _band(lo_f + off, hi_f + off, name)
+
+    return MaskMod(None, name, binder=binder, relative=True, structure=st.Band(lo_f, hi_f, "bottom_right"))

@@ -36,6 +36,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import structure as st
+
 __all__ = [
     "ScoreMod",
     "as_score_mod",
@@ -68,9 +70,13 @@ class ScoreMod:
         relative: True when the change depends only on (h, kv_idx - q_idx) and the score (ALiBi, T5 bias,
             softcap, temperature); kernels may then cache a tile's bias per tile offset.
         pointwise: True when it depends on the score alone (softcap, temperature).
+        structure: what the mod is, as data (:mod:`salience.structure`); kernels read it instead of the
+            name. Default: ``Callable(fn)`` (opaque).
     """
 
-    def __init__(self, fn: Callable, name: str, *, relative: bool = False, pointwise: bool = False):
+    def __init__(self, fn: Callable, name: str, *, relative: bool = False, pointwise: bool = False,
+                 structure: st.ModStructure | None = None):
+        self.structure = st.Callable(fn) if structure is None else structure
         self.fn = fn
         self.name = name
         self.__name__ = name
@@ -130,7 +136,8 @@ def as_score_mod(mod, argname: str = "score_mod") -> ScoreMod:
             )
         from ._callables import wrap  # evaluated like FlexAttention (vmap) when broadcasting cannot serve
 
-        return ScoreMod(wrap(mod, "score"), getattr(mod, "__name__", type(mod).__name__))
+        return ScoreMod(wrap(mod, "score"), getattr(mod, "__name__", type(mod).__name__),
+                        structure=st.Callable(getattr(mod, "__wrapped__", mod)))
     raise TypeError(f"{argname} must be a callable (score, b, h, q_idx, kv_idx) -> score; got {type(mod).__name__}.")
 
 
@@ -152,6 +159,7 @@ def compose(*mods) -> ScoreMod:
         " >> ".join(m.name for m in ms),
         relative=all(m.relative for m in ms),
         pointwise=all(m.pointwise for m in ms),
+        structure=st.compose(*(m.structure for m in ms)),
     )
     out._mover = lambda dev: compose(*(m.to(dev) for m in ms))
     out.parts = tuple(ms)  # the components in order, for kernels that recognise them
@@ -228,7 +236,8 @@ def _alibi_per_batch(sl: torch.Tensor, offset: int) -> ScoreMod:
         return score - sl.to(score.dtype)[b, h] * (q + offset - kv).abs().to(score.dtype)
 
     # not named "alibi(": the fast paths' relative bias is per head, not per batch row
-    m = ScoreMod(fn, f"alibi_per_batch(<{sl.shape[0]} x {sl.shape[1]} slopes>{f', offset={offset}' if offset else ''})")
+    m = ScoreMod(fn, f"alibi_per_batch(<{sl.shape[0]} x {sl.shape[1]} slopes>{f', offset={offset}' if offset else ''})",
+                 structure=st.Alibi(sl, offset))
     m.slopes = sl
     m._mover = lambda dev: _alibi_per_batch(sl.to(dev), offset)
 
@@ -246,7 +255,8 @@ def _alibi(sl: torch.Tensor, offset: int = 0) -> ScoreMod:
     def fn(score, b, h, q, kv):
         return score - sl.to(score.dtype)[h] * (q + offset - kv).abs().to(score.dtype)
 
-    m = ScoreMod(fn, f"alibi(<{sl.numel()} slopes>{f', offset={offset}' if offset else ''})", relative=True)
+    m = ScoreMod(fn, f"alibi(<{sl.numel()} slopes>{f', offset={offset}' if offset else ''})", relative=True,
+                 structure=st.Alibi(sl, offset))
     m.slopes = sl
     m.offset = offset
     m._mover = lambda dev: _alibi(sl.to(dev), offset)
@@ -299,7 +309,8 @@ def softcap(cap: float) -> ScoreMod:
     if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
         raise ValueError(f"cap must be a positive finite number; got {cap!r}.")
     c = float(cap)
-    m = ScoreMod(lambda s, b, h, q, kv: torch.tanh(s / c) * c, f"softcap({c:g})", pointwise=True)
+    m = ScoreMod(lambda s, b, h, q, kv: torch.tanh(s / c) * c, f"softcap({c:g})", pointwise=True,
+                 structure=st.Softcap(c))
     m.cap = c
     return m
 
@@ -314,7 +325,8 @@ def temperature(t: float) -> ScoreMod:
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
         raise ValueError(f"t must be a positive finite number; got {t!r}.")
     tt = float(t)
-    m = ScoreMod(lambda s, b, h, q, kv: s / tt, f"temperature({tt:g})", pointwise=True)
+    m = ScoreMod(lambda s, b, h, q, kv: s / tt, f"temperature({tt:g})", pointwise=True,
+                 structure=st.Temperature(tt))
     m.t = tt
     return m
 
@@ -378,6 +390,7 @@ def _relative_bias(table, num_buckets, max_distance, bidirectional) -> ScoreMod:
         fn,
         f"relative_bias(num_buckets={num_buckets}, max_distance={max_distance}, bidirectional={bidirectional})",
         relative=True,
+        structure=st.RelativeBias(table, num_buckets, max_distance, bidirectional),
     )
     m.table = table
     m._mover = lambda dev: _relative_bias(table.to(dev), num_buckets, max_distance, bidirectional)
