@@ -109,20 +109,21 @@ def test_pair_cross_mass_hand_case_and_page():
         PairAttention(tokens=["a", "b"], side=[0, 0], maps=torch.ones(1, 1, 2, 2))
 
 
-def test_explain_pair_writes_the_joint_pair_view(tmp_path):
+def test_explain_pair_puts_the_joint_pair_view_in_the_report(tmp_path):
     from salience import cli
 
     out = tmp_path / "r"
     assert cli.main(["explain", "A man plays a guitar.", "--pair", "Someone makes music.", "--method", "rollout",
                      "--no-png", "--quiet", "--out", str(out)]) == 0
-    page = (out / "pair.html").read_text()
+    assert not (out / "pair.html").exists()  # one report: the pair is a tab of report.html
+    page = (out / "report.html").read_text()
     data = json.loads(re.search(r'id="salience-pair-data">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</"))
     toks, side = data["tokens"], data["side"]
     assert toks[0] == "[CLS]" and "guitar" in toks and "music" in toks and toks.count("[SEP]") == 2
     assert side[toks.index("guitar")] == 0 and side[toks.index("music")] == 1  # one joint input, A then B
     assert len(data["maps"][0][0]) == len(toks) and data["layers"] == 6
     assert all(0 < x < 1 for x in data["a_to_b"][0])
-    dom = _dom(tmp_path, (out / "pair.html").as_uri() + "#selftest")
+    dom = _dom(tmp_path, (out / "report.html").as_uri() + "#selftest")
     assert 'data-ready="1"' in dom.stdout and "data-errors=" not in dom.stdout
     sel = re.search(r'data-selftest="ab=(\d+),ba=(\d+),all=(\d+)"', dom.stdout)
     assert sel and int(sel.group(1)) > 0 and int(sel.group(2)) > 0 and int(sel.group(3)) > 0

@@ -8,8 +8,16 @@ faithfulness table (attention importance vs gradient x input and leave-one-out e
 * ``DIR/grid.png``, ``DIR/last_layer.png``, ``DIR/importance.png``, ``DIR/entropy.png``;
 * ``DIR/maps.npz``: the recorded :class:`~salience.interpret.AttentionMaps`.
 
-The default model is the embedded all-MiniLM-L6-v2 (``--model minilm``); ``--model PATH`` loads any local
-transformers encoder or sequence classifier. Nothing is downloaded.
+The default model is the embedded all-MiniLM-L6-v2 (``--model minilm``); ``--model PATH`` loads a local
+transformers encoder, sequence classifier, causal LM (GPT-2, Llama...) or encoder-decoder model (T5, BART...).
+Nothing is downloaded. The report switches between views on tabs: matrix, head view, all heads in colour, and
+when they apply:
+
+* **Sentence pair** (``--pair B``, encoders): A and B encoded together, cross-sentence attention;
+* **Generation** (``--generate N``, causal LMs): each of N greedily generated tokens' attention over the prompt
+  and the earlier output, step by step;
+* **Cross-attention** (encoder-decoder models): decoder tokens (the model's greedy output, or ``--target``)
+  by encoder tokens; the matrix and head views then show the encoder's self-attention.
 
 Example:
     >>> from salience.explain import build_parser
@@ -29,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["add_arguments", "run", "build_parser", "METHODS", "parse_layers", "parse_methods", "Progress"]
+__all__ = ["add_arguments", "run", "build_parser", "METHODS", "parse_layers", "parse_methods", "Progress", "model_kind"]
 
 #: what ``--method`` accepts
 METHODS = ("raw", "rollout", "flow", "grad", "entropy", "roles", "faithfulness")
@@ -80,6 +88,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pair", default=None,
                    help="a second sentence: explain the embedding similarity with it (encoders), and draw the pair encoded "
                         "together with its cross-sentence attention in pair.html (default: none)")
+    p.add_argument("--generate", type=int, default=None, metavar="N",
+                   help="generative models: greedy-decode N tokens after TEXT; a causal LM gets the step-by-step "
+                        "Generation view, an encoder-decoder model the Cross-attention view over its output "
+                        "(default: none for causal LMs, 20 for encoder-decoder models)")
+    p.add_argument("--target", default=None,
+                   help="encoder-decoder models: show cross-attention for this decoder text (teacher-forced) instead "
+                        "of the model's own greedy output (default: none)")
     p.add_argument("--label", type=int, default=None, help="class to explain (classifiers; default: predicted)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="storage precision of the recorded maps")
@@ -151,6 +166,83 @@ def _check_indices(args, model) -> None:
             args.layers = sorted({i % n for i in sel})
 
 
+#: how the messages name each kind of model
+KIND_WORDS = {"encoder": "an encoder", "causal": "a causal LM", "seq2seq": "an encoder-decoder model"}
+
+
+def model_kind(model) -> str:
+    """``"seq2seq"`` (config.is_encoder_decoder), ``"causal"`` (a model with ``generate`` whose config says
+    decoder-only: GPT-2, Llama...) or ``"encoder"`` (encoders and classifiers)."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "is_encoder_decoder", False):
+        return "seq2seq"
+    names = [type(model).__name__] + list(getattr(cfg, "architectures", None) or [])
+    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+        return "causal"
+    return "encoder"
+
+
+def _generation_view(model, tok, inputs, args):
+    from .interpret.generation import generation_attention
+
+    return generation_attention(model, inputs["input_ids"], tok, max_new_tokens=args.generate, layers=args.layers,
+                                heads=args.heads)
+
+
+def _generation_lines(g) -> list[str]:
+    """Terminal lines: the generated text, and per step the earlier tokens the last recorded layer (mean of heads)
+    attended to most."""
+    out = [f"\ngenerated (greedy, {len(g.steps)} tokens): " + " ".join(repr(t) for t in g.tokens[g.prompt_length:]),
+           f"each generated token's most-attended earlier tokens ({g.layer_names[-1] if g.layer_names else 'last layer'}, "
+           "mean of heads):"]
+    for t, s in enumerate(g.steps):
+        r = s[-1].float().mean(0)
+        top = torch.argsort(r, descending=True)[:3].tolist()
+        out.append(f"  step {t:>2} {g.tokens[g.prompt_length + t]!r:>12}: "
+                   + ", ".join(f"{g.tokens[j]!r} (pos {j}) {float(r[j]):.2f}" for j in top))
+    return out
+
+
+def _cross_view(model, tok, inputs, args):
+    """The decoder's cross-attention over the encoder tokens: for ``--target`` teacher-forced on it, otherwise on
+    the model's greedy output; row t is the decoder step that produced token t (labelled with that token)."""
+    from .interpret.seq2seq import cross_attention
+
+    ids = inputs["input_ids"]
+    if args.target:
+        tgt = tok(args.target, return_tensors="pt")["input_ids"][0]
+        start = getattr(model.config, "decoder_start_token_id", None)
+        if start is None:
+            raise ValueError(f"{args.model} has no decoder_start_token_id in its config; --target cannot be "
+                             "teacher-forced (leave --target out to show the model's own output).")
+        dec, produced = torch.cat([torch.tensor([int(start)]), tgt[:-1]])[None], tgt.tolist()
+        how = "--target, teacher-forced"
+    else:
+        n = args.generate or 20
+        kw = {}
+        if getattr(model.generation_config, "pad_token_id", None) is None:
+            eos = getattr(model.generation_config, "eos_token_id", None)
+            kw["pad_token_id"] = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+        with torch.no_grad():
+            seq = model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)
+        dec, produced = seq[:, :-1], seq[0, 1:].tolist()
+        how = f"the model's greedy output, {len(produced)} token(s)"
+    ca = cross_attention(model, dec, ids, tokenizer=tok, attention_mask=inputs.get("attention_mask"))
+    ca.target = tok.convert_ids_to_tokens(produced)
+    ca.note = f"rows: the decoder step that produced each token ({how}); columns: the encoder's tokens"
+    return ca
+
+
+def _cross_lines(ca) -> list[str]:
+    r = ca.maps[-1].float().mean(0)  # (T, S), last decoder layer, mean of heads
+    out = ["\ndecoder output: " + " ".join(ca.target),
+           f"cross-attention, most-attended source token per decoder token ({ca.layer_names[-1]}, mean of heads):"]
+    for t, row in enumerate(r):
+        j = int(torch.argmax(row))
+        out.append(f"  {t:>2} {ca.target[t]!r:>12} <- {ca.source[j]!r} (pos {j}) {float(row[j]):.2f}")
+    return out
+
+
 def _load(model_arg: str):
     from .cli import quiet_transformers
 
@@ -170,10 +262,25 @@ def _load_model(model_arg: str):
     path = Path(model_arg)
     import json
 
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     arch = json.loads((path / "config.json").read_text()).get("architectures") or []
-    cls = AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification") for a in arch) else AutoModel
+    cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if getattr(cfg, "is_encoder_decoder", False):
+        cls = AutoModelForSeq2SeqLM
+    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch):
+        cls = AutoModelForCausalLM
+    elif any(a.endswith("ForSequenceClassification") for a in arch):
+        cls = AutoModelForSequenceClassification
+    else:
+        cls = AutoModel
     model = cls.from_pretrained(str(path), attn_implementation="salience", local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     hf.name_modules(model)
@@ -196,6 +303,12 @@ def run(args) -> int:
     if args.max_tokens < 1 or not args.flow_seconds >= 0:
         raise ValueError(f"--max-tokens must be >= 1 and --flow-seconds >= 0; got {args.max_tokens} and "
                          f"{args.flow_seconds}.")
+    gen, target = getattr(args, "generate", None), getattr(args, "target", None)
+    if gen is not None and gen < 1:
+        raise ValueError(f"--generate takes the number of tokens to generate, at least 1; got {gen}.")
+    if target is not None and not target.strip():
+        raise ValueError("--target is empty; give the decoder text in quotes (or leave it out to show the model's "
+                         "own greedy output).")
     _check_model_arg(args.model)
     methods = args.method
     out = Path(args.out)
@@ -206,6 +319,14 @@ def run(args) -> int:
     bar = Progress(steps, enabled=not args.quiet)
 
     model, tok = _load(args.model)
+    kind = model_kind(model)
+    if gen is not None and kind == "encoder":
+        raise ValueError(f"--generate needs a causal LM or an encoder-decoder model; {args.model} is an encoder "
+                         f"({type(model).__name__}). Leave --generate out, or pass --model DIR of a generative model.")
+    if target is not None and kind != "seq2seq":
+        raise ValueError(f"--target is the decoder text of an encoder-decoder model; {args.model} is {KIND_WORDS[kind]}.")
+    if kind != "encoder":  # faithfulness is built for encoders and classifiers; the view step replaces it
+        bar.total += 1 - ("faithfulness" in methods or "grad" in methods)
     _check_indices(args, model)
     bar.step(f"loaded {args.model}")
 
@@ -219,9 +340,13 @@ def run(args) -> int:
                          "(or the default 1 for rollout, flow and faithfulness).")
     tokens = tok.convert_ids_to_tokens(ids[0].tolist())
     n_text = len(tok(text)["input_ids"]) if limit is not None else L
+    # generative models take only ids and mask (a BERT tokenizer adds token_type_ids); an encoder-decoder model's
+    # encoder runs alone here (its self-attention is the report's main maps)
+    inputs = enc if kind == "encoder" else {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
+    runner = model.get_encoder() if kind == "seq2seq" else model
     with torch.no_grad(), capture(model, layers=args.layers, heads=args.heads, dtype=args.dtype,
                                   pool=args.pool) as rec:
-        model(**enc)
+        runner(**inputs)
     blocks = [" ".join(tokens[i:i + args.pool]) for i in range(0, L, args.pool)]  # --pool: one label per block
     maps = rec.result(tokens=tokens if args.pool == 1 else blocks)
     if not maps.maps:
@@ -258,7 +383,9 @@ def run(args) -> int:
     bar.step("methods")
 
     faith = None
-    if ("faithfulness" in methods or "grad" in methods) and args.pool == 1:
+    if ("faithfulness" in methods or "grad" in methods) and kind != "encoder":
+        notes.append(f"faithfulness: not computed for {KIND_WORDS[kind]} (built for encoders and classifiers)")
+    elif ("faithfulness" in methods or "grad" in methods) and args.pool == 1:
         if L > args.max_tokens:
             notes.append(f"faithfulness: skipped, {L} tokens > --max-tokens {args.max_tokens}")
         else:
@@ -298,17 +425,34 @@ def run(args) -> int:
             notes.append(f"PNGs skipped: {e}")
         bar.step("PNGs")
     summary = f"{L} tokens" + (f" (truncated from {n_text})" if n_text > L else "") + f"; {maps.summary()}"
-    files.insert(0, html.report(maps, maps.tokens, out / "report.html", importances=importances, faithfulness=faith,
-                                entropy=ent, layer_names=names, title=f"salience explain: {text[:80]}",
-                                summary=summary, merge_wordpieces=bool(getattr(args, "words", False)) and square))
-    if args.pair:  # the pair encoded together (tokenizer(text, pair)): A and B side by side, cross attention
+    if kind == "seq2seq":
+        summary += "; matrix and head views: the encoder's self-attention"
+    views, lines = [], []
+    if args.pair and kind != "encoder":
+        notes.append(f"pair view: built for encoders (sentence pairs), not {KIND_WORDS[kind]}; skipped")
+    elif args.pair:  # the pair encoded together (tokenizer(text, pair)): A and B side by side, cross attention
         from .interpret.pair import pair_attention
 
         try:
-            pa = pair_attention(model, tok, text, args.pair, layers=args.layers, heads=args.heads)
-            files.append(pa.report(out / "pair.html", title=f"salience explain: {text[:40]} | {args.pair[:40]}"))
+            views.append(pair_attention(model, tok, text, args.pair, layers=args.layers, heads=args.heads))
         except ValueError as e:
             notes.append(f"pair view: skipped ({e})")
+    if kind == "causal" and gen:
+        g = _generation_view(model, tok, inputs, args)
+        views.append(g)
+        lines = _generation_lines(g)
+        bar.step(f"generated {len(g.steps)} token(s)")
+    elif kind == "causal":
+        bar.step("no generation (add --generate N for the Generation view)")
+    if kind == "seq2seq":
+        ca = _cross_view(model, tok, inputs, args)
+        views.append(ca)
+        lines = _cross_lines(ca)
+        bar.step(f"cross-attention, {len(ca.target)} decoder token(s)")
+    files.insert(0, html.report(maps, maps.tokens, out / "report.html", importances=importances, faithfulness=faith,
+                                entropy=ent, layer_names=names, title=f"salience explain: {text[:80]}",
+                                summary=summary, merge_wordpieces=bool(getattr(args, "words", False)) and square,
+                                views=views))
     bar.step("HTML report")
 
     # ------------------------------------------------------------------------------ terminal
@@ -345,6 +489,11 @@ def run(args) -> int:
     if faith is not None:
         p("\nfaithfulness:")
         p(faith.table())
+    for line in lines:
+        p(line)
+    if views:
+        p("report.html views: matrix, head view" + ", all heads in colour" * (ent.shape[1] > 1) + "".join(
+            f", {v.as_view().label.lower()}" for v in views))
     for n in notes:
         p(f"note: {n}")
     p("\nwrote: " + ", ".join(str(f) for f in files))

@@ -71,11 +71,19 @@ class GenerationAttention:
             "steps": [[[[round(x, 5) for x in h] for h in lay] for lay in s.float().tolist()] for s in self.steps],
         }
 
-    def report(self, path=None, *, title: str = "salience: attention during generation"):
-        """Write (or return as a :class:`~salience.interpret.render.html.ReportHTML`) the self-contained page."""
-        from .render.html import write_page
+    def as_view(self):
+        """This generation as a :class:`~salience.interpret.render.html.View`: the "Generation" tab of the report
+        that :func:`salience.interpret.render.html.report` writes (``views=[...]``)."""
+        from .render.html import View
 
-        return write_page(_PAGE, _CSS, _JS, self.payload(), title, path)
+        return View("generation", "Generation", _SECTION, _CSS, _JS, "salience-gen-data", self.payload())
+
+    def report(self, path=None, *, title: str = "salience: attention during generation"):
+        """Write (or return as a :class:`~salience.interpret.render.html.ReportHTML`) the view alone on a
+        self-contained page."""
+        from .render.html import standalone
+
+        return standalone(self, title, path)
 
     def _repr_html_(self) -> str:
         return self.report()._repr_html_()
@@ -151,30 +159,21 @@ def generation_attention(model, prompt, tokenizer=None, *, max_new_tokens: int =
     return GenerationAttention(tokens=tokens, ids=seq, prompt_length=P, steps=steps, layer_names=names)
 
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title><style>__CSS__</style>
-<script>window.__salienceErrors=[];window.addEventListener("error",function(e){window.__salienceErrors.push(String(e.message));document.documentElement.setAttribute("data-errors",String(window.__salienceErrors.length));});</script>
-</head><body>
-<header><h1>__TITLE__</h1><p>Each generated token's attention over the prompt and the earlier output, one decoding
-step at a time. Darker = more attention from the query that produced the marked token.</p></header>
-<main><section id="gen-sec"><h2>Generation view <small id="gen-sel"></small></h2>
+_SECTION = """<section id="gen-sec" data-view="generation"><h2>Generation view <small id="gen-sel"></small></h2>
+<p class="intro">Each generated token's attention over the prompt and the earlier output, one decoding step at a time
+(the query is the position before the marked token). Darker = more attention; prompt tokens are underlined.</p>
 <div class="controls"><label>step <input type="range" id="gen-step" min="0" max="0" value="0"></label>
 <label>layer <select id="gen-layer"></select></label> <label>head <select id="gen-head"></select></label></div>
 <div id="gen-text" class="text"></div>
 <canvas id="gen-bars" width="1100" height="200"></canvas>
-<table id="gen-top"></table></section></main>
-<script type="application/json" id="salience-gen-data">__DATA__</script>
-<script>__JS__</script>
-</body></html>
-"""
+<table id="gen-top"></table></section>"""
 
 _CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#fafafa;color:#222}
-header{padding:10px 20px;background:#20232a;color:#eee}header h1{margin:0;font-size:20px}main{padding:10px 20px}
-.text{background:#fff;border:1px solid #ddd;padding:10px;line-height:2;font-family:ui-monospace,monospace}
-.tok{padding:2px 3px;margin:1px;border-radius:3px;white-space:pre}.tok.prompt{border-bottom:2px solid #999}
-.tok.cur{outline:2px solid #e4572e}.tok.future{color:#bbb}small{color:#777;font-weight:normal}
-td,th{border:1px solid #ddd;padding:2px 6px}table{border-collapse:collapse;margin-top:6px}
+#gen-sec .text{background:#fff;border:1px solid #ddd;padding:10px;line-height:2;font-family:ui-monospace,monospace}
+#gen-sec .tok{padding:2px 3px;margin:1px;border-radius:3px;white-space:pre}#gen-sec .tok.prompt{border-bottom:2px solid #999}
+#gen-sec .tok.cur{outline:2px solid #e4572e}#gen-sec .tok.future{color:#bbb}#gen-sec .intro{color:#555;margin:2px 0 6px}
+#gen-sec td,#gen-sec th{border:1px solid #ddd;padding:2px 6px}#gen-sec table{border-collapse:collapse;margin-top:6px}
+#gen-sec canvas{background:#fff;max-width:100%}
 """
 
 _JS = r"""
@@ -205,8 +204,9 @@ function draw(){
 }
 step.oninput=draw;lay.onchange=draw;hd.onchange=draw;
 if(D.steps.length){draw();}
+const sec=document.getElementById("gen-sec");
 if(location.hash==="#selftest"){const seen=[];for(let t=0;t<D.steps.length;t++){step.value=t;draw();seen.push(document.getElementById("gen-bars").getAttribute("data-keys"));}
- document.documentElement.setAttribute("data-selftest","keys="+seen.join(","));}
-document.documentElement.setAttribute("data-ready","1");
+ sec.setAttribute("data-selftest","keys="+seen.join(","));step.value=0;draw();}
+sec.setAttribute("data-ready","1");
 })();
 """

@@ -75,11 +75,19 @@ class PairAttention:
             "b_to_a": [[round(x, 5) for x in r] for r in cm["b_to_a"].tolist()],
         }
 
-    def report(self, path=None, *, title: str = "salience: sentence-pair attention"):
-        """Write (or return as a :class:`~salience.interpret.render.html.ReportHTML`) the self-contained page."""
-        from .render.html import write_page
+    def as_view(self):
+        """This pair as a :class:`~salience.interpret.render.html.View`: the "Sentence pair" tab of the report
+        that :func:`salience.interpret.render.html.report` writes (``views=[...]``)."""
+        from .render.html import View
 
-        return write_page(_PAGE, _CSS, _JS, self.payload(), title, path)
+        return View("pair", "Sentence pair", _SECTION, _CSS, _JS, "salience-pair-data", self.payload())
+
+    def report(self, path=None, *, title: str = "salience: sentence-pair attention"):
+        """Write (or return as a :class:`~salience.interpret.render.html.ReportHTML`) the view alone on a
+        self-contained page."""
+        from .render.html import standalone
+
+        return standalone(self, title, path)
 
     def _repr_html_(self) -> str:
         return self.report()._repr_html_()
@@ -117,13 +125,9 @@ def pair_attention(model, tokenizer, a: str, b: str, *, layers=None, heads=None,
                          layer_names=[e["name"] for e in maps.entries if e.get("call", 0) == 0])
 
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title><style>__CSS__</style>
-<script>window.__salienceErrors=[];window.addEventListener("error",function(e){window.__salienceErrors.push(String(e.message));document.documentElement.setAttribute("data-errors",String(window.__salienceErrors.length));});</script>
-</head><body>
-<header><h1>__TITLE__</h1><p>Sentence A and sentence B encoded together as one input. Lines go from each query
-token to the keys of the other sentence; thicker and darker = more attention.</p></header>
-<main><section id="pair-sec"><h2>Sentence-pair view</h2>
+_SECTION = """<section id="pair-sec" data-view="pair"><h2>Sentence-pair view</h2>
+<p class="intro">Sentence A and sentence B encoded together as one input. Lines go from each query token to the keys of
+the other sentence; thicker and darker = more attention (hover a token to see its lines alone).</p>
 <div class="controls"><label>direction <select id="pair-dir"><option value="ab">A &rarr; B (A's queries, B's keys)</option>
 <option value="ba">B &rarr; A (B's queries, A's keys)</option><option value="all">all, both directions and within</option></select></label>
 <label>layer <select id="pair-layer"></select></label> <label>head <select id="pair-head"></select></label></div>
@@ -131,18 +135,13 @@ token to the keys of the other sentence; thicker and darker = more attention.</p
 <svg id="pair-svg" width="320" height="100"></svg>
 <div class="side"><b>Sentence B</b><div id="pair-b"></div></div></div>
 <h2>Cross-sentence share <small>mean over query rows of the attention on the other sentence, mean of heads</small></h2>
-<table id="pair-table"></table></section></main>
-<script type="application/json" id="salience-pair-data">__DATA__</script>
-<script>__JS__</script>
-</body></html>
-"""
+<table id="pair-table"></table></section>"""
 
 _CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#fafafa;color:#222}
-header{padding:10px 20px;background:#20232a;color:#eee}header h1{margin:0;font-size:20px}main{padding:10px 20px}
-.cols{display:flex;align-items:flex-start;gap:0}.side{min-width:140px}.side div div{height:20px;line-height:20px;
-padding:0 6px;font-family:ui-monospace,monospace;cursor:default;white-space:pre}#pair-a div{text-align:right}
-td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}table{border-collapse:collapse}small{color:#777;font-weight:normal}
+#pair-sec .cols{display:flex;align-items:flex-start;gap:0}#pair-sec .side{min-width:140px}
+#pair-sec .side div div{height:20px;line-height:20px;padding:0 6px;font-family:ui-monospace,monospace;cursor:default;
+white-space:pre}#pair-a div{text-align:right}#pair-sec .intro{color:#555;margin:2px 0 6px}
+#pair-sec td,#pair-sec th{border:1px solid #ddd;padding:2px 6px;text-align:right}#pair-sec table{border-collapse:collapse}
 """
 
 _JS = r"""
@@ -184,8 +183,9 @@ for(let l=0;l<D.layers;l++){const m=r=>r.reduce((a,b)=>a+b,0)/r.length;
 document.getElementById("pair-table").innerHTML=rows;
 dir.onchange=()=>draw(null);lay.onchange=()=>draw(null);hd.onchange=()=>draw(null);
 draw(null);
+const sec=document.getElementById("pair-sec");
 if(location.hash==="#selftest"){const seen=[];for(const d of ["ab","ba","all"]){dir.value=d;draw(null);seen.push(d+"="+svg.getAttribute("data-lines"));}
- document.documentElement.setAttribute("data-selftest",seen.join(","));dir.value="ab";draw(null);}
-document.documentElement.setAttribute("data-ready","1");
+ sec.setAttribute("data-selftest",seen.join(","));dir.value="ab";draw(null);}
+sec.setAttribute("data-ready","1");
 })();
 """

@@ -35,13 +35,15 @@ CROSS_NAMES = ("encoder_attn", "EncDecAttention")
 
 @dataclass
 class CrossAttention:
-    """Cross-attention of one example: ``source`` (S encoder tokens), ``target`` (T decoder tokens) and
-    ``maps`` ``(layers, heads, T, S)``."""
+    """Cross-attention of one example: ``source`` (S encoder tokens), ``target`` (T decoder tokens, one label per
+    query row) and ``maps`` ``(layers, heads, T, S)``; ``note`` says on the page what the rows are (e.g. "row t:
+    the decoder step that produced token t"). Tokens that occur more than once are shown with their position."""
 
     source: list[str]
     target: list[str]
     maps: torch.Tensor
     layer_names: list[str] | None = None
+    note: str = ""
 
     def __post_init__(self):
         if self.maps.dim() != 4 or tuple(self.maps.shape[-2:]) != (len(self.target), len(self.source)):
@@ -49,19 +51,29 @@ class CrossAttention:
                              f"S={len(self.source)}).")
 
     def payload(self) -> dict:
+        from .render.png import token_labels
+
         n = self.maps.shape[0]
         return {
-            "source": [str(t) for t in self.source], "target": [str(t) for t in self.target],
+            "source": token_labels(self.source), "target": token_labels(self.target), "note": self.note,
             "layers": n, "heads": int(self.maps.shape[1]),
             "layer_names": list(self.layer_names) if self.layer_names else [f"layer {i}" for i in range(n)],
             "maps": [[[[round(x, 5) for x in r] for r in h] for h in la] for la in self.maps.float().tolist()],
         }
 
-    def report(self, path=None, *, title: str = "salience: encoder-decoder cross-attention"):
-        """Write (or return as a :class:`~salience.interpret.render.html.ReportHTML`) the self-contained page."""
-        from .render.html import write_page
+    def as_view(self):
+        """This cross-attention as a :class:`~salience.interpret.render.html.View`: the "Cross-attention" tab of
+        the report that :func:`salience.interpret.render.html.report` writes (``views=[...]``)."""
+        from .render.html import View
 
-        return write_page(_PAGE, _CSS, _JS, self.payload(), title, path)
+        return View("cross", "Cross-attention", _SECTION, _CSS, _JS, "salience-cross-data", self.payload())
+
+    def report(self, path=None, *, title: str = "salience: encoder-decoder cross-attention"):
+        """Write (or return as a :class:`~salience.interpret.render.html.ReportHTML`) the view alone on a
+        self-contained page."""
+        from .render.html import standalone
+
+        return standalone(self, title, path)
 
     def _repr_html_(self) -> str:
         return self.report()._repr_html_()
@@ -113,24 +125,15 @@ def cross_attention(model, decoder_input_ids, input_ids=None, *, tokenizer=None,
                           layer_names=[res.entries[i]["name"] for i in idx])
 
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title><style>__CSS__</style>
-<script>window.__salienceErrors=[];window.addEventListener("error",function(e){window.__salienceErrors.push(String(e.message));document.documentElement.setAttribute("data-errors",String(window.__salienceErrors.length));});</script>
-</head><body>
-<header><h1>__TITLE__</h1><p>Rows: decoder tokens (queries). Columns: encoder tokens (keys). Each row sums to 1;
-darker = more attention.</p></header>
-<main><section id="cross-sec"><h2>Cross-attention view</h2>
+_SECTION = """<section id="cross-sec" data-view="cross"><h2>Cross-attention view <small id="cx-sel"></small></h2>
+<p class="intro">Rows: decoder tokens (queries). Columns: encoder tokens (keys). Each row sums to 1; darker = more
+attention.</p>
 <div class="controls"><label>layer <select id="cx-layer"></select></label> <label>head <select id="cx-head"></select></label></div>
-<canvas id="cx" width="700" height="500"></canvas><div id="cx-info" class="info">&nbsp;</div></section></main>
-<script type="application/json" id="salience-cross-data">__DATA__</script>
-<script>__JS__</script>
-</body></html>
-"""
+<canvas id="cx" width="700" height="500"></canvas><div id="cx-info" class="info">&nbsp;</div></section>"""
 
 _CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#fafafa;color:#222}
-header{padding:10px 20px;background:#20232a;color:#eee}header h1{margin:0;font-size:20px}main{padding:10px 20px}
-canvas{background:#fff;border:1px solid #ddd}.info{font-family:ui-monospace,monospace;font-size:12px;min-height:1.4em}
+#cross-sec canvas{background:#fff;border:1px solid #ddd}#cross-sec .intro{color:#555;margin:2px 0 6px}
+#cross-sec .info{font-family:ui-monospace,monospace;font-size:12px;min-height:1.4em}
 """
 
 _JS = r"""
@@ -142,6 +145,7 @@ for(let l=0;l<D.layers;l++){const o=document.createElement("option");o.value=l;o
 for(let h=0;h<D.heads;h++){const o=document.createElement("option");o.value=h;o.textContent="head "+h;hd.appendChild(o);}
 const T=D.target.length,S=D.source.length,LX=110,TY=90;
 const cw=Math.max(4,Math.min(40,(c.width-LX-10)/S)),ch=Math.max(4,Math.min(30,(c.height-TY-10)/T));
+c.height=Math.ceil(TY+T*ch+12);
 function m(){const a=D.maps[+lay.value];if(hd.value!=="mean")return a[+hd.value];
  return a[0].map((r,i)=>r.map((_,j)=>a.reduce((s,h)=>s+h[i][j],0)/a.length));}
 function every(n,room){return Math.max(1,Math.ceil(n*12/room));}
@@ -156,7 +160,8 @@ function draw(){
 }
 c.onmousemove=e=>{const r=c.getBoundingClientRect(),j=Math.floor((e.clientX-r.left-LX)/cw),i=Math.floor((e.clientY-r.top-TY)/ch);
  document.getElementById("cx-info").textContent=(i>=0&&i<T&&j>=0&&j<S)?(D.target[i]+" (dec "+i+") -> "+D.source[j]+" (enc "+j+"): "+m()[i][j].toFixed(4)):"\u00a0";};
+document.getElementById("cx-sel").textContent=D.note||"";
 lay.onchange=draw;hd.onchange=draw;draw();
-document.documentElement.setAttribute("data-ready","1");
+document.getElementById("cross-sec").setAttribute("data-ready","1");
 })();
 """

@@ -37,7 +37,9 @@ import base64
 import html as _html
 import json
 import math
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +47,7 @@ import torch
 from .. import methods as _m
 from .png import pool_map, token_labels
 
-__all__ = ["report", "payload", "DETAIL", "ReportHTML", "notebook_html"]
+__all__ = ["report", "payload", "DETAIL", "ReportHTML", "notebook_html", "View", "write_page", "standalone"]
 
 #: largest map side (in tokens or token blocks) embedded at full resolution
 DETAIL = 192
@@ -140,10 +142,60 @@ def payload(attn, tokens: Sequence[str] | None = None, *, row_index: Sequence[in
     })
 
 
+@dataclass
+class View:
+    """One more view of the report, beside its own matrix and head views: a tab and a ``<section>``.
+
+    Attributes:
+        key: the tab's name (``"pair"``, ``"generation"``, ``"cross"``); ``report.html#view=KEY`` opens it.
+        label: the tab's text.
+        section: the HTML fragment, one ``<section id="..." data-view="KEY">`` element.
+        css: rules scoped to that section. js: the view's script (reads its data from ``data_id``).
+        data_id: id of the ``<script type="application/json">`` that holds ``data``.
+        data: the JSON-ready data.
+
+    :meth:`~salience.interpret.pair.PairAttention.as_view`, :meth:`~salience.interpret.generation.
+    GenerationAttention.as_view` and :meth:`~salience.interpret.seq2seq.CrossAttention.as_view` make them.
+    """
+
+    key: str
+    label: str
+    section: str
+    css: str
+    js: str
+    data_id: str
+    data: dict
+
+    @property
+    def section_id(self) -> str:
+        m = re.search(r'<section id="([^"]+)"', self.section)
+        if m is None:
+            raise ValueError(f"view {self.key!r}: its section fragment has no <section id=...>.")
+        return m.group(1)
+
+
+def _views(views) -> list[View]:
+    out = []
+    for v in views or ():
+        v = v.as_view() if hasattr(v, "as_view") else v
+        if not isinstance(v, View):
+            raise TypeError(f"views takes View objects or objects with .as_view() (PairAttention, "
+                            f"GenerationAttention, CrossAttention); got {type(v).__name__}.")
+        out.append(v)
+    keys = [v.key for v in out]
+    if len(set(keys)) != len(keys) or set(keys) & {"matrix", "head", "overlay"}:
+        raise ValueError(f"view keys must be distinct and not matrix/head/overlay; got {keys}.")
+    return out
+
+
+def _blob(data) -> str:
+    return json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+
+
 def report(attn, tokens: Sequence[str] | None = None, path=None, *, row_index: Sequence[int] | None = None,
            importances: dict | None = None, faithfulness=None, entropy=None, layer_names=None,
            title: str = "salience attention report", summary: str = "", detail: int = DETAIL,
-           merge_wordpieces: bool = False):
+           merge_wordpieces: bool = False, views=None):
     """Write (or return) the HTML report.
 
     Args:
@@ -158,6 +210,11 @@ def report(attn, tokens: Sequence[str] | None = None, path=None, *, row_index: S
         detail: maps longer than this are pooled to ``detail`` blocks per side.
         merge_wordpieces: merge ``##`` pieces into words first (:mod:`salience.interpret.words`: keys summed,
             queries averaged, importances summed); needs all rows at full resolution.
+        views: more views on their own tabs beside the matrix and head views: a
+            :class:`~salience.interpret.pair.PairAttention`, a
+            :class:`~salience.interpret.generation.GenerationAttention`, a
+            :class:`~salience.interpret.seq2seq.CrossAttention` (or any :class:`View`). A view that is not given
+            has no tab and no section; the token-importance and faithfulness sections are hidden when empty.
 
     Returns:
         the written :class:`pathlib.Path`, or the HTML text when ``path`` is None: a :class:`ReportHTML`
@@ -166,22 +223,56 @@ def report(attn, tokens: Sequence[str] | None = None, path=None, *, row_index: S
     data = payload(attn, tokens, row_index=row_index, importances=importances, faithfulness=faithfulness,
                    entropy=entropy, layer_names=layer_names, title=title, summary=summary, detail=detail,
                    merge_wordpieces=merge_wordpieces)
-    return write_page(_PAGE, _CSS, _JS, data, title, path)
+    vs = _views(views)
+    data["views"] = [{"key": v.key, "label": v.label, "section": v.section_id} for v in vs]
+    extra = {
+        "VIEWS": "\n".join(v.section.replace(f'id="{v.section_id}"', f'id="{v.section_id}" hidden', 1) for v in vs),
+        "VIEWJS": "\n".join(f'<script type="application/json" id="{v.data_id}">{_blob(v.data)}</script>\n'
+                            f"<script>{v.js}</script>" for v in vs),
+        "BARS_HIDDEN": "" if data["importances"] else " hidden",
+        "FAITH_HIDDEN": "" if data["faithfulness"] else " hidden",
+    }
+    return write_page(_PAGE, _CSS + "".join(v.css for v in vs), _JS, data, title, path, extra=extra)
 
 
-def write_page(template: str, css: str, js: str, data, title: str, path=None):
-    """Fill a self-contained page template (``__TITLE__``, ``__CSS__``, ``__DATA__`` as JSON, ``__JS__``) and write
-    it to ``path`` (returning the path), or return it as a :class:`ReportHTML` when ``path`` is None. Every view
-    (report, generation, sentence pair, cross-attention) is written through here."""
-    blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-    page = (template.replace("__TITLE__", _html.escape(title))
-            .replace("__CSS__", css).replace("__DATA__", blob).replace("__JS__", js))
+def write_page(template: str, css: str, js: str, data, title: str, path=None, *, extra: dict | None = None):
+    """Fill a self-contained page template (``__TITLE__``, ``__CSS__``, ``__DATA__`` as JSON, ``__JS__``, and the
+    names in ``extra``) in one pass, so that text inside the data is never taken for a placeholder, and write it
+    to ``path`` (returning the path), or return it as a :class:`ReportHTML` when ``path`` is None. Every page
+    (report, and the standalone generation, sentence-pair and cross-attention views) is written through here."""
+    fill = {"TITLE": _html.escape(title), "CSS": css, "DATA": _blob(data), "JS": js, **(extra or {})}
+    page = re.sub(r"__([A-Z_]+)__", lambda m: fill.get(m.group(1), m.group(0)), template)
     if path is None:
         return ReportHTML(page)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
+
+
+_SHELL = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title><style>__CSS__</style>
+<script>window.__salienceErrors=[];window.addEventListener("error",function(e){window.__salienceErrors.push(String(e.message));document.documentElement.setAttribute("data-errors",String(window.__salienceErrors.length));});</script>
+</head><body>
+<header><h1>__TITLE__</h1></header>
+<main>__SECTION__</main>
+<script type="application/json" id="__DATAID__">__DATA__</script>
+<script>__JS__</script>
+</body></html>
+"""
+
+_SHELL_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#fafafa;color:#222}
+header{padding:10px 20px;background:#20232a;color:#eee}header h1{margin:0;font-size:20px}main{padding:10px 20px}
+small{color:#777;font-weight:normal}[hidden]{display:none!important}
+"""
+
+
+def standalone(view, title: str, path=None):
+    """One view alone on a self-contained page (what ``PairAttention.report`` and the others write)."""
+    v = _views([view])[0]
+    return write_page(_SHELL, _SHELL_CSS + v.css, v.js, v.data, title, path,
+                      extra={"SECTION": v.section, "DATAID": v.data_id})
 
 
 def notebook_html(page: str, height: int = 1500) -> str:
@@ -222,23 +313,26 @@ _PAGE = """<!DOCTYPE html>
 <script>window.__salienceErrors=[];window.addEventListener("error",function(e){window.__salienceErrors.push(String(e.message));document.documentElement.setAttribute("data-errors",String(window.__salienceErrors.length));});</script>
 </head><body>
 <header><h1 id="title"></h1><p id="summary"></p><p class="note" id="note"></p></header>
+<nav id="tabs" aria-label="views"></nav>
 <main>
 <section id="model"><h2>Model view <small>layer x head; click to select, last column: mean of heads</small></h2><div id="grid"></div></section>
 <section id="views">
- <div class="panel"><h2>Head view <small id="hv-sel"></small></h2>
+ <div class="panel" id="hv-panel"><h2>Head view <small id="hv-sel"></small></h2>
   <div class="controls"><label>window <input type="range" id="hv-offset" min="0" max="0" value="0"></label> <span id="hv-range"></span>
   <label id="hv-all-l"> <input type="checkbox" id="hv-all"> all heads in colour</label> <span id="hv-heads"></span></div>
   <canvas id="hv" width="560" height="400"></canvas></div>
- <div class="panel"><h2>Matrix view <small>wheel: zoom, drag: pan, double click: reset</small></h2>
+ <div class="panel" id="mx-panel"><h2>Matrix view <small>wheel: zoom, drag: pan, double click: reset</small></h2>
   <canvas id="mx" width="680" height="600"></canvas><div id="mx-info" class="info">&nbsp;</div></div>
 </section>
-<section id="bars-sec"><h2>Token importance <select id="series"></select></h2>
+__VIEWS__
+<section id="bars-sec"__BARS_HIDDEN__><h2>Token importance <select id="series"></select></h2>
  <canvas id="bars" width="1100" height="260"></canvas><div id="bars-info" class="info">&nbsp;</div><p id="top"></p></section>
-<section id="faith-sec"><h2>Faithfulness <small id="faith-target"></small></h2><div id="faith"></div></section>
+<section id="faith-sec"__FAITH_HIDDEN__><h2>Faithfulness <small id="faith-target"></small></h2><div id="faith"></div></section>
 <section id="ent-sec"><h2>Entropy per head <small>mean over rows, nats; low = focused</small></h2><div id="ent"></div></section>
 </main>
 <script type="application/json" id="salience-data">__DATA__</script>
 <script>__JS__</script>
+__VIEWJS__
 </body></html>
 """
 
@@ -256,6 +350,10 @@ canvas{display:block}.info{font-size:12px;color:#444;min-height:1.4em;font-famil
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
 th{background:#f0f0f0}td.l{text-align:left}.controls{font-size:12px;margin-bottom:4px}
 #bars{background:#fff;border:1px solid #ddd;max-width:100%}
+#tabs{padding:6px 20px 0;background:#fff;border-bottom:1px solid #ddd;position:sticky;top:0;z-index:2}
+#tabs button{font:inherit;border:1px solid #ccc;border-bottom:none;background:#f3f3f3;padding:4px 12px;margin-right:3px;
+border-radius:5px 5px 0 0;cursor:pointer}#tabs button.on{background:#20232a;color:#fff;border-color:#20232a}
+[hidden]{display:none!important}
 .chip{display:inline-block;color:#fff;font-size:11px;padding:0 4px;margin:0 1px;border-radius:3px;cursor:pointer}
 """
 
@@ -499,20 +597,44 @@ function ent(){var E = D.entropy, el = document.getElementById("ent"); if (!E ||
  var t = document.createElement("table"); t.innerHTML = s; el.appendChild(t);}
 
 function drawAll(){drawThumbs(); drawHead(); drawMatrix();}
+
+// ---- view switcher: one tab per view that has data (matrix, head view, all heads in colour, and the views
+// given to report(): sentence pair, generation, cross-attention); the other views' sections are hidden
+var VIEWS = [["matrix", "Matrix"], ["head", "Head view"]].concat(nH > 1 ? [["overlay", "All heads in colour"]] : [])
+ .concat((D.views || []).map(function(v){return [v.key, v.label];}));
+var tabs = document.getElementById("tabs"), tabBtn = {};
+VIEWS.forEach(function(v){var b = document.createElement("button"); b.type = "button"; b.textContent = v[1]; b.dataset.view = v[0];
+ b.addEventListener("click", function(){show(v[0]);}); tabs.appendChild(b); tabBtn[v[0]] = b;});
+function show(key){
+ if (!tabBtn[key]) key = "matrix";
+ var own = key === "matrix" || key === "head" || key === "overlay";
+ document.getElementById("model").hidden = !own; document.getElementById("views").hidden = !own;
+ document.getElementById("mx-panel").hidden = key !== "matrix"; document.getElementById("hv-panel").hidden = !own || key === "matrix";
+ if (key !== "matrix" && own){var want = key === "overlay"; if (hvAll.checked !== want){hvAll.checked = want; hvAll.dispatchEvent(new Event("change"));}}
+ (D.views || []).forEach(function(v){var el = document.getElementById(v.section); if (el) el.hidden = v.key !== key;});
+ VIEWS.forEach(function(v){tabBtn[v[0]].className = v[0] === key ? "on" : "";});
+ document.body.setAttribute("data-view", key);
+ return key;}
+var hashView = /view=([a-z]+)/.exec(location.hash);
+show(hashView ? hashView[1] : "matrix");
+tabs.setAttribute("data-tabs", VIEWS.map(function(v){return v[0];}).join(","));
 drawAll(); drawBars(); faith(); ent();
 document.body.setAttribute("data-render-ms", String(Math.round(performance.now())));
 document.body.setAttribute("data-ready", "1");
 
 // ---- self test (open the page with #selftest): drive every handler once, as a user would
-if (location.hash === "#selftest"){
+// (after the load event, so that the views' own scripts below this one have run)
+if (location.hash === "#selftest") window.addEventListener("load", function(){
  var ev = function(el, type, x, y, extra){var r = el.getBoundingClientRect(), o = {bubbles: true, cancelable: true,
   clientX: r.left + x*r.width, clientY: r.top + y*r.height}; for (var k in (extra || {})) o[k] = extra[k];
   el.dispatchEvent(type === "wheel" ? new WheelEvent(type, o) : new MouseEvent(type, o));};
+ show("matrix");
  var w0 = st.view.x1 - st.view.x0;
  ev(mxc, "wheel", 0.5, 0.5, {deltaY: -120}); ev(mxc, "wheel", 0.5, 0.5, {deltaY: -120});
  var zoomed = (st.view.x1 - st.view.x0) < w0 || C <= 2;
  ev(mxc, "mousemove", 0.3, 0.3); ev(mxc, "mousedown", 0.3, 0.3); ev(mxc, "mousemove", 0.5, 0.5); ev(window.document.body, "mouseup", 0, 0);
  ev(mxc, "dblclick", 0.5, 0.5); ev(mxc, "click", 0.5, 0.9);
+ show("head");
  ev(hv, "mousemove", 0.2, 40/hv.height); ev(hv, "mousemove", 0.8, 40/hv.height); ev(hv, "mouseleave", 0, 0);
  if (nH > 1){hvAll.checked = true; hvAll.dispatchEvent(new Event("change")); ev(chips[0], "click", 0.5, 0.5);
   ev(hv, "mousemove", 0.2, 40/hv.height); ev(hv, "mouseleave", 0, 0);}
@@ -523,8 +645,18 @@ if (location.hash === "#selftest"){
  if (series.length > 1){sel.value = series[series.length - 1]; sel.dispatchEvent(new Event("change"));}
  ev(bars, "mousemove", 0.5, 0.5);
  var okSel = st.layer === 0 && st.head === 0, text = info.textContent.length > 3;
- document.body.setAttribute("data-selftest", (zoomed && okSel && text && okOverlay ? "ok" : "fail") + " zoomed=" + zoomed +
-  " select=" + okSel + " tooltip=" + text + " overlay=" + okOverlay);
-}
+ // every tab shows its own section(s), with a height, and hides the others
+ var own = {matrix: ["model", "mx-panel"], head: ["model", "hv-panel"], overlay: ["model", "hv-panel"]}, seen = [], okViews = true;
+ (D.views || []).forEach(function(v){own[v.key] = [v.section];});
+ var all = ["model", "mx-panel", "hv-panel"].concat((D.views || []).map(function(v){return v.section;}));
+ VIEWS.forEach(function(v){tabBtn[v[0]].click();
+  var vis = all.filter(function(id){var el = document.getElementById(id); return el.getClientRects().length > 0 && el.offsetHeight > 0;});
+  var ok = vis.join(",") === all.filter(function(id){return own[v[0]].indexOf(id) >= 0;}).join(",")
+   && (v[0] !== "overlay" || hvAll.checked);
+  okViews = okViews && ok; seen.push(v[0] + ":" + (ok ? "ok" : "fail[" + vis.join("+") + "]"));});
+ show("matrix");
+ document.body.setAttribute("data-selftest", (zoomed && okSel && text && okOverlay && okViews ? "ok" : "fail") + " zoomed=" + zoomed +
+  " select=" + okSel + " tooltip=" + text + " overlay=" + okOverlay + " views=" + seen.join(","));
+});
 })();
 """
