@@ -236,12 +236,15 @@ def test_grad_takes_the_fallback_with_its_backward():
     pl = kvcache.plan(q, kc, vc, cache_seqlens=lens, mask=mask)
     assert pl.path == "fallback" and "forward only" in pl.reason
     assert "forward only" in pl.details["backward"]
-    salience.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, mask=mask).sum().backward()
+    k = torch.randn(B, H, 1, D, dtype=torch.float64, requires_grad=True)
+    salience.attention_with_kvcache(q, kc, vc, k, k.detach(), cache_seqlens=lens, mask=mask).square().sum().backward()
     for b in range(B):
-        qb = q.detach()[b : b + 1].clone().requires_grad_()
-        salience.reference.attention(qb, kc[b : b + 1, :, : int(lens[b])], vc[b : b + 1, :, : int(lens[b])],
-                                     mask=mask).out.sum().backward()
+        n = int(lens[b])
+        qb, kb = q.detach()[b : b + 1].clone().requires_grad_(), k.detach()[b : b + 1].clone().requires_grad_()
+        salience.reference.attention(qb, torch.cat((kc[b : b + 1, :, :n], kb), 2), vc[b : b + 1, :, : n + 1],
+                                     mask=mask).out.square().sum().backward()
         torch.testing.assert_close(q.grad[b : b + 1], qb.grad)
+        torch.testing.assert_close(k.grad[b : b + 1], kb.grad)
 
 
 def test_rows_without_keys_give_zeros():

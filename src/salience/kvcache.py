@@ -467,15 +467,22 @@ def _one_sequence_mod(sm, b: int):
     return ScoreMod(lambda s, b_, h, qi, kv: sm(s, b_ + b, h, qi, kv), f"{sm.name} [sequence {b}]")
 
 
-def _run_fallback(q, k_cache, v_cache, block_table, m, sm, scale, sinks, g: _Geom):
-    """Exact: each sequence's keys gathered, then :func:`salience.attention` (with its backward)."""
+def _run_fallback(q, k_cache, v_cache, k, v, block_table, m, sm, scale, sinks, g: _Geom):
+    """Exact: each sequence's keys gathered, then :func:`salience.attention` (with its backward). New keys that
+    require grad are taken from ``k``/``v`` themselves (the in-place cache write is not differentiable)."""
     from .functional import attention
 
     acc = _acc_dtype(q.dtype)
+    graph = k is not None and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
     outs, lses = [], []
     for b in range(g.B):
         S = int(g.total[b])
-        kb, vb = gather(k_cache, b, S, block_table), gather(v_cache, b, S, block_table)
+        if graph:
+            n = int(g.seqlens[b])
+            kb = torch.cat((gather(k_cache, b, n, block_table), k[b : b + 1]), 2)
+            vb = torch.cat((gather(v_cache, b, n, block_table), v[b : b + 1]), 2)
+        else:
+            kb, vb = gather(k_cache, b, S, block_table), gather(v_cache, b, S, block_table)
         sk = None if sinks is None else (sinks if sinks.dim() == 1 else sinks[b if sinks.shape[0] > 1 else 0])
         r = attention(q[b : b + 1], kb, vb, mask=_one_sequence_mask(m, b, g.L, S, q.device),
                       score_mod=_one_sequence_mod(sm, b), scale=scale, return_lse=True, sinks=sk)
@@ -507,7 +514,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         The output (B, H, L, Dv), or an :class:`~salience.AttentionResult` ``(out, lse)`` with ``return_lse``.
         Rows that see no key give 0 (lse -inf, or the sink).
 
-    Decoding is forward only: inputs that require grad take the exact fallback (see :func:`plan`).
+    Decoding is forward only: inputs that require grad take the exact fallback (see :func:`plan`), whose gradients
+    reach q, the sinks and new ``k``/``v`` (read from the arguments, not from the cache slots they were copied to).
 
     Example:
         >>> import torch, salience
@@ -534,5 +542,5 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if pl.path == "decode":
         res = _run_decode(q, k_cache, v_cache, block_table, spans, mods, scale, sinks, g)
     else:
-        res = _run_fallback(q, k_cache, v_cache, block_table, m, sm, scale, sinks, g)
+        res = _run_fallback(q, k_cache, v_cache, k, v, block_table, m, sm, scale, sinks, g)
     return res if return_lse else res.out
