@@ -6,7 +6,8 @@ and calls :func:`salience.attention`, so the same fast paths run (``sdpa``, ``sp
 * :func:`scaled_dot_product_attention`: ``torch.nn.functional.scaled_dot_product_attention``
   (``attn_mask`` bool True = take part, or float added; top-left ``is_causal``; ``scale``; ``enable_gqa``).
 * :func:`flex_attention` and :func:`create_block_mask`: ``torch.nn.attention.flex_attention``'s (a torch
-  ``BlockMask`` is accepted too: its ``mask_mod`` is read).
+  ``BlockMask`` is accepted too, with its block table: full blocks | (partial blocks & mask_mod), as the compiled
+  FlexAttention kernel computes it).
 * :func:`flash_attn_func` and :func:`flash_attn_varlen_func`: flash-attention's, in its (B, L, H, D) layout,
   with bottom-right ``causal`` and ``window_size``, ``softcap``, ``alibi_slopes`` (H,) or (B, H) and
   ``return_attn_probs``; varlen takes packed (total, H, D) tensors and ``cu_seqlens``.
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _blockmask
 from . import masks as M
 from . import scores as Sc
 from .functional import attention, attention_weights
@@ -52,7 +54,7 @@ def _run(q, k, v, **kw):
     """salience.attention, recording the plan when :func:`plan` asked for it."""
     rec = _PLANS.get()
     if rec is not None:
-        pk = {n: kw[n] for n in ("mask", "score_mod", "scale", "dropout_p", "layout", "return_lse") if n in kw}
+        pk = {n: kw[n] for n in ("mask", "score_mod", "scale", "dropout_p", "layout", "return_lse", "bias") if n in kw}
         rec.append(_plan(q, k, v, **pk))
     return attention(q, k, v, **kw)
 
@@ -89,18 +91,6 @@ def _check_gqa(Hq: int, Hkv: int, enable_gqa: bool, who: str) -> None:
 # ------------------------------------------------------------------------------------------- torch SDPA
 
 
-def _additive(bias: torch.Tensor) -> Sc.ScoreMod:
-    """A score_mod adding ``bias`` (broadcastable to (B, H, L, S)) to the scaled scores."""
-    n = bias.shape
-
-    def fn(score, b, h, q, kv):
-        return score + bias[b.clamp(max=n[0] - 1) if n[0] > 1 else 0 * b, h.clamp(max=n[1] - 1) if n[1] > 1 else 0 * h,
-                            q.clamp(max=n[2] - 1) if n[2] > 1 else 0 * q,
-                            kv.clamp(max=n[3] - 1) if n[3] > 1 else 0 * kv].to(score.dtype)
-
-    return Sc.ScoreMod(fn, f"attn_mask(<float {tuple(n)}>)")
-
-
 def _bool_mask(m: torch.Tensor, B: int, L: int, S: int):
     """A bool (1|B, 1|H, 1|L, S) mask as a named salience mask where its shape is recognised (right key padding,
     top-left or bottom-right causal), so the fast paths take it; else the tensor itself."""
@@ -133,8 +123,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     torch). A row whose keys are all masked gives 0 (as torch >= 2.5 does; older torch gave NaN).
 
     Masks that salience recognises run on its fast paths: a right key-padding mask (N, 1, 1, S) and causal
-    (L, S) triangles become named masks; a float mask of 0 and -inf becomes a bool mask; other masks are read
-    as tensors (tile kernels).
+    (L, S) triangles become named masks; a float mask of 0 and -inf becomes a bool mask; other bool masks are read
+    as tensors (tile kernels); other float masks go to ``salience.attention(bias=...)`` (torch's fused kernel with
+    the bias, blocks of -inf keys skipped, and a gradient to the mask when it requires grad).
     """
     for argname, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -151,7 +142,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     B, Hq, L, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     _check_gqa(Hq, Hkv, enable_gqa, "scaled_dot_product_attention")
-    mask, score_mod = None, None
+    mask, bias = None, None
     if attn_mask is not None:
         am = attn_mask
         if not isinstance(am, torch.Tensor):
@@ -175,12 +166,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if am.dtype == torch.bool:
             mask = _bool_mask(am, B, L, S)
         elif am.is_floating_point():
-            score_mod = _additive(am)
+            bias = am
         else:
             raise TypeError(f"attn_mask must be bool or floating point; got {am.dtype}.")
     if is_causal:
         mask = M.causal() if mask is None else M.as_mask_mod(mask) & M.causal()
-    out = _run(q, k, v, mask=mask, score_mod=score_mod, scale=scale, dropout_p=dropout_p)
+    out = _run(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p)
     if query.dim() < 4:
         return out.reshape(*query.shape[:-1], out.shape[-1])
     if query.dim() > 4:
@@ -241,12 +232,19 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     """``torch.nn.attention.flex_attention.flex_attention`` with salience's kernels.
 
     query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev). ``score_mod(score, b, h, q_idx, kv_idx)``
-    and ``block_mask`` (from :func:`create_block_mask` or torch's own ``create_block_mask``: its ``mask_mod``
-    is used) as in FlexAttention; ``return_lse=True`` returns ``(out, lse)`` with lse (B, Hq, L) in natural log.
-    Rows with no visible key give 0 and lse -inf, as FlexAttention does. ``kernel_options`` is ignored.
+    as in FlexAttention. ``block_mask``: from :func:`create_block_mask` (its mask_mod), or torch's own
+    ``BlockMask`` (``create_block_mask``, ``BlockMask.from_kv_blocks``), read with its block table as the
+    compiled FlexAttention kernel reads it: full blocks are visible without evaluating the mask_mod, partial
+    blocks evaluate it, blocks not listed are masked; its ``seq_lengths`` must equal L and S (see
+    :mod:`salience._blockmask`; torch's *eager* flex_attention evaluates the mask_mod everywhere instead). A
+    :class:`salience.blocks.BlockMask` is accepted too. ``return_lse=True`` returns ``(out, lse)`` with lse
+    (B, Hq, L) in natural log. Rows with no visible key give 0 and lse -inf, as FlexAttention does.
+    ``kernel_options`` is ignored.
     """
     mask = None
-    if block_mask is not None:
+    if _blockmask.is_block_mask(block_mask):
+        mask = _blockmask.as_mask(block_mask)
+    elif block_mask is not None:
         mm = getattr(block_mask, "mask_mod", None)
         if mm is None:
             raise TypeError(f"block_mask must come from create_block_mask (a mask_mod and sizes); got "

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from . import _blockmask
 from ._layout import check_dropout, check_layout, check_qkv, check_scale, expand_kv
 from ._result import AttentionResult
+from .kernels import bias as _kbias
 from .kernels import dispatch
 from .kernels.merge import check_sinks, with_sinks
 from .reference import _acc_dtype, broadcast_batch, check_mods, fold_scale, softmax_from_scores
@@ -26,6 +28,7 @@ def _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p=0.0, layo
             f"got {type(compatibility).__name__}."
         )
     layout = check_layout(layout)
+    mask = _blockmask.resolve(mask)  # a salience or torch BlockMask: full | (partial & mask_mod), built once
     shp = check_qkv(q, k, v, same_dim=compatibility is None, layout=layout, broadcast_batch=True, allow_empty=True)
     if layout == "BLHD":  # views: (B, L, H, D) -> (B, H, L, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -78,6 +81,15 @@ def _shape_only_reason(q, shp) -> str:
             "row sees no key: output 0, lse -inf); no kernel runs")
 
 
+def _check_bias(bias, q, shp) -> dict:
+    """``{"bias": bias}`` for the dispatcher after checking its shape, dtype and device at this boundary (``{}``
+    for None): the rule table runs it on :mod:`salience.kernels.bias` or adds it on the general paths."""
+    if bias is None:
+        return {}
+    _kbias.check_bias(bias, shp.B, shp.H, shp.L, shp.S, q.device)
+    return {"bias": bias}
+
+
 def _check_backend(backend) -> None:
     if backend is not None and backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS} or None; got {backend!r}.")
@@ -93,7 +105,7 @@ def _shape_only_result(q, k, v, shp) -> AttentionResult:
 
 
 def plan(q, k, v=None, *, mask=None, score_mod=None, scale=None, compatibility=None, return_lse=False,
-         backend=None, dropout_p: float = 0.0, layout: str = "BHLD", sinks=None) -> dispatch.Plan:
+         backend=None, dropout_p: float = 0.0, layout: str = "BHLD", sinks=None, bias=None) -> dispatch.Plan:
     """Describe the path :func:`attention` would take for these inputs, without computing it.
 
     Example:
@@ -105,13 +117,14 @@ def plan(q, k, v=None, *, mask=None, score_mod=None, scale=None, compatibility=N
     v = k if v is None else v
     q, k, v, m, sm, scale, compat, p, shp = _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p,
                                                      layout)
+    extra = _check_bias(bias, q, shp)
     if _shape_only(q, shp):
         _check_backend(backend)
         return dispatch.Plan("reference", _shape_only_reason(q, shp), {"skipped": 0.0})
     if sinks is not None:
         check_sinks(sinks, shp.B, shp.H)
     pl = dispatch.choose(q, k, v, mask=m, score_mod=sm, compatibility=compat,
-                         need_lse=return_lse or sinks is not None, backend=backend, scale=scale, dropout_p=p)
+                         need_lse=return_lse or sinks is not None, backend=backend, scale=scale, dropout_p=p, **extra)
     if sinks is not None:
         pl.details["sinks"] = "merged after the kernel (a virtual key of value 0), both directions"
     return pl
@@ -131,6 +144,7 @@ def attention(
     backend: str | None = None,
     layout: str = "BHLD",
     sinks: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ):
     """Exact softmax attention.
 
@@ -154,6 +168,15 @@ def attention(
             ``sinks``/``s_aux``): a virtual key of value 0 in every row's softmax, so the weights of the real
             keys sum to less than 1; the lse includes it, a row with no visible key gives 0 and lse = sink, and
             the sinks get gradients. Works on every path (see :func:`salience.kernels.merge.with_sinks`).
+        bias: a float tensor broadcastable to (B, H, L, S) (H = query heads; each axis 1 or full; fewer axes are
+            trailing ones; (B, H, L, S) in both layouts), added to the scores like torch SDPA's float
+            ``attn_mask``: scores = score_mod(scale * q @ k^T) + bias, then ``mask`` hides keys (-inf). -inf in
+            the bias hides a key whatever the score_mod does; rows with every key at -inf give 0. It gets a
+            gradient when it requires grad. Without another score_mod it runs on torch's fused kernel with the
+            bias, skipping the blocks of keys the bias leaves at -inf (see :mod:`salience.kernels.bias`).
+
+    ``mask`` may also be a prebuilt block mask, :class:`salience.blocks.BlockMask` or torch's FlexAttention
+    ``BlockMask``: visible = full blocks | (partial blocks & its mask_mod), as FlexAttention's kernel computes it.
 
     k and v may have batch size 1 against a larger query batch (broadcast, no copy). ``scale`` may be a number
     (NumPy scalars included) or a one-element tensor; one that requires grad gets its gradient. An empty batch
@@ -171,6 +194,7 @@ def attention(
     """
     q, k, v, m, sm, scale, compat, p, shp = _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p,
                                                      layout)
+    extra = _check_bias(bias, q, shp)
     if sinks is not None:
         check_sinks(sinks, shp.B, shp.H)
     if _shape_only(q, shp):
@@ -179,7 +203,7 @@ def attention(
     else:
         need = return_lse or sinks is not None
         pl, res = dispatch.attend(q, k, v, mask=m, score_mod=sm, scale=scale, compatibility=compat, dropout_p=p,
-                                  need_lse=need, backend=backend)
+                                  need_lse=need, backend=backend, **extra)
         if need and res.lse is None:
             raise RuntimeError(f"backend {pl.backend!r} does not provide the logsumexp here (return_lse=True or "
                                "sinks need it); use backend=None.")
@@ -203,6 +227,7 @@ def attention_weights(
     lse: torch.Tensor | None = None,
     layout: str = "BHLD",
     sinks: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention weights (softmax probabilities) for the heads and query rows asked for.
 
@@ -212,7 +237,8 @@ def attention_weights(
     ``exp(score - lse)`` directly, without a second reduction over the keys. ``layout="BLHD"`` reads q and k
     as (B, L, H, D) and (B, S, Hkv, D); the weights and ``lse`` are (B, H, ...) in both layouts. With ``sinks``
     (as in :func:`attention`) the weights of a row sum to less than 1 (the sink takes the rest); an ``lse`` from
-    ``attention(..., sinks=..., return_lse=True)`` already includes them.
+    ``attention(..., sinks=..., return_lse=True)`` already includes them. ``bias`` (broadcastable to (B, H, L, S))
+    is added as in :func:`attention`; pass the same one there so that ``lse`` matches.
 
     Returns:
         weights (B, len(heads), len(rows), S) in q's dtype; rows with no visible key are 0.
@@ -225,6 +251,9 @@ def attention_weights(
         (torch.Size([1, 1, 1, 10]), 1.0)
     """
     q, k, _, m, sm, scale, compat, _, shp = _prepare(q, k, k, mask, score_mod, scale, compatibility, 0.0, layout)
+    b4 = None
+    if bias is not None:
+        b4 = _kbias.check_bias(bias, shp.B, shp.H, shp.L, shp.S, q.device)
     dev = q.device
     if _shape_only(q, shp):
         h_idx = _select(heads, shp.H, "heads", "cpu")
@@ -236,7 +265,8 @@ def attention_weights(
     r_idx = _select(rows, shp.L, "rows", dev)
     qs = q.index_select(1, h_idx).index_select(2, r_idx)
     ks = expand_kv(k, shp.H).index_select(1, h_idx)
-    s = _scores(qs, ks, mask=m, score_mod=sm, scale=scale, compatibility=compat, heads=h_idx, rows=r_idx, L=shp.L)
+    s = _scores(qs, ks, mask=m, score_mod=sm, scale=scale, compatibility=compat, heads=h_idx, rows=r_idx, L=shp.L,
+                bias=b4)
     if lse is None:
         sk = None
         if sinks is not None:

@@ -81,7 +81,7 @@ def scores(
     ``batches``, ``heads`` and ``rows`` (int64 index tensors) say which batch entries, query heads and rows q
     holds, so that
     score_mod and mask see the true indices; ``L`` is the full query length (for bottom-right masks).
-    ``bias`` (4-D (Bb, Hb, Lb, Sb), each axis 1 or the full size) is added after the score_mod, before the mask.
+    ``bias`` ((Bb, Hb, Lb, Sb), each axis 1 or the full size) is added after the score_mod, before the mask.
     """
     B, Hq, Lq, _ = q.shape
     S = k.shape[-2]
@@ -119,7 +119,9 @@ def scores(
 
 def select_bias(bias: torch.Tensor, b_idx, h_idx, q_idx) -> torch.Tensor:
     """The entries of a 4-D float bias (Bb, Hb, Lb, Sb) (each axis 1 or full) for the batch entries, heads and
-    rows ``b_idx`` (B', 1, 1, 1), ``h_idx`` (1, H', 1, 1), ``q_idx`` (1, 1, L', 1): broadcastable to the scores."""
+    rows ``b_idx`` (B', 1, 1, 1), ``h_idx`` (1, H', 1, 1), ``q_idx`` (1, 1, L', 1): broadcastable to the scores.
+    A bias with fewer axes is read as the trailing ones."""
+    bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
     for axis, idx in ((0, b_idx), (1, h_idx), (2, q_idx)):
         if bias.shape[axis] > 1:
             bias = bias.index_select(axis, idx.flatten().to(bias.device))
