@@ -1,0 +1,326 @@
+"""salience attention as ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` and ``torch.export`` see it.
+
+Eager calls never come here: :func:`salience.attention` calls :func:`salience.kernels.dispatch.attend` directly.
+While torch compiles or exports (``torch.compiler.is_compiling()``), the functional API calls :func:`attend`
+instead, which puts two custom ops into the graph:
+
+* ``salience::attention(q, k, v, extras, spec) -> (out, lse)``: out (B, H, L, Dv) in q's dtype, lse (B, H, L) in
+  the accumulation dtype (float64 for float64 inputs, float32 otherwise; see ``reference._acc_dtype``). Its real
+  implementation is ``dispatch.attend`` (plan + run, with the non-finite guard), exactly the eager path.
+* ``salience::attention_backward(dout, dlse, q, k, v, out, lse, extras, spec) -> [dq, dk, dv, *dextras]``: the
+  plan's executor backward (recomputing, FlashAttention-2 style, from the saved q, k, v, out and lse); where the
+  plan has none (the chunked reference path) or k/v hold NaN/inf (the guarded path) it recomputes the forward
+  under autograd and differentiates it, which is what eager autograd does on those paths.
+
+Both have fake (meta) implementations that give the shapes and dtypes without running anything, and the
+forward's autograd registration saves q, k, v, out, lse (and the extras) and calls the backward op.
+
+**How masks and score_mods enter the ops.** A custom op's schema takes tensors, numbers, strings and
+registered opaque classes, not arbitrary Python callables. salience passes an ``int`` key (``spec``) into a
+process-local registry of :class:`Spec` (the validated mask, score_mod, scale, compatibility and backend). The key
+is computed once at trace time by :func:`spec_key` (``torch.compiler.assume_constant_result``: dynamo runs it on
+the real objects, installs an identity guard on a mask/score_mod object it reached from an input or attribute, and
+bakes the int into the graph). We chose a key over ``torch._library.opaque_object.register_opaque_type``
+because masks are arbitrary callables (user lambdas, closures over tensors) that have neither the ``__eq__``,
+``__hash__`` and ``__fx_repr__`` a *value* opaque type needs, nor a stable identity across
+processes that a *reference* opaque type would have to be rebuilt from; the opaque-object API is also private
+(``torch._library``) and still changing, while an ``int`` argument works in every torch with ``custom_op``
+and in every backend (aot_eager, inductor, export). The cost is the same in both designs: an exported program
+refers to masks living in this process (see :func:`spec_key`).
+
+**Trainable tensors** a score_mod or compatibility function closes over (``dispatch.grad_tensors``: a T5 relative
+bias table, learned ALiBi slopes) are passed as the ``extras`` op inputs, so AOT autograd routes their
+gradients; they reach the graph through :func:`spec_tensors`, also a constant-result function.
+
+Example:
+    >>> import torch, salience
+    >>> causal = salience.masks.causal()  # built once, outside the compiled function
+    >>> f = torch.compile(lambda q: salience.attention(q, q, q, mask=causal), backend="eager", fullgraph=True)
+    >>> q = torch.randn(1, 2, 8, 4)
+    >>> torch.allclose(f(q), salience.attention(q, q, q, mask=causal))
+    True
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .._result import AttentionResult
+from ..reference import _acc_dtype
+from . import dispatch
+
+__all__ = ["Spec", "active", "attend", "compiled", "spec_key", "spec_tensors", "lookup"]
+
+
+@dataclass(eq=False)
+class Spec:
+    """What a compiled call computes besides q, k and v: the validated ``mask`` (a MaskMod or None), ``score_mod``
+    (a ScoreMod or None), float ``scale``, ``compatibility`` (None after dot products are folded), ``backend``
+    and ``extras``: the tensors requiring grad that the score_mod or compatibility reads (op inputs)."""
+
+    mask: object
+    score_mod: object
+    scale: object
+    compatibility: object
+    backend: str | None
+    extras: tuple
+    user: tuple = ()
+
+
+_SPECS: dict[int, Spec] = {}
+_KEYS: dict[tuple, int] = {}
+_LOCK = threading.Lock()
+
+
+def _trainable(score_mod, compatibility) -> tuple:
+    found = list(dispatch.grad_tensors(score_mod)) if score_mod is not None else []
+    if compatibility is not None:
+        for t in dispatch.grad_tensors(compatibility) + dispatch.grad_tensors(getattr(compatibility, "__dict__", {})):
+            if all(t is not f for f in found):
+                found.append(t)
+    return tuple(found)
+
+
+def _check_complete(score_mod, extras, H: int) -> None:
+    from . import problem
+
+    complete = getattr(problem, "grads_complete", None) or getattr(dispatch, "_grads_complete", None)
+    if score_mod is not None and complete is not None and not complete(score_mod, list(extras), H, torch.device("cpu")):
+        raise NotImplementedError(
+            f"torch.compile: score_mod {score_mod!r} depends on tensors requiring grad that salience cannot find, so a "
+            "compiled graph could not give them gradients (eager salience.attention handles this on the reference "
+            "path). Expose them as attributes of a salience.scores.ScoreMod (e.g. .table), or run this call eagerly.")
+
+
+def _built_in_trace(obj) -> bool:
+    """True for a salience mask/score_mod object that dynamo created inside the traced function: it reaches a
+    constant-result function as an empty shell (its attributes live only in the trace)."""
+    from ..masks import MaskMod
+    from ..scores import ScoreMod
+
+    return isinstance(obj, (MaskMod, ScoreMod)) and "fn" not in vars(obj)
+
+
+def _register(mask, score_mod, scale, compatibility, backend, shape) -> int:
+    from ..reference import check_mods
+
+    for argname, obj in (("mask", mask), ("score_mod", score_mod)):
+        if _built_in_trace(obj):
+            raise NotImplementedError(
+                f"torch.compile: the {argname} was built inside the compiled function (for example masks.causal() "
+                "or a & b in forward); salience passes masks to its custom op by identity, so build it once outside "
+                "(in __init__, or pass it in) and reuse the object.")
+    if compatibility is not None and "_modules" not in vars(compatibility):
+        raise NotImplementedError(
+            "torch.compile: a compatibility function with a tensor scale that requires grad is wrapped inside the "
+            "trace and cannot reach salience's custom op; fold the scale into the compatibility's own parameters, "
+            "or run this call eagerly.")
+    m, sm = check_mods(mask, score_mod, *shape)  # the eager checks, on the real objects
+    ident = (id(mask), id(score_mod), scale, id(compatibility), backend)
+    with _LOCK:
+        key = _KEYS.get(ident)
+        if key is not None:
+            return key
+        extras = _trainable(sm, compatibility)
+        _check_complete(sm, extras, shape[1])
+        key = len(_SPECS)
+        # the Spec holds the user's objects, so the ids in ``ident`` stay theirs for the life of the process
+        _SPECS[key] = Spec(m, sm, scale, compatibility, backend, extras, (mask, score_mod))
+        _KEYS[ident] = key
+        return key
+
+
+@torch.compiler.assume_constant_result
+def spec_key(mask, score_mod, scale, compatibility, backend, B: int, H: int, L: int, S: int) -> int:
+    """The registry key of this call's :class:`Spec` (the same objects give the same key), after the eager
+    mask/score_mod checks on the user's objects (``reference.check_mods``).
+
+    Run at trace time with the real objects (dynamo guards on their identity, so a new mask object recompiles).
+    The registry lives in this process: an ``ExportedProgram`` with salience ops runs here, not after
+    ``torch.export.save``/``load`` in another process (the mask objects are not serialised)."""
+    return _register(mask, score_mod, scale, compatibility, backend, (B, H, L, S))
+
+
+@torch.compiler.assume_constant_result
+def spec_tensors(key: int) -> tuple:
+    """The trainable tensors of spec ``key`` (graph inputs of the op, so they get gradients)."""
+    return lookup(key).extras
+
+
+def lookup(key: int) -> Spec:
+    """The :class:`Spec` registered under ``key``."""
+    try:
+        return _SPECS[key]
+    except KeyError:
+        raise RuntimeError(f"salience spec {key} is not registered in this process: a graph or exported program "
+                           "holding salience attention runs only in the process that traced it.") from None
+
+
+def active(q: torch.Tensor) -> bool:
+    """True when the functional API should call the custom op: torch is compiling or exporting, and q holds
+    data (meta tensors take the shape-only path)."""
+    return torch.compiler.is_compiling() and q.device.type != "meta"
+
+
+# --------------------------------------------------------------------------------------------- the ops
+
+
+def _run_forward(q, k, v, bias, spec: Spec):
+    kw = {} if bias is None else {"bias": bias}
+    _, res = dispatch.attend(q, k, v, mask=spec.mask, score_mod=spec.score_mod, scale=spec.scale,
+                             compatibility=spec.compatibility, dropout_p=0.0, need_lse=True, backend=spec.backend,
+                             **kw)
+    return res
+
+
+def _fresh(t: torch.Tensor, *inputs) -> torch.Tensor:
+    """``t`` contiguous and sharing no memory with ``inputs`` (a custom op's outputs may not alias its inputs,
+    and the fake implementations promise contiguous strides)."""
+    t = t.contiguous()
+    if any(x is not None and t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in inputs):
+        t = t.clone()
+    return t
+
+
+@torch.library.custom_op("salience::attention", mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+               extras: list[torch.Tensor], spec: int) -> tuple[torch.Tensor, torch.Tensor]:
+    res = _run_forward(q, k, v, bias, lookup(spec))
+    return _fresh(res.out, q, k, v), _fresh(res.lse.to(_acc_dtype(q.dtype)), q, k, v)
+
+
+@_attention.register_fake
+def _attention_fake(q, k, v, bias, extras, spec):
+    B, H, L, _ = q.shape
+    return q.new_empty((B, H, L, v.shape[-1])), q.new_empty((B, H, L), dtype=_acc_dtype(q.dtype))
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t.sum(dtype=_acc_dtype(t.dtype))))
+
+
+def _executor_grads(q, k, v, out, lse, dout, dlse, bias, spec: Spec):
+    """``(dq, dk, dv, {id(tensor): grad})`` from the plan's own backward, or None where eager would not run one
+    (the reference path, which autograd differentiates, and the guarded path for NaN/inf keys)."""
+    from . import fused
+
+    if spec.mask is not None and not (_all_finite(k) and _all_finite(v)):
+        return None
+    qd, kd, vd = fused.dense_last(q), fused.dense_last(k), fused.dense_last(v)
+    kw = {} if bias is None else {"bias": bias}
+    pl = dispatch.choose(qd, kd, vd, mask=spec.mask, score_mod=spec.score_mod, compatibility=spec.compatibility,
+                         need_lse=True, backend=spec.backend, scale=spec.scale, dropout_p=0.0, **kw)
+    ex = pl.executor
+    if ex is None or getattr(ex, "autograd", False) or not hasattr(ex, "backward"):
+        return None
+    with _autograd_on():  # executors differentiate a score_mod's tensors with autograd inside their backward
+        dq, dk, dv, extra = ex.backward(qd, kd, vd, out.to(q.dtype), lse, dout.contiguous(), dlse)
+    owners = getattr(ex, "grad_tensors", None) or getattr(getattr(ex, "kernel", None), "grad_tensors", ())
+    return dq, dk, dv, {id(t): g for t, g in zip(owners, extra)}
+
+
+def _autograd_on():
+    """Autograd inside a custom op's implementation, which runs below the autograd dispatch keys."""
+    exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+def _recompute_grads(q, k, v, dout, dlse, bias, spec: Spec):
+    """Gradients by differentiating the eager forward: what eager autograd does on the reference and guarded
+    paths, and the route for a bias that needs a gradient."""
+    with _autograd_on(), torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        br = None if bias is None else bias.detach().requires_grad_(True)
+        res = _run_forward(*leaves, br, spec)
+        outs, gouts = [res.out], [dout]
+        if dlse is not None:
+            outs.append(res.lse)
+            gouts.append(dlse.to(res.lse.dtype))
+        ins = leaves + ([] if br is None else [br]) + list(spec.extras)
+        grads = list(torch.autograd.grad(outs, ins, gouts, allow_unused=True))
+    by_id = {id(t): g for t, g in zip(spec.extras, grads[len(ins) - len(spec.extras):])}
+    if br is not None:
+        by_id["bias"] = grads[3]
+    return grads[0], grads[1], grads[2], by_id
+
+
+@torch.library.custom_op("salience::attention_backward", mutates_args=())
+def _attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, bias: torch.Tensor | None,
+                        bias_grad: bool, extras: list[torch.Tensor], spec: int) -> list[torch.Tensor]:
+    sp = lookup(spec)
+    got = None if bias_grad else _executor_grads(q, k, v, out, lse, dout, dlse, bias, sp)
+    if got is None:
+        got = _recompute_grads(q, k, v, dout, dlse, bias, sp)
+    dq, dk, dv, by_id = got
+    grads = [dq, dk, dv] + [by_id.get(id(real)) for real in sp.extras[:len(extras)]]
+    ins = [q, k, v, *extras]
+    if bias_grad:
+        grads.append(by_id.get("bias"))
+        ins.append(bias)
+    return [torch.zeros(t.shape, dtype=t.dtype, device=t.device) if g is None else _fresh(g.to(t.dtype), *ins)
+            for g, t in zip(grads, ins)]
+
+
+@_attention_backward.register_fake
+def _attention_backward_fake(dout, dlse, q, k, v, out, lse, bias, bias_grad, extras, spec):
+    return [t.new_empty(t.shape) for t in (q, k, v, *extras, *([bias] if bias_grad else []))]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, extras, spec = inputs
+    out, lse = output
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(q, k, v, out, lse, *([bias] if bias is not None else []), *extras)
+    ctx.spec = spec
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *rest = ctx.saved_tensors
+    bias, extras = (rest[0], rest[1:]) if ctx.has_bias else (None, rest)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    g = torch.ops.salience.attention_backward(dout, dlse, q, k, v, out, lse, bias, ctx.bias_grad, list(extras),
+                                              ctx.spec)
+    n = 3 + len(extras)
+    return g[0], g[1], g[2], (g[n] if ctx.bias_grad else None), list(g[3:n]), None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------- the entry
+
+
+def compiled(mask, score_mod):
+    """The ``attend`` :func:`salience.attention` calls while torch compiles: :func:`attend` bound to the user's
+    own ``mask`` and ``score_mod`` objects (the validated copies made inside the trace are not real objects)."""
+
+    def bound(q, k, v, **kw):
+        return attend(q, k, v, user_mask=mask, user_score_mod=score_mod, **kw)
+
+    return bound
+
+
+def attend(q, k, v, *, mask, score_mod, scale, compatibility, dropout_p, need_lse, backend, bias=None,
+           user_mask=None, user_score_mod=None) -> tuple:
+    """Drop-in for :func:`salience.kernels.dispatch.attend` while torch compiles: ``(plan, result)`` through the
+    ``salience::attention`` custom op; ``user_mask``/``user_score_mod`` are the objects given to
+    :func:`salience.attention` (``mask``/``score_mod`` are their validated forms). The plan is a placeholder: the
+    real one is chosen when the op runs."""
+    if dropout_p > 0:
+        raise NotImplementedError(
+            "salience.attention with dropout_p > 0 inside torch.compile/export: the dropout mask is drawn inside the "
+            "kernels and its seed would have to be threaded through the custom op so the backward replays it; not "
+            "done yet. Compile with dropout_p=0 (model.eval() for layers) or run this call eagerly.")
+    B, H, L, _ = q.shape
+    key = spec_key(user_mask, user_score_mod, scale, compatibility, backend, B, H, L, k.shape[2])
+    extras = list(spec_tensors(key))
+    out, lse = torch.ops.salience.attention(q, k, v, bias, extras, key)
+    pl = dispatch.Plan("compiled", "torch.library custom op salience::attention: the path is chosen when it runs",
+                       {"spec": key})
+    return pl, AttentionResult(out=out, lse=lse)
