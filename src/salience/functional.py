@@ -202,8 +202,12 @@ def attention(
         res = _shape_only_result(q, k, v, shp)
     else:
         need = return_lse or sinks is not None
-        pl, res = dispatch.attend(q, k, v, mask=m, score_mod=sm, scale=scale, compatibility=compat, dropout_p=p,
-                                  need_lse=need, backend=backend, **extra)
+        attend = dispatch.attend
+        if torch.compiler.is_compiling():  # torch.compile/export: the salience::attention custom op, no graph break
+            from .kernels import ops
+            attend = ops.compiled(mask, score_mod)
+        pl, res = attend(q, k, v, mask=m, score_mod=sm, scale=scale, compatibility=compat, dropout_p=p,
+                         need_lse=need, backend=backend, **extra)
         if need and res.lse is None:
             raise RuntimeError(f"backend {pl.backend!r} does not provide the logsumexp here (return_lse=True or "
                                "sinks need it); use backend=None.")

@@ -34,11 +34,13 @@ gradients; they reach the graph through :func:`spec_tensors`, also a constant-re
 
 Example:
     >>> import torch, salience
-    >>> causal = salience.masks.causal()  # built once, outside the compiled function
-    >>> f = torch.compile(lambda q: salience.attention(q, q, q, mask=causal), backend="eager", fullgraph=True)
+    >>> from salience.kernels import ops
+    >>> causal = salience.masks.causal()  # under torch.compile: built once, outside the compiled function
     >>> q = torch.randn(1, 2, 8, 4)
-    >>> torch.allclose(f(q), salience.attention(q, q, q, mask=causal))
-    True
+    >>> key = ops.spec_key(causal, None, 0.5, None, None, 1, 2, 8, 8)  # what a trace does once
+    >>> out, lse = torch.ops.salience.attention(q, q, q, None, [], key)
+    >>> torch.allclose(out, salience.attention(q, q, q, mask=causal, scale=0.5)), lse.shape
+    (True, torch.Size([1, 2, 8]))
 """
 
 from __future__ import annotations
