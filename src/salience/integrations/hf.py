@@ -201,36 +201,16 @@ def _terms(fn):
 
 
 def _band_mask(lo: int, hi: int, L: int, S: int) -> M.MaskMod | None:
-    """The salience mask for ``lo <= kv_idx - q_idx <= hi`` on an L x S grid, by name where one fits."""
-    lo_all, hi_all = -(L - 1), S - 1  # the extreme values kv_idx - q_idx can take
-    lo_e = lo_all if lo <= lo_all else int(lo)
-    hi_e = hi_all if hi >= hi_all else int(hi)
-    if lo_e == lo_all and hi_e == hi_all:
+    """The salience mask for ``lo <= kv_idx - q_idx <= hi`` on an L x S grid (None when it hides nothing).
+
+    Bounds beyond the grid are unbounded; :func:`salience.masks.band` names the band (causal, sliding window)."""
+    lo_b = None if lo <= -(L - 1) else int(lo)  # -(L - 1) and S - 1: the extreme values kv_idx - q_idx takes
+    hi_b = None if hi >= S - 1 else int(hi)
+    if lo_b is None and hi_b is None:
         return None
-    if lo_e == lo_all and hi_e == 0:
-        return M.causal()
-    if lo_e == lo_all and hi_e == S - L and S > L:
-        return M.causal(align="bottom_right")
-    if lo_e <= 0 <= hi_e:
-        return M.sliding_window(-lo_e, hi_e)
-    return _offset_band(lo_e, hi_e)
-
-
-def _offset_band(lo: int, hi: int) -> M.MaskMod:
-    """``lo <= kv_idx - q_idx <= hi`` where the band does not contain the diagonal (analytic tiles)."""
-
-    def fn(b, h, q, kv):
-        d = kv - q
-        return (d >= lo) & (d <= hi)
-
-    def tiles(ctx):
-        dmin = ctx.k_start - (ctx.q_end - 1)
-        dmax = (ctx.k_end - 1) - ctx.q_start
-        return (dmax >= lo) & (dmin <= hi), (dmin >= lo) & (dmax <= hi)
-
-    m = M.MaskMod(fn, f"band({lo} <= kv - q <= {hi})", tiles=tiles, relative=True)
-    m.band = (lo, hi)  # the same (lo, hi) attribute the named band masks carry, read by the kernels
-    return m
+    if lo_b is None and hi_b == S - L and S > L:
+        return M.band(None, 0, align="bottom_right")
+    return M.band(lo_b, hi_b)
 
 
 def _key_mask(keep: torch.Tensor) -> M.MaskMod:
@@ -266,7 +246,8 @@ def _left_padding(keep: torch.Tensor, L: int) -> M.MaskMod:
 
 def _keys_to_mask(keep: torch.Tensor, L: int) -> M.MaskMod | None:
     """A (B, S) key-visibility tensor as the simplest salience mask: None, ``padding(kv_lengths=...)`` (right
-    padding), left padding, or a general per-key mask (holes)."""
+    padding), left padding, both (one run of real keys per row: left padding in a static cache), or a general
+    per-key mask (holes)."""
     if bool(keep.all()):
         return None
     counts = keep.sum(-1, keepdim=True)
@@ -275,6 +256,11 @@ def _keys_to_mask(keep: torch.Tensor, L: int) -> M.MaskMod | None:
         return M.padding(kv_lengths=counts.view(-1).cpu())
     if bool(((pos >= keep.shape[-1] - counts) == keep).all()):
         return _left_padding(keep, L)
+    start = keep.long().argmax(-1, keepdim=True)
+    if bool((((pos >= start) & (pos < start + counts)) == keep).all()):
+        # one run of real keys per row, [start, start + count): a left-padded batch in a static cache (its slots past
+        # the current length are not real yet); as left padding & right padding it stays one key interval per row
+        return _left_padding(pos >= start, L) & M.padding(kv_lengths=(start + counts).view(-1).cpu())
     return _key_mask(keep)
 
 
