@@ -51,7 +51,7 @@ from ..reference import _acc_dtype
 from . import fused
 
 __all__ = ["Intervals", "BlockMap", "BlockMapExecutor", "structure", "executor", "cache_info", "clear_cache",
-           "TILE", "CACHE_SIZE", "EVAL_ELEMENTS"]
+           "set_cache_size", "TILE", "CACHE_SIZE", "EVAL_ELEMENTS"]
 
 #: tile edge of block maps (elements); kernels tile in multiples of it
 TILE = 64
@@ -184,6 +184,31 @@ class BlockMap:
             idx = self.index[:, :, i0:i1, j0:j1][part].long()
             vis[part] = _unpack(self.bits.index_select(0, idx), t)
         return vis.permute(0, 1, 2, 4, 3, 5).reshape(Bm, Hm, m * t, n * t)
+
+    def bias(self, r0: int, r1: int, k0: int, k1: int, dtype):
+        """``(bias, empty)`` for rows r0:r1 and keys k0:k1 (r0, k0 multiples of the tile): the additive 0/-inf
+        bias (Bm, Hm, rows, keys) written once from the tile classes and the partial tiles' bits, and the rows
+        that see no key there (Bm, Hm, rows)."""
+        t = self.tile
+        i0, j0 = r0 // t, k0 // t
+        c = self.classes[:, :, i0:-(-r1 // t), j0:-(-k1 // t)]
+        Bm, Hm, m, n = c.shape
+        inf = torch.tensor(float("-inf"), dtype=dtype)
+        tile_val = torch.where(c == FULL, torch.zeros((), dtype=dtype), inf)
+        out = torch.empty(Bm, Hm, m, t, n, t, dtype=dtype)
+        out.copy_(tile_val.view(Bm, Hm, m, 1, n, 1).expand(Bm, Hm, m, t, n, t))
+        sees = (c == FULL).any(-1, keepdim=True).expand(Bm, Hm, m, t).clone()
+        part = c == PARTIAL
+        if bool(part.any()):
+            vis = _unpack(self.bits.index_select(0, self.index[:, :, i0:i0 + m, j0:j0 + n][part].long()), t)
+            kmax = k1 - (j0 + torch.nonzero(part)[:, 3]) * t  # ragged last key tile: its padding is hidden
+            vis &= torch.arange(t).view(1, 1, t) < kmax.view(-1, 1, 1)
+            out.permute(0, 1, 2, 4, 3, 5)[part] = torch.where(vis, torch.zeros((), dtype=dtype), inf)
+            rows = torch.zeros(Bm, Hm, m, n, t, dtype=torch.bool)
+            rows[part] = vis.any(-1)
+            sees |= rows.any(3)
+        out = out.view(Bm, Hm, m * t, n * t)[:, :, r0 - i0 * t:r1 - i0 * t, :k1 - k0]
+        return out, ~sees.view(Bm, Hm, m * t)[:, :, r0 - i0 * t:r1 - i0 * t]
 
     def visible(self, r0: int, r1: int, k0: int, k1: int) -> torch.Tensor:
         """bool (Bm, Hm, r1 - r0, k1 - k0): True where row r sees key j (any row/key range)."""
@@ -418,6 +443,18 @@ def cache_info() -> dict:
     return {**_STATS, "size": len(_CACHE), "maxsize": CACHE_SIZE}
 
 
+def set_cache_size(n: int) -> int:
+    """Bound the cache to ``n`` structures (evicting the least recently used beyond it); returns the old bound."""
+    global CACHE_SIZE
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0; got {n!r}.")
+    old, CACHE_SIZE = CACHE_SIZE, n
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+        _STATS["evictions"] += 1
+    return old
+
+
 def clear_cache() -> None:
     """Forget every cached structure and reset the counters."""
     _CACHE.clear()
@@ -499,6 +536,7 @@ def structure(mask_mod, B: int, H: int, L: int, S: int, device=None, *, q_offset
     else:
         _STATS["misses"] += 1
     st, deps = _derive(mask_mod, B, H, L, S, dev, q_offset, kv_offset, Lg, Sg, tile)
+    fp = _fingerprint(_key_object(mask_mod))  # after the evaluation (a callable may touch its own state)
     _remember(token, referent, deps, args, (st, fp))
     return st
 
@@ -657,6 +695,8 @@ def _bias(st, call: _Call, dtype):
     """(0/-inf bias (Bm, Hm, rows, keys), rows with no visible key (Bm, Hm, rows)) of a biased call."""
     if not call.biased:
         return None, None
+    if isinstance(st, BlockMap) and call.r0 % st.tile == 0 and call.k0 % st.tile == 0:
+        return st.bias(call.r0, call.r1, call.k0, call.k1, dtype)
     vis = st.visible(call.r0, call.r1, call.k0, call.k1)
     bias = torch.zeros(vis.shape, dtype=dtype).masked_fill_(~vis, float("-inf"))
     return bias, ~vis.any(-1)
