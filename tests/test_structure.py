@@ -2,6 +2,7 @@
 and the structure queries against the kernels' previous attribute/name readers (kept here as a frozen oracle)
 and against the dense mask itself."""
 
+import functools
 import math
 import random
 
@@ -548,6 +549,17 @@ def test_structure_of_every_factory():
     assert M.as_mask_mod(fn).structure.fn is fn  # the user's object: a stable cache key
     assert M.as_mask_mod(torch.ones(2, 2, dtype=torch.bool)).structure == st.Dense(torch.ones(1, 1, 2, 2, dtype=torch.bool))
     assert M.MaskMod(fn, "mine").structure == st.Callable(fn)
+
+    @functools.wraps(fn)
+    def negated(b, h, q, kv):  # a decorator that changes the predicate: its own object is the structure
+        return ~fn(b, h, q, kv)
+
+    m = M.as_mask_mod(negated)
+    assert m.structure.fn is negated
+    assert torch.equal(st.to_dense(m.structure, 1, 1, 4, 4), m.to_dense(1, 1, 4, 4))
+    from salience._callables import wrap
+
+    assert M.as_mask_mod(wrap(fn, "mask")).structure.fn is fn  # salience's own wrapper is looked through
 
 
 def test_structure_of_score_mods():

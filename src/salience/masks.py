@@ -239,9 +239,10 @@ def as_mask_mod(mask, argname: str = "mask") -> MaskMod:
                 f"{argname} must be a mask_mod (b, h, q_idx, kv_idx) -> bool; {_name_of(mask)} takes {n} "
                 "required arguments. A score_mod (score, b, h, q_idx, kv_idx) goes to score_mod=."
             )
-        from ._callables import wrap  # evaluated like FlexAttention (vmap) when broadcasting cannot serve
+        # evaluated like FlexAttention (vmap) when broadcasting cannot serve
+        from ._callables import FlexCallable, wrap
 
-        return MaskMod(wrap(mask, "mask"), _name_of(mask), structure=st.Callable(getattr(mask, "__wrapped__", mask)))
+        return MaskMod(wrap(mask, "mask"), _name_of(mask), structure=st.Callable(mask.fn if isinstance(mask, FlexCallable) else mask))
     raise TypeError(
         f"{argname} must be a salience mask (salience.masks.*), a callable (b, h, q_idx, kv_idx) -> bool or a "
         f"bool tensor broadcastable to (B, H, L, S); got {type(mask).__name__}."

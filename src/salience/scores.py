@@ -134,10 +134,11 @@ def as_score_mod(mod, argname: str = "score_mod") -> ScoreMod:
                 f"{getattr(mod, '__name__', type(mod).__name__)} takes {n} required arguments. "
                 "A mask_mod (b, h, q_idx, kv_idx) -> bool goes to mask=."
             )
-        from ._callables import wrap  # evaluated like FlexAttention (vmap) when broadcasting cannot serve
+        # evaluated like FlexAttention (vmap) when broadcasting cannot serve
+        from ._callables import FlexCallable, wrap
 
         return ScoreMod(wrap(mod, "score"), getattr(mod, "__name__", type(mod).__name__),
-                        structure=st.Callable(getattr(mod, "__wrapped__", mod)))
+                        structure=st.Callable(mod.fn if isinstance(mod, FlexCallable) else mod))
     raise TypeError(f"{argname} must be a callable (score, b, h, q_idx, kv_idx) -> score; got {type(mod).__name__}.")
 
 
