@@ -372,3 +372,48 @@ def test_layer_cache_keeps_gradients_when_training_through_chunks():
     torch.cat([layer(x[:, a:b], cache=cache).output for a, b in ((0, 4), (4, 5), (5, 9))], 1).square().sum().backward()
     for p, g in zip(layer.parameters(), want):
         torch.testing.assert_close(p.grad, g)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face generation
+
+
+@pytest.mark.parametrize("cache_impl", ["dynamic", "static"])
+def test_hf_generation_steps_have_key_intervals(cache_impl, monkeypatch):
+    """Each generation step (one query against DynamicCache keys, or against the whole StaticCache buffer with a
+    mask) reaches salience.attention with a contiguous cache and a mask that reads as one key interval per row
+    (per-sequence lengths included, left padding too): what the decode path needs. Tokens equal sdpa's."""
+    transformers = pytest.importorskip("transformers")
+    import salience.integrations.hf as shf
+    from salience.kernels.spans import row_spans
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 10))
+    am = torch.ones_like(ids)
+    am[1, :4] = 0  # left padding
+    kw = {"cache_implementation": "static"} if cache_impl == "static" else {}
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False, **kw)
+    shf.enable(model)
+    steps = []
+    real = shf.attention
+
+    def spy(q, k, v, **kwargs):
+        if q.shape[2] == 1:
+            steps.append((q, k, kwargs.get("mask")))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(shf, "attention", spy)
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False, **kw)
+    assert torch.equal(got, want)
+    assert len(steps) == 3
+    for _q, k, mask in steps:
+        assert k.is_contiguous()
+        S = k.shape[2]
+        m = None if mask is None else mask.bind(1, S)
+        spans = row_spans(m, 2, 1, S)
+        assert spans is not None, mask
+        lo, hi = spans
+        assert lo.expand(2, 1).tolist()[1][0] == 4  # the left-padded row starts at its first real key
