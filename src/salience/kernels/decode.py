@@ -44,16 +44,23 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import math
 import numbers
+import os
+import sys
+import threading
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..reference import _acc_dtype, softmax_from_scores
+from . import native
 from .merge import check_sinks
 
-__all__ = ["forward", "available", "status", "FORCE_TORCH"]
+__all__ = ["forward", "available", "status", "build", "FORCE_TORCH", "MIN_SPLIT"]
 
 #: set to True to run the torch fallback even where the compiled kernel is available (tests, debugging)
 FORCE_TORCH = False
@@ -231,25 +238,119 @@ def _torch_forward(q, k, v, p: _Problem, lo, hi, scale, block_table, slopes, q_p
     return out.to(q.dtype), lse
 
 
+_SOURCE = Path(__file__).with_name("decode.cpp")
+_ABI = 1
+_LOCK = threading.Lock()
+_STATE: dict = {}
+_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: fewest keys per piece when the kernel splits a sequence's keys across threads
+MIN_SPLIT = 256
+
+
+class _Args(ctypes.Structure):
+    """Mirror of ``SalienceDecodeArgs`` in decode.cpp (every field 8 bytes: no padding)."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in ("q", "k", "v")] + [
+        (n, ctypes.c_int64) for n in ("k_s0", "k_s1", "k_s2", "v_s0", "v_s1", "v_s2")] + [
+        ("block_table", ctypes.c_void_p), ("max_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64)] + [
+        (n, ctypes.c_void_p) for n in ("lo", "hi", "slopes", "q_pos", "sinks", "out", "lse")] + [
+        (n, ctypes.c_int64) for n in ("B", "H", "Hkv", "L", "D", "Dv")] + [
+        ("scale", ctypes.c_double), ("softcap", ctypes.c_double), ("nthreads", ctypes.c_int64),
+        ("dtype", ctypes.c_int64), ("min_split", ctypes.c_int64)]
+
+
+def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.salience_decode_abi.restype = ctypes.c_int
+    lib.salience_decode_args_size.restype = ctypes.c_int64
+    lib.salience_decode_lanes.restype = ctypes.c_int
+    lib.salience_decode_max_rows.restype = ctypes.c_int64
+    if lib.salience_decode_abi() != _ABI or lib.salience_decode_args_size() != ctypes.sizeof(_Args):
+        raise native._Unavailable(f"{lib._name} does not match this version of salience (ABI); delete it to rebuild")
+    lib.salience_decode_forward.restype = None
+    lib.salience_decode_forward.argtypes = [ctypes.POINTER(_Args)]
+    return lib
+
+
+def build(extra_flags=()) -> ctypes.CDLL:
+    """Build (or load from the cache) the decode library with extra compiler flags, e.g. ``["-mno-avx512f"]`` to
+    get the AVX2 code on an AVX-512 machine (tests do). Raises RuntimeError with the reason when it cannot."""
+    return _setup(native.build_library(_SOURCE, extra_flags, blas=False))
+
+
 def _lib():
-    """The compiled decode library, or None (not built yet in this version)."""
-    return None
+    """The compiled decode library, built on first use (None when it cannot be: :func:`status` says why)."""
+    if "lib" not in _STATE:
+        with _LOCK:
+            if "lib" not in _STATE:
+                lib, why = None, ""
+                if os.environ.get("SALIENCE_NATIVE", "1") == "0":
+                    why = "turned off by SALIENCE_NATIVE=0"
+                elif not sys.platform.startswith("linux"):
+                    why = f"the compiled kernels are built for Linux only (this is {sys.platform})"
+                else:
+                    try:
+                        lib, why = build(), "compiled"
+                    except Exception as e:  # noqa: BLE001 - reported by status(); the torch path is used
+                        why = str(e) if isinstance(e, native._Unavailable) else f"{type(e).__name__}: {e}"
+                _STATE["why"], _STATE["lib"] = why, lib
+                if lib is None and why != "turned off by SALIENCE_NATIVE=0":
+                    warnings.warn(f"salience: the compiled decode kernel is unavailable, so the torch path is used "
+                                  f"(same results, slower): {why}. Fix that, or set SALIENCE_NATIVE=0 to use the "
+                                  "torch path without trying.", native.NativeFallbackWarning,
+                                  stacklevel=native._caller_stacklevel())
+    return _STATE["lib"]
 
 
 def available(q: torch.Tensor | None = None) -> bool:
-    """True when the compiled decode kernel can run on tensors like ``q`` (builds it on first call)."""
-    if q is not None and (q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+    """True when the compiled decode kernel can run on tensors like ``q`` (a CPU float32, bfloat16 or float16
+    tensor; builds the kernel on first call) and :data:`FORCE_TORCH` is not set."""
+    if q is not None and (q.device.type != "cpu" or q.dtype not in _KERNEL_DTYPES):
         return False
     return not FORCE_TORCH and _lib() is not None
 
 
 def status() -> str:
-    """Why the compiled decode kernel is or is not in use ("compiled" when it is)."""
-    import os
+    """Why the compiled decode kernel is or is not in use ("compiled" when it is); builds it if needed."""
+    _lib()
+    return _STATE["why"]
 
-    if os.environ.get("SALIENCE_NATIVE", "1") == "0":
-        return "turned off by SALIENCE_NATIVE=0"
-    return "compiled" if _lib() is not None else "not built yet: the torch fallback runs"
+
+def _cache_operand(t: torch.Tensor) -> torch.Tensor:
+    """The cache as the kernel reads it: any strides over the first three dims, the last one dense and
+    element-aligned (copied only when it is not)."""
+    if t.stride(-1) != 1 or (t.numel() and t.data_ptr() % t.element_size()) or any(x < 0 for x in t.stride()):
+        t = t.contiguous()
+    return t
+
+
+def _native_forward(lib, q, k, v, p: _Problem, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks):
+    """The compiled kernel; every precondition of decode.cpp is met here (dense float32 q, int64 tables, (B, H)
+    float32 slopes and sinks, the cache's last dim dense)."""
+    ops = {"q": q.float().contiguous(), "k": _cache_operand(k), "v": _cache_operand(v), "lo": lo.contiguous(),
+           "hi": hi.contiguous()}
+    k, v = ops["k"], ops["v"]
+    out = torch.empty(p.B, p.H, p.L, p.Dv, dtype=torch.float32)
+    lse = torch.empty(p.B, p.H, p.L, dtype=torch.float32)
+    a = _Args(q=ops["q"].data_ptr(), k=k.data_ptr(), v=v.data_ptr(), k_s0=k.stride(0), k_s1=k.stride(1),
+              k_s2=k.stride(2), v_s0=v.stride(0), v_s1=v.stride(1), v_s2=v.stride(2), lo=ops["lo"].data_ptr(),
+              hi=ops["hi"].data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(), B=p.B, H=p.H, Hkv=p.Hkv, L=p.L,
+              D=p.D, Dv=p.Dv, scale=scale, softcap=softcap or 0.0, nthreads=max(1, torch.get_num_threads()),
+              dtype=_KERNEL_DTYPES[q.dtype], min_split=MIN_SPLIT)
+    if block_table is not None:
+        ops["bt"] = block_table.to(torch.int64).contiguous()
+        a.block_table, a.max_blocks, a.block_size = ops["bt"].data_ptr(), ops["bt"].shape[1], p.block_size
+    if slopes is not None:
+        ops["slopes"] = slopes.float().contiguous()
+        ops["q_pos"] = q_pos.contiguous()
+        a.slopes, a.q_pos = ops["slopes"].data_ptr(), ops["q_pos"].data_ptr()
+    if sinks is not None:
+        ops["sinks"] = sinks.float().contiguous()
+        a.sinks = ops["sinks"].data_ptr()
+    if p.B * p.H * p.L and p.D and p.Dv:
+        lib.salience_decode_forward(ctypes.byref(a))
+    elif p.B * p.H * p.L:  # D = 0 or Dv = 0: scores are 0 over the visible keys
+        return _torch_forward(q, k, v, p, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)
+    return out.to(q.dtype), lse
 
 
 def forward(q, k, v, *, lo, hi, scale, block_table=None, slopes=None, q_pos=None, softcap=None, sinks=None):
@@ -285,6 +386,6 @@ def forward(q, k, v, *, lo, hi, scale, block_table=None, slopes=None, q_pos=None
     """
     p, lo, hi, q_pos, slopes, sinks, scale, softcap = _check(q, k, v, lo, hi, scale, block_table, slopes, q_pos,
                                                                softcap, sinks)
-    if available(q):
-        raise NotImplementedError("the compiled decode kernel is not wired in yet")
+    if available(q) and p.H // p.Hkv * p.L <= _lib().salience_decode_max_rows():
+        return _native_forward(_lib(), q, k, v, p, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)
     return _torch_forward(q, k, v, p, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)

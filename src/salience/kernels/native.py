@@ -170,24 +170,24 @@ def _verify(lib: Path):
     return None
 
 
-def _compile(cxx: list, flags: list, libs: list, target: Path) -> None:
-    """Build ``target`` and then its manifest, each replaced atomically. OSError: the cache directory is not
-    usable; _Unavailable: the compiler could not build it."""
+def _compile(cxx: list, flags: list, libs: list, target: Path, source: Path = _SOURCE) -> None:
+    """Build ``target`` from ``source`` and then its manifest, each replaced atomically. OSError: the cache
+    directory is not usable; _Unavailable: the compiler could not build it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         tmp_so = Path(tmp) / target.name
-        cmd = [*cxx, *flags, str(_SOURCE), "-o", str(tmp_so), *libs]
+        cmd = [*cxx, *flags, str(source), "-o", str(tmp_so), *libs]
         try:
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
-            raise _Unavailable(f"the C++ compiler {shlex.join(cxx)} took over 300 s on {_SOURCE.name}") from None
+            raise _Unavailable(f"the C++ compiler {shlex.join(cxx)} took over 300 s on {source.name}") from None
         except OSError as e:  # found on PATH but not runnable
             raise _Unavailable(f"the C++ compiler {shlex.join(cxx)} could not be run: {e}") from None
         if run.returncode != 0 or not tmp_so.is_file():
             said = "\n".join(x.strip() for x in (run.stdout, run.stderr) if x and x.strip())
             said = said[-800:] if said else "(it printed nothing)"
             raise _Unavailable(f"the C++ compiler {shlex.join(cxx)} failed (exit status {run.returncode}) on "
-                               f"{_SOURCE}: {said}")
+                               f"{source}: {said}")
         data = tmp_so.read_bytes()
         with open(tmp_so, "rb") as f:
             os.fsync(f.fileno())
@@ -197,17 +197,21 @@ def _compile(cxx: list, flags: list, libs: list, target: Path) -> None:
     _write_atomically(_manifest(target), (json.dumps(meta, indent=1) + "\n").encode())
 
 
-def _build() -> ctypes.CDLL:
-    src = _SOURCE.read_bytes()
+def build_library(source: Path, extra_flags=(), blas: bool = True) -> ctypes.CDLL:
+    """Compile ``source`` (a C++ file next to this one) into a shared library, or load the verified cached
+    build, and return it; raises ``_Unavailable`` (a RuntimeError) with the reason when it cannot. The cache key
+    covers the source, the compiler, the flags (``extra_flags`` appended), the torch version and the CPU flags;
+    ``blas``: link libtorch_cpu for its BLAS. Used for interval.cpp and decode.cpp."""
+    src = source.read_bytes()
     cxx = _compiler()
     torch_lib = Path(torch.__file__).with_name("lib")
     # -fno-trapping-math lets the exp loops vectorise (their float -> int conversion); no -ffast-math: the
     # kernels rely on IEEE infinities and on their sums running in the written order
     flags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
-             "-std=c++17"]
-    libs = [f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+             "-std=c++17", *extra_flags]
+    libs = [f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"] if blas else []
     ident = "\n".join([torch.__version__, _cpu_flags(), *cxx, *flags, *libs]).encode()
-    name = f"interval_{hashlib.sha256(src + ident).hexdigest()[:16]}.so"
+    name = f"{source.stem}_{hashlib.sha256(src + ident).hexdigest()[:16]}.so"
     problems = []
     for root in _cache_dirs():
         target = root / name
@@ -215,7 +219,7 @@ def _build() -> ctypes.CDLL:
         if bad is not None:
             damaged = target.exists() and not bad.startswith("no manifest")
             try:
-                _compile(cxx, flags, libs, target)
+                _compile(cxx, flags, libs, target, source)
             except OSError as e:  # an unwritable cache directory: try the next one
                 problems.append(f"cache directory {root} is not usable: {e}")
                 continue
@@ -235,6 +239,12 @@ def _build() -> ctypes.CDLL:
             problems.append(f"loading {target} failed: {e}")
     else:
         raise _Unavailable("; ".join(problems) + "; set SALIENCE_CACHE to a writable directory")
+    return lib
+
+
+def _build() -> ctypes.CDLL:
+    lib = build_library(_SOURCE)
+    target = lib._name
     lib.salience_interval_abi.restype = ctypes.c_int
     lib.salience_interval_args_size.restype = ctypes.c_int64
     if lib.salience_interval_abi() != _ABI or lib.salience_interval_args_size() != ctypes.sizeof(_Args):

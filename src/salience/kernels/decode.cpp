@@ -1,0 +1,500 @@
+// Decoding attention: a few query rows per sequence against a long, contiguous or paged, key/value cache.
+//
+// Part of salience: kernels/decode.py compiles this file on first use (through native.build_library) and
+// calls it through ctypes. Forward only.
+//
+// Work items are (sequence b, kv head, key split). An item reads each key and value of its kv head once for
+// all the G = H / Hkv query heads and L rows that share it (a (G*L) x D block of query rows, in tiles of at
+// most 8 rows that stay in registers while a chunk of 32 keys sits in L1). Keys are converted to float32 in
+// registers (bfloat16 by a shift, float16 by F16C) and every sum runs in float32, with an online softmax
+// (running max, sum and unnormalised output per row). Each row reads only the keys of its interval
+// [lo, hi): the item's key range is the union of its rows' intervals, and in a chunk where some row cannot see
+// some key, that row's scores there are replaced (not multiplied) by -inf and its value sum skips them, so
+// whatever those keys hold (NaN included) never reaches the row.
+//
+// Paged caches: logical key p of sequence b is slot p % block_size of pool block block_table[b, p / bs];
+// each chunk looks up its keys' addresses and reads them in place (no gather copy).
+//
+// Flash-decoding: a sequence's key range is split into pieces so that there are enough items for the
+// threads; each item leaves (max, sum, unnormalised output) per row, and a second pass merges the pieces by
+// logsumexp (adding the sink logit, if any) into the output and its logsumexp.
+//
+// Vector code: AVX-512 (16 lanes) or AVX2+FMA+F16C (8 lanes), chosen at compile time by -march=native (the
+// build cache is keyed by the CPU flags), with a scalar fallback for other CPUs and for the D % lanes tails.
+//
+// Score of row (h, i) and visible key p: s = scale * q.k; s = softcap * tanh(s / softcap) if softcap > 0;
+// s -= slope[b, h] * |q_pos[b, i] - p| if slopes are given.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+extern "C" {
+// Every field is 8 bytes, so the layout matches the ctypes.Structure in decode.py with no padding.
+struct SalienceDecodeArgs {
+  const float* q;             // (B, H, L, D) float32, contiguous
+  const void* k;              // cache of dtype `dtype`; last dim contiguous
+  const void* v;
+  int64_t k_s0, k_s1, k_s2;   // element strides of k over (batch or pool block, kv head, slot)
+  int64_t v_s0, v_s1, v_s2;
+  const int64_t* block_table;  // null: contiguous cache; else (B, max_blocks)
+  int64_t max_blocks, block_size;
+  const int64_t* lo;  // (B, L)
+  const int64_t* hi;
+  const float* slopes;    // (B, H) or null
+  const int64_t* q_pos;   // (B, L) (with slopes)
+  const float* sinks;     // (B, H) or null
+  float* out;             // (B, H, L, Dv)
+  float* lse;             // (B, H, L)
+  int64_t B, H, Hkv, L, D, Dv;
+  double scale, softcap;  // softcap 0: none
+  int64_t nthreads, dtype;  // dtype 0 float32, 1 bfloat16, 2 float16
+  int64_t min_split;        // fewest keys per piece of a split key range
+};
+}
+
+namespace {
+
+using Args = SalienceDecodeArgs;
+constexpr int64_t CHUNK = 32;  // keys per online-softmax step
+constexpr int MAX_NR = 8;      // query rows per register tile
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// ------------------------------------------------------------------------------------------ scalar loads
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);  // inf, nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: renormalise
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while (!(man & 0x400u));
+    bits = sign | (static_cast<uint32_t>(112 - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+struct F32 { using T = float; static float one(const float* p) { return *p; } };
+struct BF16 {
+  using T = uint16_t;
+  static float one(const uint16_t* p) {
+    const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+};
+struct F16 { using T = uint16_t; static float one(const uint16_t* p) { return half_to_float(*p); } };
+
+// ---------------------------------------------------------------------------------------- vector lanes
+
+#if defined(__AVX512F__)
+constexpr int W = 16;
+using V = __m512;
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vset(float x) { return _mm512_set1_ps(x); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
+inline void vstore(float* p, V a) { _mm512_storeu_ps(p, a); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vload_bf16(const uint16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline V vload_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+constexpr int W = 8;
+using V = __m256;
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vset(float x) { return _mm256_set1_ps(x); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline float vsum(V a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline void vstore(float* p, V a) { _mm256_storeu_ps(p, a); }
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline V vload_bf16(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline V vload_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#else
+constexpr int W = 1;
+struct V { float x; };
+inline V vzero() { return {0.0f}; }
+inline V vset(float x) { return {x}; }
+inline V vfma(V a, V b, V c) { return {std::fma(a.x, b.x, c.x)}; }
+inline V vmul(V a, V b) { return {a.x * b.x}; }
+inline float vsum(V a) { return a.x; }
+inline void vstore(float* p, V a) { *p = a.x; }
+inline V vload(const float* p) { return {*p}; }
+inline V vload_bf16(const uint16_t* p) { return {BF16::one(p)}; }
+inline V vload_f16(const uint16_t* p) { return {half_to_float(*p)}; }
+#endif
+
+template <typename C> inline V vget(const typename C::T* p);
+template <> inline V vget<F32>(const float* p) { return vload(p); }
+template <> inline V vget<BF16>(const uint16_t* p) { return vload_bf16(p); }
+template <> inline V vget<F16>(const uint16_t* p) { return vload_f16(p); }
+
+// exp(x) for x <= 0 (scores minus their running maximum): x = n ln2 + r, a degree-7 polynomial for exp(r),
+// 2^n from the exponent bits; about 2 ulp; 0 below -87. The loops calling it vectorise.
+inline float exp_neg(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+// ------------------------------------------------------------------------------------------- one item
+
+// One tile of at most 8 query rows of a work item: query pointers, intervals clipped to the item's key range,
+// ALiBi terms, and where its partial results (running max m, sum l, unnormalised output o) live.
+struct Rows {
+  int nr;
+  const float* q[MAX_NR];
+  int64_t lo[MAX_NR], hi[MAX_NR], qpos[MAX_NR];
+  float slope[MAX_NR];
+  float* m;
+  float* l;
+  float* o;  // nr x Dv
+};
+
+// Key and value addresses of keys [c0, c0 + n) of (b, hk): in place, contiguous or through the block table.
+template <typename C>
+void key_addresses(const Args& A, int64_t b, int64_t hk, int64_t c0, int64_t n, const typename C::T** kp,
+                   const typename C::T** vp) {
+  using T = typename C::T;
+  const T* k = static_cast<const T*>(A.k);
+  const T* v = static_cast<const T*>(A.v);
+  if (!A.block_table) {
+    const T* kb = k + b * A.k_s0 + hk * A.k_s1;
+    const T* vb = v + b * A.v_s0 + hk * A.v_s1;
+    for (int64_t j = 0; j < n; ++j) {
+      kp[j] = kb + (c0 + j) * A.k_s2;
+      vp[j] = vb + (c0 + j) * A.v_s2;
+    }
+    return;
+  }
+  const int64_t bs = A.block_size;
+  const int64_t* table = A.block_table + b * A.max_blocks;
+  int64_t blk = c0 / bs, slot = c0 % bs;
+  const T* kb = k + table[blk] * A.k_s0 + hk * A.k_s1;
+  const T* vb = v + table[blk] * A.v_s0 + hk * A.v_s1;
+  for (int64_t j = 0; j < n; ++j) {
+    kp[j] = kb + slot * A.k_s2;
+    vp[j] = vb + slot * A.v_s2;
+    if (++slot == bs && j + 1 < n) {
+      slot = 0;
+      ++blk;
+      kb = k + table[blk] * A.k_s0 + hk * A.k_s1;
+      vb = v + table[blk] * A.v_s0 + hk * A.v_s1;
+    }
+  }
+}
+
+// s[r * CHUNK + j] = q_r . k_j for the tile's rows and the chunk's keys (float32 sums).
+template <typename C, int NR>
+void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, float* s) {
+  const int64_t Dw = D / W * W;
+  for (int64_t j = 0; j < n; ++j) {
+    const typename C::T* kj = kp[j];
+    V acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = vzero();
+    for (int64_t d = 0; d < Dw; d += W) {
+      const V kk = vget<C>(kj + d);
+      for (int r = 0; r < NR; ++r) acc[r] = vfma(vload(t.q[r] + d), kk, acc[r]);
+    }
+    for (int r = 0; r < NR; ++r) {
+      float x = vsum(acc[r]);
+      for (int64_t d = Dw; d < D; ++d) x += t.q[r][d] * C::one(kj + d);
+      s[r * CHUNK + j] = x;
+    }
+  }
+}
+
+// o_r += sum_j p[r, j] v_j over the chunk, for every row of the tile (all rows see all n keys).
+template <typename C, int NR>
+void accumulate_all(const Rows& t, const typename C::T* const* vp, int64_t n, int64_t Dv, const float* p) {
+  const int64_t Dw = Dv / W * W;
+  for (int64_t d = 0; d < Dw; d += W) {
+    V acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = vload(t.o + r * Dv + d);
+    for (int64_t j = 0; j < n; ++j) {
+      const V vv = vget<C>(vp[j] + d);
+      for (int r = 0; r < NR; ++r) acc[r] = vfma(vset(p[r * CHUNK + j]), vv, acc[r]);
+    }
+    for (int r = 0; r < NR; ++r) vstore(t.o + r * Dv + d, acc[r]);
+  }
+  for (int64_t d = Dw; d < Dv; ++d)
+    for (int r = 0; r < NR; ++r) {
+      float x = t.o[r * Dv + d];
+      for (int64_t j = 0; j < n; ++j) x += p[r * CHUNK + j] * C::one(vp[j] + d);
+      t.o[r * Dv + d] = x;
+    }
+}
+
+// o_r += sum_j p[r, j] v_j over keys [a, z) of the chunk only, for one row r (boundary chunks).
+template <typename C>
+void accumulate_row(float* o, const typename C::T* const* vp, int64_t a, int64_t z, int64_t Dv, const float* p) {
+  const int64_t Dw = Dv / W * W;
+  for (int64_t d = 0; d < Dw; d += W) {
+    V acc = vload(o + d);
+    for (int64_t j = a; j < z; ++j) acc = vfma(vset(p[j]), vget<C>(vp[j] + d), acc);
+    vstore(o + d, acc);
+  }
+  for (int64_t d = Dw; d < Dv; ++d) {
+    float x = o[d];
+    for (int64_t j = a; j < z; ++j) x += p[j] * C::one(vp[j] + d);
+    o[d] = x;
+  }
+}
+
+// Scores -> probabilities for row r on keys [a, z) of a chunk starting at c0 (others get p = 0); updates the
+// running max m, sum l and rescales o. Returns false when the row has seen no key yet.
+bool softmax_row(const Args& A, const Rows& t, int r, int64_t c0, int64_t n, int64_t a, int64_t z, float* s) {
+  const float scale = static_cast<float>(A.scale), cap = static_cast<float>(A.softcap);
+  float mx = NEG_INF;
+  for (int64_t j = a; j < z; ++j) {
+    float x = s[j] * scale;
+    if (cap > 0) x = cap * std::tanh(x / cap);
+    if (A.slopes) x -= t.slope[r] * static_cast<float>(std::llabs(t.qpos[r] - (c0 + j)));
+    s[j] = x;
+    mx = x > mx ? x : mx;
+  }
+  for (int64_t j = 0; j < a; ++j) s[j] = 0.0f;
+  for (int64_t j = z; j < n; ++j) s[j] = 0.0f;
+  const float m_old = t.m[r], m_new = std::max(m_old, mx);
+  if (m_new == NEG_INF) return false;  // nothing visible yet (a NaN score stays NaN through p, l and o)
+  float sum = 0.0f;
+  for (int64_t j = a; j < z; ++j) {
+    s[j] = exp_neg(s[j] - m_new);
+    sum += s[j];
+  }
+  const float alpha = m_old == NEG_INF ? 0.0f : exp_neg(m_old - m_new);
+  if (alpha != 1.0f) {
+    float* o = t.o + r * A.Dv;
+    for (int64_t d = 0; d < A.Dv; ++d) o[d] *= alpha;
+  }
+  t.l[r] = t.l[r] * alpha + sum;
+  t.m[r] = m_new;
+  return true;
+}
+
+// One tile of NR rows over one chunk of keys [c0, c0 + n).
+template <typename C, int NR>
+void tile_chunk(const Args& A, const Rows& t, int64_t c0, int64_t n, const typename C::T* const* kp,
+                const typename C::T* const* vp, float* s) {
+  dots<C, NR>(t, kp, n, A.D, s);
+  bool all = true;
+  int64_t a[NR], z[NR];
+  for (int r = 0; r < NR; ++r) {
+    a[r] = std::min(std::max(t.lo[r] - c0, int64_t(0)), n);
+    z[r] = std::max(std::min(t.hi[r] - c0, n), a[r]);
+    all = all && a[r] == 0 && z[r] == n;
+    if (!softmax_row(A, t, r, c0, n, a[r], z[r], s + r * CHUNK)) {
+      all = false;
+      z[r] = a[r];
+    }
+  }
+  if (all) {
+    accumulate_all<C, NR>(t, vp, n, A.Dv, s);
+    return;
+  }
+  for (int r = 0; r < NR; ++r)
+    if (z[r] > a[r]) accumulate_row<C>(t.o + r * A.Dv, vp, a[r], z[r], A.Dv, s + r * CHUNK);
+}
+
+template <typename C>
+void tile_chunk_n(const Args& A, const Rows& t, int64_t c0, int64_t n, const typename C::T* const* kp,
+                  const typename C::T* const* vp, float* s) {
+  switch (t.nr) {
+    case 1: return tile_chunk<C, 1>(A, t, c0, n, kp, vp, s);
+    case 2: return tile_chunk<C, 2>(A, t, c0, n, kp, vp, s);
+    case 3: return tile_chunk<C, 3>(A, t, c0, n, kp, vp, s);
+    case 4: return tile_chunk<C, 4>(A, t, c0, n, kp, vp, s);
+    case 5: return tile_chunk<C, 5>(A, t, c0, n, kp, vp, s);
+    case 6: return tile_chunk<C, 6>(A, t, c0, n, kp, vp, s);
+    case 7: return tile_chunk<C, 7>(A, t, c0, n, kp, vp, s);
+    default: return tile_chunk<C, 8>(A, t, c0, n, kp, vp, s);
+  }
+}
+
+// The tile of rows [r0, r0 + nr) of item (b, hk), over keys [ka, kz): row r = g * L + i is query head
+// hk * G + g, query row i. Partial results go to part (m, l, o for each of the item's rows).
+Rows make_tile(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, int64_t r0, int nr, float* part) {
+  const int64_t G = A.H / A.Hkv, L = A.L, R = G * L;
+  Rows t;
+  t.nr = nr;
+  t.m = part + r0;
+  t.l = part + R + r0;
+  t.o = part + 2 * R + r0 * A.Dv;
+  for (int r = 0; r < nr; ++r) {
+    const int64_t g = (r0 + r) / L, i = (r0 + r) % L, h = hk * G + g;
+    t.q[r] = A.q + ((b * A.H + h) * L + i) * A.D;
+    t.lo[r] = std::max(A.lo[b * L + i], ka);
+    t.hi[r] = std::min(A.hi[b * L + i], kz);
+    t.slope[r] = A.slopes ? A.slopes[b * A.H + h] : 0.0f;
+    t.qpos[r] = A.q_pos ? A.q_pos[b * L + i] : 0;
+  }
+  return t;
+}
+
+// One work item: keys [ka, kz) of (b, hk) for all its rows, chunk by chunk; partial results to part.
+template <typename C>
+void run_item(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, float* part, float* s) {
+  using T = typename C::T;
+  const int64_t R = A.H / A.Hkv * A.L;
+  std::fill(part, part + R, NEG_INF);
+  std::fill(part + R, part + R * (2 + A.Dv), 0.0f);
+  const int64_t ntiles = (R + MAX_NR - 1) / MAX_NR;
+  Rows tiles[64];
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const int64_t r0 = t * R / ntiles, r1 = (t + 1) * R / ntiles;  // balanced tiles of <= 8 rows
+    tiles[t] = make_tile(A, b, hk, ka, kz, r0, static_cast<int>(r1 - r0), part);
+  }
+  const T* kp[CHUNK];
+  const T* vp[CHUNK];
+  for (int64_t c0 = ka; c0 < kz; c0 += CHUNK) {
+    const int64_t n = std::min(CHUNK, kz - c0);
+    key_addresses<C>(A, b, hk, c0, n, kp, vp);
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const Rows& tt = tiles[t];
+      bool any = false;
+      for (int r = 0; r < tt.nr; ++r) any = any || (tt.lo[r] < c0 + n && tt.hi[r] > c0 && tt.lo[r] < tt.hi[r]);
+      if (any) tile_chunk_n<C>(A, tt, c0, n, kp, vp, s);
+    }
+  }
+}
+
+// Merge the pieces of (b, hk) by logsumexp, with the sink logit as one more term; writes out and lse.
+void merge_item(const Args& A, int64_t b, int64_t hk, const float* parts, int64_t npieces) {
+  const int64_t G = A.H / A.Hkv, L = A.L, R = G * L, Dv = A.Dv, stride = R * (2 + Dv);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = hk * G + r / L, i = r % L;
+    const float sink = A.sinks ? A.sinks[b * A.H + h] : NEG_INF;
+    float M = sink;
+    for (int64_t s = 0; s < npieces; ++s) M = std::max(M, parts[s * stride + r]);
+    float* o = A.out + ((b * A.H + h) * L + i) * Dv;
+    float* lse = A.lse + (b * A.H + h) * L + i;
+    std::fill(o, o + Dv, 0.0f);
+    if (M == NEG_INF) {
+      *lse = NEG_INF;
+      continue;
+    }
+    double tot = A.sinks ? std::exp(static_cast<double>(sink) - M) : 0.0;
+    for (int64_t s = 0; s < npieces; ++s) {
+      const float m = parts[s * stride + r];
+      if (m == NEG_INF) continue;
+      const float w = std::exp(m - M);
+      tot += static_cast<double>(w) * parts[s * stride + R + r];
+      const float* po = parts + s * stride + 2 * R + r * Dv;
+      for (int64_t d = 0; d < Dv; ++d) o[d] += w * po[d];
+    }
+    const float inv = static_cast<float>(1.0 / tot);
+    for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
+    *lse = M + static_cast<float>(std::log(tot));
+  }
+}
+
+// Key range of each sequence (the union of its rows' intervals) and how many pieces to split it into.
+void plan(const Args& A, std::vector<int64_t>& ka, std::vector<int64_t>& kz, std::vector<int64_t>& pieces) {
+  int64_t total = 0;
+  for (int64_t b = 0; b < A.B; ++b) {
+    int64_t a = std::numeric_limits<int64_t>::max(), z = 0;
+    for (int64_t i = 0; i < A.L; ++i)
+      if (A.hi[b * A.L + i] > A.lo[b * A.L + i]) {
+        a = std::min(a, A.lo[b * A.L + i]);
+        z = std::max(z, A.hi[b * A.L + i]);
+      }
+    if (z == 0) a = 0;
+    ka[b] = a;
+    kz[b] = z;
+    total += (z - a) * A.Hkv;
+  }
+  // enough pieces for the threads to balance (dynamic schedule), none shorter than min_split keys
+  const int64_t piece = std::max<int64_t>(A.min_split, (total + 8 * A.nthreads - 1) / (8 * A.nthreads));
+  for (int64_t b = 0; b < A.B; ++b) pieces[b] = std::max<int64_t>(1, (kz[b] - ka[b] + piece - 1) / piece);
+}
+
+template <typename C>
+void forward(const Args& A) {
+  const int64_t R = A.H / A.Hkv * A.L, stride = R * (2 + A.Dv);
+  std::vector<int64_t> ka(A.B), kz(A.B), pieces(A.B), first(A.B + 1, 0);
+  plan(A, ka, kz, pieces);
+  for (int64_t b = 0; b < A.B; ++b) first[b + 1] = first[b] + pieces[b];
+  const int64_t per_head = first[A.B], items = per_head * A.Hkv;
+  std::vector<float> parts(static_cast<size_t>(items * stride));
+  std::vector<int64_t> item_b(per_head);
+  for (int64_t b = 0; b < A.B; ++b)
+    for (int64_t s = first[b]; s < first[b + 1]; ++s) item_b[s] = b;
+#pragma omp parallel num_threads(static_cast<int>(A.nthreads))
+  {
+    alignas(64) float s[MAX_NR * CHUNK];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < items; ++w) {
+      const int64_t hk = w / per_head, e = w % per_head, b = item_b[e], p = e - first[b];
+      const int64_t len = kz[b] - ka[b];
+      const int64_t a = ka[b] + len * p / pieces[b], z = ka[b] + len * (p + 1) / pieces[b];
+      run_item<C>(A, b, hk, a, z, parts.data() + (hk * per_head + e) * stride, s);
+    }
+#pragma omp for schedule(static)
+    for (int64_t w = 0; w < A.B * A.Hkv; ++w) {
+      const int64_t b = w / A.Hkv, hk = w % A.Hkv;
+      merge_item(A, b, hk, parts.data() + (hk * per_head + first[b]) * stride, pieces[b]);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int salience_decode_abi() { return 1; }
+int64_t salience_decode_args_size() { return static_cast<int64_t>(sizeof(SalienceDecodeArgs)); }
+int salience_decode_lanes() { return W; }
+int64_t salience_decode_max_rows() { return MAX_NR * 64; }
+
+void salience_decode_forward(const SalienceDecodeArgs* a) {
+  if (a->dtype == 1)
+    forward<BF16>(*a);
+  else if (a->dtype == 2)
+    forward<F16>(*a);
+  else
+    forward<F32>(*a);
+}
+
+}  // extern "C"
