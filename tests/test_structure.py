@@ -441,6 +441,20 @@ def test_mask_queries_equal_old(m, L, S, qo, ko, ql, kl):
     assert st.is_top_left_causal(bound) >= old_is_top_left_causal(bound)
 
 
+@pytest.mark.parametrize("m,L,S,qo,ko,ql,kl", [c for c in cases() if c.values[1] == c.values[2] == 12])
+def test_is_relative(m, L, S, qo, ko, ql, kl):
+    if not fits(m, L, S):
+        pytest.skip("mask does not fit these sizes")
+    bound = m.bind(L, S)
+    rel = st.is_relative(bound)
+    assert rel >= bool(m.relative)  # every mask the attribute called relative, and the simplified ones
+    if rel:  # then the mask depends on kv - q only: constant along every diagonal
+        dense = bound.to_dense(B, 2, L, S)
+        assert torch.equal(dense, dense[:1, :1].expand_as(dense))
+        d = dense[0, 0]
+        assert torch.equal(d[1:, 1:], d[:-1, :-1])
+
+
 def test_is_top_left_causal_reads_the_band():
     assert st.is_top_left_causal(M.causal())
     assert st.is_top_left_causal(M.sliding_window(None, 0))  # the same mask under another name

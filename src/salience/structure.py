@@ -24,7 +24,7 @@ Score_mod structures: :class:`Temperature`, :class:`Alibi`, :class:`RelativeBias
 :class:`Compose` and :class:`Callable`.
 
 The queries at the end (:func:`row_intervals`, :func:`relative_band`, :func:`key_padding`,
-:func:`is_top_left_causal`, :func:`is_full`, :func:`independent_pieces`, :func:`document_segments`,
+:func:`is_top_left_causal`, :func:`is_full`, :func:`is_relative`, :func:`independent_pieces`, :func:`document_segments`,
 :func:`linear_form`, :func:`softcap_of`) read only structure. They accept a mask/score_mod object (its
 ``.structure`` is read), a structure, or None (no mask / no score_mod).
 
@@ -83,6 +83,7 @@ __all__ = [
     "relative_band",
     "is_full",
     "is_top_left_causal",
+    "is_relative",
     "key_padding",
     "document_segments",
     "independent_pieces",
@@ -824,6 +825,21 @@ def is_top_left_causal(mask) -> bool:
     """True when the mask is exactly top-left causal: ``Band(-inf, 0, "top_left")``."""
     s = of_mask(mask)
     return isinstance(s, Band) and s.align == "top_left" and s.lo == -INF and s.hi == 0
+
+
+def is_relative(mask) -> bool:
+    """True when visibility depends only on ``kv - q`` for one call's lengths (Full, Band, Dilated, and
+    combinations or shifts of them): a kernel may then cache a tile's mask per tile offset."""
+    s = of_mask(mask)
+    if isinstance(s, (Full, Band, Dilated)):
+        return True
+    if isinstance(s, (And, Or)):
+        return all(is_relative(p) for p in s.parts)
+    if isinstance(s, Not):
+        return is_relative(s.part)
+    if isinstance(s, Shifted):
+        return is_relative(s.inner)
+    return False
 
 
 def key_padding(mask, B: int, S: int):
