@@ -156,9 +156,8 @@ def _convert(bm) -> M.MaskMod:
     nq, nk = -(-L // qb), -(-S // kb)
     covers = classes.shape[-2] >= nq and classes.shape[-1] >= nk
     if inner is None and covers and bool((classes[..., :nq, :nk] != EMPTY).all()):
-        full = M.full()
-        if not large:
-            full = _build(classes, qb, kb, L, S, None, f"torch_block_mask(every block, {L}x{S})", True)
+        full = M.full()  # every key visible: the dense paths (the lengths are still checked)
+        full._check = _build(classes, qb, kb, L, S, None, "", not large)._check
         return full
     return _build(classes, qb, kb, L, S, inner, f"torch_block_mask({name}, {L}x{S}, blocks {qb}x{kb})", not large)
 
