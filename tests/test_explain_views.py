@@ -271,3 +271,28 @@ def test_report_without_views_has_no_view_tabs_and_hides_empty_sections():
     pa = _all_views()[0]
     with pytest.raises(ValueError, match="distinct"):
         html.report(attn, ["a", "b", "c"], views=[pa, pa])
+
+
+def test_whisper_style_cross_attention_equals_eager_and_joins_a_report(tmp_path):
+    """An audio encoder-decoder (tiny random Whisper): encoder frames as keys through ``input_features``."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    import salience.integrations.hf as shf
+    from salience.interpret.seq2seq import cross_attention
+
+    torch.manual_seed(4)
+    cfg = WhisperConfig(vocab_size=60, num_mel_bins=8, d_model=16, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                        max_source_positions=10, max_target_positions=16, decoder_start_token_id=1, pad_token_id=0,
+                        eos_token_id=2, bos_token_id=1)
+    model = shf.enable(WhisperForConditionalGeneration(cfg).eval())
+    x, y = torch.randn(1, 8, 20), torch.tensor([[1, 5, 6, 7]])  # 20 mel frames -> 10 encoder positions
+    ca = cross_attention(model, y, input_features=x)
+    assert ca.maps.shape == (2, 2, 4, 10) and ca.source[0] == "frame 0" and ca.target == ["1", "5", "6", "7"]
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = model(input_features=x, decoder_input_ids=y, output_attentions=True).cross_attentions
+    torch.testing.assert_close(ca.maps, torch.stack([a[0] for a in ref]), atol=1e-5, rtol=1e-4)
+    path = html.report(torch.softmax(torch.randn(1, 2, 3, 3), -1), ["a", "b", "c"], tmp_path / "w.html", views=[ca])
+    dom = _dom(tmp_path, path.as_uri() + "#view=cross")
+    assert not _hidden(dom, "cross-sec") and _attr(dom, "cx", "data-xlabels").split("|") == ca.source

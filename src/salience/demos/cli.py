@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parts", default="accuracy,efficiency",
                         help="comma-separated parts to run: accuracy (includes interpretability), efficiency, flow "
                              "(attention flow vs blank-out, Abnar & Zuidema 2020) (default: accuracy,efficiency)")
+    parser.add_argument("--save-json", default=None, metavar="PATH",
+                        help="also write results.json to PATH; the docs' demo tables render from "
+                             "benchmarks/results/demo_full.json and demo_quick.json (benchmarks/docs_tables.py) "
+                             "(default: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of models, data and random features")
     g = parser.add_argument_group("accuracy experiment")
     g.add_argument("--min-len", type=int, default=None, help="shortest sequence (default 5)")
@@ -102,6 +106,7 @@ def settings(args) -> dict:
     s["methods"] = _csv(args.methods, tuple(METHODS), "--methods")
     for k in ("seed", "batch_size", "hidden", "vocab", "order", "threads", "eff_threads", "out", "quick"):
         s[k] = getattr(args, k)
+    s["save_json"] = getattr(args, "save_json", None)
     for k in ("min_len", "max_len", "buckets", "steps", "per_bucket", "eff_min_len", "eff_max_len", "batch_size",
               "hidden", "vocab", "threads", "eff_threads"):
         if isinstance(s[k], bool) or not isinstance(s[k], int) or s[k] < 1:
@@ -151,7 +156,7 @@ def run_demo(s: dict, stream=None) -> DemoResult:
     bar = report.Progress(stream=sys.stderr if stream is sys.stdout else stream)
     out = Path(s["out"])
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, c0, load0 = time.perf_counter(), time.process_time(), _loadavg()
     files: dict[str, Path] = {}
     figures: dict[str, Path] = {}
     notes: list[str] = []
@@ -229,10 +234,17 @@ def run_demo(s: dict, stream=None) -> DemoResult:
         files.update({k: Path(v) for k, v in flow_res.get("files", {}).items()})
         notes.append("Attention flow (Abnar & Zuidema 2020): tables in flow.json, plot in flow.png.")
     files.update({k: v for k, v in figures.items() if v is not None})
-    files["json"] = report.write_json(out, accuracy=comp, efficiency=res, flow=flow_res, settings={k: str(v) for k, v in s.items()})
+    secs = time.perf_counter() - t0
+    machine = _machine(secs, time.process_time() - c0, load0)
+    files["json"] = report.write_json(out, accuracy=comp, efficiency=res, flow=flow_res, machine=machine,
+                                      command=_command(s), settings={k: str(v) for k, v in s.items()})
+    if s.get("save_json"):
+        keep = Path(s["save_json"])
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_text(files["json"].read_text(encoding="utf-8"), encoding="utf-8")
+        files["kept json"] = keep
     files["html"] = report.write_html(out, command=_command(s), comparison=comp, task=task, sweep=res,
                                       figures=figures, interactive=interactive, notes=notes)
-    secs = time.perf_counter() - t0
     if comp is not None and "none" in comp.metrics:
         base = comp.longest("none")
         for k in comp.metrics:
@@ -243,6 +255,32 @@ def run_demo(s: dict, stream=None) -> DemoResult:
                     f"{100 * base.sequence_accuracy:.1f}%")
     say(f"\nDone in {secs:.0f}s. Open {files['html']}")
     return DemoResult(comp, res, files, secs, flow_res)
+
+
+def _loadavg() -> list[float] | None:
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _machine(wall: float, cpu: float, load_start) -> dict:
+    """Where and how the run was measured: CPU model, cores, torch, load average at start and end, times."""
+    import os
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cpus": os.cpu_count(), "torch": torch.__version__, "loadavg_start": load_start,
+            "loadavg_end": _loadavg(), "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1)}
 
 
 def run(args) -> int:
