@@ -33,6 +33,9 @@ def _prepare(q, k, v, mask, score_mod, scale, compatibility, dropout_p=0.0, layo
     if layout == "BLHD":  # views: (B, L, H, D) -> (B, H, L, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     k, v = broadcast_batch(k, shp.B), broadcast_batch(v, shp.B)
+    if isinstance(scale, torch.Tensor) and torch.compiler.is_compiling():  # no .item() in a graph: fold into q
+        from .kernels import ops
+        q, scale = ops.fold_scale(q, scale, compatibility)
     grad_scale = isinstance(scale, torch.Tensor) and scale.requires_grad
     if compatibility is None or scale is not None:
         checked = check_scale(scale, shp.D)

@@ -4,10 +4,10 @@ Eager calls never come here: :func:`salience.attention` calls :func:`salience.ke
 While torch compiles or exports (``torch.compiler.is_compiling()``), the functional API calls :func:`attend`
 instead, which puts two custom ops into the graph:
 
-* ``salience::attention(q, k, v, extras, spec) -> (out, lse)``: out (B, H, L, Dv) in q's dtype, lse (B, H, L) in
+* ``salience::attention(q, k, v, mask, bias, extras, spec) -> (out, lse)``: out (B, H, L, Dv) in q's dtype, lse (B, H, L) in
   the accumulation dtype (float64 for float64 inputs, float32 otherwise; see ``reference._acc_dtype``). Its real
   implementation is ``dispatch.attend`` (plan + run, with the non-finite guard), exactly the eager path.
-* ``salience::attention_backward(dout, dlse, q, k, v, out, lse, extras, spec) -> [dq, dk, dv, *dextras]``: the
+* ``salience::attention_backward(dout, dlse, q, k, v, out, lse, mask, bias, bias_grad, extras, spec)``: the
   plan's executor backward (recomputing, FlashAttention-2 style, from the saved q, k, v, out and lse); where the
   plan has none (the chunked reference path) or k/v hold NaN/inf (the guarded path) it recomputes the forward
   under autograd and differentiates it, which is what eager autograd does on those paths.
@@ -38,7 +38,7 @@ Example:
     >>> causal = salience.masks.causal()  # under torch.compile: built once, outside the compiled function
     >>> q = torch.randn(1, 2, 8, 4)
     >>> key = ops.spec_key(causal, None, 0.5, None, None, 1, 2, 8, 8)  # what a trace does once
-    >>> out, lse = torch.ops.salience.attention(q, q, q, None, [], key)
+    >>> out, lse = torch.ops.salience.attention(q, q, q, None, None, [], key)  # q, k, v, mask, bias, extras, spec
     >>> torch.allclose(out, salience.attention(q, q, q, mask=causal, scale=0.5)), lse.shape
     (True, torch.Size([1, 2, 8]))
 """
@@ -54,7 +54,7 @@ from .._result import AttentionResult
 from ..reference import _acc_dtype
 from . import dispatch
 
-__all__ = ["Spec", "active", "attend", "compiled", "spec_key", "spec_tensors", "lookup"]
+__all__ = ["Spec", "active", "attend", "compiled", "fold_scale", "spec_key", "spec_tensors", "lookup"]
 
 
 @dataclass(eq=False)
@@ -120,7 +120,9 @@ def _register(mask, score_mod, scale, compatibility, backend, shape) -> int:
             "torch.compile: a compatibility function with a tensor scale that requires grad is wrapped inside the "
             "trace and cannot reach salience's custom op; fold the scale into the compatibility's own parameters, "
             "or run this call eagerly.")
-    m, sm = check_mods(mask, score_mod, *shape)  # the eager checks, on the real objects
+    from .._blockmask import resolve
+
+    m, sm = check_mods(resolve(mask), score_mod, *shape)  # the eager checks (functional._prepare), on the real objects
     ident = (id(mask), id(score_mod), scale, id(compatibility), backend)
     with _LOCK:
         key = _KEYS.get(ident)
@@ -161,6 +163,24 @@ def lookup(key: int) -> Spec:
                            "holding salience attention runs only in the process that traced it.") from None
 
 
+def fold_scale(q: torch.Tensor, scale: torch.Tensor, compatibility) -> tuple:
+    """``(q * scale, 1.0)`` for a one-element tensor ``scale`` while torch compiles: reading its value (as eager
+    :func:`salience._layout.check_scale` does) would be a data-dependent ``.item()`` that breaks the graph. Its
+    size and dtype are checked here; that it is positive and finite is checked when the graph runs
+    (``torch._assert_async``: a RuntimeError naming the argument)."""
+    if scale.numel() != 1:
+        raise ValueError(f"scale must be a single number; got a tensor of shape {tuple(scale.shape)}.")
+    if scale.is_complex() or scale.dtype == torch.bool:
+        raise TypeError(f"scale must be a positive finite real number or None; got a {scale.dtype} tensor.")
+    if compatibility is not None:
+        raise NotImplementedError(
+            "torch.compile: a tensor scale with compatibility= is multiplied into the compatibility's scores in "
+            "eager; inside a compiled graph pass a Python float scale (or fold it into the compatibility).")
+    s = scale.reshape(())
+    torch._assert_async((s > 0) & torch.isfinite(s), "salience.attention: scale must be positive and finite")
+    return q * s.to(q.dtype), 1.0
+
+
 def active(q: torch.Tensor) -> bool:
     """True when the functional API should call the custom op: torch is compiling or exporting, and q holds
     data (meta tensors take the shape-only path)."""
@@ -170,9 +190,18 @@ def active(q: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------- the ops
 
 
-def _run_forward(q, k, v, bias, spec: Spec):
+def _mask(mask: torch.Tensor | None, q, k, spec: Spec):
+    """The spec's mask, or a bool mask tensor (an op input, read when the graph runs) as eager reads it."""
+    if mask is None:
+        return spec.mask
+    from ..reference import check_mods
+
+    return check_mods(mask, None, q.shape[0], q.shape[1], q.shape[2], k.shape[2])[0]
+
+
+def _run_forward(q, k, v, mask, bias, spec: Spec):
     kw = {} if bias is None else {"bias": bias}
-    _, res = dispatch.attend(q, k, v, mask=spec.mask, score_mod=spec.score_mod, scale=spec.scale,
+    _, res = dispatch.attend(q, k, v, mask=_mask(mask, q, k, spec), score_mod=spec.score_mod, scale=spec.scale,
                              compatibility=spec.compatibility, dropout_p=0.0, need_lse=True, backend=spec.backend,
                              **kw)
     return res
@@ -188,14 +217,14 @@ def _fresh(t: torch.Tensor, *inputs) -> torch.Tensor:
 
 
 @torch.library.custom_op("salience::attention", mutates_args=())
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-               extras: list[torch.Tensor], spec: int) -> tuple[torch.Tensor, torch.Tensor]:
-    res = _run_forward(q, k, v, bias, lookup(spec))
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               bias: torch.Tensor | None, extras: list[torch.Tensor], spec: int) -> tuple[torch.Tensor, torch.Tensor]:
+    res = _run_forward(q, k, v, mask, bias, lookup(spec))
     return _fresh(res.out, q, k, v), _fresh(res.lse.to(_acc_dtype(q.dtype)), q, k, v)
 
 
 @_attention.register_fake
-def _attention_fake(q, k, v, bias, extras, spec):
+def _attention_fake(q, k, v, mask, bias, extras, spec):
     B, H, L, _ = q.shape
     return q.new_empty((B, H, L, v.shape[-1])), q.new_empty((B, H, L), dtype=_acc_dtype(q.dtype))
 
@@ -204,16 +233,17 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum(dtype=_acc_dtype(t.dtype))))
 
 
-def _executor_grads(q, k, v, out, lse, dout, dlse, bias, spec: Spec):
+def _executor_grads(q, k, v, out, lse, dout, dlse, mask, bias, spec: Spec):
     """``(dq, dk, dv, {id(tensor): grad})`` from the plan's own backward, or None where eager would not run one
     (the reference path, which autograd differentiates, and the guarded path for NaN/inf keys)."""
     from . import fused
 
-    if spec.mask is not None and not (_all_finite(k) and _all_finite(v)):
+    m = _mask(mask, q, k, spec)
+    if m is not None and not (_all_finite(k) and _all_finite(v)):
         return None
     qd, kd, vd = fused.dense_last(q), fused.dense_last(k), fused.dense_last(v)
     kw = {} if bias is None else {"bias": bias}
-    pl = dispatch.choose(qd, kd, vd, mask=spec.mask, score_mod=spec.score_mod, compatibility=spec.compatibility,
+    pl = dispatch.choose(qd, kd, vd, mask=m, score_mod=spec.score_mod, compatibility=spec.compatibility,
                          need_lse=True, backend=spec.backend, scale=spec.scale, dropout_p=0.0, **kw)
     ex = pl.executor
     if ex is None or getattr(ex, "autograd", False) or not hasattr(ex, "backward"):
@@ -230,13 +260,13 @@ def _autograd_on():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
-def _recompute_grads(q, k, v, dout, dlse, bias, spec: Spec):
+def _recompute_grads(q, k, v, dout, dlse, mask, bias, spec: Spec):
     """Gradients by differentiating the eager forward: what eager autograd does on the reference and guarded
     paths, and the route for a bias that needs a gradient."""
     with _autograd_on(), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         br = None if bias is None else bias.detach().requires_grad_(True)
-        res = _run_forward(*leaves, br, spec)
+        res = _run_forward(*leaves, mask, br, spec)
         outs, gouts = [res.out], [dout]
         if dlse is not None:
             outs.append(res.lse)
@@ -251,12 +281,13 @@ def _recompute_grads(q, k, v, dout, dlse, bias, spec: Spec):
 
 @torch.library.custom_op("salience::attention_backward", mutates_args=())
 def _attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
-                        v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, bias: torch.Tensor | None,
-                        bias_grad: bool, extras: list[torch.Tensor], spec: int) -> list[torch.Tensor]:
+                        v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
+                        bias: torch.Tensor | None, bias_grad: bool, extras: list[torch.Tensor],
+                        spec: int) -> list[torch.Tensor]:
     sp = lookup(spec)
-    got = None if bias_grad else _executor_grads(q, k, v, out, lse, dout, dlse, bias, sp)
+    got = None if bias_grad else _executor_grads(q, k, v, out, lse, dout, dlse, mask, bias, sp)
     if got is None:
-        got = _recompute_grads(q, k, v, dout, dlse, bias, sp)
+        got = _recompute_grads(q, k, v, dout, dlse, mask, bias, sp)
     dq, dk, dv, by_id = got
     grads = [dq, dk, dv] + [by_id.get(id(real)) for real in sp.extras[:len(extras)]]
     ins = [q, k, v, *extras]
@@ -268,28 +299,29 @@ def _attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.
 
 
 @_attention_backward.register_fake
-def _attention_backward_fake(dout, dlse, q, k, v, out, lse, bias, bias_grad, extras, spec):
+def _attention_backward_fake(dout, dlse, q, k, v, out, lse, mask, bias, bias_grad, extras, spec):
     return [t.new_empty(t.shape) for t in (q, k, v, *extras, *([bias] if bias_grad else []))]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, extras, spec = inputs
+    q, k, v, mask, bias, extras, spec = inputs
     out, lse = output
-    ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(q, k, v, out, lse, *([bias] if bias is not None else []), *extras)
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[4]
+    ctx.opt = (mask is not None, bias is not None)
+    ctx.save_for_backward(q, k, v, out, lse, *[t for t in (mask, bias) if t is not None], *extras)
     ctx.spec = spec
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *rest = ctx.saved_tensors
-    bias, extras = (rest[0], rest[1:]) if ctx.has_bias else (None, rest)
+    mask = rest.pop(0) if ctx.opt[0] else None
+    bias = rest.pop(0) if ctx.opt[1] else None
     if dout is None:
         dout = torch.zeros_like(out)
-    g = torch.ops.salience.attention_backward(dout, dlse, q, k, v, out, lse, bias, ctx.bias_grad, list(extras),
+    g = torch.ops.salience.attention_backward(dout, dlse, q, k, v, out, lse, mask, bias, ctx.bias_grad, rest,
                                               ctx.spec)
-    n = 3 + len(extras)
-    return g[0], g[1], g[2], (g[n] if ctx.bias_grad else None), list(g[3:n]), None
+    n = 3 + len(rest)
+    return g[0], g[1], g[2], None, (g[n] if ctx.bias_grad else None), list(g[3:n]), None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
@@ -320,9 +352,12 @@ def attend(q, k, v, *, mask, score_mod, scale, compatibility, dropout_p, need_ls
             "kernels and its seed would have to be threaded through the custom op so the backward replays it; not "
             "done yet. Compile with dropout_p=0 (model.eval() for layers) or run this call eagerly.")
     B, H, L, _ = q.shape
-    key = spec_key(user_mask, user_score_mod, scale, compatibility, backend, B, H, L, k.shape[2])
+    # a bool mask tensor is an op input (a graph input may hold other values next call); other masks go by key
+    mask_t = user_mask if isinstance(user_mask, torch.Tensor) else None
+    key = spec_key(None if mask_t is not None else user_mask, user_score_mod, scale, compatibility, backend, B, H, L,
+                   k.shape[2])
     extras = list(spec_tensors(key))
-    out, lse = torch.ops.salience.attention(q, k, v, bias, extras, key)
+    out, lse = torch.ops.salience.attention(q, k, v, mask_t, bias, extras, key)
     pl = dispatch.Plan("compiled", "torch.library custom op salience::attention: the path is chosen when it runs",
                        {"spec": key})
     return pl, AttentionResult(out=out, lse=lse)
