@@ -417,3 +417,22 @@ def test_hf_generation_steps_have_key_intervals(cache_impl, monkeypatch):
         assert spans is not None, mask
         lo, hi = spans
         assert lo.expand(2, 1).tolist()[1][0] == 4  # the left-padded row starts at its first real key
+
+
+# ------------------------------------------------------------------------------------------ salience bench
+
+
+def test_bench_decoding_rows():
+    from salience import bench
+
+    names = {c.name for c in bench.GRID}
+    assert {"decode_causal_f32", "decode_causal_bf16", "decode_window_bf16"} <= names
+    assert {c.name for c in bench.QUICK_GRID if c.mode == "decode"} == {"decode_causal_f32", "decode_window_bf16"}
+    cfg = bench.Config("d", "window", N=300, H=4, D=16, dtype="bf16", mode="decode", window=40, repeats=1,
+                       peers=("sdpa", "reference"), extra={"Hkv": 2})
+    assert bench.useful_flops(cfg) == 4 * 16 * 4 * 41  # one query row, 41 visible keys
+    res = bench._worker_time(cfg, flex=False)
+    assert "path='decode'" in res["plan"] and "keys_read=41" in res["plan"]
+    for name in ("salience", "sdpa", "reference"):
+        e = res["impls"][name]
+        assert e["median_ms"] > 0 and e["max_err"] < 2e-2, (name, e)

@@ -53,7 +53,7 @@ class Config:
     H: int = 8
     D: int = 64
     B: int = 1
-    mode: str = "fwd"  # fwd | fwdbwd
+    mode: str = "fwd"  # fwd | fwdbwd | decode (one query against a cache of N keys, extra["Hkv"] kv heads)
     peers: tuple = ("sdpa", "flex", "reference")
     repeats: int = 5
     window: int = 256
@@ -67,7 +67,14 @@ class Config:
             parts = [f"{self.docs} documents"]
         if self.mod != "none":
             parts.append(self.mod)
+        if self.mode == "decode":
+            return f"decode 1 query, {' + '.join(parts)} S={self.N} {self.dtype}"
         return f"{' + '.join(parts)} N={self.N} {self.dtype}{' fwd+bwd' if self.mode == 'fwdbwd' else ''}"
+
+    @property
+    def Hkv(self) -> int:
+        """Key/value heads: ``extra["Hkv"]`` for decode configs (grouped-query), else H."""
+        return max(1, min(self.H, int(self.extra.get("Hkv", self.H))))
 
 
 def _grid(N: int, repeats: int, full: bool) -> list:
@@ -81,6 +88,12 @@ def _grid(N: int, repeats: int, full: bool) -> list:
     g.append(Config("softcap_causal_f32", "causal", "softcap", N=N, repeats=max(3, repeats // 2)))
     g.append(Config("documents_alibi_f32", "documents", "alibi", N=N, repeats=max(3, repeats // 2)))
     g.append(Config("window_fwdbwd_f32", "window", N=N, mode="fwdbwd", repeats=repeats, peers=("sdpa", "reference")))
+    # decoding: one query against a cache of N keys, 4 query heads per kv head (salience.attention_with_kvcache)
+    for dt in ("f32", "bf16"):
+        g.append(Config(f"decode_causal_{dt}", "causal", N=N, dtype=dt, mode="decode", repeats=3 * repeats,
+                        peers=("sdpa", "reference"), extra={"Hkv": 2}))
+    g.append(Config("decode_window_bf16", "window", N=N, dtype="bf16", mode="decode", repeats=3 * repeats,
+                    peers=("sdpa", "reference"), extra={"Hkv": 2}))
     if not full:
         g = [c for c in g if c.dtype == "f32" or c.mask in ("window", "documents")]
     return g
@@ -111,12 +124,17 @@ def _build(cfg: Config, seed: int = 0):
     shape = (cfg.B, cfg.H, cfg.N, cfg.D)
     q, k, v = (torch.randn(shape, generator=g).to(dt) for _ in range(3))
     ids = None
+    align = "top_left"
+    if cfg.mode == "decode":  # one query; the cache holds N keys of Hkv heads; the query is the last position
+        q = q[:, :, -1:].contiguous()
+        k, v = k[:, : cfg.Hkv].contiguous(), v[:, : cfg.Hkv].contiguous()
+        align = "bottom_right"
     if cfg.mask == "none":
         mask = None
     elif cfg.mask == "causal":
-        mask = M.causal()
+        mask = M.causal(align=align)
     elif cfg.mask == "window":
-        mask = M.sliding_window(cfg.window)
+        mask = M.sliding_window(cfg.window, align=align)
     elif cfg.mask == "documents":
         # documents of unequal lengths (shares 3:5:2:6 of N for 4 documents, cycled for other counts)
         shares = [3, 5, 2, 6] * ((cfg.docs + 3) // 4)
@@ -142,9 +160,10 @@ def useful_flops(cfg: Config) -> float:
     from .kernels.spans import row_spans
 
     _, _, _, mask, _, _ = _build_meta(cfg)
-    m = None if mask is None else mask.bind(cfg.N, cfg.N, None)
-    lo_hi = row_spans(m, cfg.B, cfg.N, cfg.N)
-    visible = int((lo_hi[1] - lo_hi[0]).sum()) * cfg.B if lo_hi is not None else cfg.N * cfg.N * cfg.B
+    L = 1 if cfg.mode == "decode" else cfg.N
+    m = None if mask is None else mask.bind(L, cfg.N, None)
+    lo_hi = row_spans(m, cfg.B, L, cfg.N)
+    visible = int((lo_hi[1] - lo_hi[0]).sum()) * cfg.B if lo_hi is not None else L * cfg.N * cfg.B
     per_pair = 4 * cfg.D * (1 + (2.5 if cfg.mode == "fwdbwd" else 0))
     del torch
     return float(visible) * cfg.H * per_pair
@@ -192,6 +211,8 @@ def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool, only: str | None = 
     def wrap(fn):
         return with_grad(fn) if need_grad else (lambda: fn(q, k, v))
 
+    if cfg.mode == "decode":
+        return _decode_impls(cfg, q, k, v, mask, mod, only)
     if only in (None, "salience"):
         out["salience"] = (wrap(lambda a, b, c: salience.attention(a, b, c, mask=mask, score_mod=mod)), 0.0, "")
     if need_grad and only in (None, "salience forward"):
@@ -246,6 +267,36 @@ def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool, only: str | None = 
     return out
 
 
+def _decode_impls(cfg: Config, q, k, v, mask, mod, only):
+    """Decoding: salience.attention_with_kvcache on the cache as it is (N keys cached), torch SDPA (GQA; a boolean
+    key mask for windows), the reference."""
+    import torch
+    import torch.nn.functional as F
+
+    import salience
+
+    from . import reference
+
+    out = {}
+    gqa = cfg.Hkv != cfg.H
+    if only in (None, "salience"):
+        out["salience"] = (lambda: salience.attention_with_kvcache(q, k, v, cache_seqlens=cfg.N, mask=mask,
+                                                                   score_mod=mod), 0.0, "attention_with_kvcache")
+    if "sdpa" in cfg.peers and only in (None, "sdpa") and mod is None:
+        t0 = time.perf_counter()
+        if cfg.mask in ("none", "causal"):  # one bottom-right query sees every key
+            fn, note = (lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)), ""
+        else:
+            dense = mask.to_dense(1, 1, 1, cfg.N)
+            fn, note = (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=gqa),
+                        "bool key mask: reads the whole cache")
+        out["sdpa"] = (fn, time.perf_counter() - t0, note)
+    if "reference" in cfg.peers and only in (None, "reference"):
+        out["reference"] = (lambda: reference.attention(q, k, v, mask=mask, score_mod=mod).out, 0.0, "")
+    del torch
+    return out
+
+
 def _flex_impl(cfg, q, k, v, mask, mod, ids, wrap):
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -294,13 +345,15 @@ def _ref_rows(q, k, v, mask, mod, rows):
     """float64 reference output for a sample of query rows (B, H, len(rows), D)."""
     import torch
 
+    from ._layout import expand_kv
     from .reference import scores, softmax_from_scores
 
     r = torch.tensor(rows)
     q64 = q.double()[:, :, r]
-    s = scores(q64, k.double(), mask=mask, score_mod=mod, rows=r, L=q.shape[2])
+    k64, v64 = expand_kv(k.double(), q.shape[1]), expand_kv(v.double(), q.shape[1])
+    s = scores(q64, k64, mask=mask, score_mod=mod, rows=r, L=q.shape[2])
     w, _ = softmax_from_scores(s)
-    return w @ v.double()
+    return w @ v64
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -313,7 +366,7 @@ def _worker_time(cfg: Config, flex: bool) -> dict:
     q, k, v, mask, mod, ids = _build(cfg)
     impls = _impls(cfg, q, k, v, mask, mod, ids, flex)
     res = {"config": asdict(cfg), "label": cfg.label, "impls": {}, "threads": torch.get_num_threads()}
-    rows = _sample_rows(cfg.N, cfg.H * cfg.B)
+    rows = [0] if cfg.mode == "decode" else _sample_rows(cfg.N, cfg.H * cfg.B)
     ref = _ref_rows(q, k, v, mask, mod, rows)
     times = {}
     for name, (fn, setup, note) in impls.items():
@@ -351,7 +404,12 @@ def _worker_time(cfg: Config, flex: bool) -> dict:
     if "salience" in res["impls"]:
         import salience
 
-        res["plan"] = str(salience.plan(q, k, v, mask=mask, score_mod=mod))
+        if cfg.mode == "decode":
+            from . import kvcache
+
+            res["plan"] = str(kvcache.plan(q, k, v, cache_seqlens=cfg.N, mask=mask, score_mod=mod))
+        else:
+            res["plan"] = str(salience.plan(q, k, v, mask=mask, score_mod=mod))
     return res
 
 

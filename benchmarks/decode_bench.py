@@ -1,0 +1,239 @@
+"""Decoding attention at the memory limit: salience.attention_with_kvcache against copy bandwidth and torch SDPA.
+
+    .venv/bin/python benchmarks/decode_bench.py                 # the full set; writes benchmarks/results/decode.json
+    .venv/bin/python benchmarks/decode_bench.py --small --json /tmp/d.json   # tiny sizes: checks the script runs
+
+Every figure is a median over repeats in this one process, beside the copy bandwidth measured in the same run (a
+large tensor copy; bytes read plus bytes written per second). Each attention row gives the bytes of K and V it
+must read (the visible keys only), those bytes per second, their ratio to the copy bandwidth, and the ratio of
+torch SDPA's time to salience's (``F.scaled_dot_product_attention(..., enable_gqa=True)``; with per-sequence
+lengths or a window SDPA gets a boolean mask and reads the whole cache). Rows:
+
+* B=1, H=32, Hkv=8, D=128, S=32768, one query, float32 and bfloat16 (contiguous cache, bottom-right causal);
+* B=8 sequences of 1k..32k keys in one call, contiguous (capacity 32k) and paged (block 16, shuffled pool);
+* a sliding window of 4096 keys on a 32k cache (time follows the window, not S);
+* ``generate()`` of a tiny random Llama-style model (transformers ``LlamaConfig``, random weights, no download)
+  with an 8k-token prompt: decoding tokens per second, ``attn_implementation="salience"`` against ``"sdpa"``.
+
+The CPU model, its vector flags, the thread count and ``uptime`` (the machine is shared) are printed and stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import median_ms  # noqa: E402
+
+import salience  # noqa: E402
+from salience import kvcache, masks  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_JSON = os.path.join(HERE, "results", "decode.json")
+FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def machine() -> dict:
+    model, flags = platform.processor() or "unknown", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", "unknown", "x86_64"):
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    flags = [x for x in FLAGS if x in have]
+                    break
+    except OSError:
+        pass
+    up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return {"cpu_model": model, "cpu_flags": flags, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "uptime": up, "loadavg": list(os.getloadavg()),
+            "decode_kernel": _decode_status()}
+
+
+def _decode_status() -> str:
+    from salience.kernels import decode
+
+    return decode.status()
+
+
+def copy_bandwidth(mib: int, repeats: int) -> dict:
+    """Bytes read + written per second by ``dst.copy_(src)`` of a ``mib`` MiB float32 tensor."""
+    n = mib * 2**20 // 4
+    src, dst = torch.randn(n), torch.empty(n)
+    ms = median_ms(lambda: dst.copy_(src), repeats)
+    return {"mib": mib, "median_ms": ms, "gb_per_s": 2 * n * 4 / (ms / 1e3) / 1e9}
+
+
+def _row(name, cfg, kv_bytes, copy_gbs, times, plan_path, extra=None) -> dict:
+    s = times["salience"]
+    row = {"name": name, "config": cfg, "kv_bytes_read": kv_bytes, "median_ms": times,
+           "gb_per_s": kv_bytes / (s / 1e3) / 1e9, "plan": plan_path}
+    row["ratio_to_copy"] = row["gb_per_s"] / copy_gbs
+    if "sdpa" in times:
+        row["speedup_vs_sdpa"] = times["sdpa"] / s
+    if "salience.attention" in times:
+        row["speedup_attention_vs_sdpa"] = times["sdpa"] / times["salience.attention"]
+    row.update(extra or {})
+    print(f"{name:44s} salience {s:8.2f} ms  {row['gb_per_s']:6.1f} GB/s  {row['ratio_to_copy']:5.2f}x copy  "
+          + "  ".join(f"{k} {v:8.2f} ms" for k, v in times.items() if k != "salience")
+          + (f"  SDPA/salience {row['speedup_vs_sdpa']:.2f}x" if "speedup_vs_sdpa" in row else "")
+          + f"  [{plan_path}]", flush=True)
+    return row
+
+
+def single(dtype, S, H, Hkv, D, copy_gbs, repeats, window=None) -> dict:
+    """B=1, one query against S cached keys (a window of ``window`` keys when given)."""
+    q = torch.randn(1, H, 1, D, dtype=dtype)
+    kc, vc = torch.randn(1, Hkv, S, D, dtype=dtype), torch.randn(1, Hkv, S, D, dtype=dtype)
+    mask = (masks.causal(align="bottom_right") if window is None
+            else masks.sliding_window(window - 1, align="bottom_right"))
+    with torch.no_grad():
+        pl = kvcache.plan(q, kc, vc, cache_seqlens=S, mask=mask)
+        times = {"salience": median_ms(lambda: salience.attention_with_kvcache(q, kc, vc, cache_seqlens=S, mask=mask),
+                                       repeats)}
+        ap = salience.plan(q, kc, vc, mask=mask)
+        times["salience.attention"] = median_ms(lambda: salience.attention(q, kc, vc, mask=mask), repeats)
+        if window is None:
+            times["sdpa"] = median_ms(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True), repeats)
+        else:
+            vis = mask.to_dense(1, 1, 1, S)
+            times["sdpa"] = median_ms(lambda: F.scaled_dot_product_attention(q, kc, vc, attn_mask=vis,
+                                                                             enable_gqa=True), repeats)
+    keys = S if window is None else min(window, S)
+    kv_bytes = Hkv * keys * 2 * D * kc.element_size()
+    name = f"B=1 S={S} {'window ' + str(window) if window else 'causal'} {str(dtype)[6:]}"
+    cfg = {"B": 1, "H": H, "Hkv": Hkv, "D": D, "S": S, "L": 1, "dtype": str(dtype)[6:], "window": window}
+    return _row(name, cfg, kv_bytes, copy_gbs, times, pl.path, {"attention_backend": ap.backend})
+
+
+def batched(dtype, lengths, H, Hkv, D, copy_gbs, repeats, paged: bool, block_size: int = 16) -> dict:
+    """B sequences of the given cache lengths in one call, one query each."""
+    B, cap = len(lengths), max(lengths)
+    q = torch.randn(B, H, 1, D, dtype=dtype)
+    lens = torch.tensor(lengths)
+    mask = masks.causal(align="bottom_right")
+    bt = None
+    if paged:
+        nb = [-(-n // block_size) for n in lengths]
+        pool = sum(nb)
+        perm = torch.randperm(pool)
+        mb = max(nb)
+        bt = torch.zeros(B, mb, dtype=torch.int32)
+        at = 0
+        for b, n in enumerate(nb):
+            bt[b, :n] = perm[at : at + n].to(torch.int32)
+            at += n
+        kc, vc = (torch.randn(pool, Hkv, block_size, D, dtype=dtype) for _ in range(2))
+    else:
+        kc, vc = (torch.randn(B, Hkv, cap, D, dtype=dtype) for _ in range(2))
+    with torch.no_grad():
+        pl = kvcache.plan(q, kc, vc, cache_seqlens=lens, block_table=bt, mask=mask)
+        times = {"salience": median_ms(lambda: salience.attention_with_kvcache(
+            q, kc, vc, cache_seqlens=lens, block_table=bt, mask=mask), repeats)}
+        if not paged:  # SDPA on the same contiguous cache, lengths as a boolean key mask (it reads every slot)
+            vis = (torch.arange(cap).view(1, 1, 1, -1) < lens.view(-1, 1, 1, 1))
+            times["sdpa"] = median_ms(lambda: F.scaled_dot_product_attention(q, kc, vc, attn_mask=vis,
+                                                                             enable_gqa=True), repeats)
+    kv_bytes = Hkv * int(lens.sum()) * 2 * D * kc.element_size()
+    name = f"B={B} lengths {min(lengths) // 1024}k..{cap // 1024}k {'paged' if paged else 'contiguous'} {str(dtype)[6:]}"
+    cfg = {"B": B, "H": H, "Hkv": Hkv, "D": D, "lengths": lengths, "L": 1, "dtype": str(dtype)[6:], "paged": paged,
+           "block_size": block_size if paged else None}
+    return _row(name, cfg, kv_bytes, copy_gbs, times, pl.path)
+
+
+def generate_row(prompt: int, new_tokens: int, repeats: int) -> dict:
+    """Decoding tokens/s of a tiny random Llama-style model after a ``prompt``-token prompt, salience vs sdpa."""
+    import transformers
+
+    import salience.integrations.hf  # noqa: F401  (registers "salience")
+
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=prompt + 256)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 512, (1, prompt))
+    out = {}
+    for impl in ("salience", "sdpa"):
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        model.load_state_dict(base.state_dict())
+        model.set_attn_implementation(impl)
+
+        def gen(n, model=model):
+            with torch.no_grad():
+                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False)
+
+        t1 = median_ms(lambda: gen(1), repeats)
+        tn = median_ms(lambda: gen(new_tokens + 1), repeats)
+        out[impl] = {"prefill_ms": t1, "decode_ms_per_token": (tn - t1) / new_tokens,
+                     "tokens_per_s": new_tokens / ((tn - t1) / 1e3)}
+        out[impl]["tokens"] = gen(new_tokens + 1)[0, prompt:].tolist()
+    same = out["salience"].pop("tokens") == out["sdpa"].pop("tokens")
+    row = {"name": f"generate() tiny Llama, {prompt}-token prompt", "config": {
+        "prompt": prompt, "new_tokens": new_tokens, "layers": 2, "hidden": 256, "heads": 8, "kv_heads": 2,
+        "head_dim": 32, "cache": "DynamicCache (transformers' default)"}, "impls": out, "same_tokens": same,
+        "speedup_vs_sdpa": out["salience"]["tokens_per_s"] / out["sdpa"]["tokens_per_s"]}
+    print(f"{row['name']:44s} salience {out['salience']['tokens_per_s']:7.1f} tok/s  sdpa "
+          f"{out['sdpa']['tokens_per_s']:7.1f} tok/s  ({row['speedup_vs_sdpa']:.2f}x, same tokens: {same}); "
+          f"prefill {out['salience']['prefill_ms']:.0f} / {out['sdpa']['prefill_ms']:.0f} ms", flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="tiny sizes (checks that the script runs; not figures)")
+    ap.add_argument("--json", default=DEFAULT_JSON, help=f"where to write the results (default {DEFAULT_JSON})")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate() row")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    small = args.small
+    reps = args.repeats or (3 if small else 7)
+    S = 512 if small else 32768
+    H, Hkv, D = (8, 2, 32) if small else (32, 8, 128)
+    lengths = ([64, 128, 200, 256, 300, 400, 480, 512] if small
+               else [1024, 2048, 4096, 8192, 12288, 16384, 24576, 32768])
+    info = machine()
+    print(f"CPU {info['cpu_model']} ({info['cpu_count']} cores; flags {' '.join(info['cpu_flags'])}); torch "
+          f"{info['torch']}, {info['torch_threads']} threads; decode kernel: {info['decode_kernel']}")
+    print(f"machine load (shared with other work): {info['uptime']}")
+    copy = copy_bandwidth(64 if small else 1024, reps)
+    print(f"copy bandwidth: {copy['gb_per_s']:.1f} GB/s (read + write, {copy['mib']} MiB float32 copy, median "
+          f"{copy['median_ms']:.1f} ms)")
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        rows.append(single(dtype, S, H, Hkv, D, copy["gb_per_s"], reps))
+    for dtype in (torch.bfloat16, torch.float32):
+        for paged in (False, True):
+            rows.append(batched(dtype, lengths, H, Hkv, D, copy["gb_per_s"], reps, paged))
+    for dtype in (torch.bfloat16, torch.float32):
+        rows.append(single(dtype, S, H, Hkv, D, copy["gb_per_s"], reps, window=64 if small else 4096))
+    if not args.no_generate:
+        rows.append(generate_row(256 if small else 8192, 8 if small else 32, 1 if small else 3))
+    info["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"machine load after: {info['uptime_after']}")
+    data = {"command": "python benchmarks/decode_bench.py" + (" --small" if small else ""), "machine": info,
+            "copy_bandwidth": copy, "repeats": reps, "results": rows, "small": small}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    rc = main()
+    print(f"took {time.time() - t0:.0f} s")
+    sys.exit(rc)
