@@ -191,7 +191,15 @@ class BlockMap:
         that see no key there (Bm, Hm, rows)."""
         t = self.tile
         i0, j0 = r0 // t, k0 // t
-        c = self.classes[:, :, i0:-(-r1 // t), j0:-(-k1 // t)]
+        bias, empty = self.tile_bias(torch.arange(i0, -(-r1 // t)), torch.arange(j0, -(-k1 // t)), dtype)
+        return bias[:, :, r0 - i0 * t:r1 - i0 * t, :k1 - k0], empty[:, :, r0 - i0 * t:r1 - i0 * t]
+
+    def tile_bias(self, ti: torch.Tensor, tj: torch.Tensor, dtype):
+        """``(bias, empty)`` over the rows of query tiles ``ti`` and the keys of key tiles ``tj`` (int64 index
+        tensors), each tile padded to the full tile size (padded keys hidden): bias (Bm, Hm, m * t, n * t),
+        empty (Bm, Hm, m * t)."""
+        t = self.tile
+        c = self.classes[:, :, ti][:, :, :, tj]
         Bm, Hm, m, n = c.shape
         inf = torch.tensor(float("-inf"), dtype=dtype)
         tile_val = torch.where(c == FULL, torch.zeros((), dtype=dtype), inf)
@@ -200,15 +208,14 @@ class BlockMap:
         sees = (c == FULL).any(-1, keepdim=True).expand(Bm, Hm, m, t).clone()
         part = c == PARTIAL
         if bool(part.any()):
-            vis = _unpack(self.bits.index_select(0, self.index[:, :, i0:i0 + m, j0:j0 + n][part].long()), t)
-            kmax = k1 - (j0 + torch.nonzero(part)[:, 3]) * t  # ragged last key tile: its padding is hidden
+            vis = _unpack(self.bits.index_select(0, self.index[:, :, ti][:, :, :, tj][part].long()), t)
+            kmax = self.S - tj[torch.nonzero(part)[:, 3]] * t  # a ragged last key tile: its padding is hidden
             vis &= torch.arange(t).view(1, 1, t) < kmax.view(-1, 1, 1)
             out.permute(0, 1, 2, 4, 3, 5)[part] = torch.where(vis, torch.zeros((), dtype=dtype), inf)
             rows = torch.zeros(Bm, Hm, m, n, t, dtype=torch.bool)
             rows[part] = vis.any(-1)
             sees |= rows.any(3)
-        out = out.view(Bm, Hm, m * t, n * t)[:, :, r0 - i0 * t:r1 - i0 * t, :k1 - k0]
-        return out, ~sees.view(Bm, Hm, m * t)[:, :, r0 - i0 * t:r1 - i0 * t]
+        return out.view(Bm, Hm, m * t, n * t), ~sees.reshape(Bm, Hm, m * t)
 
     def visible(self, r0: int, r1: int, k0: int, k1: int) -> torch.Tensor:
         """bool (Bm, Hm, r1 - r0, k1 - k0): True where row r sees key j (any row/key range)."""
@@ -544,17 +551,133 @@ def structure(mask_mod, B: int, H: int, L: int, S: int, device=None, *, q_offset
 # ------------------------------------------------------------------------------------------ executors
 
 
-@dataclass
 class _Call:
-    """One fused call of the block-map executor: rows r0:r1 against keys k0:k1, with a 0/-inf bias or none."""
+    """One fused call: the rows of its group against ``keys`` (a slice of k, an int64 index of keys, or
+    ``("chain", c, n)``: the first n keys of chain c's gathered keys), with a 0/-inf bias or none. ``tiles``
+    (row tiles, key tiles) rebuild the bias when it is not cached."""
 
-    r0: int
-    r1: int
-    k0: int
-    k1: int
-    biased: bool
-    bias: torch.Tensor | None = None  # cached (Bm, Hm, rows, keys) bias, else built per call
-    empty: torch.Tensor | None = None  # cached (Bm, Hm, rows) rows with no visible key in the call
+    def __init__(self, keys, biased: bool, tiles=None, crop=None):
+        self.keys, self.biased, self.tiles, self.crop = keys, biased, tiles, crop
+        self.bias = self.empty = None
+
+    def n_keys(self) -> int:
+        k = self.keys
+        return k[2] if isinstance(k, tuple) else (k.stop - k.start if isinstance(k, slice) else k.numel())
+
+    def make_bias(self, st, dtype):
+        """(bias, empty) of a biased call: over tiles for a block map, over the row/key ranges otherwise."""
+        if isinstance(self.tiles, tuple):
+            bias, empty = st.tile_bias(self.tiles[0], self.tiles[1], dtype)
+            if self.crop is not None:  # ragged last query or key tile
+                rows, cols = self.crop
+                bias, empty = bias[:, :, rows][:, :, :, cols], empty[:, :, rows]
+            return bias, empty
+        r0, r1, k0, k1 = self.tiles
+        vis = st.visible(r0, r1, k0, k1)
+        return torch.zeros(vis.shape, dtype=dtype).masked_fill_(~vis, float("-inf")), ~vis.any(-1)
+
+
+def _tile_keys(tiles: list, t: int, S: int):
+    """The keys of key tiles ``tiles`` (clipped to S): a slice when they are consecutive, else an int64 index."""
+    if not tiles:
+        return slice(0, 0)
+    if tiles == list(range(tiles[0], tiles[-1] + 1)):
+        return slice(tiles[0] * t, min(S, (tiles[-1] + 1) * t))
+    return torch.cat([torch.arange(j * t, min(S, (j + 1) * t)) for j in tiles])
+
+
+def _valid(tiles: list, t: int, n: int):
+    """Positions of the real rows/keys in the padded tile layout of ``tiles`` (None when no tile is ragged)."""
+    if all((j + 1) * t <= n for j in tiles):
+        return None
+    return torch.cat([torch.arange(i * t, i * t + min(t, n - j * t)) for i, j in enumerate(tiles)])
+
+
+def _chains(F: torch.Tensor) -> list:
+    """Query tiles grouped into chains whose full key tiles are nested (each one's set contains the previous
+    one's), in order of growth: then every member's full tiles are a prefix of one key order per chain."""
+    order = sorted(range(F.shape[0]), key=lambda i: (int(F[i].sum()), i))
+    chains, lasts = [], []
+    for i in order:
+        fit = None
+        if lasts:
+            last = torch.stack(lasts)
+            ok = ~(last & ~F[i]).any(1)
+            if bool(ok.any()):
+                fit = int(ok.nonzero()[0])
+        if fit is None:
+            chains.append([i])
+            lasts.append(F[i])
+        else:
+            chains[fit].append(i)
+            lasts[fit] = F[i]
+    return chains
+
+
+def _chain_plan(st, L, S, per, bdt):
+    """Groups ``(rows, calls)`` and the chains' key orders for a block map (see :class:`BlockMapExecutor`)."""
+    t = st.tile
+    c = st.classes
+    F = (c == FULL).flatten(0, 1).all(0)
+    NE = (c != EMPTY).flatten(0, 1).any(0)
+    groups, orders, computed, cached = [], [], 0, 0
+    for members in _chains(F):
+        order, seen = [], torch.zeros(F.shape[1], dtype=torch.bool)
+        for i in members:  # key tiles in the order they become full along the chain
+            new = (F[i] & ~seen).nonzero().flatten().tolist()
+            order.extend(new)
+            seen |= F[i]
+        orders.append(_tile_keys(order, t, S))
+        for g0 in range(0, len(members), per):
+            mem = sorted(members[g0:g0 + per])
+            p0 = int(F[members[g0]].sum())  # tiles full for every member: a prefix of the chain's key order
+            rows = _tile_keys(mem, t, L)
+            calls = []
+            if p0:
+                n = sum(min(t, S - j * t) for j in order[:p0])
+                calls.append(_Call(("chain", len(orders) - 1, n), False))
+            pre = torch.zeros(F.shape[1], dtype=torch.bool)
+            pre[order[:p0]] = True
+            rest = (NE[mem].any(0) & ~pre).nonzero().flatten().tolist()
+            if rest:
+                call = _Call(_tile_keys(rest, t, S), True, (torch.tensor(mem), torch.tensor(rest)))
+                rv, kv = _valid(mem, t, L), _valid(rest, t, S)
+                if rv is not None or kv is not None:
+                    call.crop = (slice(None) if rv is None else rv, slice(None) if kv is None else kv)
+                calls.append(call)
+            nrows = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+            for call in calls:
+                computed += nrows * call.n_keys()
+                size = nrows * call.n_keys() * c.shape[0] * c.shape[1] * torch.finfo(bdt).bits // 8
+                if call.biased and cached + size <= BIAS_CACHE_BYTES:
+                    call.bias, call.empty = call.make_bias(st, bdt)
+                    cached += size
+            groups.append((rows, calls))
+    return groups, orders, computed
+
+
+def _row_block_plan(st, L, S, t, rb, bdt):
+    """Groups ``(rows, calls)`` of consecutive rows (any structure with ``classes_at`` and ``visible``)."""
+    c = st.classes_at(t, t)
+    per = rb // t
+    groups, computed, cached = [], 0, 0
+    for i0 in range(0, c.shape[2], per):
+        ct = c[:, :, i0:i0 + per]
+        colfull = (ct == FULL).flatten(0, 2).all(0).tolist()
+        colne = (ct != EMPTY).flatten(0, 2).any(0).tolist()
+        r0, r1 = i0 * t, min(L, (i0 + per) * t)
+        calls = []
+        for biased, j0, j1 in _column_groups(colfull, colne):
+            k0, k1 = j0 * t, min(S, j1 * t)
+            call = _Call(slice(k0, k1), biased, (r0, r1, k0, k1))
+            size = (r1 - r0) * (k1 - k0) * ct.shape[0] * ct.shape[1] * torch.finfo(bdt).bits // 8
+            if biased and cached + size <= BIAS_CACHE_BYTES:
+                call.bias, call.empty = call.make_bias(st, bdt)
+                cached += size
+            calls.append(call)
+            computed += (r1 - r0) * (k1 - k0)
+        groups.append((slice(r0, r1), calls))
+    return groups, [], computed
 
 
 def _column_groups(colfull: list, colne: list) -> list:
@@ -595,12 +718,15 @@ def _column_groups(colfull: list, colne: list) -> list:
 class BlockMapExecutor:
     """Attention under a derived structure (:class:`BlockMap` or :class:`Intervals`) with torch's fused CPU kernel.
 
-    The query rows are cut into blocks of :data:`ROW_BLOCK`. Per block, the key tiles that are full for every
-    row (and every batch/head the mask depends on) in runs of at least :data:`MIN_FULL_RUN` tiles are one
-    unbiased fused call each (no mask work); the other non-empty tiles form runs with a 0/-inf bias built from
-    the cached bits (kept between calls up to :data:`BIAS_CACHE_BYTES`); empty tiles are skipped. The calls of a
-    block are merged through their logsumexps. The backward recomputes each call from the final output and
-    logsumexp (fused backward), so memory is O(L * D) plus one call's bias.
+    For a :class:`BlockMap`, the query tiles are grouped into *chains* whose full key tiles are nested (a causal
+    staircase is one chain; a checkerboard two, one per parity; each document one); a chain's key tiles are
+    gathered once per call in the order they become full, so every member's full tiles are a *prefix* of them.
+    Groups of :data:`ROW_BLOCK` rows of a chain run one unbiased fused call over the prefix all of them see
+    fully (no mask work), and one biased call over the rest of their non-empty tiles, with a 0/-inf bias written
+    from the tile classes and the cached bits (kept between calls up to :data:`BIAS_CACHE_BYTES`); empty tiles
+    are never computed. Other structures run blocks of consecutive rows with runs of full tiles unbiased (at
+    least :data:`MIN_FULL_RUN` tiles) and the rest biased. Results merge through their logsumexps. The backward
+    recomputes each call from the final output and logsumexp (fused backward): memory O(L * D) plus one call.
 
     Args:
         st: the structure; B, H, L, S: the problem; scale: the factor on q k^T; dtype: of q, k, v.
@@ -609,46 +735,37 @@ class BlockMapExecutor:
     """
 
     def __init__(self, st, B: int, H: int, L: int, S: int, *, scale: float, dtype, row_block: int | None = None):
-        t = getattr(st, "tile", TILE)
+        t = st.tile if isinstance(st, BlockMap) else TILE
         rb = row_block or max(t, min(ROW_BLOCK, -(-L // t) * t) // t * t)
-        self.scale, self.dtype, self.st = float(scale), dtype, st
+        self.scale, self.st = float(scale), st
+        self.bdt = fused.bias_dtype(dtype, exact_mask=True)
         key = ("blockmap", rb, dtype)
         if key not in st.plans:
-            st.plans[key] = self._plan(st, L, S, t, rb, fused.bias_dtype(dtype, exact_mask=True))
-        self.blocks, computed = st.plans[key]
+            st.plans[key] = (_chain_plan(st, L, S, rb // t, self.bdt) if isinstance(st, BlockMap)
+                             else _row_block_plan(st, L, S, t, rb, self.bdt))
+        self.groups, self.orders, computed = st.plans[key]
         self.skipped = 1.0 - computed / max(1, L * S)
 
     @staticmethod
-    def _plan(st, L, S, t, rb, bdt):
-        c = st.classes_at(t, t)
-        per = rb // t
-        blocks, computed, cached = [], 0, 0
-        for i0 in range(0, c.shape[2], per):
-            ct = c[:, :, i0:i0 + per]
-            colfull = (ct == FULL).flatten(0, 2).all(0).tolist()
-            colne = (ct != EMPTY).flatten(0, 2).any(0).tolist()
-            r0, r1 = i0 * t, min(L, (i0 + per) * t)
-            calls = []
-            for biased, j0, j1 in _column_groups(colfull, colne):
-                call = _Call(r0, r1, j0 * t, min(S, j1 * t), biased)
-                size = (r1 - r0) * (call.k1 - call.k0) * ct.shape[0] * ct.shape[1] * torch.finfo(bdt).bits // 8
-                if biased and cached + size <= BIAS_CACHE_BYTES:
-                    call.bias, call.empty = _bias(st, call, bdt)
-                    cached += size
-                calls.append(call)
-                computed += (r1 - r0) * (call.k1 - call.k0)
-            blocks.append((r0, r1, calls))
-        return blocks, computed
+    def _take(x, idx):
+        return x[:, :, idx] if isinstance(idx, slice) else x.index_select(2, idx)
 
-    def _run(self, call, q, k, v):
-        bias, empty = (call.bias, call.empty) if call.bias is not None or not call.biased else _bias(
-            self.st, call, fused.bias_dtype(q.dtype, exact_mask=True))
-        o, lse = fused.forward(q[:, :, call.r0:call.r1], k[:, :, call.k0:call.k1], v[:, :, call.k0:call.k1],
-                               scale=self.scale, bias=bias)
-        if empty is not None and bool(empty.any()):
-            lse = lse.masked_fill(empty, float("-inf"))
-            o = o.masked_fill(empty.unsqueeze(-1), 0)
-        return o, lse
+    def _keys(self, call, k, v, chains):
+        if isinstance(call.keys, tuple):
+            kc, vc = chains[call.keys[1]]
+            return kc[:, :, :call.keys[2]], vc[:, :, :call.keys[2]]
+        return self._take(k, call.keys), self._take(v, call.keys)
+
+    def _key_index(self, call):
+        if not isinstance(call.keys, tuple):
+            return call.keys
+        o, n = self.orders[call.keys[1]], call.keys[2]
+        return slice(o.start, o.start + n) if isinstance(o, slice) else o[:n]
+
+    def _bias(self, call):
+        if call.bias is not None or not call.biased:
+            return call.bias, call.empty
+        return call.make_bias(self.st, self.bdt)
 
     def forward(self, q, k, v):
         """``(out, lse)``: out (B, H, L, Dv) in q's dtype, lse (B, H, L) float32 (float64 for float64)."""
@@ -657,14 +774,24 @@ class BlockMapExecutor:
         B, H, L, _ = q.shape
         out = q.new_zeros(B, H, L, v.shape[-1])
         lse = torch.full((B, H, L), float("-inf"), dtype=_acc_dtype(q.dtype), device=q.device)
-        for r0, r1, calls in self.blocks:
-            res = None
+        chains = [(self._take(k, o), self._take(v, o)) for o in self.orders]
+        for rows, calls in self.groups:
+            qg, res = self._take(q, rows), None
             for call in calls:
-                o, lt = self._run(call, q, k, v)
+                kc, vc = self._keys(call, k, v, chains)
+                bias, empty = self._bias(call)
+                o, lt = fused.forward(qg, kc, vc, scale=self.scale, bias=bias)
+                if empty is not None and bool(empty.any()):
+                    lt = lt.masked_fill(empty, float("-inf"))
+                    o = o.masked_fill(empty.unsqueeze(-1), 0)
                 res = (o, lt) if res is None else tuple(merge(res[0], res[1], o, lt))
-            if res is not None:
-                out[:, :, r0:r1] = res[0]
-                lse[:, :, r0:r1] = res[1]
+            if res is None:
+                continue
+            if isinstance(rows, slice):
+                out[:, :, rows], lse[:, :, rows] = res[0], res[1]
+            else:
+                out.index_copy_(2, rows, res[0].to(out.dtype))
+                lse.index_copy_(2, rows, res[1].to(lse.dtype))
         return out, lse
 
     def backward(self, q, k, v, out, lse, dout, dlse=None):
@@ -673,33 +800,30 @@ class BlockMapExecutor:
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-        bdt = fused.bias_dtype(q.dtype, exact_mask=True)
-        for r0, r1, calls in self.blocks:
-            for c in calls:
-                bias = c.bias if c.bias is not None or not c.biased else _bias(self.st, c, bdt)[0]
-                g = fused.backward(dout[:, :, r0:r1], q[:, :, r0:r1], k[:, :, c.k0:c.k1], v[:, :, c.k0:c.k1],
-                                   out[:, :, r0:r1], lse[:, :, r0:r1], scale=self.scale, bias=bias,
-                                   dlse=None if dlse is None else dlse[:, :, r0:r1])
-                dq[:, :, r0:r1] += g[0]
-                dk[:, :, c.k0:c.k1] += g[1]
-                dv[:, :, c.k0:c.k1] += g[2]
+        chains = [(self._take(k, o), self._take(v, o)) for o in self.orders]
+        for rows, calls in self.groups:
+            qg, og, lg, dog = (self._take(x, rows) for x in (q, out, lse.unsqueeze(-1), dout))
+            dlg = None if dlse is None else self._take(dlse.unsqueeze(-1), rows).squeeze(-1)
+            for call in calls:
+                kc, vc = self._keys(call, k, v, chains)
+                g = fused.backward(dog, qg, kc, vc, og, lg.squeeze(-1), scale=self.scale, bias=self._bias(call)[0],
+                                   dlse=dlg)
+                _add(dq, rows, g[0])
+                idx = self._key_index(call)
+                _add(dk, idx, g[1])
+                _add(dv, idx, g[2])
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), []
 
     def summary(self) -> dict:
-        calls = [c for _, _, cs in self.blocks for c in cs]
-        return {"fused_calls": len(calls), "biased_calls": sum(c.biased for c in calls),
-                "row_block": self.blocks[0][1] - self.blocks[0][0] if self.blocks else 0}
+        calls = [c for _, cs in self.groups for c in cs]
+        return {"fused_calls": len(calls), "biased_calls": sum(c.biased for c in calls), "chains": len(self.orders)}
 
 
-def _bias(st, call: _Call, dtype):
-    """(0/-inf bias (Bm, Hm, rows, keys), rows with no visible key (Bm, Hm, rows)) of a biased call."""
-    if not call.biased:
-        return None, None
-    if isinstance(st, BlockMap) and call.r0 % st.tile == 0 and call.k0 % st.tile == 0:
-        return st.bias(call.r0, call.r1, call.k0, call.k1, dtype)
-    vis = st.visible(call.r0, call.r1, call.k0, call.k1)
-    bias = torch.zeros(vis.shape, dtype=dtype).masked_fill_(~vis, float("-inf"))
-    return bias, ~vis.any(-1)
+def _add(acc: torch.Tensor, idx, g: torch.Tensor) -> None:
+    if isinstance(idx, slice):
+        acc[:, :, idx] += g
+    else:
+        acc.index_add_(2, idx, g.to(acc.dtype))
 
 
 class _Spans:
