@@ -13,7 +13,8 @@ FlexAttention's ``create_block_mask`` and compile time. Training memory: forward
 function in a fresh process per N, peak RSS growth (VmHWM after resetting it via /proc/self/clear_refs) at two N.
 
 Writes benchmarks/results/callables.json. Run:
-    .venv/bin/python benchmarks/callables_bench.py [--n 8192] [--repeats 3] [--no-flex] [--memory 4096,8192]
+    .venv/bin/python benchmarks/callables_bench.py [--n 8192] [--repeats 3] [--threads 1] [--no-flex]
+        [--memory 2048,4096,8192]
 """
 
 from __future__ import annotations
@@ -193,10 +194,13 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-dense", action="store_true", help="skip torch SDPA with a dense bool mask")
     ap.add_argument("--memory", default="2048,4096,8192", help="N values for the training-memory check ('' = skip)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.memory_child:
-        memory_child(a.memory_child[0], int(a.memory_child[1]))
+        memory_child(a.memory_child[0], int(a.memory_child[1]))  # threads come from OMP_NUM_THREADS
         return
     env = cpu_info()
     print(f"CPU: {env['cpu']}  flags: {' '.join(env['flags'])}  threads: {env['threads']}  torch {env['torch']}")
