@@ -233,25 +233,33 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum(dtype=_acc_dtype(t.dtype))))
 
 
-def _executor_grads(q, k, v, out, lse, dout, dlse, mask, bias, spec: Spec):
-    """``(dq, dk, dv, {id(tensor): grad})`` from the plan's own backward, or None where eager would not run one
-    (the reference path, which autograd differentiates, and the guarded path for NaN/inf keys)."""
+def _executor_grads(q, k, v, out, lse, dout, dlse, mask, bias, bias_grad: bool, spec: Spec):
+    """``(dq, dk, dv, {id(tensor) or "bias": grad})`` from the plan's own backward, or None where eager would not
+    run one (the reference path, which autograd differentiates, and the guarded path for NaN/inf keys)."""
     from . import fused
 
     m = _mask(mask, q, k, spec)
     if m is not None and not (_all_finite(k) and _all_finite(v)):
         return None
     qd, kd, vd = fused.dense_last(q), fused.dense_last(k), fused.dense_last(v)
-    kw = {} if bias is None else {"bias": bias}
-    pl = dispatch.choose(qd, kd, vd, mask=m, score_mod=spec.score_mod, compatibility=spec.compatibility,
-                         need_lse=True, backend=spec.backend, scale=spec.scale, dropout_p=0.0, **kw)
-    ex = pl.executor
-    if ex is None or getattr(ex, "autograd", False) or not hasattr(ex, "backward"):
-        return None
-    with _autograd_on():  # executors differentiate a score_mod's tensors with autograd inside their backward
+    with _autograd_on(), torch.enable_grad():  # the plan eager training would choose (grads wanted)
+        b = None if bias is None else bias.detach().requires_grad_(bias_grad)
+        qg, kg, vg = (t.detach().requires_grad_(True) for t in (qd, kd, vd))
+        pl = dispatch.choose(qg, kg, vg, mask=m, score_mod=spec.score_mod, compatibility=spec.compatibility,
+                             need_lse=True, backend=spec.backend, scale=spec.scale, dropout_p=0.0,
+                             **({} if b is None else {"bias": b}))
+        ex = pl.executor
+        if ex is None or getattr(ex, "autograd", False) or not hasattr(ex, "backward"):
+            return None
+        # executors differentiate a score_mod's tensors with autograd inside their backward
         dq, dk, dv, extra = ex.backward(qd, kd, vd, out.to(q.dtype), lse, dout.contiguous(), dlse)
     owners = getattr(ex, "grad_tensors", None) or getattr(getattr(ex, "kernel", None), "grad_tensors", ())
-    return dq, dk, dv, {id(t): g for t, g in zip(owners, extra)}
+    by_id = {id(t): g for t, g in zip(owners, extra)}
+    if bias_grad:
+        if by_id.get(id(b)) is None:
+            return None  # this executor does not give dbias: differentiate the forward instead
+        by_id["bias"] = by_id[id(b)]
+    return dq, dk, dv, by_id
 
 
 def _autograd_on():
@@ -285,7 +293,7 @@ def _attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.
                         bias: torch.Tensor | None, bias_grad: bool, extras: list[torch.Tensor],
                         spec: int) -> list[torch.Tensor]:
     sp = lookup(spec)
-    got = None if bias_grad else _executor_grads(q, k, v, out, lse, dout, dlse, mask, bias, sp)
+    got = _executor_grads(q, k, v, out, lse, dout, dlse, mask, bias, bias_grad, sp)
     if got is None:
         got = _recompute_grads(q, k, v, dout, dlse, mask, bias, sp)
     dq, dk, dv, by_id = got
