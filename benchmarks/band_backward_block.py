@@ -16,7 +16,8 @@ from _timing import median_ms, without_native  # benchmarks/_timing.py (the scri
 
 import salience
 from salience import masks as M
-from salience.kernels import native, spans
+from salience.kernels import config as kconfig
+from salience.kernels import native
 
 
 def main(blocks) -> None:
@@ -44,9 +45,9 @@ def main(blocks) -> None:
         report("compiled interval backward")
     with without_native():
         for bq in blocks:
-            spans.BAND_Q_BLOCK_BWD[torch.float32] = bq
-            report(f"torch-kernel backward, block {bq}")
+            with kconfig.use(kconfig.DEFAULT.replace(band_q_block_bwd=bq)):
+                report(f"torch-kernel backward, block {bq}")
 
 
 if __name__ == "__main__":
-    main([int(x) for x in sys.argv[1:]] or [spans.BAND_Q_BLOCK_BWD[torch.float32]])
+    main([int(x) for x in sys.argv[1:]] or [kconfig.DEFAULT.band_q_block_bwd[torch.float32]])

@@ -2,7 +2,7 @@
 
 ``python benchmarks/edges_cost.py [--json benchmarks/results/edges_cost.json] [--doc docs/kernels.md]``: B=1, H=8, D=64, fp32, forward.
 For each problem, ``salience.attention`` as shipped (with the guards) and ``salience.attention`` with the
-guards switched off (``dispatch._guarded`` replaced by a direct call, for this comparison only) are timed
+guards switched off (``guard.guarded`` replaced by a direct call, for this comparison only) are timed
 interleaved in one process, medians of 7; the ratio is the guards' cost. A strided q (``x[..., ::2]``) is timed too: its copy to a unit last-axis stride, against the same
 values already contiguous. The CPU model and flags are printed beside the figures. ``--doc`` rewrites the table
 between the ``table:edges-cost`` markers of that file from the JSON this run wrote (the renderer of
@@ -21,7 +21,7 @@ import torch
 
 import salience
 from salience import masks as M
-from salience.kernels import dispatch
+from salience.kernels import guard
 
 
 def cpu() -> dict:
@@ -54,12 +54,12 @@ def interleaved(fns: dict, n: int = 7) -> dict:
 
 def unguarded(fn):
     """Run ``fn`` with the non-finite guard off (the kernels straight on k and v)."""
-    saved = dispatch._guarded
-    dispatch._guarded = lambda q, k, v, mask, run_clean, reference_rows: run_clean(q, k, v)
+    saved = guard.guarded
+    guard.guarded = lambda q, k, v, mask, run_clean, reference_rows: run_clean(q, k, v)
     try:
         return fn()
     finally:
-        dispatch._guarded = saved
+        guard.guarded = saved
 
 
 def main() -> None:

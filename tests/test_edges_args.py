@@ -279,7 +279,7 @@ def test_meta_tensors_give_meta_outputs_of_the_right_shape_on_every_path():
 def test_invalid_backend_name_is_refused_for_empty_problems_too():
     for B in (0, 2):
         q, k, v = qkv(B=B)
-        with pytest.raises(ValueError, match=r"backend must be one of \('sdpa', 'spans', 'blockwise', 'reference'\)"):
+        with pytest.raises(ValueError, match=r"backend must be one of \('sdpa', 'spans', 'blockwise', 'decode', 'bias', 'reference'\)"):
             salience.attention(q, k, v, backend="flash")
 
 

@@ -9,7 +9,7 @@ import torch
 
 import salience
 from salience import masks, reference, scores
-from salience.kernels import dispatch, fused
+from salience.kernels import fused, guard
 from salience.testing import assert_rel_close
 
 B, H, HKV, L, D = 2, 4, 2, 160, 16
@@ -153,8 +153,8 @@ def test_rows_seeing_a_nonfinite_key_match_eager():
 
 
 def test_finite_inputs_take_no_guarded_work(monkeypatch):
-    calls, real = [], dispatch._bad_keys
-    monkeypatch.setattr(dispatch, "_bad_keys", lambda k, v: calls.append(1) or real(k, v))
+    calls, real = [], guard.bad_keys
+    monkeypatch.setattr(guard, "bad_keys", lambda k, v: calls.append(1) or real(k, v))
     q = torch.randn(1, 2, 64, 8)
     salience.attention(q, q, q, mask=masks.causal() & masks.sliding_window(8), score_mod=scores.softcap(5.0))
     assert calls == []

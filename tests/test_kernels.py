@@ -16,8 +16,11 @@ from salience import masks as M
 from salience import reference
 from salience import scores as Sc
 from salience.blocks import EMPTY, FULL, PARTIAL
-from salience.kernels import blockwise, dispatch, native, spans
-from salience.kernels.blockwise import block_backward, block_forward, classify
+from salience.kernels import blockwise, native, spans
+from salience.kernels import config as kconfig
+from salience.kernels.blockwise import classify
+from salience.kernels.executors import TorchSdpaExec
+from salience.kernels.partial import block_backward, block_forward
 from salience.testing import assert_rel_close
 
 L0 = 150  # query length of most cases; S differs where noted
@@ -32,21 +35,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+#: small tiles and blocks so that these small inputs cross many of them (passed explicitly, no patched globals)
+SMALL = kconfig.DEFAULT.replace(
+    q_tile=32, kv_tile=16, band_q_block=16, band_q_block_bwd=48,  # re-blocked backward
+    bias_q_block=32, bias_window_q_block=16, min_run=4, generic_q_block=16,
+    max_rows_per_call=48,  # band runs split over several calls
+    max_rows_per_call_bwd=96, tiny=0)
+
+
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(blockwise, "Q_TILE", 32)
-    monkeypatch.setattr(blockwise, "KV_TILE", 16)
     monkeypatch.setattr(blockwise, "CHUNK_ELEMENTS", 2 * 4 * 32 * 48)  # 3 key tiles per chunk: online merges
-    monkeypatch.setattr(spans, "BAND_Q_BLOCK", {dt: 16 for dt in spans.BAND_Q_BLOCK})
-    monkeypatch.setattr(spans, "BAND_Q_BLOCK_BWD", {dt: 48 for dt in spans.BAND_Q_BLOCK_BWD})  # re-blocked backward
-    monkeypatch.setattr(spans, "BIAS_Q_BLOCK", {dt: 32 for dt in spans.BIAS_Q_BLOCK})
-    monkeypatch.setattr(spans, "BIAS_WINDOW_Q_BLOCK", 16)
-    monkeypatch.setattr(spans, "MIN_RUN", 4)
-    monkeypatch.setattr(spans, "GENERIC_Q_BLOCK", 16)
-    monkeypatch.setattr(spans, "MAX_ROWS_PER_CALL", 48)  # band runs split over several calls
-    monkeypatch.setattr(spans, "MAX_ROWS_PER_CALL_BWD", 96)
-    monkeypatch.setattr(dispatch, "TINY", 0)
-    yield
+    with kconfig.use(SMALL):
+        yield
 
 
 def _inputs(B=2, H=4, Hkv=2, L=L0, S=L0, D=16, Dv=12, seed=0):
@@ -473,11 +474,11 @@ def test_plan_reports_path_and_skipped_share():
     assert salience.plan(q, q, q, compatibility=Sc.Additive(16)).backend == "reference"
 
 
-def test_tiny_problems_take_one_dense_pass(monkeypatch):
-    monkeypatch.setattr(dispatch, "TINY", 1 << 15)
+def test_tiny_problems_take_one_dense_pass():
     q = torch.randn(1, 2, 16, 8)
-    assert salience.plan(q, q, q, mask=M.dilated(2)).backend == "reference"
-    assert salience.plan(q, q, q, mask=M.causal()).backend == "sdpa"
+    with kconfig.use(SMALL.replace(tiny=1 << 15)):
+        assert salience.plan(q, q, q, mask=M.dilated(2)).backend == "reference"
+        assert salience.plan(q, q, q, mask=M.causal()).backend == "sdpa"
 
 
 @pytest.mark.parametrize("backend,kwargs,match", [
@@ -549,7 +550,7 @@ def test_without_the_fused_kernel_everything_still_runs(monkeypatch):
     monkeypatch.setattr(fused, "available", lambda q: False)
     q, k, v, _, _ = _inputs(Hkv=4)
     p = salience.plan(q, k, v, mask=M.causal())
-    assert p.backend == "sdpa" and p.details.get("torch_sdpa")
+    assert p.backend == "sdpa" and isinstance(p.executor, TorchSdpaExec) and "torch SDPA" in p.forward
     assert torch.allclose(salience.attention(q, k, v, mask=M.causal()), reference.attention(q, k, v, mask=M.causal()).out,
                           atol=1e-12)
     assert salience.plan(q, k, v, mask=M.causal(), return_lse=True).backend == "blockwise"

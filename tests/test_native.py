@@ -27,7 +27,7 @@ from tests.test_kernels import (
 import salience
 from salience import masks as M
 from salience import scores as Sc
-from salience.kernels import native, spans
+from salience.kernels import native, span_plan, spans
 
 HAS_CXX = shutil.which(os.environ.get("CXX") or "g++") is not None
 needs_native = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler on this machine: the compiled backward "
@@ -84,7 +84,7 @@ def _both_backwards(mask, L=150, S=150, dl=True, **shape):
     q, k, v, do, dlse = _inputs(L=L, S=S, **shape)
     B = q.shape[0]
     lo, hi = spans.row_spans(mask.bind(L, S), B, L, S)
-    plan = spans.plan_spans(lo, hi, B, L, S, dtype=q.dtype)
+    plan = span_plan.plan_spans(lo, hi, B, L, S, dtype=q.dtype)
     out, lse = plan.forward(q, k, v, 0.3)
     dlse = dlse if dl else None
     a = native.span_backward(q, k, v, out, lse, do, dlse, lo, hi, 0.3)

@@ -7,7 +7,7 @@ masks of :mod:`salience.masks`, by evaluation otherwise); a block in which no qu
 Blocks in which every query sees every key, and diagonal blocks of a causal mask, with no score_mod, are
 one call of torch's fused CPU flash kernel (:mod:`salience.kernels.fused`, which returns the logsumexp).
 The others are computed by the kernels' public block functions,
-:func:`salience.kernels.blockwise.block_forward` and :func:`~salience.kernels.blockwise.block_backward`,
+:func:`salience.kernels.partial.block_forward` and :func:`~salience.kernels.partial.block_backward`,
 which pick the fastest exact path for the block (interval spans for windows and documents, the tile
 kernel otherwise).
 
@@ -27,7 +27,7 @@ import torch
 
 from .._result import AttentionResult
 from ..blocks import EMPTY, FULL
-from ..kernels import blockwise, fused
+from ..kernels import blockwise, fused, partial
 from ..masks import MaskMod
 
 __all__ = ["Spec", "kind", "is_empty", "block_forward", "block_backward", "acc_dtype"]
@@ -64,7 +64,7 @@ def kind(spec: Spec, q0: int, nq: int, k0: int, nk: int, device) -> str:
     * ``"full"``: every query sees every key and there is no score_mod: one fused kernel call;
     * ``"causal"``: the diagonal block of a causal band (key ``j`` visible to query ``i`` iff ``j <= i``
       locally) with no score_mod: one fused causal kernel call;
-    * ``"blocks"``: anything else, through :func:`salience.kernels.blockwise.block_forward`.
+    * ``"blocks"``: anything else, through :func:`salience.kernels.partial.block_forward`.
     """
     key = (q0, nq, k0, nk)
     hit = spec.cache.get(key)
@@ -104,7 +104,7 @@ def block_forward(spec: Spec, q, k, v, q0: int, k0: int) -> AttentionResult | No
     if how in ("full", "causal") and fused.available(q):
         out, lse = fused.forward(q, k, v, scale=spec.scale, causal=how == "causal")
         return AttentionResult(out.to(acc), lse.to(acc))
-    r = blockwise.block_forward(q, k, v, **spec.kwargs(q0, k0))
+    r = partial.block_forward(q, k, v, **spec.kwargs(q0, k0))
     return AttentionResult(r.out.to(acc), r.lse.to(acc))
 
 
@@ -124,5 +124,5 @@ def block_backward(spec: Spec, q, k, v, out, lse, dout, dlse, q0: int, k0: int):
     if how in ("full", "causal") and fused.available(q):
         dq, dk, dv = fused.backward(dout, q, k, v, out, lse, scale=spec.scale, causal=how == "causal", dlse=dlse)
     else:
-        dq, dk, dv = blockwise.block_backward(q, k, v, out, lse, dout, dlse=dlse, **spec.kwargs(q0, k0))
+        dq, dk, dv = partial.block_backward(q, k, v, out, lse, dout, dlse=dlse, **spec.kwargs(q0, k0))
     return dq.to(acc), dk.to(acc), dv.to(acc)

@@ -11,7 +11,7 @@ last step.
 Masks and score_mods see *global* positions, so any :mod:`salience.masks` mask or score_mod works:
 sliding windows that cross shard boundaries and documents that span shards are exact. Blocks whose keys
 are all hidden from this rank's queries are skipped; the others are computed by the kernels' public block
-functions (:func:`salience.kernels.blockwise.block_forward` / ``block_backward``), which take global
+functions (:func:`salience.kernels.partial.block_forward` / ``block_backward``), which take global
 offsets and use the fastest exact path (torch's fused CPU kernel for full blocks and causal diagonals).
 
 Tested with gloo (CPU); written for NCCL (GPU) too, but not run on one yet. Every rank must call
