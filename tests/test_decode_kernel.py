@@ -236,6 +236,26 @@ def test_float64_runs_the_torch_path():
     torch.testing.assert_close(lse, l64, rtol=1e-10, atol=1e-10)
 
 
+# ------------------------------------------------------------------------------ other instruction sets
+
+@pytest.mark.parametrize("isa, flags, lanes", [("avx2", ["-mno-avx512f"], 8), ("scalar", ["-mno-avx"], 1)])
+def test_other_instruction_sets(monkeypatch, isa, flags, lanes):
+    """The AVX2 (AMD EPYC) and scalar builds, compiled here by turning the wider instructions off, give the
+    same answers; the cache key includes the flags, so they never replace the native build."""
+    if not decode.available():
+        pytest.skip(f"compiled decode kernel unavailable: {decode.status()}")
+    if isa == "avx2" and "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX2")
+    lib = decode.build(flags)
+    assert lib.salience_decode_lanes() == lanes
+    monkeypatch.setattr(decode, "_STATE", {"lib": lib, "why": "compiled"})
+    for dtype in DTYPES:
+        _check_against_reference(*_case(L=3, dtype=dtype, paged=5, seed=20, window=13, slopes="BH", sinks=True))
+        _check_against_reference(*_case(B=2, H=8, Hkv=1, D=37, Dv=19, dtype=dtype, seed=21, softcap=3.0))
+        _check_against_reference(*_case(B=1, H=8, Hkv=2, S=3000, D=64, Dv=64, dtype=dtype, seed=22,
+                                        lengths=torch.tensor([2999])))
+
+
 # ----------------------------------------------------------------------------------------------- the fallback
 
 def test_salience_native_off_uses_torch():

@@ -120,6 +120,15 @@ inline V vload_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 inline V vload_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+// out[0..3] = the lane sums of a0..a3: 128-bit quarters combined pairwise, then within each quarter
+inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
+  const V c0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+  const V c1 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+  V d = _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
+  d = _mm512_add_ps(d, _mm512_permute_ps(d, 0x4E));
+  d = _mm512_add_ps(d, _mm512_permute_ps(d, 0xB1));
+  _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, d)));
+}
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 constexpr int W = 8;
 using V = __m256;
@@ -140,6 +149,10 @@ inline V vload_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 inline V vload_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
+  const V h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
 #else
 constexpr int W = 1;
 struct V { float x; };
@@ -152,6 +165,12 @@ inline void vstore(float* p, V a) { *p = a.x; }
 inline V vload(const float* p) { return {*p}; }
 inline V vload_bf16(const uint16_t* p) { return {BF16::one(p)}; }
 inline V vload_f16(const uint16_t* p) { return {half_to_float(*p)}; }
+inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
+  out[0] = a0.x;
+  out[1] = a1.x;
+  out[2] = a2.x;
+  out[3] = a3.x;
+}
 #endif
 
 template <typename C> inline V vget(const typename C::T* p);
@@ -226,24 +245,38 @@ void key_addresses(const Args& A, int64_t b, int64_t hk, int64_t c0, int64_t n, 
   }
 }
 
-// s[r * CHUNK + j] = q_r . k_j for the tile's rows and the chunk's keys (float32 sums).
-template <typename C, int NR>
-void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, float* s) {
+// s[r * CHUNK + j] = q_r . k_j for the tile's rows and KU consecutive keys from j (float32 sums): NR * KU
+// independent FMA chains, reduced four at a time.
+template <typename C, int NR, int KU>
+inline void dots_step(const Rows& t, const typename C::T* const* kp, int64_t j, int64_t D, float* s) {
+  constexpr int N = NR * KU, N4 = (N + 3) / 4 * 4;
   const int64_t Dw = D / W * W;
-  for (int64_t j = 0; j < n; ++j) {
-    const typename C::T* kj = kp[j];
-    V acc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = vzero();
-    for (int64_t d = 0; d < Dw; d += W) {
-      const V kk = vget<C>(kj + d);
-      for (int r = 0; r < NR; ++r) acc[r] = vfma(vload(t.q[r] + d), kk, acc[r]);
-    }
+  V acc[N4];
+  for (int u = 0; u < N4; ++u) acc[u] = vzero();
+  for (int64_t d = 0; d < Dw; d += W) {
+    V kk[KU];
+    for (int u = 0; u < KU; ++u) kk[u] = vget<C>(kp[j + u] + d);
     for (int r = 0; r < NR; ++r) {
-      float x = vsum(acc[r]);
-      for (int64_t d = Dw; d < D; ++d) x += t.q[r][d] * C::one(kj + d);
-      s[r * CHUNK + j] = x;
+      const V qq = vload(t.q[r] + d);
+      for (int u = 0; u < KU; ++u) acc[u * NR + r] = vfma(qq, kk[u], acc[u * NR + r]);
     }
   }
+  float sums[N4];
+  for (int u = 0; u < N4; u += 4) vsum4(acc[u], acc[u + 1], acc[u + 2], acc[u + 3], sums + u);
+  for (int u = 0; u < KU; ++u)
+    for (int r = 0; r < NR; ++r) {
+      float x = sums[u * NR + r];
+      for (int64_t d = Dw; d < D; ++d) x += t.q[r][d] * C::one(kp[j + u] + d);
+      s[r * CHUNK + j + u] = x;
+    }
+}
+
+template <typename C, int NR>
+void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, float* s) {
+  constexpr int KU = NR <= 2 ? 4 : NR <= 4 ? 2 : 1;  // about 8 accumulators
+  int64_t j = 0;
+  for (; j + KU <= n; j += KU) dots_step<C, NR, KU>(t, kp, j, D, s);
+  for (; j < n; ++j) dots_step<C, NR, 1>(t, kp, j, D, s);
 }
 
 // o_r += sum_j p[r, j] v_j over the chunk, for every row of the tile (all rows see all n keys).
@@ -284,32 +317,39 @@ void accumulate_row(float* o, const typename C::T* const* vp, int64_t a, int64_t
 }
 
 // Scores -> probabilities for row r on keys [a, z) of a chunk starting at c0 (others get p = 0); updates the
-// running max m, sum l and rescales o. Returns false when the row has seen no key yet.
+// running max m, sum l and rescales o. Returns false when the row has seen no key yet. The loops vectorise.
 bool softmax_row(const Args& A, const Rows& t, int r, int64_t c0, int64_t n, int64_t a, int64_t z, float* s) {
   const float scale = static_cast<float>(A.scale), cap = static_cast<float>(A.softcap);
-  float mx = NEG_INF;
-  for (int64_t j = a; j < z; ++j) {
-    float x = s[j] * scale;
-    if (cap > 0) x = cap * std::tanh(x / cap);
-    if (A.slopes) x -= t.slope[r] * static_cast<float>(std::llabs(t.qpos[r] - (c0 + j)));
-    s[j] = x;
-    mx = x > mx ? x : mx;
+#pragma omp simd
+  for (int64_t j = a; j < z; ++j) s[j] *= scale;
+  if (cap > 0)
+    for (int64_t j = a; j < z; ++j) s[j] = cap * std::tanh(s[j] / cap);
+  if (A.slopes) {
+    const float slope = t.slope[r], base = static_cast<float>(t.qpos[r] - c0);
+#pragma omp simd
+    for (int64_t j = a; j < z; ++j) s[j] -= slope * std::fabs(base - static_cast<float>(j));
   }
+  float mx = NEG_INF;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = a; j < z; ++j) mx = std::max(mx, s[j]);  // a NaN score is skipped here but stays in s
   for (int64_t j = 0; j < a; ++j) s[j] = 0.0f;
   for (int64_t j = z; j < n; ++j) s[j] = 0.0f;
   const float m_old = t.m[r], m_new = std::max(m_old, mx);
   if (m_new == NEG_INF) return false;  // nothing visible yet (a NaN score stays NaN through p, l and o)
   float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
   for (int64_t j = a; j < z; ++j) {
     s[j] = exp_neg(s[j] - m_new);
     sum += s[j];
   }
-  const float alpha = m_old == NEG_INF ? 0.0f : exp_neg(m_old - m_new);
-  if (alpha != 1.0f) {
+  if (m_old != m_new) {
+    const float alpha = m_old == NEG_INF ? 0.0f : exp_neg(m_old - m_new);
     float* o = t.o + r * A.Dv;
+#pragma omp simd
     for (int64_t d = 0; d < A.Dv; ++d) o[d] *= alpha;
+    t.l[r] *= alpha;
   }
-  t.l[r] = t.l[r] * alpha + sum;
+  t.l[r] += sum;
   t.m[r] = m_new;
   return true;
 }
