@@ -566,7 +566,7 @@ class _Call:
 
     def make_bias(self, st, dtype):
         """(bias, empty) of a biased call: over tiles for a block map, over the row/key ranges otherwise."""
-        if isinstance(self.tiles, tuple):
+        if isinstance(self.tiles[0], torch.Tensor):  # (query tiles, key tiles) of a block map
             bias, empty = st.tile_bias(self.tiles[0], self.tiles[1], dtype)
             if self.crop is not None:  # ragged last query or key tile
                 rows, cols = self.crop
