@@ -178,6 +178,8 @@ class _Block:
 def _blocks(bias, b4, m, B, H, L, S, cfg: BiasConfig, device):
     """The row blocks to run, or one block covering everything when structure does not pay."""
     win = key_windows(bias, b4, L, S, cfg.rows, cfg.probe)
+    if win is None and m is None:  # nothing to skip: one call over everything
+        return [_Block(0, L, 0, S, False)], 0.0
     nb = -(-L // cfg.rows)
     lo = torch.zeros(nb, dtype=torch.long) if win is None else win[0]
     hi = torch.full((nb,), S, dtype=torch.long) if win is None else win[1]
