@@ -87,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma list of {', '.join(METHODS)}, or all (default)")
     p.add_argument("--pair", default=None,
                    help="a second sentence: explain the embedding similarity with it (encoders), and draw the pair encoded "
-                        "together with its cross-sentence attention in pair.html (default: none)")
+                        "together with its cross-sentence attention on report.html's Sentence pair tab (default: none)")
     p.add_argument("--generate", type=int, default=None, metavar="N",
                    help="generative models: greedy-decode N tokens after TEXT; a causal LM gets the step-by-step "
                         "Generation view, an encoder-decoder model the Cross-attention view over its output "
