@@ -268,6 +268,35 @@ def render_import_time(data: dict) -> str:
             f"`salience --help` `import torch` + {h['wall']:.2f} s (budget + {b['help_minus_import_torch_s']} s).")
 
 
+# ------------------------------------------------------------------------------------------ decode.json
+def render_decode(data: dict) -> str:
+    """docs/kernels.md's decoding table from benchmarks/decode_bench.py's JSON."""
+    m, c = data["machine"], data["copy_bandwidth"]
+    load = ", ".join(f"{x:.1f}" for x in m["loadavg"])
+    out = [f"`{data['command']}` on {m['cpu_count']} cores ({m['cpu_model']}; {' '.join(m['cpu_flags'])}), torch "
+           f"{m['torch']} with {m['torch_threads']} threads, decode kernel {m['decode_kernel']}; load average {load} "
+           f"(a machine shared with other work). Copy bandwidth measured in the same run: {c['gb_per_s']:.1f} GB/s "
+           "(bytes read + written by a large tensor copy). Medians of "
+           f"{data['repeats']} calls; K,V bytes = the keys and values the rows can see.", "",
+           "| case | salience ms | K,V read | GB/s | of copy bandwidth | torch SDPA ms | SDPA / salience | path |",
+           "|---|---:|---:|---:|---:|---:|---:|---|"]
+    gen = []
+    for r in data["results"]:
+        if "impls" in r:
+            s, t = r["impls"]["salience"], r["impls"]["sdpa"]
+            gen.append(f"{r['name']} (2 layers, hidden 256, 8 heads / 2 kv heads, {r['config']['new_tokens']} new "
+                       f"tokens, {r['config']['cache']}): salience {s['tokens_per_s']:.1f} tokens/s against sdpa "
+                       f"{t['tokens_per_s']:.1f} ({r['speedup_vs_sdpa']:.2f}x; prefill {s['prefill_ms']:.0f} ms "
+                       f"against {t['prefill_ms']:.0f} ms; same tokens: {'yes' if r['same_tokens'] else 'no'}).")
+            continue
+        ms = r["median_ms"]
+        sd = f"{ms['sdpa']:.1f}" if "sdpa" in ms else "—"
+        ratio = f"{r['speedup_vs_sdpa']:.2f}x" if "speedup_vs_sdpa" in r else "—"
+        out.append(f"| {r['name']} | {ms['salience']:.1f} | {r['kv_bytes_read'] / 2**20:.0f} MiB | "
+                   f"{r['gb_per_s']:.1f} | {100 * r['ratio_to_copy']:.0f}% | {sd} | {ratio} | {r['plan']} |")
+    return "\n".join(out + [""] + gen)
+
+
 # -------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Table:
@@ -288,6 +317,7 @@ TABLES: dict[str, Table] = {
     "import-time": Table("import_time.json", render_import_time, "python benchmarks/import_time.py"),
     "flow-full": Table("flow_full.json", render_flow,
                        "salience demo --parts flow, then copy flow.json to benchmarks/results/flow_full.json"),
+    "decode": Table("decode.json", render_decode, "python benchmarks/decode_bench.py"),
 }
 
 
