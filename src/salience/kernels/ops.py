@@ -207,26 +207,38 @@ def _run_forward(q, k, v, mask, bias, spec: Spec):
     return res
 
 
-def _fresh(t: torch.Tensor, *inputs) -> torch.Tensor:
-    """``t`` contiguous and sharing no memory with ``inputs`` (a custom op's outputs may not alias its inputs,
-    and the fake implementations promise contiguous strides)."""
-    t = t.contiguous()
-    if any(x is not None and t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in inputs):
-        t = t.clone()
-    return t
+def _out_like(q, v):
+    """The layout of the output: (B, H, L, Dv) with (B, L, H, Dv) memory order, as torch's fused kernel writes it
+    for projected heads, so the usual ``out.transpose(1, 2).reshape(B, L, H * Dv)`` after attention needs no copy.
+    It depends on the shapes only (inductor checks an op's output strides against the fake's)."""
+    B, H, L, _ = q.shape
+    return q.new_empty((B, L, H, v.shape[-1])).transpose(1, 2)
+
+
+def _lse_like(q):
+    return q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+
+
+def _into(t: torch.Tensor, like: torch.Tensor, inputs) -> torch.Tensor:
+    """``t`` with the strides of ``like`` (what the fake implementation promised) and sharing no memory with
+    ``inputs`` (a custom op's outputs may not alias its inputs); a copy only when it is needed."""
+    if t.stride() == like.stride() and t.dtype == like.dtype and not any(
+            x is not None and t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in inputs):
+        return t
+    return like.copy_(t)
 
 
 @torch.library.custom_op("salience::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                bias: torch.Tensor | None, extras: list[torch.Tensor], spec: int) -> tuple[torch.Tensor, torch.Tensor]:
     res = _run_forward(q, k, v, mask, bias, lookup(spec))
-    return _fresh(res.out, q, k, v), _fresh(res.lse.to(_acc_dtype(q.dtype)), q, k, v)
+    ins = (q, k, v, mask, bias, *extras)
+    return _into(res.out, _out_like(q, v), ins), _into(res.lse, _lse_like(q), ins)
 
 
 @_attention.register_fake
 def _attention_fake(q, k, v, mask, bias, extras, spec):
-    B, H, L, _ = q.shape
-    return q.new_empty((B, H, L, v.shape[-1])), q.new_empty((B, H, L), dtype=_acc_dtype(q.dtype))
+    return _out_like(q, v), _lse_like(q)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -302,8 +314,10 @@ def _attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.
     if bias_grad:
         grads.append(by_id.get("bias"))
         ins.append(bias)
-    return [torch.zeros(t.shape, dtype=t.dtype, device=t.device) if g is None else _fresh(g.to(t.dtype), *ins)
-            for g, t in zip(grads, ins)]
+    # contiguous gradients, as the fake below promises (layouts that depend on shapes only, never on the input
+    # strides, which inductor may choose differently from eager)
+    everything = (dout, dlse, q, k, v, out, lse, mask, bias, *extras)
+    return [t.new_zeros(t.shape) if g is None else _into(g, t.new_empty(t.shape), everything) for g, t in zip(grads, ins)]
 
 
 @_attention_backward.register_fake
