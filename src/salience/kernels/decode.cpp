@@ -26,6 +26,7 @@
 // s -= slope[b, h] * |q_pos[b, i] - p| if slopes are given.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -470,8 +471,9 @@ void merge_item(const Args& A, int64_t b, int64_t hk, const float* parts, int64_
   }
 }
 
-// Key range of each sequence (the union of its rows' intervals) and how many pieces to split it into.
-void plan(const Args& A, std::vector<int64_t>& ka, std::vector<int64_t>& kz, std::vector<int64_t>& pieces) {
+// Key range of each sequence (the union of its rows' intervals) and how many pieces to split it into; returns
+// the total number of (key, kv head) pairs to read.
+int64_t plan(const Args& A, std::vector<int64_t>& ka, std::vector<int64_t>& kz, std::vector<int64_t>& pieces) {
   int64_t total = 0;
   for (int64_t b = 0; b < A.B; ++b) {
     int64_t a = std::numeric_limits<int64_t>::max(), z = 0;
@@ -488,33 +490,39 @@ void plan(const Args& A, std::vector<int64_t>& ka, std::vector<int64_t>& kz, std
   // enough pieces for the threads to balance (dynamic schedule), none shorter than min_split keys
   const int64_t piece = std::max<int64_t>(A.min_split, (total + 8 * A.nthreads - 1) / (8 * A.nthreads));
   for (int64_t b = 0; b < A.B; ++b) pieces[b] = std::max<int64_t>(1, (kz[b] - ka[b] + piece - 1) / piece);
+  return total;
 }
 
+// Below this many (key, kv head) pairs one thread does the whole call: waking the others costs more.
+constexpr int64_t PARALLEL_MIN = 2048;
+
+// Items are (kv head, piece) with the pieces of each (b, kv head) adjacent. The thread that finishes the last
+// piece of a (b, kv head) merges its pieces, so there is no barrier between the two passes.
 template <typename C>
 void forward(const Args& A) {
   const int64_t R = A.H / A.Hkv * A.L, stride = R * (2 + A.Dv);
   std::vector<int64_t> ka(A.B), kz(A.B), pieces(A.B), first(A.B + 1, 0);
-  plan(A, ka, kz, pieces);
+  const int64_t total = plan(A, ka, kz, pieces);
   for (int64_t b = 0; b < A.B; ++b) first[b + 1] = first[b] + pieces[b];
   const int64_t per_head = first[A.B], items = per_head * A.Hkv;
   std::vector<float> parts(static_cast<size_t>(items * stride));
   std::vector<int64_t> item_b(per_head);
+  std::vector<std::atomic<int64_t>> done(static_cast<size_t>(A.B * A.Hkv));
+  for (auto& x : done) x.store(0);
   for (int64_t b = 0; b < A.B; ++b)
     for (int64_t s = first[b]; s < first[b + 1]; ++s) item_b[s] = b;
-#pragma omp parallel num_threads(static_cast<int>(A.nthreads))
+  const int nt = static_cast<int>(total < PARALLEL_MIN ? 1 : std::min(A.nthreads, items));
+#pragma omp parallel num_threads(nt)
   {
     alignas(64) float s[MAX_NR * CHUNK];
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t w = 0; w < items; ++w) {
       const int64_t hk = w / per_head, e = w % per_head, b = item_b[e], p = e - first[b];
       const int64_t len = kz[b] - ka[b];
       const int64_t a = ka[b] + len * p / pieces[b], z = ka[b] + len * (p + 1) / pieces[b];
       run_item<C>(A, b, hk, a, z, parts.data() + (hk * per_head + e) * stride, s);
-    }
-#pragma omp for schedule(static)
-    for (int64_t w = 0; w < A.B * A.Hkv; ++w) {
-      const int64_t b = w / A.Hkv, hk = w % A.Hkv;
-      merge_item(A, b, hk, parts.data() + (hk * per_head + first[b]) * stride, pieces[b]);
+      if (done[b * A.Hkv + hk].fetch_add(1, std::memory_order_acq_rel) + 1 == pieces[b])
+        merge_item(A, b, hk, parts.data() + (hk * per_head + first[b]) * stride, pieces[b]);
     }
   }
 }
