@@ -321,6 +321,26 @@ TABLES: dict[str, Table] = {
 }
 
 
+# ------------------------------------------------------------------------- demo_full.json, demo_quick.json
+def _demo_renderer(name: str) -> Callable[[dict], str]:
+    """A renderer from ``salience.demos.markdown`` (the demo's tables from its kept results.json)."""
+
+    def render(data: dict) -> str:
+        sys.path.insert(0, os.path.join(ROOT, "src"))
+        from salience.demos import markdown
+
+        return getattr(markdown, name)(data)
+
+    render.__name__ = render.__qualname__ = f"render_demo_{name}"
+    return render
+
+
+TABLES.update({
+    "demo-quick-accuracy": Table("demo_quick.json", _demo_renderer("accuracy_quick"),
+                                 "salience demo --quick --save-json benchmarks/results/demo_quick.json"),
+})
+
+
 def _fig_million(data: dict) -> str:
     s = data["results"][0]["impls"]["salience"]
     return (f"take {s['median_ms'] / 1000:.2f} s forward with peak RSS {s['process_peak_mib'] / s['qkvo_mib']:.2f}x "

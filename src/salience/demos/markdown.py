@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 
 __all__ = ["accuracy", "accuracy_full", "accuracy_quick", "accuracy_readme", "alignment", "efficiency",
-           "machine_line"]
+           "efficiency_time", "efficiency_memory", "machine_line"]
 
 #: row labels of the models (as in :data:`salience.demos.seq2seq.LABELS`, repeated so that rendering needs no torch)
 LABELS = {"none": "no attention (Cho et al. 2014)", "additive": "additive attention (Bahdanau)",
@@ -126,6 +126,20 @@ def _slope(fit: dict | None) -> str:
 def efficiency(data: dict) -> str:
     """docs/demo.md: time and peak memory per length and method, each with its fitted slope (``n/r``: not
     readable, with the reason below the table)."""
+    return efficiency_time(data) + "\n\n" + efficiency_memory(data)
+
+
+def efficiency_time(data: dict) -> str:
+    """The time table of :func:`efficiency` alone."""
+    return _efficiency(data, "time")
+
+
+def efficiency_memory(data: dict) -> str:
+    """The peak-memory table of :func:`efficiency` alone."""
+    return _efficiency(data, "memory")
+
+
+def _efficiency(data: dict, which: str) -> str:
     eff = data["efficiency"]
     methods = list(dict.fromkeys(p["method"] for p in eff["points"]))
     by = {(p["method"], p["length"]): p for p in eff["points"]}
@@ -135,6 +149,8 @@ def efficiency(data: dict) -> str:
     out = []
     for key, cell, label in (("time", lambda p: _time(p["seconds"]), "time slope"),
                              ("memory", lambda p: _bytes(p["peak_bytes"]), "memory slope")):
+        if key != which:
+            continue
         rows = []
         for n in lengths:
             row = [f"{n:,}"]
