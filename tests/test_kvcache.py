@@ -436,3 +436,18 @@ def test_bench_decoding_rows():
     for name in ("salience", "sdpa", "reference"):
         e = res["impls"][name]
         assert e["median_ms"] > 0 and e["max_err"] < 2e-2, (name, e)
+
+
+def test_strided_cache_is_read_in_place():
+    """A cache stored (B, S_max, Hkv, D) (flash-attention's order) and passed as a transposed view: appended and
+    read through its strides, equal to the contiguous cache."""
+    B, H, Hkv, D, cap = 2, 4, 2, 16, 40
+    store_k, store_v = torch.randn(B, cap, Hkv, D), torch.randn(B, cap, Hkv, D)
+    kc, vc = store_k.transpose(1, 2), store_v.transpose(1, 2)
+    dense_k, dense_v = kc.contiguous(), vc.contiguous()
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D)
+    lens, mask = torch.tensor([5, 30]), masks.causal(align="bottom_right")
+    got = salience.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, mask=mask)
+    want = salience.attention_with_kvcache(q, dense_k, dense_v, k, v, cache_seqlens=lens, mask=mask)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(store_k[1, 30], k[1, :, 0])  # written into the caller's storage

@@ -423,12 +423,11 @@ def _run_decode(q, k_cache, v_cache, block_table, spans, mods, scale, sinks, g: 
         kw["softcap"] = mods["softcap"]
     if sinks is not None:
         kw["sinks"] = sinks
-    kc, vc = k_cache, v_cache
-    if not (kc.is_contiguous() and vc.is_contiguous()):  # the kernel reads rows by stride arithmetic
-        kc, vc = kc.contiguous(), vc.contiguous()
     bt = None if block_table is None else block_table.to(dev)
-    out, lse = decode.forward(q.contiguous(), kc, vc, lo=lo, hi=hi, scale=scale * mods["scale_mult"],
-                              block_table=bt, **kw)
+    # any strides: the kernel reads the cache by stride arithmetic (a (B, S, Hkv, D) buffer seen through
+    # .transpose(1, 2) is read in place, not copied)
+    out, lse = decode.forward(q, k_cache, v_cache, lo=lo, hi=hi, scale=scale * mods["scale_mult"], block_table=bt,
+                              **kw)
     return AttentionResult(out=out, lse=lse)
 
 
