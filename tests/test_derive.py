@@ -367,3 +367,22 @@ def test_block_map_executor_on_intervals_matches_reference():
     dq, dk, dv, _ = ex.backward(q, k, v, out, lse, do, None)
     for got, want in ((out, ref.out), (lse, ref.lse), (dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
         assert torch.allclose(got, want, atol=1e-10)
+
+
+@pytest.mark.parametrize("fn", [window, checkerboard], ids=lambda f: f.__name__)
+def test_through_the_dispatcher_run_with_autograd(fn):
+    """The executor runs under salience's one autograd Function (saving q, k, v, out, lse only)."""
+    from salience.kernels import dispatch
+
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 200, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ex, det = derive.executor(fn, q, k, v, scale=0.3, need_grad=True)
+    assert ex.autograd is False and ex.grad_tensors == () and all(isinstance(w, str) for w in ex.describe())
+    res = dispatch.run(dispatch.Plan("blockwise", "derived structure", det, ex), q, k, v)
+    do = torch.randn_like(res.out)
+    got = torch.autograd.grad(res.out, (q, k, v), do)
+    ref = reference.attention(q, k, v, mask=fn, scale=0.3)
+    want = torch.autograd.grad(ref.out, (q, k, v), do)
+    assert torch.allclose(res.out, ref.out, atol=1e-12)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-10)

@@ -734,6 +734,9 @@ class BlockMapExecutor:
     ``forward(q, k, v) -> (out, lse)``; ``backward(q, k, v, out, lse, dout, dlse) -> (dq, dk, dv, [])``.
     """
 
+    grad_tensors = ()
+    autograd = False
+
     def __init__(self, st, B: int, H: int, L: int, S: int, *, scale: float, dtype, row_block: int | None = None):
         t = st.tile if isinstance(st, BlockMap) else TILE
         rb = row_block or max(t, min(ROW_BLOCK, -(-L // t) * t) // t * t)
@@ -814,6 +817,13 @@ class BlockMapExecutor:
                 _add(dv, idx, g[2])
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), []
 
+    def describe(self):
+        """(forward, backward) in words, for ``salience.plan``."""
+        what = (f"torch's fused kernel on a derived block map ({len(self.orders)} chains of nested full tiles: "
+                "full prefixes unbiased, the rest with a 0/-inf bias from the cached bits)" if self.orders else
+                "torch's fused kernel on derived row intervals (blocks of rows, partial tiles biased)")
+        return what, "torch's fused backward per call, recomputed from the logsumexp"
+
     def summary(self) -> dict:
         calls = [c for _, cs in self.groups for c in cs]
         return {"fused_calls": len(calls), "biased_calls": sum(c.biased for c in calls), "chains": len(self.orders)}
@@ -828,6 +838,9 @@ def _add(acc: torch.Tensor, idx, g: torch.Tensor) -> None:
 
 class _Spans:
     """A span plan (``spans.plan_spans``) as an executor; per head when the intervals depend on the head."""
+
+    grad_tensors = ()
+    autograd = False
 
     def __init__(self, st: Intervals, B, H, L, S, *, scale, dtype, device):
         try:
@@ -875,6 +888,12 @@ class _Spans:
             dv[:, ks] += g[2]
         return dq, dk.to(k.dtype), dv.to(v.dtype), []
 
+    def describe(self):
+        """(forward, backward) in words, for ``salience.plan``."""
+        heads = "" if len(self.plans) == 1 else f" (one plan per head: {len(self.plans)})"
+        back = "the compiled interval backward" if _native_ok() else "torch's fused backward per call"
+        return "torch's fused kernel over each row run's derived key interval" + heads, back
+
     def summary(self) -> dict:
         return {"span_plans": len(self.plans), **self.plans[0].summary()}
 
@@ -882,8 +901,11 @@ class _Spans:
 class _Tiles:
     """The blockwise TileKernel fed with the derived structure (score_mods, or devices without the fused kernel)."""
 
+    autograd = False
+
     def __init__(self, kernel):
         self.kernel = kernel
+        self.grad_tensors = tuple(kernel.grad_tensors)
         self.skipped = kernel.skipped_fraction()
 
     def forward(self, q, k, v):
@@ -892,8 +914,19 @@ class _Tiles:
     def backward(self, q, k, v, out, lse, dout, dlse=None):
         return self.kernel.backward(q, k, v, out, lse, dout, dlse)
 
+    def describe(self):
+        """(forward, backward) in words, for ``salience.plan``."""
+        return ("online softmax over non-empty tiles, partial tiles masked from the derived structure (no mask "
+                "evaluation)", "recomputed tiles from the logsumexp")
+
     def summary(self) -> dict:
         return {"tiles": self.kernel.block_mask.counts(), "q_tile": self.kernel.q_tile}
+
+
+def _native_ok() -> bool:
+    from . import native
+
+    return native.status() == "compiled"
 
 
 #: the span plans are used when they compute at least this share of useful elements (else the block-map executor)
