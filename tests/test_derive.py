@@ -386,3 +386,13 @@ def test_through_the_dispatcher_run_with_autograd(fn):
     assert torch.allclose(res.out, ref.out, atol=1e-12)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-10)
+
+
+def test_short_chains_fall_back_to_row_blocks():
+    """Query tiles whose full key tiles are not nested (here one scattered tile each) run in blocks of rows."""
+    def scattered(b, h, q, kv):
+        return (kv // 64 == (q // 64 * 5) % 8) | ((kv % 7 == 0) & (kv <= q))
+
+    out, lse, _ = _check(scattered, L=512, S=512, expect="BlockMapExecutor")
+    q = torch.randn(1, 2, 512, 16)
+    assert derive.executor(scattered, q, q, q, scale=0.3)[1]["chains"] == 0

@@ -627,8 +627,10 @@ def _chain_plan(st, L, S, per, bdt):
             new = (F[i] & ~seen).nonzero().flatten().tolist()
             order.extend(new)
             seen |= F[i]
-        orders.append(_tile_keys(order, t, S))
-        for g0 in range(0, len(members), per):
+        starts = range(0, len(members), per)
+        used = max(int(F[members[g0]].sum()) for g0 in starts)  # gather only the keys some prefix call reads
+        orders.append(_tile_keys(order[:used], t, S))
+        for g0 in starts:
             mem = sorted(members[g0:g0 + per])
             p0 = int(F[members[g0]].sum())  # tiles full for every member: a prefix of the chain's key order
             rows = _tile_keys(mem, t, L)
@@ -744,8 +746,10 @@ class BlockMapExecutor:
         self.bdt = fused.bias_dtype(dtype, exact_mask=True)
         key = ("blockmap", rb, dtype)
         if key not in st.plans:
-            st.plans[key] = (_chain_plan(st, L, S, rb // t, self.bdt) if isinstance(st, BlockMap)
-                             else _row_block_plan(st, L, S, t, rb, self.bdt))
+            plan = _chain_plan(st, L, S, rb // t, self.bdt) if isinstance(st, BlockMap) else None
+            if plan is None or len(plan[0]) > 1.5 * -(-L // rb) + 1:  # chains too short: blocks of consecutive rows
+                plan = _row_block_plan(st, L, S, t, rb, self.bdt)
+            st.plans[key] = plan
         self.groups, self.orders, computed = st.plans[key]
         self.skipped = 1.0 - computed / max(1, L * S)
 
@@ -753,10 +757,15 @@ class BlockMapExecutor:
     def _take(x, idx):
         return x[:, :, idx] if isinstance(idx, slice) else x.index_select(2, idx)
 
-    def _keys(self, call, k, v, chains):
+    def _keys(self, call, k, v, chain: list):
+        """Keys and values of a call; a chain's keys are gathered once for its groups (``chain`` holds the
+        current one: memory O(S * D))."""
         if isinstance(call.keys, tuple):
-            kc, vc = chains[call.keys[1]]
-            return kc[:, :, :call.keys[2]], vc[:, :, :call.keys[2]]
+            c = call.keys[1]
+            if not chain or chain[0] != c:
+                o = self.orders[c]
+                chain[:] = [c, self._take(k, o), self._take(v, o)]
+            return chain[1][:, :, :call.keys[2]], chain[2][:, :, :call.keys[2]]
         return self._take(k, call.keys), self._take(v, call.keys)
 
     def _key_index(self, call):
@@ -777,7 +786,7 @@ class BlockMapExecutor:
         B, H, L, _ = q.shape
         out = q.new_zeros(B, H, L, v.shape[-1])
         lse = torch.full((B, H, L), float("-inf"), dtype=_acc_dtype(q.dtype), device=q.device)
-        chains = [(self._take(k, o), self._take(v, o)) for o in self.orders]
+        chains: list = []
         for rows, calls in self.groups:
             qg, res = self._take(q, rows), None
             for call in calls:
@@ -803,7 +812,7 @@ class BlockMapExecutor:
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-        chains = [(self._take(k, o), self._take(v, o)) for o in self.orders]
+        chains: list = []
         for rows, calls in self.groups:
             qg, og, lg, dog = (self._take(x, rows) for x in (q, out, lse.unsqueeze(-1), dout))
             dlg = None if dlse is None else self._take(dlse.unsqueeze(-1), rows).squeeze(-1)
