@@ -451,3 +451,22 @@ def test_strided_cache_is_read_in_place():
     want = salience.attention_with_kvcache(q, dense_k, dense_v, k, v, cache_seqlens=lens, mask=mask)
     torch.testing.assert_close(got, want)
     assert torch.equal(store_k[1, 30], k[1, :, 0])  # written into the caller's storage
+
+
+@pytest.mark.parametrize("mask", [masks.causal(), masks.causal(align="bottom_right"), masks.sliding_window(3),
+                                  masks.sliding_window(3, 2, align="bottom_right"),
+                                  masks.sliding_window(None, 1, align="bottom_right"), masks.sliding_window(2, None),
+                                  masks.sliding_window(0, 0, align="bottom_right")], ids=repr)
+def test_band_intervals_for_all_sequences_at_once_equal_row_spans_per_sequence(mask):
+    """The vectorised intervals of band masks equal spans.row_spans of the mask bound to each sequence's sizes."""
+    from salience.kernels.spans import row_spans
+
+    lens = torch.tensor([0, 1, 4, 6, 8, 19])
+    for L in (1, 3, 7):
+        kc = torch.zeros(lens.numel(), 1, 40, 4)
+        g = kvcache._check(torch.zeros(lens.numel(), 2, L, 4), kc, kc, torch.zeros(lens.numel(), 1, 1, 4),
+                           torch.zeros(lens.numel(), 1, 1, 4), lens, None)
+        lo, hi = kvcache._intervals(mask, g)
+        for b, S in enumerate(g.total.tolist()):
+            want = row_spans(mask.bind(L, S), 1, L, S)
+            assert torch.equal(lo[b], want[0][0]) and torch.equal(hi[b], want[1][0]), (L, S)

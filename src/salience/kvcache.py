@@ -312,6 +312,20 @@ def _tensor_mask(mask, g: _Geom):
     return mask
 
 
+def _band_of(mask):
+    """``(lo_d, hi_d, bottom_right)`` when the mask is a band ``lo_d <= kv - q - shift <= hi_d`` (None = unbounded;
+    shift = S_b - L when bottom_right, else 0): causal and sliding windows of either alignment; else None."""
+    kind = getattr(mask, "kind", None)
+    if kind == ("causal", "bottom_right"):
+        return None, 0, True
+    if isinstance(kind, tuple) and len(kind) == 4 and kind[0] == "sliding_window" and kind[3] == "bottom_right":
+        return (None if kind[1] is None else -kind[1]), kind[2], True
+    band = getattr(mask, "band", None)
+    if band is not None and mask._binder is None:
+        return band[0], band[1], False
+    return None
+
+
 def _intervals(mask, g: _Geom):
     """Per-row visible key intervals ``(lo, hi)`` (B, L) int64 in each sequence's own coordinates, or None when
     some sequence's mask is not an interval mask."""
@@ -321,6 +335,16 @@ def _intervals(mask, g: _Geom):
     hi = g.total.view(-1, 1).expand(g.B, g.L).clone()
     if mask is None:
         return lo, hi
+    band = _band_of(mask)
+    if band is not None:  # all sequences at once (no per-length binding)
+        lo_d, hi_d, br = band
+        diag = torch.arange(g.L).view(1, -1) + ((g.total - g.L).view(-1, 1) if br else 0)  # kv index of q's diagonal
+        if lo_d is not None:
+            lo = torch.clamp(diag + lo_d, min=0)
+        if hi_d is not None:
+            hi = torch.minimum(hi, torch.clamp(diag + hi_d + 1, min=0))
+        empty = hi <= lo
+        return torch.where(empty, 0, lo), torch.where(empty, 0, hi)
     for S in torch.unique(g.total).tolist():
         rows = torch.nonzero(g.total == S).view(-1)
         got = row_spans(mask.bind(g.L, S), g.B, g.L, S)
