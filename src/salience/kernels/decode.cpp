@@ -58,6 +58,8 @@ struct SalienceDecodeArgs {
   double scale, softcap;  // softcap 0: none
   int64_t nthreads, dtype;  // dtype 0 float32, 1 bfloat16, 2 float16
   int64_t min_split;        // fewest keys per piece of a split key range
+  int64_t num_blocks;       // pool blocks (paged) ...
+  int64_t capacity;         // ... and logical keys per sequence, for salience_decode_check
 };
 }
 
@@ -531,10 +533,33 @@ void forward(const Args& A) {
 
 extern "C" {
 
-int salience_decode_abi() { return 1; }
+int salience_decode_abi() { return 2; }
 int64_t salience_decode_args_size() { return static_cast<int64_t>(sizeof(SalienceDecodeArgs)); }
 int salience_decode_lanes() { return W; }
 int64_t salience_decode_max_rows() { return MAX_NR * 64; }
+
+// 0 when every bound lies in [0, capacity] and every pool block that some row reads is in [0, num_blocks);
+// else 1 (decode.py then words the error).
+int64_t salience_decode_check(const SalienceDecodeArgs* a) {
+  const Args& A = *a;
+  for (int64_t b = 0; b < A.B; ++b) {
+    int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+    for (int64_t i = 0; i < A.L; ++i) {
+      const int64_t x = A.lo[b * A.L + i], y = A.hi[b * A.L + i];
+      if (x < 0 || x > A.capacity || y < 0 || y > A.capacity) return 1;
+      if (y > x) {
+        lo = std::min(lo, x);
+        hi = std::max(hi, y);
+      }
+    }
+    if (A.block_table && hi > 0)
+      for (int64_t j = lo / A.block_size; j <= (hi - 1) / A.block_size; ++j) {
+        const int64_t e = A.block_table[b * A.max_blocks + j];
+        if (e < 0 || e >= A.num_blocks) return 1;
+      }
+  }
+  return 0;
+}
 
 void salience_decode_forward(const SalienceDecodeArgs* a) {
   if (a->dtype == 1)

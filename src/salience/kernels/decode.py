@@ -151,8 +151,22 @@ def _check_blocks(block_table, lo, hi, p: _Problem, num_blocks: int) -> None:
                          f"{(blk + 1) * p.block_size - 1} through it; give indices in [0, {num_blocks})")
 
 
+def _check_values(p: _Problem, lo, hi, block_table, num_blocks: int) -> None:
+    """The checks that read the index tables: bounds in [0, capacity], and the pool blocks that rows read exist.
+    (The compiled path runs the same checks in C first and calls this only to word the error.)"""
+    for name, t in (("lo", lo), ("hi", hi)):
+        bad = (t < 0) | (t > p.capacity)
+        if bool(bad.any()):
+            b, i = (int(x) for x in bad.nonzero()[0])
+            where = "max_blocks * block_size" if p.paged else "S"
+            raise ValueError(f"{name}: [{b}, {i}] = {int(t[b, i])} lies outside [0, {p.capacity}] (the cache holds "
+                             f"{where} = {p.capacity} logical keys per sequence); rows see keys [lo, hi) of the cache")
+    if p.paged:
+        _check_blocks(block_table, lo, hi, p, num_blocks)
+
+
 def _check(q, k, v, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks):
-    """Validate every argument at the boundary; returns (problem, lo, hi, q_pos, slopes, sinks, scale, softcap)
+    """Validate every argument at the boundary (the index tables' values: :func:`_check_values`); returns (problem, lo, hi, q_pos, slopes, sinks, scale, softcap)
     with the index tables as int64 on q's device and slopes / sinks as (B, H) float tables."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q: expected (B, H, L, D); got {_shape(q)}")
@@ -165,15 +179,6 @@ def _check(q, k, v, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks):
     B, L = p.B, p.L
     lo = _int_table("lo", lo, (B, L), "(B, L)").to(q.device, torch.int64)
     hi = _int_table("hi", hi, (B, L), "(B, L)").to(q.device, torch.int64)
-    for name, t in (("lo", lo), ("hi", hi)):
-        bad = (t < 0) | (t > p.capacity)
-        if bool(bad.any()):
-            b, i = (int(x) for x in bad.nonzero()[0])
-            where = "max_blocks * block_size" if p.paged else "S"
-            raise ValueError(f"{name}: [{b}, {i}] = {int(t[b, i])} lies outside [0, {p.capacity}] (the cache holds "
-                             f"{where} = {p.capacity} logical keys per sequence); rows see keys [lo, hi) of the cache")
-    if p.paged:
-        _check_blocks(block_table, lo, hi, p, k.shape[0])
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
         raise ValueError(f"scale: expected a finite number (e.g. D ** -0.5); got {scale!r}")
     if softcap is not None:
@@ -239,7 +244,7 @@ def _torch_forward(q, k, v, p: _Problem, lo, hi, scale, block_table, slopes, q_p
 
 
 _SOURCE = Path(__file__).with_name("decode.cpp")
-_ABI = 1
+_ABI = 2
 _LOCK = threading.Lock()
 _STATE: dict = {}
 _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -256,7 +261,8 @@ class _Args(ctypes.Structure):
         (n, ctypes.c_void_p) for n in ("lo", "hi", "slopes", "q_pos", "sinks", "out", "lse")] + [
         (n, ctypes.c_int64) for n in ("B", "H", "Hkv", "L", "D", "Dv")] + [
         ("scale", ctypes.c_double), ("softcap", ctypes.c_double), ("nthreads", ctypes.c_int64),
-        ("dtype", ctypes.c_int64), ("min_split", ctypes.c_int64)]
+        ("dtype", ctypes.c_int64), ("min_split", ctypes.c_int64), ("num_blocks", ctypes.c_int64),
+        ("capacity", ctypes.c_int64)]
 
 
 def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -268,6 +274,8 @@ def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
         raise native._Unavailable(f"{lib._name} does not match this version of salience (ABI); delete it to rebuild")
     lib.salience_decode_forward.restype = None
     lib.salience_decode_forward.argtypes = [ctypes.POINTER(_Args)]
+    lib.salience_decode_check.restype = ctypes.c_int64
+    lib.salience_decode_check.argtypes = [ctypes.POINTER(_Args)]
     return lib
 
 
@@ -335,7 +343,7 @@ def _native_forward(lib, q, k, v, p: _Problem, lo, hi, scale, block_table, slope
               k_s2=k.stride(2), v_s0=v.stride(0), v_s1=v.stride(1), v_s2=v.stride(2), lo=ops["lo"].data_ptr(),
               hi=ops["hi"].data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(), B=p.B, H=p.H, Hkv=p.Hkv, L=p.L,
               D=p.D, Dv=p.Dv, scale=scale, softcap=softcap or 0.0, nthreads=max(1, torch.get_num_threads()),
-              dtype=_KERNEL_DTYPES[q.dtype], min_split=MIN_SPLIT)
+              dtype=_KERNEL_DTYPES[q.dtype], min_split=MIN_SPLIT, capacity=p.capacity, num_blocks=k.shape[0])
     if block_table is not None:
         ops["bt"] = block_table.to(torch.int64).contiguous()
         a.block_table, a.max_blocks, a.block_size = ops["bt"].data_ptr(), ops["bt"].shape[1], p.block_size
@@ -346,6 +354,9 @@ def _native_forward(lib, q, k, v, p: _Problem, lo, hi, scale, block_table, slope
     if sinks is not None:
         ops["sinks"] = sinks.float().contiguous()
         a.sinks = ops["sinks"].data_ptr()
+    if lib.salience_decode_check(ctypes.byref(a)):  # a bound or a block index out of range: say which
+        _check_values(p, lo, hi, block_table, k.shape[0])
+        raise AssertionError("decode.cpp's argument check failed where _check_values found nothing wrong")
     if p.B * p.H * p.L and p.D and p.Dv:
         lib.salience_decode_forward(ctypes.byref(a))
     elif p.B * p.H * p.L:  # D = 0 or Dv = 0: scores are 0 over the visible keys
@@ -388,4 +399,5 @@ def forward(q, k, v, *, lo, hi, scale, block_table=None, slopes=None, q_pos=None
                                                                softcap, sinks)
     if available(q) and p.H // p.Hkv * p.L <= _lib().salience_decode_max_rows():
         return _native_forward(_lib(), q, k, v, p, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)
+    _check_values(p, lo, hi, block_table, k.shape[0])
     return _torch_forward(q, k, v, p, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)
