@@ -1,36 +1,34 @@
 """salience attention as ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` and ``torch.export`` see it.
 
 Eager calls never come here: :func:`salience.attention` calls :func:`salience.kernels.dispatch.attend` directly.
-While torch compiles or exports (``torch.compiler.is_compiling()``), the functional API calls :func:`attend`
-instead, which puts two custom ops into the graph:
+While torch compiles or exports (``torch.compiler.is_compiling()``), it calls :func:`attend` instead, which puts
+two custom ops into the graph:
 
-* ``salience::attention(q, k, v, mask, bias, extras, spec) -> (out, lse)``: out (B, H, L, Dv) in q's dtype, lse (B, H, L) in
-  the accumulation dtype (float64 for float64 inputs, float32 otherwise; see ``reference._acc_dtype``). Its real
-  implementation is ``dispatch.attend`` (plan + run, with the non-finite guard), exactly the eager path.
-* ``salience::attention_backward(dout, dlse, q, k, v, out, lse, mask, bias, bias_grad, extras, spec)``: the
-  plan's executor backward (recomputing, FlashAttention-2 style, from the saved q, k, v, out and lse); where the
-  plan has none (the chunked reference path) or k/v hold NaN/inf (the guarded path) it recomputes the forward
-  under autograd and differentiates it, which is what eager autograd does on those paths.
+* ``salience::attention(q, k, v, mask, bias, extras, spec) -> (out, lse)``: out (B, H, L, Dv) in q's dtype, lse
+  (B, H, L) in the accumulation dtype (float64 for float64 inputs, float32 otherwise: ``reference._acc_dtype``).
+  Its real implementation is ``dispatch.attend`` (plan + run, with the non-finite guard): the eager path.
+* ``salience::attention_backward(dout, dlse, q, k, v, out, lse, mask, bias, bias_grad, extras, spec)`` ->
+  ``[dq, dk, dv, *dextras, (dbias)]``: the backward of the plan eager training would choose (recomputing from
+  the saved q, k, v, out and lse); where eager has none (the chunked reference path, which autograd
+  differentiates; the guarded path for NaN/inf keys; an executor without dbias) it differentiates the forward.
 
-Both have fake (meta) implementations that give the shapes and dtypes without running anything, and the
-forward's autograd registration saves q, k, v, out, lse (and the extras) and calls the backward op.
+Both have fake implementations (shapes and dtypes, layouts that depend on shapes only), and the forward's
+autograd registration saves q, k, v, out, lse (plus mask, bias, extras) and calls the backward op.
 
-**How masks and score_mods enter the ops.** A custom op's schema takes tensors, numbers, strings and
-registered opaque classes, not arbitrary Python callables. salience passes an ``int`` key (``spec``) into a
-process-local registry of :class:`Spec` (the validated mask, score_mod, scale, compatibility and backend). The key
-is computed once at trace time by :func:`spec_key` (``torch.compiler.assume_constant_result``: dynamo runs it on
-the real objects, installs an identity guard on a mask/score_mod object it reached from an input or attribute, and
-bakes the int into the graph). We chose a key over ``torch._library.opaque_object.register_opaque_type``
-because masks are arbitrary callables (user lambdas, closures over tensors) that have neither the ``__eq__``,
-``__hash__`` and ``__fx_repr__`` a *value* opaque type needs, nor a stable identity across
-processes that a *reference* opaque type would have to be rebuilt from; the opaque-object API is also private
-(``torch._library``) and still changing, while an ``int`` argument works in every torch with ``custom_op``
-and in every backend (aot_eager, inductor, export). The cost is the same in both designs: an exported program
-refers to masks living in this process (see :func:`spec_key`).
+**What enters the ops, and how.** Tensors that may change from call to call are op inputs: q, k, v, a bool
+``mask`` tensor, the ``bias`` tensor, and ``extras``, the tensors requiring grad that a score_mod or compatibility
+closes over (``dispatch.grad_tensors``: a T5 bias table, learned ALiBi slopes), so AOT autograd routes their
+gradients. Python objects (a salience mask, a user callable, a score_mod, the float scale, the backend) enter as
+``spec``, an ``int`` key into a process-local registry of :class:`Spec`. :func:`spec_key` computes it once per
+trace (``torch.compiler.assume_constant_result``: dynamo runs it on the real objects, runs the eager checks,
+guards on the objects' identity and bakes the int into the graph).
 
-**Trainable tensors** a score_mod or compatibility function closes over (``dispatch.grad_tensors``: a T5 relative
-bias table, learned ALiBi slopes) are passed as the ``extras`` op inputs, so AOT autograd routes their
-gradients; they reach the graph through :func:`spec_tensors`, also a constant-result function.
+We chose a key over ``torch._library.opaque_object.register_opaque_type``: masks are arbitrary callables (user
+lambdas, closures over tensors) that have neither the ``__eq__``, ``__hash__`` and ``__fx_repr__`` a *value*
+opaque type needs (to guard on and to print into the FX code), nor a rebuild recipe a *reference* opaque type
+would need after serialisation; the opaque-object API is private (``torch._library``) and still changing,
+while an ``int`` works in every torch with ``custom_op`` and every backend (aot_eager, inductor, export). The
+cost, the same in both designs: a graph or ``ExportedProgram`` refers to mask objects living in this process.
 
 Example:
     >>> import torch, salience
@@ -54,7 +52,7 @@ from .._result import AttentionResult
 from ..reference import _acc_dtype
 from . import dispatch
 
-__all__ = ["Spec", "active", "attend", "compiled", "fold_scale", "spec_key", "spec_tensors", "lookup"]
+__all__ = ["Spec", "attend", "compiled", "fold_scale", "spec_key", "spec_tensors", "lookup"]
 
 
 @dataclass(eq=False)
@@ -179,12 +177,6 @@ def fold_scale(q: torch.Tensor, scale: torch.Tensor, compatibility) -> tuple:
     s = scale.reshape(())
     torch._assert_async((s > 0) & torch.isfinite(s), "salience.attention: scale must be positive and finite")
     return q * s.to(q.dtype), 1.0
-
-
-def active(q: torch.Tensor) -> bool:
-    """True when the functional API should call the custom op: torch is compiling or exporting, and q holds
-    data (meta tensors take the shape-only path)."""
-    return torch.compiler.is_compiling() and q.device.type != "meta"
 
 
 # --------------------------------------------------------------------------------------------- the ops
