@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["accuracy", "accuracy_full", "accuracy_quick", "accuracy_readme", "alignment", "efficiency",
+__all__ = ["accuracy", "accuracy_full", "offsets", "accuracy_quick", "accuracy_readme", "alignment", "efficiency",
            "efficiency_time", "efficiency_memory", "machine_line"]
 
 #: row labels of the models (as in :data:`salience.demos.seq2seq.LABELS`, repeated so that rendering needs no torch)
@@ -53,8 +53,8 @@ def accuracy(data: dict, what: str) -> str:
 
 def accuracy_full(data: dict) -> str:
     """docs/demo.md: the token and the sequence accuracy tables of the full run."""
-    return ("Token accuracy (%)\n\n" + accuracy(data, "token_accuracy") + "\n\nSequence accuracy (%)\n\n"
-            + accuracy(data, "sequence_accuracy"))
+    return ("Token accuracy (%)\n\n" + accuracy(data, "token_accuracy") + "\n\nSequence accuracy (%, every token "
+            "right)\n\n" + accuracy(data, "sequence_accuracy"))
 
 
 def accuracy_quick(data: dict) -> str:
@@ -87,6 +87,24 @@ def alignment(data: dict) -> str:
     first = next(iter(acc["metrics"].values()))
     rows.append(["uniform (chance)"] + [_pct(m["chance_mass"]) for m in first])
     return _md(["attention mass % \\ length"] + _buckets(acc), rows)
+
+
+def offsets(data: dict, kind: str = "additive") -> str:
+    """docs/demo.md: where a model's attention goes, by offset from the aligned token, in the longest bucket,
+    with the range of the most-attended offset's share over all buckets."""
+    ms = data["accuracy"]["metrics"][kind]
+    last = ms[-1]["offset_mass"]
+    top = max(last, key=lambda o: last[o])
+    shares = [100 * m["offset_mass"][top] for m in ms]
+    lo, hi = data["accuracy"]["buckets"][-1]
+    def off(o) -> str:
+        return f"{int(o):+d}" if int(o) else "0"
+
+    cells = ", ".join(f"**{off(o)}: {100 * v:.1f}**" if o == top else f"{off(o)}: {100 * v:.1f}"
+                      for o, v in sorted(last.items(), key=lambda x: int(x[0])))
+    name = {"additive": "additive", "luong": "Luong"}.get(kind, kind)
+    return (f"Where the {name} model's attention goes, by offset from the aligned token (%, {lo}-{hi} bucket; "
+            f"offset {off(top)} takes {min(shares):.0f}-{max(shares):.0f} % in every bucket): {cells}.")
 
 
 def _time(s: float) -> str:

@@ -156,6 +156,16 @@ class View:
 
     :meth:`~salience.interpret.pair.PairAttention.as_view`, :meth:`~salience.interpret.generation.
     GenerationAttention.as_view` and :meth:`~salience.interpret.seq2seq.CrossAttention.as_view` make them.
+
+    Example:
+        >>> import torch
+        >>> from salience.interpret.seq2seq import CrossAttention
+        >>> ca = CrossAttention(source=["a", "b"], target=["x"], maps=torch.full((1, 1, 1, 2), 0.5))
+        >>> v = ca.as_view(); v.key, v.section_id
+        ('cross', 'cross-sec')
+        >>> page = report(torch.softmax(torch.randn(1, 1, 2, 2), -1), ["a", "b"], views=[ca])
+        >>> '<section id="cross-sec" hidden' in page and "Cross-attention" in page
+        True
     """
 
     key: str
@@ -269,7 +279,17 @@ small{color:#777;font-weight:normal}[hidden]{display:none!important}
 
 
 def standalone(view, title: str, path=None):
-    """One view alone on a self-contained page (what ``PairAttention.report`` and the others write)."""
+    """One view alone on a self-contained page (what ``PairAttention.report`` and the others write): ``view`` is a
+    :class:`View` or an object with ``as_view()``; returns the written path, or a :class:`ReportHTML` when ``path``
+    is None.
+
+    Example:
+        >>> import torch
+        >>> from salience.interpret.seq2seq import CrossAttention
+        >>> page = standalone(CrossAttention(["a", "b"], ["x"], torch.full((1, 1, 1, 2), 0.5)), "one view")
+        >>> page.count('id="cross-sec"'), "<h1>one view</h1>" in page
+        (1, True)
+    """
     v = _views([view])[0]
     return write_page(_SHELL, _SHELL_CSS + v.css, v.js, v.data, title, path,
                       extra={"SECTION": v.section, "DATAID": v.data_id})
