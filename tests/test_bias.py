@@ -23,6 +23,10 @@ def _qkv(B, H, Hkv, L, S, D, dtype=torch.float64):
 def _causal_bias(shape, L, S, dtype=torch.float64):
     """A random bias of ``shape`` with -inf structure: above the diagonal, an all -inf row 5 and an -inf tile
     (or padded keys for a key bias, row 5 for a row bias)."""
+    if shape == "band":  # query i sees keys i-12 .. i+3: per row-block windows, no causal structure
+        i = torch.arange(L).view(-1, 1)
+        j = torch.arange(S).view(1, -1)
+        return torch.randn(1, 4, L, S, dtype=dtype).masked_fill((j < i - 12) | (j > i + 3), NEG)
     b = torch.randn(shape, dtype=dtype)
     Lb, Sb = shape[-2], shape[-1]
     hide = torch.zeros(Lb, Sb, dtype=torch.bool)
@@ -52,7 +56,7 @@ def _grads(res_out, res_lse, leaves, seed=1):
     return torch.autograd.grad(loss, leaves, allow_unused=True)
 
 
-SHAPES = [(2, 4, 64, 48), (1, 4, 64, 48), (64, 48), (2, 1, 1, 48), (1, 4, 64, 1), (4, 1, 48)]
+SHAPES = [(2, 4, 64, 48), (1, 4, 64, 48), (64, 48), (2, 1, 1, 48), (1, 4, 64, 1), (4, 1, 48), "band"]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -84,10 +88,14 @@ def test_structure_is_found_and_skipped():
     q, k, v = _qkv(1, 2, 2, L, S, 16, torch.float32)
     causal = torch.full((L, S), NEG).triu(1)
     ex, det = kb.executor(q, k, v, causal, scale=0.25, need_grad=False, config=kb.BiasConfig(rows=32))
-    assert det["blocks"] == 8 and det["skipped"] == pytest.approx(1 - 36 / 64)
+    assert det["blocks"] == 1 and det["is_causal"] and det["skipped"] == pytest.approx(1 - (L + 1) / (2 * L), abs=1e-4)
+    assert len(ex.tile_blocks) == 8  # the dbias tiles still use the windows
+    band = causal + torch.full((L, S), NEG).tril(-33)  # query i sees keys i-32 .. i
+    ex, det = kb.executor(q, k, v, band, scale=0.25, need_grad=False, config=kb.BiasConfig(rows=32))
+    assert det["blocks"] == 8 and not det["is_causal"] and det["skipped"] > 0.7
     # windows: every key outside a block's window is -inf for every row of the block
     for blk in ex.blocks:
-        rows = causal[blk.r0:blk.r1]
+        rows = band[blk.r0:blk.r1]
         assert bool(torch.isneginf(rows[:, :blk.lo]).all()) and bool(torch.isneginf(rows[:, blk.hi:]).all())
     dense = torch.randn(L, S)
     _, det2 = kb.executor(q, k, v, dense, scale=0.25, need_grad=False)

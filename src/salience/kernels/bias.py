@@ -9,8 +9,10 @@ the extra gradients, in order):
 * **Structure.** The bias is scanned once (cached per tensor object and version) for its -inf structure: for
   each block of ``BiasConfig.rows`` query rows, the key window ``[lo, hi)`` outside which the bias is -inf for
   every batch entry, head and row of the block. A mask narrows the windows further through its tile classes
-  (:class:`salience.blocks.BlockMask`). When the windows skip at least ``min_skip`` of the score elements, each
-  row block is one fused call over just its window (causal -inf skips about half the work); otherwise one fused
+  (:class:`salience.blocks.BlockMask`). A bias that is -inf above the diagonal everywhere (causal, with any
+  values below) runs as one fused call with the kernel's own ``is_causal`` skipping as well (exact, since
+  those keys are hidden anyway; about half the work in one call). Otherwise, when the windows skip at least
+  ``min_skip`` of the score elements, each row block is one fused call over just its window; else one fused
   call takes the whole bias, as ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias)`` does. A cheap probe
   (a grid of sampled entries) skips the scan for biases with no -inf in sight.
 * **Forward**: ``aten::_scaled_dot_product_flash_attention_for_cpu`` with the bias slice as ``attn_mask``
@@ -28,10 +30,14 @@ Example:
     >>> from salience.kernels import bias as kb
     >>> q = k = v = torch.randn(1, 2, 64, 16)
     >>> causal = torch.full((64, 64), float("-inf")).triu(1)
-    >>> ex, details = kb.executor(q, k, v, causal, scale=0.25, need_grad=False, config=kb.BiasConfig(rows=16))
+    >>> ex, details = kb.executor(q, k, v, causal, scale=0.25, need_grad=False)
+    >>> details["is_causal"], details["blocks"]
+    (True, 1)
+    >>> band = causal + torch.full((64, 64), float("-inf")).tril(-9)  # query i sees keys i-8 .. i
+    >>> ex, details = kb.executor(q, k, v, band, scale=0.25, need_grad=False, config=kb.BiasConfig(rows=16))
     >>> out, lse = ex.forward(q, k, v)
     >>> out.shape, details["blocks"], details["skipped"]
-    (torch.Size([1, 2, 64, 16]), 4, 0.375)
+    (torch.Size([1, 2, 64, 16]), 4, 0.6562)
 """
 
 from __future__ import annotations
@@ -122,9 +128,11 @@ def _probe_has_neginf(b4: torch.Tensor, n: int) -> bool:
 
 
 def key_windows(bias: torch.Tensor, b4: torch.Tensor, L: int, S: int, rows: int, probe: int = 64):
-    """``(lo, hi)`` int64 (nblocks,) per block of ``rows`` query rows: the bias is -inf outside keys
-    ``[lo, hi)`` for every batch entry, head and row of the block (an all -inf block gives lo = hi = 0);
-    None when a probe of sampled entries finds no -inf. Cached per ``bias`` object and version."""
+    """``(lo, hi, causal)``: lo, hi int64 (nblocks,) per block of ``rows`` query rows, the bias being -inf
+    outside keys ``[lo, hi)`` for every batch entry, head and row of the block (an all -inf block gives
+    lo = hi = 0); ``causal`` True when it is -inf above the diagonal (query i, keys j > i) everywhere, so that
+    the fused kernel's own top-left ``is_causal`` skipping is exact. None when a probe of sampled entries finds
+    no -inf. Cached per ``bias`` object and version."""
     key = (id(bias), bias._version, bias.data_ptr(), tuple(b4.shape), tuple(b4.stride()), L, S, rows)
     hit = _WINDOWS.get(key[0])
     if hit is not None and hit[0]() is bias and hit[1] == key:
@@ -133,6 +141,7 @@ def key_windows(bias: torch.Tensor, b4: torch.Tensor, L: int, S: int, rows: int,
     if _probe_has_neginf(b4, probe):
         with torch.no_grad():
             fin = (b4.amax(dim=(0, 1)) if b4.shape[0] * b4.shape[1] > 1 else b4[0, 0]) > float("-inf")  # (Lb, Sb)
+        causal = fin.shape[0] > 1 and fin.shape[1] > 1 and not bool(fin.triu(1).any())
         fin = fin.expand(L, fin.shape[1]) if fin.shape[0] == 1 else fin
         nb = -(-L // rows)
         fin = torch.nn.functional.pad(fin, (0, 0, 0, nb * rows - L)).view(nb, rows, -1).any(1)  # (nb, Sb)
@@ -142,7 +151,7 @@ def key_windows(bias: torch.Tensor, b4: torch.Tensor, L: int, S: int, rows: int,
             idx = torch.arange(S, device=fin.device)
             lo = torch.where(fin, idx, S).amin(-1).cpu()
             hi = torch.where(fin, idx + 1, 0).amax(-1).cpu()
-        res = (torch.where(hi > lo, lo, 0), torch.where(hi > lo, hi, 0))
+        res = (torch.where(hi > lo, lo, 0), torch.where(hi > lo, hi, 0), causal)
     if len(_WINDOWS) >= _WINDOWS_MAX:
         _WINDOWS.pop(next(iter(_WINDOWS)))
     _WINDOWS[key[0]] = (weakref.ref(bias), key, res)
@@ -176,10 +185,13 @@ class _Block:
 
 
 def _blocks(bias, b4, m, B, H, L, S, cfg: BiasConfig, device):
-    """The row blocks to run, or one block covering everything when structure does not pay."""
+    """``(blocks, skipped, causal, tile_blocks)``: the fused calls' row blocks (one block covering everything,
+    with the kernel's ``is_causal`` when the bias is causal, unless windows save clearly more), the share of
+    score elements skipped, and the windowed row blocks (for the tiled dbias backward)."""
+    whole = [_Block(0, L, 0, S, False)]
     win = key_windows(bias, b4, L, S, cfg.rows, cfg.probe)
     if win is None and m is None:  # nothing to skip: one call over everything
-        return [_Block(0, L, 0, S, False)], 0.0
+        return whole, 0.0, False, whole
     nb = -(-L // cfg.rows)
     lo = torch.zeros(nb, dtype=torch.long) if win is None else win[0]
     hi = torch.full((nb,), S, dtype=torch.long) if win is None else win[1]
@@ -195,9 +207,12 @@ def _blocks(bias, b4, m, B, H, L, S, cfg: BiasConfig, device):
             blocks.append(_Block(r0, r1, a, b, not full[i]))
             computed += (r1 - r0) * (b - a)
     skipped = 1 - computed / max(1, L * S)
+    causal_work = sum(min(i + 1, S) for i in range(L))
+    if m is None and win is not None and win[2] and computed >= 0.8 * causal_work:
+        return whole, round(1 - causal_work / max(1, L * S), 4), True, blocks
     if skipped < cfg.min_skip and all(not blk.masked for blk in blocks):
-        return [_Block(0, L, 0, S, False)], 0.0
-    return blocks, skipped
+        return whole, 0.0, False, whole
+    return blocks, skipped, False, blocks
 
 
 # ---------------------------------------------------------------------------------------------- executor
@@ -223,8 +238,9 @@ class BiasExecutor:
 
     autograd = False
 
-    def __init__(self, bias, b4, m, blocks, scale: float, shape, need_bias_grad: bool, cfg: BiasConfig):
-        self.bias, self.b4, self.mask, self.blocks, self.scale = bias, b4, m, blocks, float(scale)
+    def __init__(self, bias, b4, m, layout, scale: float, shape, need_bias_grad: bool, cfg: BiasConfig):
+        self.bias, self.b4, self.mask, self.scale = bias, b4, m, float(scale)
+        self.blocks, _, self.causal, self.tile_blocks = layout
         self.B, self.H, self.L, self.S = shape
         self.cfg = cfg
         self.grad_tensors = (bias,) if need_bias_grad else ()
@@ -232,6 +248,7 @@ class BiasExecutor:
     def describe(self):
         n = len(self.blocks)
         fwd = "torch's fused CPU flash kernel with the bias as attn_mask" + (
+            " and is_causal (the bias is -inf above the diagonal)" if self.causal else "") + (
             "" if self._whole() else f", {n} row blocks over the keys the bias and mask leave finite")
         bwd = ("tiled recompute of dS (dq, dk, dv and dbias), memory linear in L" if self.grad_tensors else
                "torch's fused CPU flash backward with the bias" + ("" if self._whole() else ", per row block"))
@@ -268,7 +285,7 @@ class BiasExecutor:
     def _forward(self, q, k, v):
         kb = _kernel_bias(self.b4, q.dtype)
         if self._whole():
-            out, lse = fused.forward(q, k, v, scale=self.scale, bias=kb)
+            out, lse = fused.forward(q, k, v, scale=self.scale, bias=kb, causal=self.causal)
             return out, _empty_rows(lse, kb)
         B, H, L = q.shape[:3]
         out = q.new_zeros(B, H, L, v.shape[-1])
@@ -303,7 +320,8 @@ class BiasExecutor:
             return self._backward_tiled(q, k, v, out, lse, dout, dlse)
         kb = _kernel_bias(self.b4, q.dtype)
         if self._whole():
-            return (*fused.backward(dout, q, k, v, out, lse, scale=self.scale, bias=kb, dlse=dlse), [])
+            return (*fused.backward(dout, q, k, v, out, lse, scale=self.scale, bias=kb, dlse=dlse, causal=self.causal),
+                    [])
         acc = _acc_dtype(q.dtype)
         dq = torch.zeros_like(q)
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
@@ -326,7 +344,7 @@ class BiasExecutor:
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         db = torch.zeros(self.b4.shape, dtype=acc, device=q.device)
-        for blk in self.blocks:
+        for blk in self.tile_blocks:
             for r0 in range(blk.r0, blk.r1, self.cfg.grad_rows):
                 r1 = min(blk.r1, r0 + self.cfg.grad_rows)
                 t = self._slice(blk, kb, r0, r1)
@@ -408,11 +426,14 @@ def executor(q, k, v, bias, *, mask=None, scale: float, need_grad: bool, config:
     m = None if mask is None else mask.bind(L, S, q.device)
     if m is not None and getattr(m, "name", None) == "full()":
         m = None
-    blocks, skipped = _blocks(bias, b4, m, B, H, L, S, config, q.device)
+    layout = _blocks(bias, b4, m, B, H, L, S, config, q.device)
+    blocks, skipped, causal = layout[:3]
     grad = bool(need_grad and bias.requires_grad)
-    ex = BiasExecutor(bias, b4, m, blocks, scale, (B, H, L, S), grad, config)
-    details = {"skipped": round(skipped, 4), "blocks": len(blocks),
+    ex = BiasExecutor(bias, b4, m, layout, scale, (B, H, L, S), grad, config)
+    details = {"skipped": round(skipped, 4), "blocks": len(blocks), "is_causal": causal,
                "backward": "tiled dS recompute with dbias" if grad else "fused flash backward with the bias"}
-    if skipped > 0:
+    if causal:
+        details["structure"] = "-inf above the diagonal: the kernel's is_causal skipping"
+    elif skipped > 0:
         details["structure"] = f"-inf key windows per {config.rows}-row block"
     return ex, details
