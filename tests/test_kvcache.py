@@ -470,3 +470,17 @@ def test_band_intervals_for_all_sequences_at_once_equal_row_spans_per_sequence(m
         for b, S in enumerate(g.total.tolist()):
             want = row_spans(mask.bind(L, S), 1, L, S)
             assert torch.equal(lo[b], want[0][0]) and torch.equal(hi[b], want[1][0]), (L, S)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_prefill_blocks_take_attention_kernels(paged):
+    """More than MAX_DECODE_ROWS queries (a prefill through the cache) run salience.attention on the cached keys:
+    plan() says so, and the result equals one causal pass (equal lengths: one batched call)."""
+    B, H, Hkv, D, L = 2, 4, 2, 16, kvcache.MAX_DECODE_ROWS + 8
+    kc, vc, bt = _cache(B, Hkv, 64, D, torch.float64, paged)
+    q, k, v = (torch.randn(B, n, L, D, dtype=torch.float64) for n in (H, Hkv, Hkv))
+    mask = masks.causal(align="bottom_right")
+    pl = kvcache.plan(q, kc, vc, k, v, cache_seqlens=0, block_table=bt, mask=mask)
+    assert pl.path == "fallback" and "prefill" in pl.reason
+    out = salience.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=0, block_table=bt, mask=mask)
+    torch.testing.assert_close(out, salience.attention(q, k, v, mask=masks.causal()))

@@ -58,6 +58,10 @@ __all__ = ["attention_with_kvcache", "plan", "KVCachePlan", "gather"]
 
 _FLOAT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
+#: at most this many query rows per sequence go to the decode kernel (decoding and speculative decoding); longer
+#: query blocks (a prefill through the cache) run salience.attention's kernels on the cached keys
+MAX_DECODE_ROWS = 16
+
 
 @dataclass
 class KVCachePlan:
@@ -395,6 +399,9 @@ def _decide(q, k_cache, v_cache, k, v, m, sm, sinks, g: _Geom):
         return KVCachePlan("fallback", "inputs require grad and the decode kernel is forward only", det), None, None
     if isinstance(m, torch.Tensor):
         return KVCachePlan("fallback", "a tensor mask (no interval structure to read)", det), None, None
+    if g.L > MAX_DECODE_ROWS:
+        return KVCachePlan("fallback", f"L={g.L} query rows (a prefill; the decode kernel takes up to "
+                           f"{MAX_DECODE_ROWS}): salience.attention on the cached keys", det), None, None
     mods, why = _kernel_mods(sm)
     if mods is None:
         return KVCachePlan("fallback", why, det), None, None
@@ -497,6 +504,13 @@ def _run_fallback(q, k_cache, v_cache, k, v, block_table, m, sm, scale, sinks, g
 
     acc = _acc_dtype(q.dtype)
     graph = k is not None and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+    if not graph and block_table is None and bool((g.total == g.total[0]).all()):
+        # one length for all: the batch is one problem of L x S keys (views of the cache, b indexes the batch)
+        S = int(g.total[0])
+        mm = m[..., :S] if isinstance(m, torch.Tensor) and m.shape[-1] > 1 else m
+        r = attention(q, k_cache[:, :, :S], v_cache[:, :, :S], mask=mm, score_mod=sm, scale=scale, return_lse=True,
+                      sinks=sinks)
+        return AttentionResult(out=r.out, lse=r.lse.to(acc))
     outs, lses = [], []
     for b in range(g.B):
         S = int(g.total[b])
