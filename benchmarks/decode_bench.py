@@ -153,33 +153,49 @@ def batched(dtype, lengths, H, Hkv, D, copy_gbs, repeats, paged: bool, block_siz
 
 
 def generate_row(prompt: int, new_tokens: int, repeats: int) -> dict:
-    """Decoding tokens/s of a tiny random Llama-style model after a ``prompt``-token prompt, salience vs sdpa."""
+    """Decoding tokens/s of a tiny random Llama-style model after a ``prompt``-token prompt, salience vs sdpa.
+
+    One ``generate()`` call per repeat; a logits processor stamps the time at every step, so the decoding steps
+    (after the prefill) are timed inside generate() itself: tokens/s = 1 / median step time. The prefill is the time
+    to the first step."""
     import transformers
 
     import salience.integrations.hf  # noqa: F401  (registers "salience")
+
+    class Stamps(transformers.LogitsProcessor):
+        def __init__(self):
+            self.t = []
+
+        def __call__(self, input_ids, scores):
+            self.t.append(time.perf_counter())
+            return scores
 
     cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=prompt + 256)
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 512, (1, prompt))
-    out = {}
+    out, tokens = {}, {}
     for impl in ("salience", "sdpa"):
         model = transformers.LlamaForCausalLM(cfg).eval()
         model.load_state_dict(base.state_dict())
         model.set_attn_implementation(impl)
-
-        def gen(n, model=model):
+        steps, prefill = [], []
+        for _ in range(repeats):
+            st = Stamps()
+            t0 = time.perf_counter()
             with torch.no_grad():
-                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                      do_sample=False)
-
-        t1 = median_ms(lambda: gen(1), repeats)
-        tn = median_ms(lambda: gen(new_tokens + 1), repeats)
-        out[impl] = {"prefill_ms": t1, "decode_ms_per_token": (tn - t1) / new_tokens,
-                     "tokens_per_s": new_tokens / ((tn - t1) / 1e3)}
-        out[impl]["tokens"] = gen(new_tokens + 1)[0, prompt:].tolist()
-    same = out["salience"].pop("tokens") == out["sdpa"].pop("tokens")
+                res = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, do_sample=False,
+                                     logits_processor=transformers.LogitsProcessorList([st]))
+            prefill.append(st.t[0] - t0)
+            steps += [b - a for a, b in zip(st.t[:-1], st.t[1:])]
+        steps.sort()
+        med = steps[len(steps) // 2]
+        out[impl] = {"prefill_ms": sorted(prefill)[len(prefill) // 2] * 1e3, "decode_ms_per_token": med * 1e3,
+                     "tokens_per_s": 1.0 / med, "steps_timed": len(steps)}
+        tokens[impl] = res[0, prompt:].tolist()
+    same = tokens["salience"] == tokens["sdpa"]
     row = {"name": f"generate() tiny Llama, {prompt}-token prompt", "config": {
         "prompt": prompt, "new_tokens": new_tokens, "layers": 2, "hidden": 256, "heads": 8, "kv_heads": 2,
         "head_dim": 32, "cache": "DynamicCache (transformers' default)"}, "impls": out, "same_tokens": same,
@@ -211,6 +227,10 @@ def main(argv=None) -> int:
     copy = copy_bandwidth(64 if small else 1024, reps)
     print(f"copy bandwidth: {copy['gb_per_s']:.1f} GB/s (read + write, {copy['mib']} MiB float32 copy, median "
           f"{copy['median_ms']:.1f} ms)")
+    with torch.no_grad():  # warm-up: the compiled kernel's first calls (build check, threads) are not timed
+        wq, wk = torch.randn(1, H, 1, D), torch.randn(1, Hkv, 4096, D)
+        for _ in range(20):
+            salience.attention_with_kvcache(wq, wk, wk, cache_seqlens=4096)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         rows.append(single(dtype, S, H, Hkv, D, copy["gb_per_s"], reps))
@@ -220,7 +240,7 @@ def main(argv=None) -> int:
     for dtype in (torch.bfloat16, torch.float32):
         rows.append(single(dtype, S, H, Hkv, D, copy["gb_per_s"], reps, window=64 if small else 4096))
     if not args.no_generate:
-        rows.append(generate_row(256 if small else 8192, 8 if small else 32, 1 if small else 3))
+        rows.append(generate_row(256 if small else 8192, 8 if small else 32, 1 if small else 2))
     info["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"machine load after: {info['uptime_after']}")
     data = {"command": "python benchmarks/decode_bench.py" + (" --small" if small else ""), "machine": info,
