@@ -212,7 +212,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=DEFAULT_JSON, help=f"where to write the results (default {DEFAULT_JSON})")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate() row")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     small = args.small
     reps = args.repeats or (3 if small else 7)
@@ -243,7 +246,9 @@ def main(argv=None) -> int:
         rows.append(generate_row(256 if small else 8192, 8 if small else 32, 1 if small else 2))
     info["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"machine load after: {info['uptime_after']}")
-    data = {"command": "python benchmarks/decode_bench.py" + (" --small" if small else ""), "machine": info,
+    cmd = "python benchmarks/decode_bench.py" + (" --small" if small else "") + (
+        f" --threads {args.threads}" if args.threads else "")
+    data = {"command": cmd, "machine": info,
             "copy_bandwidth": copy, "repeats": reps, "results": rows, "small": small}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
