@@ -78,6 +78,7 @@ class Intervals:
     Attributes:
         lo, hi: int64 (Bm, Hm, L) with Bm in (1, B) and Hm in (1, H); rows that see no key have lo == hi == 0.
         S: number of keys.
+        plans: executor plans built from this structure (span plans, block-map groups), reused by later calls.
     """
 
     lo: torch.Tensor
@@ -91,7 +92,7 @@ class Intervals:
 
     def spans(self):
         """``(lo, hi)`` of shape (1 or B, L), the format of ``spans.plan_spans`` and ``native.IntervalPlan``;
-        None when the intervals depend on the head (then run one plan per head, see :class:`_HeadSpans`)."""
+        None when the intervals depend on the head (then one plan per head runs, see :func:`executor`)."""
         if self.lo.shape[1] != 1:
             return None
         return self.lo[:, 0].contiguous(), self.hi[:, 0].contiguous()
@@ -143,6 +144,7 @@ class BlockMap:
         bits: uint8 (n_partial, tile, tile // 8): bit ``c % 8`` of byte ``c // 8`` of row r is the visibility
             of (tile row r, tile key c); the ragged last tiles are padded with 0.
         L, S, tile: sizes.
+        plans: executor plans built from this structure, reused by later calls.
     """
 
     classes: torch.Tensor
