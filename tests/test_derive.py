@@ -322,8 +322,11 @@ def test_extreme_values_in_hidden_keys_change_nothing(fn):
 
 def test_named_masks_are_not_derived():
     q = torch.randn(1, 1, 64, 8)
-    assert derive.executor(M.causal(), q, q, q, scale=0.3) is None
+    for named in (M.causal(), M.causal() & M.sliding_window(8), M.document(torch.tensor([0] * 30 + [1] * 34)),
+                  M.shift(M.sliding_window(4), 2, 0)):
+        assert derive.executor(named, q, q, q, scale=0.3) is None
     assert derive.executor(None, q, q, q, scale=0.3) is None
+    assert derive.executor(M.causal() & checkerboard, q, q, q, scale=0.3) is not None  # a callable inside
 
 
 def test_reuse_skips_evaluation():

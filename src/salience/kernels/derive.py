@@ -944,11 +944,30 @@ def _native_ok() -> bool:
 MIN_SPAN_EFFICIENCY = 0.2
 
 
+def _has_callable(s) -> bool:
+    """True when a mask structure (salience.structure) has an opaque user callable somewhere in it."""
+    name = type(s).__name__
+    if name == "Callable":
+        return True
+    if name in ("And", "Or"):
+        return any(_has_callable(x) for x in s.parts)
+    if name == "Not":
+        return _has_callable(s.part)
+    if name == "Shifted":
+        return _has_callable(s.inner)
+    return False
+
+
 def _is_named(mask) -> bool:
     """True for masks with an analytic structure (salience's factories and their combinations)."""
     from ..masks import MaskMod
 
-    return isinstance(mask, MaskMod) and mask._tiles is not None
+    if not isinstance(mask, MaskMod):
+        return False
+    s = getattr(mask, "structure", None)
+    if s is not None:
+        return not _has_callable(s)
+    return mask._tiles is not None
 
 
 def executor(mask_mod, q, k, v, *, scale: float, score_mod=None, need_grad: bool = False, grad_tensors=(),
