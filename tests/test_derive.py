@@ -399,3 +399,22 @@ def test_short_chains_fall_back_to_row_blocks():
     out, lse, _ = _check(scattered, L=512, S=512, expect="BlockMapExecutor")
     q = torch.randn(1, 2, 512, 16)
     assert derive.executor(scattered, q, q, q, scale=0.3)[1]["chains"] == 0
+
+
+def test_combinations_key_on_their_structure():
+    """``causal() & fn`` is re-bound by every call (a new object each time): it keys on its typed structure,
+    holding ``fn`` weakly."""
+    def fn(b, h, q, kv):
+        return (q // 64 + kv // 64) % 2 == 0
+
+    combo = M.causal() & fn
+    a = derive.structure(combo.bind(150, 150), 1, 1, 150, 150)
+    assert derive.structure(combo.bind(150, 150), 1, 1, 150, 150) is a  # another bound copy: hit
+    assert derive.structure(M.causal() & fn, 1, 1, 150, 150) is a  # the same structure built again: hit
+    assert torch.equal(a.to_dense()[0, 0], dense(checkerboard, 1, 1, 150, 150)[0, 0])
+    other = M.sliding_window(8) & fn
+    assert derive.structure(other, 1, 1, 150, 150) is not a
+    assert derive.cache_info()["size"] == 2
+    del fn, combo, other
+    gc.collect()
+    assert derive.cache_info()["size"] == 0

@@ -397,11 +397,49 @@ def _key_object(mask):
     return mask
 
 
-def _token(obj):
-    """(token, referent) for the cache: bound methods are keyed by (their object, their function)."""
+def _signature(s, fns: list):
+    """A hashable value for a mask structure with user callables inside (callables by identity, collected in
+    ``fns``), or None when it holds values that are not plain scalars (tensors): such masks key on their object."""
+    from dataclasses import fields, is_dataclass
+
+    if type(s).__name__ == "Callable":
+        fns.append(s.fn)
+        return ("Callable", id(s.fn))
+    if not is_dataclass(s):
+        return None
+    vals = []
+    for f in fields(s):
+        x = getattr(s, f.name)
+        if isinstance(x, tuple):
+            x = tuple(_signature(y, fns) if is_dataclass(y) else y for y in x)
+            if any(y is None for y in x) or not all(isinstance(y, (tuple, int, float, str, bool)) for y in x):
+                return None
+        elif is_dataclass(x):
+            x = _signature(x, fns)
+            if x is None:
+                return None
+        elif not isinstance(x, (int, float, str, bool, type(None))):
+            return None
+        vals.append(x)
+    return (type(s).__name__, tuple(vals))
+
+
+def _key(mask):
+    """``(token, referents, fingerprinted)`` for the cache. A user callable (behind salience's wrappers) is keyed
+    by its object; a bound method by (its object, its function); a combination of named masks and callables
+    (``causal() & fn``, re-bound by every call) by the value of its typed structure, holding its callables
+    weakly; anything else by its object."""
+    from ..masks import MaskMod
+
+    obj = _key_object(mask)
+    if isinstance(obj, MaskMod) and _has_callable(getattr(obj, "structure", None)):
+        fns: list = []
+        sig = _signature(obj.structure, fns)
+        if sig is not None and fns:
+            return ("sig", sig), fns, fns
     if isinstance(obj, types.MethodType):
-        return (id(obj.__self__), id(obj.__func__)), obj.__self__
-    return (id(obj), 0), obj
+        return (id(obj.__self__), id(obj.__func__)), [obj.__self__], obj
+    return (id(obj), 0), [obj], obj
 
 
 def _drop(token) -> None:
@@ -480,9 +518,9 @@ def _shape_key(token, B, H, L, S, device, q_offset, kv_offset, Lg, Sg, tile):
     return (B if deps[0] else None, H if deps[1] else None, L, S, q_offset, kv_offset, Lg, Sg, str(device), tile)
 
 
-def _remember(token, referent, deps, skey_args, value) -> None:
+def _remember(token, referents, deps, skey_args, value) -> None:
     if token not in _REFS:
-        _REFS[token] = weakref.ref(referent, lambda _r, tok=token: _drop(tok))
+        _REFS[token] = [weakref.ref(r, lambda _r, tok=token: _drop(tok)) for r in referents]
     _DEPS[token] = deps
     skey = _shape_key(token, *skey_args)
     _CACHE[(token, skey)] = value
@@ -526,16 +564,18 @@ def structure(mask_mod, B: int, H: int, L: int, S: int, device=None, *, q_offset
     args = (B, H, L, S, dev, q_offset, kv_offset, Lg, Sg, tile)
     if not cache:
         return _derive(mask_mod, B, H, L, S, dev, q_offset, kv_offset, Lg, Sg, tile)[0]
-    token, referent = _token(_key_object(mask_mod))
+    token, referents, fpo = _key(mask_mod)
     try:
-        weakref.ref(referent)
+        for r in referents:
+            weakref.ref(r)
     except TypeError:
         _STATS["uncacheable"] += 1
         return _derive(mask_mod, B, H, L, S, dev, q_offset, kv_offset, Lg, Sg, tile)[0]
-    fp = _fingerprint(_key_object(mask_mod))
+    fp = _fingerprint(fpo)
     skey = _shape_key(token, *args)
     hit = _CACHE.get((token, skey)) if skey is not None else None
-    if hit is not None and _REFS.get(token) is not None and _REFS[token]() is referent:
+    refs = _REFS.get(token)
+    if hit is not None and refs is not None and all(r() is x for r, x in zip(refs, referents)):
         if hit[1] == fp:
             _CACHE.move_to_end((token, skey))
             _STATS["hits"] += 1
@@ -545,8 +585,8 @@ def structure(mask_mod, B: int, H: int, L: int, S: int, device=None, *, q_offset
     else:
         _STATS["misses"] += 1
     st, deps = _derive(mask_mod, B, H, L, S, dev, q_offset, kv_offset, Lg, Sg, tile)
-    fp = _fingerprint(_key_object(mask_mod))  # after the evaluation (a callable may touch its own state)
-    _remember(token, referent, deps, args, (st, fp))
+    fp = _fingerprint(fpo)  # after the evaluation (a callable may touch its own state)
+    _remember(token, referents, deps, args, (st, fp))
     return st
 
 
