@@ -418,3 +418,35 @@ def test_combinations_key_on_their_structure():
     del fn, combo, other
     gc.collect()
     assert derive.cache_info()["size"] == 0
+
+
+def _bias_fn(mod, H):
+    """d -> (H, n): an additive relative score_mod evaluated at offsets d = kv_idx - q_idx (as the dispatcher does)."""
+    def fn(d):
+        q0 = max(0, -int(d.min()))
+        z = torch.zeros(1, H, 1, d.numel(), dtype=torch.float64)
+        b = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+        h = torch.arange(H).view(1, -1, 1, 1)
+        return mod(z, b, h, torch.full((1, 1, 1, 1), q0), (q0 + d).view(1, 1, 1, -1)).view(H, -1)
+
+    return fn
+
+
+@pytest.mark.parametrize("fn,expect", [(window, ("Interval", "Tiles")), (checkerboard, ("Tiles",))],
+                         ids=["window", "checkerboard"])
+def test_relative_bias_on_derived_structures(fn, expect):
+    torch.manual_seed(5)
+    mod = Sc.alibi(4)
+    q, k, v = (torch.randn(1, 4, 200, 8, dtype=torch.float64) for _ in range(3))
+    ex, det = derive.executor(fn, q, k, v, scale=0.3, relative_bias=_bias_fn(mod, 4))
+    assert det["executor"] in expect
+    out, lse = ex.forward(q, k, v)
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    ref = reference.attention(qr, kr, vr, mask=fn, score_mod=mod, scale=0.3)
+    do = torch.randn_like(out)
+    ref.out.backward(do)
+    dq, dk, dv, _ = ex.backward(q, k, v, out, lse, do, None)
+    for got, want in ((out, ref.out), (lse, ref.lse), (dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
+        assert torch.allclose(got, want, atol=1e-9)
+    with pytest.raises(ValueError, match="not both"):
+        derive.executor(fn, q, k, v, scale=0.3, relative_bias=_bias_fn(mod, 4), score_mod=mod)

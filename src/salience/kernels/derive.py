@@ -1010,9 +1010,65 @@ def _is_named(mask) -> bool:
     return mask._tiles is not None
 
 
+def _pick(st, mask_mod, q, dims, scale, score_mod, relative_bias, grad_tensors, offsets):
+    """The executor for a structure: span plans or the block-map executor (fused kernel, no score_mod), the
+    compiled interval kernel (head-independent intervals with a relative bias), else the TileKernel on the
+    structure."""
+    from . import native
+    from .blockwise import TileKernel
+
+    B, H, L, S = dims
+    q_offset, kv_offset, q_len, kv_len = offsets
+    if score_mod is not None and relative_bias is not None:
+        raise ValueError("executor takes a score_mod or a relative_bias, not both.")
+    if relative_bias is not None and isinstance(st, Intervals) and st.lo.shape[1] == 1 and native.available(q):
+        lo, hi = st.spans()
+        plan = native.IntervalPlan(lo, hi, relative_bias, B, H, L, S, q_offset=q_offset, kv_offset=kv_offset,
+                                   dtype=q.dtype, device=q.device)
+        return _Interval(plan, scale, L, S, B)
+    if score_mod is None and relative_bias is None and fused.available(q):
+        if isinstance(st, Intervals):
+            ex = _Spans(st, B, H, L, S, scale=scale, dtype=q.dtype, device=q.device)
+            if ex.efficiency >= MIN_SPAN_EFFICIENCY:
+                return ex
+        return BlockMapExecutor(st, B, H, L, S, scale=scale, dtype=q.dtype)
+    t = st.tile if isinstance(st, BlockMap) else TILE
+    tile = max(t, 128 // t * t)
+    extra = dict(relative_bias=relative_bias, bias_dtype=_acc_dtype(q.dtype)) if relative_bias is not None else {}
+    kern = TileKernel(B, H, L, S, mask=mask_mod, score_mod=score_mod, scale=scale, q_offset=q_offset,
+                      kv_offset=kv_offset, q_len=q_len, kv_len=kv_len, device=q.device, grad_tensors=grad_tensors,
+                      q_tile=tile, kv_tile=tile, block_map=st, **extra)
+    return _Tiles(kern)
+
+
+class _Interval:
+    """The compiled interval kernel (``native.IntervalPlan``) on derived head-independent intervals with an
+    additive relative bias, both directions."""
+
+    grad_tensors = ()
+    autograd = False
+
+    def __init__(self, plan, scale, L, S, B):
+        self.plan, self.scale = plan, float(scale)
+        self.skipped = 1.0 - plan.computed / max(1, B * L * S)
+
+    def describe(self):
+        return "the compiled interval kernel on derived row intervals with a relative bias", (
+            "the compiled interval backward")
+
+    def forward(self, q, k, v):
+        return self.plan.forward(q, k, v, self.scale)
+
+    def backward(self, q, k, v, out, lse, dout, dlse=None):
+        return (*self.plan.backward(q, k, v, out, lse, dout, dlse, self.scale), [])
+
+    def summary(self) -> dict:
+        return self.plan.summary()
+
+
 def executor(mask_mod, q, k, v, *, scale: float, score_mod=None, need_grad: bool = False, grad_tensors=(),
              q_offset: int = 0, kv_offset: int = 0, q_len: int | None = None, kv_len: int | None = None,
-             cache: bool = True):
+             relative_bias=None, cache: bool = True):
     """An executor for a mask without analytic structure: ``(executor, details)``, or None when the mask has one.
 
     Args:
@@ -1025,6 +1081,9 @@ def executor(mask_mod, q, k, v, *, scale: float, score_mod=None, need_grad: bool
         grad_tensors: tensors the score_mod closes over that require grad (their gradients come back as
             ``extra`` from ``backward``).
         q_offset, kv_offset, q_len, kv_len: the block's place in a larger problem; cache: see :func:`structure`.
+        relative_bias: None, or ``fn(d) -> (H or 1, n)``: an additive bias at offsets ``d = kv_idx - q_idx``
+            (ALiBi, T5 buckets; the dispatcher's ``bias_fn``), instead of a score_mod: the compiled interval
+            kernel runs it on head-independent intervals, the TileKernel (Toeplitz views) otherwise.
 
     Returns:
         ``(executor, details)``: ``executor.forward(q, k, v) -> (out, lse)``, ``executor.backward(q, k, v, out,
@@ -1044,23 +1103,8 @@ def executor(mask_mod, q, k, v, *, scale: float, score_mod=None, need_grad: bool
     st = structure(mask_mod, B, H, L, S, q.device, q_offset=q_offset, kv_offset=kv_offset, q_len=q_len,
                    kv_len=kv_len, cache=cache)
     kind = "intervals" if isinstance(st, Intervals) else "block map"
-    ex = None
-    if score_mod is None and fused.available(q):
-        if isinstance(st, Intervals):
-            ex = _Spans(st, B, H, L, S, scale=scale, dtype=q.dtype, device=q.device)
-            if ex.efficiency < MIN_SPAN_EFFICIENCY:
-                ex = None
-        if ex is None:
-            ex = BlockMapExecutor(st, B, H, L, S, scale=scale, dtype=q.dtype)
-    else:
-        from .blockwise import TileKernel
-
-        t = st.tile if isinstance(st, BlockMap) else TILE
-        tile = max(t, 128 // t * t)
-        kern = TileKernel(B, H, L, S, mask=mask_mod, score_mod=score_mod, scale=scale, q_offset=q_offset,
-                          kv_offset=kv_offset, q_len=q_len, kv_len=kv_len, device=q.device,
-                          grad_tensors=grad_tensors, q_tile=tile, kv_tile=tile, block_map=st)
-        ex = _Tiles(kern)
+    ex = _pick(st, mask_mod, q, (B, H, L, S), scale, score_mod, relative_bias, grad_tensors,
+               (q_offset, kv_offset, q_len, kv_len))
     details = {"structure": kind, "executor": type(ex).__name__.lstrip("_"), "need_grad": bool(need_grad),
                "skipped": round(ex.skipped, 4),
                **ex.summary()}
