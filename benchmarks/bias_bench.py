@@ -1,7 +1,7 @@
 """Float bias tensors: salience's bias executor against torch SDPA with the same float ``attn_mask``.
 
 ``python benchmarks/bias_bench.py [--n 2048] [--repeats 5]``: B=1, H=8, D=64, fp32, medians of ``--repeats``
-(after a warm-up), every ratio measured in the same run. Writes benchmarks/results/bias.json.
+(after a warm-up; the two sides interleaved), every ratio measured in the same run. Writes benchmarks/results/bias.json.
 
 Two clocks, both in the JSON: ``wall`` (wall time with torch's default threads) and ``cpu1`` (process CPU time
 with one thread: the work done, far less disturbed by other jobs on a shared machine).
@@ -58,16 +58,19 @@ def _machine() -> dict:
             "uptime": up, "note": "the machine is shared with other engineers' jobs; see uptime's load average"}
 
 
-def median_ms(fn, n: int, clock: str) -> float:
-    """Median of ``n`` calls (after one warm-up) in ms: wall time, or process CPU time for ``clock="cpu1"``."""
+def median_ms(fa, fb, n: int, clock: str) -> tuple:
+    """Medians (ms) of ``n`` calls of ``fa`` and of ``fb``, interleaved (a, b, a, b, ...) after one warm-up
+    each, so that the load's drift hits both: wall time, or process CPU time for ``clock="cpu1"``."""
     tick = time.process_time if clock == "cpu1" else time.perf_counter
-    fn()
-    times = []
+    fa()
+    fb()
+    ta, tb = [], []
     for _ in range(n):
-        t0 = tick()
-        fn()
-        times.append(tick() - t0)
-    return sorted(times)[n // 2] * 1e3
+        for fn, times in ((fa, ta), (fb, tb)):
+            t0 = tick()
+            fn()
+            times.append(tick() - t0)
+    return sorted(ta)[n // 2] * 1e3, sorted(tb)[n // 2] * 1e3
 
 
 def _salience_call(q, k, v, bias):
@@ -96,12 +99,12 @@ def _case(name, q, k, v, bias, repeats, clock) -> dict:
     sal, route = _salience_call(q, k, v, bias)
     with torch.no_grad():
         err = float((sal(q, k, v) - F.scaled_dot_product_attention(q, k, v, attn_mask=bias)).abs().max())
-        f_s = median_ms(lambda: sal(q, k, v), repeats, clock)
-        f_t = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), repeats, clock)
+        f_s, f_t = median_ms(lambda: sal(q, k, v), lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+                             repeats, clock)
     xs = [x.clone().requires_grad_() for x in (q, k, v)]
-    b_s = median_ms(_step(sal, xs, dout), repeats, clock)
-    b_t = median_ms(_step(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bias), xs, dout), repeats,
-                    clock)
+    b_s, b_t = median_ms(_step(sal, xs, dout),
+                         _step(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bias), xs, dout),
+                         repeats, clock)
     row = {"case": name, "clock": clock, "route": route, "max_abs_diff_vs_sdpa": err,
            "forward_ms": {"salience": round(f_s, 1), "sdpa": round(f_t, 1), "sdpa_over_salience": round(f_t / f_s, 3)},
            "fwd_bwd_ms": {"salience": round(b_s, 1), "sdpa": round(b_t, 1), "sdpa_over_salience": round(b_t / b_s, 3)}}
@@ -129,7 +132,7 @@ def _bias_grad_case(name, q, k, v, bias, repeats, clock) -> dict:
             x.grad = None
         F.scaled_dot_product_attention(*xs[:3], attn_mask=bg).backward(dout)
 
-    b_s, b_t = median_ms(s_step, repeats, clock), median_ms(t_step, repeats, clock)
+    b_s, b_t = median_ms(s_step, t_step, repeats, clock)
     print(f"[{clock}] {name:14s} f+b with dbias: salience {b_s:8.1f} ms  sdpa (math path) {b_t:8.1f} ms  "
           f"sdpa/salience {b_t / b_s:5.2f}")
     return {"case": name + " (bias requires grad)", "clock": clock,

@@ -62,13 +62,15 @@ class BiasConfig:
 
     rows: query rows per block of the forward/backward calls; kv_tile: key tile of a mask's classification;
     min_skip: the row-block path is taken when it skips at least this share of the score elements;
-    probe: sampled rows and columns per axis when looking for -inf; grad_rows: query rows per dbias tile."""
+    probe: sampled rows and columns per axis when looking for -inf; grad_rows: query rows per dbias tile (0:
+    as many as keep a tile's score block within ``grad_elements`` elements)."""
 
     rows: int = 256
     kv_tile: int = 64
     min_skip: float = 0.1
     probe: int = 64
-    grad_rows: int = 128
+    grad_rows: int = 0
+    grad_elements: int = 1 << 22
 
 
 DEFAULT = BiasConfig()
@@ -345,8 +347,9 @@ class BiasExecutor:
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         db = torch.zeros(self.b4.shape, dtype=acc, device=q.device)
         for blk in self.tile_blocks:
-            for r0 in range(blk.r0, blk.r1, self.cfg.grad_rows):
-                r1 = min(blk.r1, r0 + self.cfg.grad_rows)
+            step = self.cfg.grad_rows or max(16, self.cfg.grad_elements // max(1, self.B * self.H * (blk.hi - blk.lo)))
+            for r0 in range(blk.r0, blk.r1, step):
+                r1 = min(blk.r1, r0 + step)
                 t = self._slice(blk, kb, r0, r1)
                 g = _grad_tile(q, k, v, out, lse, dout, dlse, r0, r1, blk.lo, blk.hi, t, self.scale)
                 dq[:, :, r0:r1] = g[0]
@@ -385,12 +388,12 @@ def _grad_tile(q, k, v, out, lse, dout, dlse, r0, r1, lo, hi, t, scale):
     do = dout[:, :, r0:r1].to(acc)
     ls = lse[:, :, r0:r1].to(acc).unsqueeze(-1)
     ls = torch.where(torch.isneginf(ls), torch.zeros((), dtype=acc, device=ls.device), ls)
-    p = torch.exp(torch.matmul(qb, ke.transpose(-1, -2)) * scale + t - ls)
+    p = torch.matmul(qb, ke.transpose(-1, -2)).mul_(scale).add_(t).sub_(ls).exp_()  # in place: few passes
     delta = (do * out[:, :, r0:r1].to(acc)).sum(-1, keepdim=True)
     if dlse is not None:
         delta = delta - dlse[:, :, r0:r1].to(acc).unsqueeze(-1)
-    ds = p * (torch.matmul(do, ve.transpose(-1, -2)) - delta)
-    dq = torch.matmul(ds, ke) * scale
+    ds = torch.matmul(do, ve.transpose(-1, -2)).sub_(delta).mul_(p)
+    dq = torch.matmul(ds, ke).mul_(scale)
     dk = (torch.matmul(ds.transpose(-1, -2), qb) * scale).view(B, Hkv, H // Hkv, hi - lo, -1).sum(2)
     dv = torch.matmul(p.transpose(-1, -2), do).view(B, Hkv, H // Hkv, hi - lo, -1).sum(2)
     return dq, dk, dv, ds
