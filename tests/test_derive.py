@@ -450,3 +450,10 @@ def test_relative_bias_on_derived_structures(fn, expect):
         assert torch.allclose(got, want, atol=1e-9)
     with pytest.raises(ValueError, match="not both"):
         derive.executor(fn, q, k, v, scale=0.3, relative_bias=_bias_fn(mod, 4), score_mod=mod)
+
+
+@pytest.mark.parametrize("fn", [per_batch_stride, per_head_window, stripes], ids=lambda f: f.__name__)
+def test_small_evaluation_budget_chunks_rows_batches_and_heads(fn):
+    st = derive.structure(fn, 3, 2, 150, 130, cache=False, eval_elements=1000)
+    want = dense(fn, 3, 2, 150, 130)
+    assert torch.equal(st.to_dense().expand(3, 2, 150, 130), want)

@@ -358,18 +358,25 @@ class _Acc:
                         self.S, t)
 
 
-def _derive(mask, B, H, L, S, device, q_offset, kv_offset, Lg, Sg, tile):
+def _derive(mask, B, H, L, S, device, q_offset, kv_offset, Lg, Sg, tile, budget=None):
     m = _bound(mask, L, S, device, q_offset, kv_offset, Lg, Sg)
     Bm, Hm = _extents(m, B, H, L, S, device)
     bidx = torch.arange(Bm, device=device).view(-1, 1, 1, 1)
     hidx = torch.arange(Hm, device=device).view(1, -1, 1, 1)
-    rows = max(tile, (EVAL_ELEMENTS // max(1, Bm * Hm * S)) // tile * tile)
+    budget = EVAL_ELEMENTS if budget is None else budget
+    rows = max(tile, (budget // max(1, Bm * Hm * S)) // tile * tile)
     acc = _Acc(Bm, Hm, L, S, tile)
     with torch.no_grad():
         for r0 in range(0, L, rows):
             r1 = min(L, r0 + rows)
-            vis = _eval(m, bidx, hidx, r0, r1, S, device)
-            vis = vis.expand(Bm, Hm, r1 - r0, S).contiguous()
+            if Bm * Hm * (r1 - r0) * S <= budget:
+                vis = _eval(m, bidx, hidx, r0, r1, S, device).expand(Bm, Hm, r1 - r0, S).contiguous()
+            else:  # one tile of rows is already too large: evaluate one (batch, head) at a time into it
+                vis = torch.empty(Bm, Hm, r1 - r0, S, dtype=torch.bool, device=device)
+                for b in range(Bm):
+                    for h in range(Hm):
+                        part = _eval(m, bidx[b:b + 1], hidx[:, h:h + 1], r0, r1, S, device)
+                        vis[b, h] = part.expand(1, 1, r1 - r0, S)[0, 0]
             acc.add(vis)
     return acc.result(), (Bm > 1, Hm > 1)
 
@@ -531,7 +538,8 @@ def _remember(token, referents, deps, skey_args, value) -> None:
 
 
 def structure(mask_mod, B: int, H: int, L: int, S: int, device=None, *, q_offset: int = 0, kv_offset: int = 0,
-              q_len: int | None = None, kv_len: int | None = None, tile: int = TILE, cache: bool = True):
+              q_len: int | None = None, kv_len: int | None = None, tile: int = TILE, cache: bool = True,
+              eval_elements: int | None = None):
     """The structure of a mask for a (B, H, L, S) problem: :class:`Intervals` or :class:`BlockMap`.
 
     Args:
@@ -543,6 +551,10 @@ def structure(mask_mod, B: int, H: int, L: int, S: int, device=None, *, q_offset
             evaluated at global indices ``q_offset + i``, ``kv_offset + j``; lengths default to offset + size).
         tile: block-map tile edge (a multiple of 8).
         cache: False derives afresh and stores nothing (for callables whose captured state changes unseen).
+
+    The mask is evaluated in chunks of at most ``eval_elements`` (default :data:`EVAL_ELEMENTS`) elements (at least one tile of rows for
+    one batch row and head), so the callable's temporaries stay bounded; the derivation keeps one chunk of
+    bools, the (Bm, Hm, L) intervals or the tile classes and the bits of partial tiles.
 
     Returns:
         :class:`Intervals` with lo/hi (1 or B, 1 or H, L) when every row's visible keys are contiguous, else a
@@ -563,14 +575,14 @@ def structure(mask_mod, B: int, H: int, L: int, S: int, device=None, *, q_offset
     Sg = kv_offset + S if kv_len is None else kv_len
     args = (B, H, L, S, dev, q_offset, kv_offset, Lg, Sg, tile)
     if not cache:
-        return _derive(mask_mod, B, H, L, S, dev, q_offset, kv_offset, Lg, Sg, tile)[0]
+        return _derive(mask_mod, B, H, L, S, dev, q_offset, kv_offset, Lg, Sg, tile, eval_elements)[0]
     token, referents, fpo = _key(mask_mod)
     try:
         for r in referents:
             weakref.ref(r)
     except TypeError:
         _STATS["uncacheable"] += 1
-        return _derive(mask_mod, B, H, L, S, dev, q_offset, kv_offset, Lg, Sg, tile)[0]
+        return _derive(mask_mod, B, H, L, S, dev, q_offset, kv_offset, Lg, Sg, tile, eval_elements)[0]
     fp = _fingerprint(fpo)
     skey = _shape_key(token, *args)
     hit = _CACHE.get((token, skey)) if skey is not None else None
@@ -584,7 +596,7 @@ def structure(mask_mod, B: int, H: int, L: int, S: int, device=None, *, q_offset
         _drop(token)
     else:
         _STATS["misses"] += 1
-    st, deps = _derive(mask_mod, B, H, L, S, dev, q_offset, kv_offset, Lg, Sg, tile)
+    st, deps = _derive(mask_mod, B, H, L, S, dev, q_offset, kv_offset, Lg, Sg, tile, eval_elements)
     fp = _fingerprint(fpo)  # after the evaluation (a callable may touch its own state)
     _remember(token, referents, deps, args, (st, fp))
     return st
