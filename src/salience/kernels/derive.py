@@ -537,6 +537,14 @@ def _remember(token, referents, deps, skey_args, value) -> None:
         _STATS["evictions"] += 1
 
 
+def _check_sizes(**sizes) -> None:
+    for name, val in sizes.items():
+        if isinstance(val, bool) or not isinstance(val, int) or val < (0 if "offset" in name else 1):
+            raise ValueError(f"{name} must be an int >= {0 if 'offset' in name else 1}; got {val!r}.")
+    if sizes["tile"] % 8:
+        raise ValueError(f"tile must be a positive multiple of 8; got {sizes['tile']!r}.")
+
+
 def structure(mask_mod, B: int, H: int, L: int, S: int, device=None, *, q_offset: int = 0, kv_offset: int = 0,
               q_len: int | None = None, kv_len: int | None = None, tile: int = TILE, cache: bool = True,
               eval_elements: int | None = None):
@@ -565,11 +573,7 @@ def structure(mask_mod, B: int, H: int, L: int, S: int, device=None, *, q_offset
         >>> st.lo.shape, st.hi[0, 0].tolist()
         (torch.Size([1, 1, 5]), [1, 2, 3, 4, 5])
     """
-    for name, val in (("B", B), ("H", H), ("L", L), ("S", S), ("q_offset", q_offset), ("kv_offset", kv_offset)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < (0 if "offset" in name else 1):
-            raise ValueError(f"{name} must be an int >= {0 if 'offset' in name else 1}; got {val!r}.")
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 8 or tile % 8:
-        raise ValueError(f"tile must be a positive multiple of 8; got {tile!r}.")
+    _check_sizes(B=B, H=H, L=L, S=S, q_offset=q_offset, kv_offset=kv_offset, tile=tile)
     dev = torch.device("cpu") if device is None else torch.device(device)
     Lg = q_offset + L if q_len is None else q_len
     Sg = kv_offset + S if kv_len is None else kv_len
