@@ -64,7 +64,7 @@ def _check_against_references(q, kc, vc, bt, total, mask, mod, sinks, res):
         S = int(total[b])
         kb, vb = kvcache.gather(kc, b, S, bt), kvcache.gather(vc, b, S, bt)
         qb = q[b : b + 1]
-        sk = None if sinks is None else sinks
+        sk = None if sinks is None else (sinks if sinks.dim() == 1 else sinks[b : b + 1])
         mb = _per_sequence_mask(mask, b)
         r64 = salience.reference.attention(qb.double(), kb.double(), vb.double(), mask=mb, score_mod=mod,
                                            sinks=None if sk is None else sk.double())
@@ -101,7 +101,7 @@ def test_equals_references(case, paged, dtype):
     _fill(kc, vc, bt, lens, Hkv, D, dtype)
     q = torch.randn(B, H, L, D, dtype=torch.float64).to(dtype)
     k, v = torch.randn(B, Hkv, L, D).to(dtype), torch.randn(B, Hkv, L, D).to(dtype)
-    sinks = torch.randn(H) if with_sinks else None
+    sinks = (torch.randn(B, H) if paged else torch.randn(H)) if with_sinks else None  # per sequence or per head
     pl = kvcache.plan(q, kc, vc, k, v, cache_seqlens=lens, block_table=bt, mask=mask, score_mod=mod, sinks=sinks)
     assert pl.path == "decode", pl
     res = salience.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, block_table=bt, mask=mask,
