@@ -11,15 +11,18 @@ evaluates it *once* per (callable, shape, offsets, device), in chunks of query r
   empty / partial / full, and the packed bits (one bit per element) of the *partial* tiles only.
 
 :func:`executor` turns a structure into an executor with salience's protocol (``forward(q, k, v) -> (out,
-lse)``, ``backward(q, k, v, out, lse, dout, dlse) -> (dq, dk, dv, extra_grads)``): span plans for intervals,
-:class:`BlockMapExecutor` (torch's fused CPU kernel over runs of full tiles, with a 0/-inf bias built from the
-cached bits on partial tiles, empty tiles skipped) for block maps, and the blockwise
+lse)``, ``backward(q, k, v, out, lse, dout, dlse) -> (dq, dk, dv, extra_grads)``, ``grad_tensors``,
+``autograd``, ``describe()``): span plans for intervals (the compiled interval kernel with a relative bias),
+:class:`BlockMapExecutor` (torch's fused CPU kernel: unbiased calls over the key tiles a group of rows sees
+fully, a 0/-inf bias from the cached bits on the rest, empty tiles skipped) for block maps, and the blockwise
 :class:`~salience.kernels.blockwise.TileKernel` fed with the cached structure when there is a score_mod.
+Executors' plans are kept on the structure, so a cache hit also skips planning.
 
 **The cache and its rule.** The key is the callable *object* (held weakly: a new lambda gets a new entry, a
-dead one frees its entry) plus the sizes (B and H only when the mask depends on b / h), the offsets and the
-device; at most :data:`CACHE_SIZE` entries (least recently used evicted). Reusing one callable in every layer
-hits the cache. A callable that reads a tensor which later changes would see a stale structure; salience
+dead one frees its entry; a combination such as ``causal() & fn``, re-bound by every call, keys on the value
+of its typed structure with ``fn`` held weakly) plus the sizes (B and H only when the mask depends on b / h),
+the offsets and the device; at most :data:`CACHE_SIZE` entries (least recently used evicted). Reusing one
+callable in every layer hits the cache. A callable that reads a tensor which later changes would see a stale structure; salience
 checks what it cheaply can: tensors and scalars in the callable's closure, defaults, referenced globals and
 attributes (recursively a few levels) are fingerprinted by identity and version counter, so an in-place
 change (``lengths[0] = 5``) or a rebound closure variable re-derives. Changes it cannot see (``t.data``
