@@ -335,7 +335,13 @@ def _demo_renderer(name: str) -> Callable[[dict], str]:
     return render
 
 
+_DEMO_FULL = "salience demo --save-json benchmarks/results/demo_full.json"
 TABLES.update({
+    "demo-accuracy": Table("demo_full.json", _demo_renderer("accuracy_full"), _DEMO_FULL),
+    "demo-alignment": Table("demo_full.json", _demo_renderer("alignment"), _DEMO_FULL),
+    "demo-offsets": Table("demo_full.json", _demo_renderer("offsets"), _DEMO_FULL),
+    "demo-efficiency": Table("demo_full.json", _demo_renderer("efficiency"), _DEMO_FULL),
+    "readme-accuracy": Table("demo_full.json", _demo_renderer("accuracy_readme"), _DEMO_FULL),
     "demo-quick-accuracy": Table("demo_quick.json", _demo_renderer("accuracy_quick"),
                                  "salience demo --quick --save-json benchmarks/results/demo_quick.json"),
 })
@@ -359,6 +365,15 @@ def _fig_docs_alibi(data: dict) -> str:
             f"than SDPA with a materialised bias and {e['flex']['speedup_vs_salience']:.2f}x faster than Flex")
 
 
+def _fig_demo_window(data: dict) -> str:
+    e = data["efficiency"]
+    fits = e["slope_fit"]["time"]
+    n = max(p["length"] for p in e["points"] if p["method"] == "full")
+    t = {p["method"]: p["seconds"] for p in e["points"] if p["length"] == n}
+    return (f"time slope {fits['sliding_window']['slope']:.2f} vs {fits['full']['slope']:.2f} for full attention; "
+            f"{1000 * t['sliding_window']:.0f} ms vs {t['full']:.1f} s at {n:,} tokens")
+
+
 @dataclass(frozen=True)
 class Figure:
     """A measured phrase inside prose: checked (whitespace-insensitive) but not rewritten by ``--write``."""
@@ -371,6 +386,7 @@ FIGURES: list[Figure] = [
     Figure("README.md", "million.json", _fig_million),
     Figure("README.md", "grid.json", _fig_fwdbwd),
     Figure("docs/performance.md", "grid.json", _fig_docs_alibi),
+    Figure("README.md", "demo_full.json", _fig_demo_window),
 ]
 
 
