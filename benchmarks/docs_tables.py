@@ -335,6 +335,14 @@ def _demo_renderer(name: str) -> Callable[[dict], str]:
     return render
 
 
+def _faithfulness_md(data: dict) -> str:
+    """docs/interpret.md's faithfulness table of MiniLM, from the kept ``FaithfulnessReport.to_dict()``."""
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+    from salience.interpret.faithfulness import markdown_table
+
+    return markdown_table(data, summary=True)
+
+
 _DEMO_FULL = "salience demo --save-json benchmarks/results/demo_full.json"
 TABLES.update({
     "demo-accuracy": Table("demo_full.json", _demo_renderer("accuracy_full"), _DEMO_FULL),
@@ -342,6 +350,10 @@ TABLES.update({
     "demo-offsets": Table("demo_full.json", _demo_renderer("offsets"), _DEMO_FULL),
     "demo-efficiency": Table("demo_full.json", _demo_renderer("efficiency"), _DEMO_FULL),
     "readme-accuracy": Table("demo_full.json", _demo_renderer("accuracy_readme"), _DEMO_FULL),
+    "interpret-faithfulness": Table("faithfulness_minilm.json", lambda d: _faithfulness_md(d),
+                                    "python -m salience.interpret.faithfulness 'A man is playing a guitar on the "
+                                    "street.' --pair 'Someone plays music on an instrument.' --json "
+                                    "benchmarks/results/faithfulness_minilm.json"),
     "demo-quick-accuracy": Table("demo_quick.json", _demo_renderer("accuracy_quick"),
                                  "salience demo --quick --save-json benchmarks/results/demo_quick.json"),
 })

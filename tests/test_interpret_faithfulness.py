@@ -70,6 +70,16 @@ def test_compare_table_by_hand():
     assert len(rep.markdown().splitlines()) == 2 + 3  # header, separator, rollout, uniform, skipped flow
     d = rep.to_dict()
     assert d["rows"][0]["method"] == "rollout" and d["verdict"] == rep.verdict()
+    # the Markdown table renders the same from the report and from its JSON (what docs_tables.py keeps)
+    import json
+
+    kept = json.loads(json.dumps(d))
+    assert F.markdown_table(kept) == rep.markdown()
+    row = rep.markdown().splitlines()[2]
+    assert row == "| rollout | +1.00 | +1.00 | -1.00 | -1.00 |  |"
+    summary = F.markdown_table(kept, summary=True)
+    assert "Chance band (95%, 4 tokens)" in summary and "agree with each other at Spearman -1.00" in summary
+    assert summary.endswith(rep.verdict())
 
 
 def _ranked(s, seed, n=30):

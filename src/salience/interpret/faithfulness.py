@@ -38,6 +38,7 @@ import torch
 from . import methods as _m
 
 __all__ = [
+    "markdown_table",
     "spearman",
     "kendall",
     "chance_band",
@@ -350,19 +351,8 @@ class FaithfulnessReport:
         return "\n".join(x for x in lines if x)
 
     def markdown(self) -> str:
-        """The table in Markdown."""
-        refs = list(self.references)
-        head = "| attention-derived importance | " + " | ".join(
-            f"Spearman vs {LABELS.get(r, r)} | Kendall vs {LABELS.get(r, r)}" for r in refs) + " | note |"
-        sep = "|" + "---|" * (2 + 2 * len(refs))
-        lines = [head, sep]
-        for r in self.rows():
-            cells = []
-            for ref in refs:
-                sp, kd = r[f"{ref}_spearman"], r[f"{ref}_kendall"]
-                cells += [f"{sp:+.2f}" if sp is not None else "n/a", f"{kd:+.2f}" if kd is not None else "n/a"]
-            lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['note']} |")
-        return "\n".join(lines)
+        """The table in Markdown (:func:`markdown_table` of :meth:`to_dict`)."""
+        return markdown_table(self.to_dict())
 
     def to_dict(self) -> dict:
         """JSON-ready content (for the HTML report)."""
@@ -381,6 +371,33 @@ class FaithfulnessReport:
             "verdict": self.verdict(),
             "verdict_grade": self.verdict_grade(),
         }
+
+
+def markdown_table(d: dict, *, summary: bool = False) -> str:
+    """A :meth:`FaithfulnessReport.to_dict` (e.g. kept as JSON) as a Markdown table; with ``summary``, followed by
+    the chance band and the references' agreement with each other."""
+    refs = list(d["references"])
+    labels = d.get("labels", {})
+    head = "| attention-derived importance | " + " | ".join(
+        f"Spearman vs {labels.get(r, r)} | Kendall vs {labels.get(r, r)}" for r in refs) + " | note |"
+    lines = [head, "|---|" + "---:|" * (2 * len(refs)) + "---|"]
+    for r in d["rows"]:
+        cells = []
+        for ref in refs:
+            sp, kd = r[f"{ref}_spearman"], r[f"{ref}_kendall"]
+            cells += [f"{sp:+.2f}" if sp is not None else "n/a", f"{kd:+.2f}" if kd is not None else "n/a"]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r.get('note') or ''} |")
+    text = "\n".join(lines)
+    if summary:
+        ch, ra = d.get("chance") or {}, d.get("reference_agreement") or {}
+        if ch:
+            text += (f"\n\nChance band ({ch['level']:.0%}, {ch['n']} tokens): |Spearman| <= {ch['spearman']:.2f}, "
+                     f"|Kendall| <= {ch['kendall']:.2f}")
+        if ra and len(refs) == 2:
+            text += (f"; the two references agree with each other at Spearman {ra['spearman']:+.2f}, Kendall "
+                     f"{ra['kendall']:+.2f}")
+        text += f". Verdict: {d.get('verdict', '')}"
+    return text
 
 
 def compare(importances: dict, references: dict, positions: Sequence[int] | None = None, tokens=None,
@@ -679,3 +696,42 @@ def _evaluate(model, kind, label_, methods, flow_max_seconds, eps, E0, am, L, po
     rep.timings = timings
     rep.attn = attn
     return rep
+
+
+def main(argv=None) -> int:
+    """``python -m salience.interpret.faithfulness TEXT [--pair B] --json PATH``: the faithfulness table of the
+    embedded MiniLM for one input, kept as JSON (docs/interpret.md's table renders from it)."""
+    import argparse
+    import json
+    import os
+    import platform
+    import time
+
+    p = argparse.ArgumentParser(prog="python -m salience.interpret.faithfulness", description=main.__doc__)
+    p.add_argument("text")
+    p.add_argument("--pair", default=None, help="second sentence (cosine similarity of the embeddings)")
+    p.add_argument("--json", required=True, help="where to write the result")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..cli import quiet_transformers
+    from ..models import minilm
+
+    with quiet_transformers():
+        model, tok = minilm()
+    t0, c0 = time.perf_counter(), time.process_time()
+    rep = evaluate(model, tok, a.text, pair=a.pair)
+    d = rep.to_dict()
+    d["meta"] = {"command": "python -m salience.interpret.faithfulness " + " ".join(
+                     repr(x) if " " in x else x for x in (argv if argv is not None else __import__("sys").argv[1:])),
+                 "text": a.text, "pair": a.pair, "seconds": round(time.perf_counter() - t0, 3),
+                 "cpu_seconds": round(time.process_time() - c0, 3), "torch": torch.__version__,
+                 "machine": platform.machine(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump(d, f, indent=1)
+    print(markdown_table(d, summary=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
