@@ -19,7 +19,7 @@
 // threads; each item leaves (max, sum, unnormalised output) per row, and a second pass merges the pieces by
 // logsumexp (adding the sink logit, if any) into the output and its logsumexp.
 //
-// Vector code: AVX-512 (16 lanes) or AVX2+FMA+F16C (8 lanes), chosen at compile time by -march=native (the
+// Vector code: AVX-512 (16 lanes; with AVX512-BF16, bfloat16 q.k by vdpbf16ps) or AVX2+FMA+F16C (8 lanes), chosen at compile time by -march=native (the
 // build cache is keyed by the CPU flags), with a scalar fallback for other CPUs and for the D % lanes tails.
 //
 // Score of row (h, i) and visible key p: s = scale * q.k; s = softcap * tanh(s / softcap) if softcap > 0;
@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -60,6 +61,7 @@ struct SalienceDecodeArgs {
   int64_t min_split;        // fewest keys per piece of a split key range
   int64_t num_blocks;       // pool blocks (paged) ...
   int64_t capacity;         // ... and logical keys per sequence, for salience_decode_check
+  const uint16_t* q16;      // bfloat16 caches: q as given (B, H, L, D) bfloat16, for the AVX512-BF16 dots
 };
 }
 
@@ -219,6 +221,7 @@ inline float tanh_f(float x) {
 struct Rows {
   int nr;
   const float* q[MAX_NR];
+  const uint16_t* q16[MAX_NR];  // bfloat16 caches only
   int64_t lo[MAX_NR], hi[MAX_NR], qpos[MAX_NR];
   float slope[MAX_NR];
   float* m;
@@ -285,10 +288,50 @@ inline void dots_step(const Rows& t, const typename C::T* const* kp, int64_t j, 
     }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+// bfloat16 keys against the bfloat16 query as given: vdpbf16ps multiplies 32 pairs exactly and sums in float32,
+// with no conversion of the keys.
+template <int NR, int KU>
+inline void dots_step_bf16(const Rows& t, const uint16_t* const* kp, int64_t j, int64_t D, float* s) {
+  constexpr int N = NR * KU, N4 = (N + 3) / 4 * 4;
+  const int64_t Dw = D / 32 * 32;
+  V acc[N4];
+  for (int u = 0; u < N4; ++u) acc[u] = vzero();
+  for (int64_t d = 0; d < Dw; d += 32) {
+    __m512bh kk[KU];
+    for (int u = 0; u < KU; ++u) kk[u] = (__m512bh)_mm512_loadu_si512(kp[j + u] + d);
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh qq = (__m512bh)_mm512_loadu_si512(t.q16[r] + d);
+      for (int u = 0; u < KU; ++u) acc[u * NR + r] = _mm512_dpbf16_ps(acc[u * NR + r], qq, kk[u]);
+    }
+  }
+  float sums[N4];
+  for (int u = 0; u < N4; u += 4) vsum4(acc[u], acc[u + 1], acc[u + 2], acc[u + 3], sums + u);
+  for (int u = 0; u < KU; ++u)
+    for (int r = 0; r < NR; ++r) {
+      float x = sums[u * NR + r];
+      for (int64_t d = Dw; d < D; ++d) x += t.q[r][d] * BF16::one(kp[j + u] + d);
+      s[r * CHUNK + j + u] = x;
+    }
+}
+constexpr bool HAVE_DPBF16 = true;
+#else
+template <int NR, int KU>
+inline void dots_step_bf16(const Rows&, const uint16_t* const*, int64_t, int64_t, float*) {}
+constexpr bool HAVE_DPBF16 = false;
+#endif
+
 template <typename C, int NR>
 void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, float* s) {
   constexpr int KU = NR <= 2 ? 4 : NR <= 4 ? 2 : 1;  // about 8 accumulators
   int64_t j = 0;
+  if constexpr (HAVE_DPBF16 && std::is_same<C, BF16>::value) {
+    if (t.q16[0]) {
+      for (; j + KU <= n; j += KU) dots_step_bf16<NR, KU>(t, kp, j, D, s);
+      for (; j < n; ++j) dots_step_bf16<NR, 1>(t, kp, j, D, s);
+      return;
+    }
+  }
   for (; j + KU <= n; j += KU) dots_step<C, NR, KU>(t, kp, j, D, s);
   for (; j < n; ++j) dots_step<C, NR, 1>(t, kp, j, D, s);
 }
@@ -422,12 +465,36 @@ Rows make_tile(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, int
   for (int r = 0; r < nr; ++r) {
     const int64_t g = (r0 + r) / L, i = (r0 + r) % L, h = hk * G + g;
     t.q[r] = A.q + ((b * A.H + h) * L + i) * A.D;
+    t.q16[r] = A.q16 ? A.q16 + ((b * A.H + h) * L + i) * A.D : nullptr;
     t.lo[r] = std::max(A.lo[b * L + i], ka);
     t.hi[r] = std::min(A.hi[b * L + i], kz);
     t.slope[r] = A.slopes ? A.slopes[b * A.H + h] : 0.0f;
     t.qpos[r] = A.q_pos ? A.q_pos[b * L + i] : 0;
   }
   return t;
+}
+
+// Software prefetch (into L2) of the keys and values of the chunk PREFETCH chunks ahead: the hardware
+// prefetchers alone leave the loads of the chunk loop waiting on memory, and they stop at page and block edges.
+constexpr int64_t PREFETCH = 1;
+
+template <typename C>
+void prefetch(const Args& A, int64_t b, int64_t hk, int64_t c0, int64_t n) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  using T = typename C::T;
+  const T* kp[CHUNK];
+  const T* vp[CHUNK];
+  key_addresses<C>(A, b, hk, c0, n, kp, vp);
+  const int64_t kb = A.D * static_cast<int64_t>(sizeof(T)), vb = A.Dv * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < n; ++j) {
+    const char* k = reinterpret_cast<const char*>(kp[j]);
+    const char* v = reinterpret_cast<const char*>(vp[j]);
+    for (int64_t o = 0; o < kb; o += 64) _mm_prefetch(k + o, _MM_HINT_T1);
+    for (int64_t o = 0; o < vb; o += 64) _mm_prefetch(v + o, _MM_HINT_T1);
+  }
+#else
+  (void)A, (void)b, (void)hk, (void)c0, (void)n;
+#endif
 }
 
 // One work item: keys [ka, kz) of (b, hk) for all its rows, chunk by chunk; partial results to part.
@@ -447,6 +514,7 @@ void run_item(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, floa
   const T* vp[CHUNK];
   for (int64_t c0 = ka; c0 < kz; c0 += CHUNK) {
     const int64_t n = std::min(CHUNK, kz - c0);
+    if (c0 + PREFETCH * CHUNK < kz) prefetch<C>(A, b, hk, c0 + PREFETCH * CHUNK, std::min(CHUNK, kz - c0 - PREFETCH * CHUNK));
     key_addresses<C>(A, b, hk, c0, n, kp, vp);
     for (int64_t t = 0; t < ntiles; ++t) {
       const Rows& tt = tiles[t];
@@ -547,7 +615,7 @@ void forward(const Args& A) {
 
 extern "C" {
 
-int salience_decode_abi() { return 2; }
+int salience_decode_abi() { return 3; }
 int64_t salience_decode_args_size() { return static_cast<int64_t>(sizeof(SalienceDecodeArgs)); }
 int salience_decode_lanes() { return W; }
 int64_t salience_decode_max_rows() { return MAX_NR * 64; }

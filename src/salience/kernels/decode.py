@@ -244,7 +244,7 @@ def _torch_forward(q, k, v, p: _Problem, lo, hi, scale, block_table, slopes, q_p
 
 
 _SOURCE = Path(__file__).with_name("decode.cpp")
-_ABI = 2
+_ABI = 3
 _LOCK = threading.Lock()
 _STATE: dict = {}
 _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -262,7 +262,7 @@ class _Args(ctypes.Structure):
         (n, ctypes.c_int64) for n in ("B", "H", "Hkv", "L", "D", "Dv")] + [
         ("scale", ctypes.c_double), ("softcap", ctypes.c_double), ("nthreads", ctypes.c_int64),
         ("dtype", ctypes.c_int64), ("min_split", ctypes.c_int64), ("num_blocks", ctypes.c_int64),
-        ("capacity", ctypes.c_int64)]
+        ("capacity", ctypes.c_int64), ("q16", ctypes.c_void_p)]
 
 
 def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -344,6 +344,9 @@ def _native_forward(lib, q, k, v, p: _Problem, lo, hi, scale, block_table, slope
               hi=ops["hi"].data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(), B=p.B, H=p.H, Hkv=p.Hkv, L=p.L,
               D=p.D, Dv=p.Dv, scale=scale, softcap=softcap or 0.0, nthreads=max(1, torch.get_num_threads()),
               dtype=_KERNEL_DTYPES[q.dtype], min_split=MIN_SPLIT, capacity=p.capacity, num_blocks=k.shape[0])
+    if q.dtype == torch.bfloat16:  # the AVX512-BF16 dots read q as given
+        ops["q16"] = q.contiguous()
+        a.q16 = ops["q16"].data_ptr()
     if block_table is not None:
         ops["bt"] = block_table.to(torch.int64).contiguous()
         a.block_table, a.max_blocks, a.block_size = ops["bt"].data_ptr(), ops["bt"].shape[1], p.block_size
