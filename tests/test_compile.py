@@ -278,16 +278,28 @@ def test_export_equals_eager():
             torch.testing.assert_close(ep.module()(x2), m(x2), rtol=1e-12, atol=1e-12)
 
 
-def test_refusals_say_why():
-    """What is not supported under compile raises with the reason and the fix (never a silent fallback)."""
+def test_unsupported_calls_break_the_graph_with_the_reason():
+    """A mask built inside the compiled function, or dropout, cannot take the custom op: plain torch.compile
+    graph-breaks around the eager path (still equal to eager); fullgraph=True raises with the reason."""
     q = torch.randn(1, 2, 24, 8)
-    inline = torch.compile(lambda q: salience.attention(q, q, q, mask=masks.causal()), backend="aot_eager",
-                           fullgraph=True)
+
+    def inline(q):
+        return salience.attention(q, q, q, mask=masks.causal() & masks.sliding_window(4))
+
+    torch._dynamo.reset()
     with pytest.raises(Exception, match="built inside the compiled function"):
-        inline(q)
-    drop = torch.compile(lambda q: salience.attention(q, q, q, dropout_p=0.1), backend="aot_eager", fullgraph=True)
+        torch.compile(inline, backend="aot_eager", fullgraph=True)(q)
+    torch._dynamo.reset()  # (dynamo caches per code object)
+    torch.testing.assert_close(torch.compile(inline, backend="aot_eager")(q), inline(q))
+
+    def drop(q):
+        return salience.attention(q, q, q, dropout_p=0.1)
+
+    torch._dynamo.reset()
     with pytest.raises(Exception, match="dropout_p > 0"):
-        drop(q)
+        torch.compile(drop, backend="aot_eager", fullgraph=True)(q)
+    torch._dynamo.reset()
+    assert torch.compile(drop, backend="aot_eager")(q).shape == q.shape
 
 
 @pytest.mark.slow

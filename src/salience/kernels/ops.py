@@ -52,7 +52,7 @@ from .._result import AttentionResult
 from ..reference import _acc_dtype
 from . import dispatch
 
-__all__ = ["Spec", "attend", "compiled", "fold_scale", "spec_key", "spec_tensors", "lookup"]
+__all__ = ["FALLBACK", "Spec", "attend", "compiled", "fold_scale", "spec_key", "spec_tensors", "lookup"]
 
 
 @dataclass(eq=False)
@@ -84,15 +84,28 @@ def _trainable(score_mod, compatibility) -> tuple:
     return tuple(found)
 
 
-def _check_complete(score_mod, extras, H: int) -> None:
+def _complete(score_mod, extras, H: int) -> bool:
     from . import problem
 
     complete = getattr(problem, "grads_complete", None) or getattr(dispatch, "_grads_complete", None)
-    if score_mod is not None and complete is not None and not complete(score_mod, list(extras), H, torch.device("cpu")):
-        raise NotImplementedError(
-            f"torch.compile: score_mod {score_mod!r} depends on tensors requiring grad that salience cannot find, so a "
-            "compiled graph could not give them gradients (eager salience.attention handles this on the reference "
-            "path). Expose them as attributes of a salience.scores.ScoreMod (e.g. .table), or run this call eagerly.")
+    return score_mod is None or complete is None or complete(score_mod, list(extras), H, torch.device("cpu"))
+
+
+#: why a call cannot take the custom op (negative keys): it graph-breaks around the eager path instead, as salience
+#: did before this module (so ``fullgraph=True`` raises with this reason, and plain ``torch.compile`` still works)
+FALLBACK = {
+    -1: "salience.attention: the mask or score_mod was built inside the compiled function (for example "
+        "masks.causal() or a & b in forward); salience hands masks to its custom op by identity, so build them "
+        "once outside (in __init__, or pass them in) and reuse the objects",
+    -2: "salience.attention: a compatibility function with a tensor scale that requires grad is wrapped inside "
+        "the trace; pass a float scale or fold it into the compatibility's parameters",
+    -3: "salience.attention: dropout_p > 0 inside torch.compile: the kernels draw the dropout mask, and its seed "
+        "is not threaded through the custom op yet (the backward must replay it); compile with dropout_p=0 "
+        "(model.eval() for layers)",
+    -4: "salience.attention: the score_mod depends on tensors requiring grad that salience cannot find, so the "
+        "custom op could not give them gradients; expose them as attributes of a salience.scores.ScoreMod "
+        "(e.g. .table)",
+}
 
 
 def _built_in_trace(obj) -> bool:
@@ -107,17 +120,10 @@ def _built_in_trace(obj) -> bool:
 def _register(mask, score_mod, scale, compatibility, backend, shape) -> int:
     from ..reference import check_mods
 
-    for argname, obj in (("mask", mask), ("score_mod", score_mod)):
-        if _built_in_trace(obj):
-            raise NotImplementedError(
-                f"torch.compile: the {argname} was built inside the compiled function (for example masks.causal() "
-                "or a & b in forward); salience passes masks to its custom op by identity, so build it once outside "
-                "(in __init__, or pass it in) and reuse the object.")
+    if _built_in_trace(mask) or _built_in_trace(score_mod):
+        return -1
     if compatibility is not None and "_modules" not in vars(compatibility):
-        raise NotImplementedError(
-            "torch.compile: a compatibility function with a tensor scale that requires grad is wrapped inside the "
-            "trace and cannot reach salience's custom op; fold the scale into the compatibility's own parameters, "
-            "or run this call eagerly.")
+        return -2
     from .._blockmask import resolve
 
     m, sm = check_mods(resolve(mask), score_mod, *shape)  # the eager checks (functional._prepare), on the real objects
@@ -127,7 +133,8 @@ def _register(mask, score_mod, scale, compatibility, backend, shape) -> int:
         if key is not None:
             return key
         extras = _trainable(sm, compatibility)
-        _check_complete(sm, extras, shape[1])
+        if not _complete(sm, extras, shape[1]):
+            return -4
         key = len(_SPECS)
         # the Spec holds the user's objects, so the ids in ``ident`` stay theirs for the life of the process
         _SPECS[key] = Spec(m, sm, scale, compatibility, backend, extras, (mask, score_mod))
@@ -138,7 +145,8 @@ def _register(mask, score_mod, scale, compatibility, backend, shape) -> int:
 @torch.compiler.assume_constant_result
 def spec_key(mask, score_mod, scale, compatibility, backend, B: int, H: int, L: int, S: int) -> int:
     """The registry key of this call's :class:`Spec` (the same objects give the same key), after the eager
-    mask/score_mod checks on the user's objects (``reference.check_mods``).
+    mask/score_mod checks on the user's objects (``reference.check_mods``); a negative key (see
+    :data:`FALLBACK`) when the call cannot take the custom op.
 
     Run at trace time with the real objects (dynamo guards on their identity, so a new mask object recompiles).
     The registry lives in this process: an ``ExportedProgram`` with salience ops runs here, not after
@@ -170,10 +178,8 @@ def fold_scale(q: torch.Tensor, scale: torch.Tensor, compatibility) -> tuple:
         raise ValueError(f"scale must be a single number; got a tensor of shape {tuple(scale.shape)}.")
     if scale.is_complex() or scale.dtype == torch.bool:
         raise TypeError(f"scale must be a positive finite real number or None; got a {scale.dtype} tensor.")
-    if compatibility is not None:
-        raise NotImplementedError(
-            "torch.compile: a tensor scale with compatibility= is multiplied into the compatibility's scores in "
-            "eager; inside a compiled graph pass a Python float scale (or fold it into the compatibility).")
+    if compatibility is not None:  # eager multiplies the compatibility's scores: left to it (a graph break)
+        return q, scale
     s = scale.reshape(())
     torch._assert_async((s > 0) & torch.isfinite(s), "salience.attention: scale must be positive and finite")
     return q * s.to(q.dtype), 1.0
@@ -360,16 +366,16 @@ def attend(q, k, v, *, mask, score_mod, scale, compatibility, dropout_p, need_ls
     ``salience::attention`` custom op; ``user_mask``/``user_score_mod`` are the objects given to
     :func:`salience.attention` (``mask``/``score_mod`` are their validated forms). The plan is a placeholder: the
     real one is chosen when the op runs."""
-    if dropout_p > 0:
-        raise NotImplementedError(
-            "salience.attention with dropout_p > 0 inside torch.compile/export: the dropout mask is drawn inside the "
-            "kernels and its seed would have to be threaded through the custom op so the backward replays it; not "
-            "done yet. Compile with dropout_p=0 (model.eval() for layers) or run this call eagerly.")
     B, H, L, _ = q.shape
     # a bool mask tensor is an op input (a graph input may hold other values next call); other masks go by key
     mask_t = user_mask if isinstance(user_mask, torch.Tensor) else None
-    key = spec_key(None if mask_t is not None else user_mask, user_score_mod, scale, compatibility, backend, B, H, L,
-                   k.shape[2])
+    key = -3 if dropout_p > 0 else spec_key(None if mask_t is not None else user_mask, user_score_mod, scale,
+                                            compatibility, backend, B, H, L, k.shape[2])
+    if key < 0:  # the eager path behind a graph break, with the reason (fullgraph=True raises it)
+        torch._dynamo.graph_break(msg=FALLBACK[key])
+        return dispatch.attend(q, k, v, mask=mask, score_mod=score_mod, scale=scale, compatibility=compatibility,
+                               dropout_p=dropout_p, need_lse=need_lse, backend=backend,
+                               **({} if bias is None else {"bias": bias}))
     extras = list(spec_tensors(key))
     out, lse = torch.ops.salience.attention(q, k, v, mask_t, bias, extras, key)
     pl = dispatch.Plan("compiled", "torch.library custom op salience::attention: the path is chosen when it runs",
