@@ -213,6 +213,9 @@ def test_explain_view_options_errors(models, tmp_path, capsys):
     assert cli.main(base + ["--model", str(models["gpt2"]), "--target", "x"]) == 2
     assert "--target is the decoder text of an encoder-decoder model" in capsys.readouterr().err
     assert cli.main(base + ["--target", "  "]) == 2 and "--target is empty" in capsys.readouterr().err
+    assert cli.main(base + ["--model", str(models["gpt2"]), "--generate", "60"]) == 2  # 9 + 60 > 64 positions
+    err = capsys.readouterr().err
+    assert "needs 69 positions; the model" in err and "has 64. Use --generate 55 or less." in err
     # --pair on a causal LM: a note, not a silent empty tab
     assert cli.main(base + ["--model", str(models["gpt2"]), "--pair", "A dog."]) == 0
     assert "pair view: built for encoders" in capsys.readouterr().out

@@ -185,6 +185,14 @@ def model_kind(model) -> str:
 def _generation_view(model, tok, inputs, args):
     from .interpret.generation import generation_attention
 
+    cfg = model.config
+    room = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                 if isinstance(getattr(cfg, k, None), int)), None)
+    P = inputs["input_ids"].shape[1]
+    if room is not None and P + args.generate > room:
+        raise ValueError(f"--generate {args.generate} after the {P} tokens of TEXT needs {P + args.generate} "
+                         f"positions; the model ({args.model}) has {room}. Use --generate {max(1, room - P)} or less.")
+
     return generation_attention(model, inputs["input_ids"], tok, max_new_tokens=args.generate, layers=args.layers,
                                 heads=args.heads)
 
