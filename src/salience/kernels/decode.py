@@ -23,9 +23,12 @@ Two implementations, one signature and one result (the tests check both against 
 * the compiled kernel ``decode.cpp`` (built on first use like the interval kernels of :mod:`.native`: same
   compiler, cache, manifest and ``SALIENCE_NATIVE=0`` switch): grouped-query aware (each key/value head's
   keys and values are read once for all the query heads and rows that share it), bfloat16/float16 caches
-  read as stored with float32 accumulation, online softmax, paged caches read block by block in place, the
-  key axis split across threads when there are fewer (sequence, kv head) pairs than threads
-  (flash-decoding; partial results merged by logsumexp), and only the keys in ``[lo, hi)`` are read;
+  read as stored and converted in registers (bfloat16 q.k by ``vdpbf16ps`` where the CPU has AVX512-BF16)
+  with float32 accumulation, online softmax, paged caches read block by block in place (with software
+  prefetch through the block table), the key axis split into pieces so that every thread has work
+  (flash-decoding; the pieces are merged by logsumexp in C), and only the keys in ``[lo, hi)`` are read.
+  AVX-512, AVX2 (+FMA, F16C) or scalar code is chosen at compile time by ``-march=native``; calls that read
+  fewer than 2048 (key, kv head) pairs run on one thread;
 * a torch fallback (per sequence: gather the visible keys, float32 accumulation) used when the kernel cannot
   be built, for float64 inputs, for tensors not on the CPU, or when :data:`FORCE_TORCH` is set.
 
