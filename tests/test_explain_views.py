@@ -180,6 +180,11 @@ def test_explain_bart_cross_attention_of_its_greedy_output(models, tmp_path, cap
     assert st.startswith("ok") and "cross:ok" in st, st
     assert _attr(dom, "cx", "data-xlabels").split("|") == d["source"]
     assert _attr(dom, "cx", "data-ylabels").split("|") == d["target"]
+    # the colour scale runs from 0 to the shown map's maximum (layer 0, mean of heads: the page's first choice)
+    top = max(sum(h[i][j] for h in d["maps"][0]) / len(d["maps"][0]) for i in range(len(d["target"]))
+              for j in range(len(d["source"])))
+    legend = _attr(dom, "cx", "data-legend").split("|")
+    assert len(legend) == 3 and abs(float(legend[0]) - top) <= 0.05 * top and float(legend[-1]) == 0
     assert "produced each token" in dom
 
 

@@ -144,8 +144,8 @@ for(let l=0;l<D.layers;l++){const o=document.createElement("option");o.value=l;o
 {const o=document.createElement("option");o.value="mean";o.textContent="mean of heads";hd.appendChild(o);}
 for(let h=0;h<D.heads;h++){const o=document.createElement("option");o.value=h;o.textContent="head "+h;hd.appendChild(o);}
 const T=D.target.length,S=D.source.length,LX=110,TY=90;
-const cw=Math.max(4,Math.min(40,(c.width-LX-10)/S)),ch=Math.max(4,Math.min(30,(c.height-TY-10)/T));
-c.height=Math.ceil(TY+T*ch+12);
+const cw=Math.max(4,Math.min(40,(c.width-LX-80)/S)),ch=Math.max(4,Math.min(30,(c.height-TY-10)/T));
+c.height=Math.ceil(Math.max(TY+T*ch+12,TY+150));
 function m(){const a=D.maps[+lay.value];if(hd.value!=="mean")return a[+hd.value];
  return a[0].map((r,i)=>r.map((_,j)=>a.reduce((s,h)=>s+h[i][j],0)/a.length));}
 function every(n,room){return Math.max(1,Math.ceil(n*12/room));}
@@ -156,7 +156,14 @@ function draw(){
  for(let j=0;j<S;j+=ex){xs.push(D.source[j]);g.save();g.translate(LX+j*cw+cw/2,TY-4);g.rotate(-Math.PI/3);g.fillText(D.source[j].slice(0,14),0,0);g.restore();}
  g.textAlign="right";for(let i=0;i<T;i+=ey){ys.push(D.target[i]);g.fillText(D.target[i].slice(0,14),LX-4,TY+i*ch+ch/2+4);}
  g.textAlign="left";g.fillText("encoder (keys) \u2192",LX,12);g.save();g.translate(12,TY+40);g.rotate(Math.PI/2);g.fillText("decoder (queries) \u2192",0,0);g.restore();
+ // colour scale: each map is shaded by its own maximum
+ const GX=LX+S*cw+14,GH=Math.max(60,T*ch),ticks=[];
+ for(let y=0;y<GH;y++){const v=Math.round(255*(y/(GH-1)));g.fillStyle="rgb("+v+","+v+",255)";g.fillRect(GX,TY+y,12,1);}
+ g.strokeStyle="#999";g.strokeRect(GX-0.5,TY-0.5,13,GH+1);g.fillStyle="#222";g.textAlign="left";
+ for(const f of [1,0.5,0]){const t=(mx*f).toPrecision(2);ticks.push(t);g.fillText(f?t:"0",GX+16,TY+(1-f)*(GH-1)+4);}
+ g.fillStyle="#777";g.fillText("weight",GX-2,TY-8);
  c.setAttribute("data-xlabels",xs.join("|"));c.setAttribute("data-ylabels",ys.join("|"));c.setAttribute("data-max",mx.toFixed(5));
+ c.setAttribute("data-legend",ticks.join("|"));
 }
 c.onmousemove=e=>{const r=c.getBoundingClientRect(),j=Math.floor((e.clientX-r.left-LX)/cw),i=Math.floor((e.clientY-r.top-TY)/ch);
  document.getElementById("cx-info").textContent=(i>=0&&i<T&&j>=0&&j<S)?(D.target[i]+" (dec "+i+") -> "+D.source[j]+" (enc "+j+"): "+m()[i][j].toFixed(4)):"\u00a0";};
