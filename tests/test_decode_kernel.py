@@ -170,6 +170,14 @@ def test_long_cache_split(path):
                                         lengths=torch.tensor([2000, 3000]), window=1500, slopes="H"))
 
 
+def test_many_rows(path):
+    """Speculative decoding's longest blocks: L=16 rows with 8 or 64 query heads per kv head (16 row tiles; past
+    the compiled kernel's 512 rows per kv head the torch path runs)."""
+    for H, Hkv, seed in ((16, 2, 30), (64, 1, 31)):
+        _check_against_reference(*_case(B=2, H=H, Hkv=Hkv, L=16, S=90, D=16, Dv=16, paged=8, seed=seed,
+                                        lengths=torch.tensor([90, 40]), window=30, slopes="H", sinks=True))
+
+
 def test_empty_rows(path):
     q, k, v, lo, hi, bt, kw = _case(B=2, L=3, lengths=torch.tensor([0, 0]))
     out, lse = decode.forward(q, k, v, lo=lo, hi=hi, scale=0.3)
