@@ -171,8 +171,14 @@ KIND_WORDS = {"encoder": "an encoder", "causal": "a causal LM", "seq2seq": "an e
 
 
 def model_kind(model) -> str:
-    """``"seq2seq"`` (config.is_encoder_decoder), ``"causal"`` (a model with ``generate`` whose config says
-    decoder-only: GPT-2, Llama...) or ``"encoder"`` (encoders and classifiers)."""
+    """``"seq2seq"`` (config.is_encoder_decoder), ``"causal"`` (class or config architecture ending in
+    ``ForCausalLM`` / ``LMHeadModel``: GPT-2, Llama...) or ``"encoder"`` (encoders and classifiers).
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> model_kind(NS(config=NS(is_encoder_decoder=True))), model_kind(NS(config=NS(architectures=["GPT2LMHeadModel"])))
+        ('seq2seq', 'causal')
+    """
     cfg = getattr(model, "config", None)
     if getattr(cfg, "is_encoder_decoder", False):
         return "seq2seq"

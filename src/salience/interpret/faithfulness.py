@@ -375,7 +375,14 @@ class FaithfulnessReport:
 
 def markdown_table(d: dict, *, summary: bool = False) -> str:
     """A :meth:`FaithfulnessReport.to_dict` (e.g. kept as JSON) as a Markdown table; with ``summary``, followed by
-    the chance band and the references' agreement with each other."""
+    the chance band and the references' agreement with each other.
+
+    Example:
+        >>> import torch
+        >>> rep = compare({"rollout": torch.tensor([0.1, 0.2, 0.3, 0.4])}, {"erasure": torch.tensor([1., 2., 3., 4.])})
+        >>> markdown_table(rep.to_dict()).splitlines()[2]
+        '| rollout | +1.00 | +1.00 |  |'
+    """
     refs = list(d["references"])
     labels = d.get("labels", {})
     head = "| attention-derived importance | " + " | ".join(
