@@ -13,10 +13,10 @@ import torch
 
 import salience
 from salience import masks as M
-from salience import reference
+from salience import reference, structure
 from salience import scores as Sc
 from salience.blocks import EMPTY, FULL, PARTIAL
-from salience.kernels import blockwise, native, spans
+from salience.kernels import blockwise, native
 from salience.kernels import config as kconfig
 from salience.kernels.blockwise import classify
 from salience.kernels.executors import TorchSdpaExec
@@ -132,7 +132,7 @@ MASK_CASES = [
     ("lambda", lambda b, h, q, kv: (q + 2 * kv) % 5 != 1, "blockwise", {}),
     ("dense_tensor", torch.rand(L0, L0, generator=torch.Generator().manual_seed(1)) < 0.3, "blockwise", {}),
     ("not_window", ~M.sliding_window(10, 10), "blockwise", {}),
-    ("head_dependent", lambda b, h, q, kv: (kv <= q) | (h == 1), "blockwise", {}),
+    ("head_dependent", lambda b, h, q, kv: (kv <= q) | (h == 1), "spans", {}),  # derived per-head intervals
 ]
 
 
@@ -216,10 +216,10 @@ def test_packed_documents_with_relative_bias_float64_grouped_heads_and_plan():
     # each document is its own problem: the skipped share is what the block-diagonal causal mask hides
     lengths = torch.bincount(IDS).tolist()
     assert p.details["skipped"] <= 1 - sum(n * (n + 1) // 2 for n in lengths) / L0 ** 2 + 1e-9
-    assert spans.independent_pieces(M.document(SPLIT_IDS).bind(L0, L0, None), 1, L0, L0) is None
+    assert structure.independent_pieces(M.document(SPLIT_IDS).bind(L0, L0, None), 1, L0, L0) is None
     # right padding: one rectangle per batch row (equal neighbours merged), keys past kv_length never read
     pad = M.padding(q_lengths=[150, 150, 70], kv_lengths=[150, 150, 80]) & M.sliding_window(9)
-    pieces, band = spans.independent_pieces(pad.bind(L0, L0, None), 3, L0, L0)
+    pieces, band = structure.independent_pieces(pad.bind(L0, L0, None), 3, L0, L0)
     assert pieces == [(0, 2, 0, 150, 0, 150), (2, 3, 0, 70, 0, 80)] and band == (-9, 0)
 
 

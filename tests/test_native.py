@@ -27,7 +27,8 @@ from tests.test_kernels import (
 import salience
 from salience import masks as M
 from salience import scores as Sc
-from salience.kernels import native, span_plan, spans
+from salience import structure
+from salience.kernels import native, span_plan
 
 HAS_CXX = shutil.which(os.environ.get("CXX") or "g++") is not None
 needs_native = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler on this machine: the compiled backward "
@@ -67,8 +68,8 @@ def test_span_backward_matches_reference(case, dtype, backward, small_native_til
     if backward == "torch fused calls":  # the state after a failed build
         monkeypatch.setitem(native._STATE, "lib", None)
         monkeypatch.setitem(native._STATE, "why", "turned off for this test")
-    q = _inputs(**shape)[0].to(dtype)
-    assert salience.plan(q, q, q, mask=mask).details["backward"].startswith(backward)
+    q, k, v = (t.to(dtype) for t in _inputs(**shape)[:3])
+    assert salience.plan(q, k, v, mask=mask).details["backward"].startswith(backward)
     check_against_reference(mask, dtype=dtype, expect=expect, lse_grad=True, **shape)
 
 
@@ -83,7 +84,7 @@ def _both_backwards(mask, L=150, S=150, dl=True, **shape):
     """(dq, dk, dv) from the compiled kernel and from the plan's torch-kernel calls, float64."""
     q, k, v, do, dlse = _inputs(L=L, S=S, **shape)
     B = q.shape[0]
-    lo, hi = spans.row_spans(mask.bind(L, S), B, L, S)
+    lo, hi = structure.row_intervals(mask.bind(L, S), B, L, S)
     plan = span_plan.plan_spans(lo, hi, B, L, S, dtype=q.dtype)
     out, lse = plan.forward(q, k, v, 0.3)
     dlse = dlse if dl else None
@@ -289,7 +290,7 @@ def test_interval_forward_grouped_heads_value_dim_and_offsets(small_native_tiles
     q, k, v, _, _ = _inputs(B=1)
     mask, mod = M.prefix_lm(60), Sc.alibi(4)
     full = salience.reference.attention(q, k, v, mask=mask, score_mod=mod)
-    lo, hi = spans.row_spans(mask.bind(150, 150), 1, 40, 150, q_offset=110, q_len=150)
+    lo, hi = structure.row_intervals(mask.bind(150, 150), 1, 40, 150, q_offset=110, q_len=150)
     slopes = mod.slopes.double().view(-1, 1)
     plan = native.IntervalPlan(lo, hi, lambda d: -slopes * d.abs().double(), 1, 4, 40, 150, q_offset=110,
                                dtype=torch.float64)

@@ -23,9 +23,9 @@ from tests.test_kernels import IDS, IDS2
 
 import salience
 from salience import masks as M
-from salience import reference
+from salience import reference, structure
 from salience import scores as Sc
-from salience.kernels import native, spans
+from salience.kernels import native
 from salience.testing import assert_rel_close
 
 HAS_CXX = shutil.which(os.environ.get("CXX") or "g++") is not None
@@ -348,7 +348,7 @@ def test_interval_plan_gives_the_same_on_strided_and_contiguous_inputs(dropout_p
     q, k, v, do, dl = _plan_inputs()
     B, H, L, _ = q.shape
     S = k.shape[2]
-    lo, hi = spans.row_spans(M.prefix_lm(20).bind(L, S), B, L, S)
+    lo, hi = structure.row_intervals(M.prefix_lm(20).bind(L, S), B, L, S)
     slopes = Sc.alibi(H).slopes.double().view(-1, 1)
     torch.manual_seed(5)
     plain = native.IntervalPlan(lo, hi, lambda d: -slopes * d.abs().double(), B, H, L, S, dtype=torch.float64,

@@ -22,11 +22,11 @@ from functools import cached_property
 import torch
 
 from ..reference import _acc_dtype
+from ..structure import linear_form, row_intervals
 from . import fused, native
 from .config import KernelConfig, current
-from .spans import row_spans
 
-__all__ = ["Problem", "build", "linear_form", "grad_tensors", "bias_fn"]
+__all__ = ["Problem", "build", "grad_tensors", "grads_complete", "bias_fn"]
 
 
 @dataclass(eq=False)
@@ -110,7 +110,7 @@ class Problem:
 
     @cached_property
     def linear(self):
-        """:func:`linear_form` of the score_mod."""
+        """:func:`salience.structure.linear_form` of the score_mod's structure."""
         return linear_form(self.score_mod)
 
     @property
@@ -140,8 +140,8 @@ class Problem:
     def intervals(self):
         """``(lo, hi)`` (1 or B, L): each query row's visible key interval in local key coordinates, or None when
         the mask is not an interval mask."""
-        return row_spans(self.mask, self.B, self.L, self.S, q_offset=self.q_offset, kv_offset=self.kv_offset,
-                         q_len=self.Lg, kv_len=self.Sg, device=self.device)
+        return row_intervals(self.mask, self.B, self.L, self.S, q_offset=self.q_offset, kv_offset=self.kv_offset,
+                             q_len=self.Lg, kv_len=self.Sg, device=self.device)
 
     def bias_fn(self):
         """``d -> (H, n)``: the summed relative biases of the score_mod at offsets ``d = kv_idx - q_idx``."""
@@ -164,41 +164,6 @@ def build(q, k, v, *, mask=None, score_mod=None, compatibility=None, scale=None,
 
 
 # ----------------------------------------------------------------------------------------- score mods
-
-
-def _mod_parts(mod):
-    """The component mods of a composition, in order (a mod that is not a composition: [mod])."""
-    parts = getattr(mod, "parts", None)
-    if parts is not None:
-        return [p for m in parts for p in _mod_parts(m)]
-    return [mod]
-
-
-def _is_temperature(m):
-    return isinstance(getattr(m, "t", None), float) and getattr(m, "name", "").startswith("temperature(")
-
-
-def _is_relative_additive(m):
-    name = getattr(m, "name", "")
-    return (name.startswith("alibi(") and hasattr(m, "slopes")) or (
-        name.startswith("relative_bias(") and hasattr(m, "table"))
-
-
-def linear_form(mod):
-    """``(alpha, [(bias_mod, beta), ...])`` when ``mod(s) = alpha * s + sum(beta * bias(h, kv - q))`` (a chain
-    of temperature, alibi and relative_bias); None otherwise. ``mod=None`` -> ``(1.0, [])``."""
-    if mod is None:
-        return 1.0, []
-    alpha, biases = 1.0, []
-    for m in _mod_parts(mod):
-        if _is_temperature(m):
-            alpha /= m.t
-            biases = [(b, w / m.t) for b, w in biases]
-        elif _is_relative_additive(m):
-            biases.append((m, 1.0))
-        else:
-            return None
-    return alpha, biases
 
 
 def _visit_children(obj, visit, depth):
@@ -275,20 +240,13 @@ def grads_complete(mod, found, H, device) -> bool:
 
 
 def bias_fn(biases, H, device, dtype):
-    """d -> (H, n): the sum of the additive relative ``biases`` ``[(mod, weight), ...]`` at offsets
-    ``d = kv_idx - q_idx``."""
+    """d -> (H, n): the sum of the additive relative ``biases`` ``[(Alibi or RelativeBias structure, weight), ...]``
+    at offsets ``d = kv_idx - q_idx``."""
 
     def fn(d):
-        q0 = max(0, -int(d.min())) if d.numel() else 0
-        qi = torch.full((1, 1, 1, 1), q0, dtype=torch.long, device=device)
-        ki = (q0 + d).view(1, 1, 1, -1)
-        h = torch.arange(H, device=device).view(1, -1, 1, 1)
-        b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
-        z = torch.zeros(1, H, 1, d.numel(), dtype=dtype, device=device)
         total = torch.zeros(H, d.numel(), dtype=dtype, device=device)
-        for m, w in biases:
-            mm = m.to(device) if hasattr(m, "to") else m
-            total += w * mm(z, b, h, qi, ki).to(dtype).view(H, -1)
+        for node, w in biases:
+            total += w * node.values(d.to(device), dtype=dtype).to(dtype).expand(H, -1)
         return total
 
     return fn

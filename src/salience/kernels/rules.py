@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..masks import MaskMod
+from ..structure import independent_pieces, is_top_left_causal, key_padding, relative_band
 from . import native
 from .executors import PlanExec, ReferenceExec, SdpaExec, TileExec, TorchSdpaExec
 from .problem import Problem, grads_complete
 from .span_plan import plan_spans
-from .spans import independent_pieces, relative_band
 from .toeplitz import BiasPlan, SegmentPlan
 
 __all__ = ["Plan", "BACKENDS", "RULES", "choose"]
@@ -67,12 +66,8 @@ class Refused(ValueError):
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _is_top_left_causal(mask) -> bool:
-    return isinstance(mask, MaskMod) and getattr(mask, "kind", None) == ("causal", "top_left")
-
-
 def _aligned_causal(p: Problem) -> bool:
-    return p.mask is not None and _is_top_left_causal(p.mask) and p.q_offset == p.kv_offset
+    return p.mask is not None and is_top_left_causal(p.mask) and p.q_offset == p.kv_offset
 
 
 def _plain(p: Problem) -> bool:
@@ -123,7 +118,7 @@ def dropout_on_intervals(p: Problem):
 
 def dropout_in_sdpa(p: Problem):
     """Dropout without a mask (or top-left causal) and without a logsumexp: torch SDPA's own dropout."""
-    if p.dropout_p == 0 or p.score_mod is not None or not (p.mask is None or _is_top_left_causal(p.mask)) \
+    if p.dropout_p == 0 or p.score_mod is not None or not (p.mask is None or is_top_left_causal(p.mask)) \
             or p.q_offset != p.kv_offset or p.need_lse or p.bias is not None:
         return None
     ex = TorchSdpaExec(p.mask is not None, p.scale, p.dropout_p)
@@ -151,7 +146,7 @@ def key_padding_sdpa(p: Problem):
     """Key padding (optionally & top-left causal): one fused call with a compact (B, 1, 1, S) key mask."""
     if p.bias is not None or p.mod_rest is not None or not p.fused_ok or not p.whole or p.backend is not None:
         return None
-    kp = _key_padding(p.mask, p.B, p.S)
+    kp = key_padding(p.mask, p.B, p.S)
     if kp is None:
         return None
     keep, causal_too = kp
@@ -251,6 +246,30 @@ def interval_relative_half(p: Problem):
                            "backward")
 
 
+def derived_callable(p: Problem):
+    """A user's mask callable (alone or combined with named masks): its structure derived once per (callable,
+    shape, device) and cached (:mod:`salience.kernels.derive`): row intervals run on the span/interval kernels,
+    anything else on a block map whose partial tiles' bits are reused by every later call."""
+    if p.bias is not None or p.mask is None:
+        return None
+    from . import derive
+
+    relative = p.biases and not p.grad_tensors
+    got = derive.executor(
+        p.mask, p.q, p.k, p.v, scale=p.eff_scale if (relative or p.mod_rest is None) else p.scale,
+        score_mod=None if relative else p.mod_rest, need_grad=p.needs_grad,
+        grad_tensors=() if relative else tuple(p.grad_tensors), q_offset=p.q_offset, kv_offset=p.kv_offset,
+        q_len=p.Lg, kv_len=p.Sg, relative_bias=p.bias_fn() if relative else None)
+    if got is None:
+        return None
+    ex, det = got
+    backend = "spans" if det["structure"] == "intervals" and not isinstance(ex, TileExec) and (
+        p.mod_rest is None or relative) else "blockwise"
+    if p.backend is not None and p.backend != backend:
+        return None
+    return Plan(backend, f"a mask callable whose structure ({det['structure']}) was derived once and cached", det, ex)
+
+
 def tiles(p: Problem):
     """Everything else: online softmax over (query tile, key tile) pairs that skips empty tiles."""
     if p.bias is not None:
@@ -279,34 +298,12 @@ def _acc(p: Problem):
     return _acc_dtype(p.dtype)
 
 
-def _key_padding(m, B: int, S: int):
-    """``(keep (B, S) bool, causal)`` when ``m`` is ``padding(kv_lengths=...)``, alone or ``&`` top-left causal,
-    with every batch row keeping at least one key; else None."""
-    causal_too = False
-    parts = getattr(m, "parts", None)
-    if parts is not None and parts[0] == "&":
-        _, a, b = parts
-        if _is_top_left_causal(a):
-            m, causal_too = b, True
-        elif _is_top_left_causal(b):
-            m, causal_too = a, True
-        else:
-            return None
-    kind = getattr(m, "kind", None)
-    if not (isinstance(kind, tuple) and kind[0] == "padding" and kind[1] is None and kind[2] is not None):
-        return None
-    kl = kind[2]
-    if kl.numel() != B or bool((kl <= 0).any()):
-        return None
-    return torch.arange(S, device=kl.device).view(1, S) < kl.view(B, 1), causal_too
+#: the backends each rule can give (a forced ``backend=`` walks only the rules that can give it)
+_BACKENDS_OF = {}
 
 
-#: backend of each rule (a forced ``backend=`` walks only its own rules)
-_BACKEND_OF = {}
-
-
-def _rule(backend: str, fn):
-    _BACKEND_OF[fn] = backend
+def _rule(backends, fn):
+    _BACKENDS_OF[fn] = (backends,) if isinstance(backends, str) else tuple(backends)
     return fn
 
 
@@ -326,13 +323,14 @@ RULES = [
     _rule("spans", band_toeplitz),
     _rule("spans", segments_toeplitz),
     _rule("spans", interval_relative_half),
+    _rule(("spans", "blockwise"), derived_callable),
     _rule("blockwise", tiles),
 ]
 
 
-def backend_of(rule) -> str:
-    """The backend a rule serves."""
-    return _BACKEND_OF[rule]
+def backends_of(rule) -> tuple:
+    """The backends a rule can give."""
+    return _BACKENDS_OF[rule]
 
 
 def no_kernel(p: Problem):
@@ -372,7 +370,7 @@ def _forced(p: Problem) -> Plan:
         return _forced_sdpa(p)
     untracked_grads(p)
     for rule in RULES:
-        if backend_of(rule) == b:
+        if b in backends_of(rule):
             plan = rule(p)
             if plan is not None:
                 return plan
