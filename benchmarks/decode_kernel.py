@@ -6,7 +6,8 @@ Rows:
   copy bandwidth, and the speed-up over ``F.scaled_dot_product_attention(..., enable_gqa=True)``;
 * B=8 sequences with lengths spread from 1k to 32k in one call (per-sequence lengths), contiguous and paged
   (block size 16, shuffled pool): GB/s counted on the keys and values actually read;
-* sliding window 4096 on a 32k cache: time against the full 32k row (reads only the window).
+* sliding window 4096 on a 32k cache: time against the full 32k row (reads only the window);
+* for scale, ``k.sum() + v.sum()`` (torch reading the same bytes once) and the CPU time of each call.
 
 Copy bandwidth: a 1 GiB float32 tensor copied into another (``dst.copy_(src)``), bytes read plus written per
 second, median of repeats. Run it alone on the machine if you can; the load is printed with the figures.
@@ -110,6 +111,7 @@ def single(dtype, bw, repeats, S=32768, H=32, Hkv=8, D=128):
     ms = median_ms(lambda: decode.forward(q, k, v, lo=lo, hi=hi, scale=scale), repeats)
     cpu = cpu_ms(lambda: decode.forward(q, k, v, lo=lo, hi=hi, scale=scale), repeats)
     sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), max(3, repeats // 2))
+    read = median_ms(lambda: (k.sum(), v.sum()), repeats)  # torch reading the same bytes once, for scale
     nbytes = 2 * k.numel() * k.element_size()
     gbs = nbytes / (ms * 1e-3) / 1e9
     w = 4096
@@ -118,6 +120,7 @@ def single(dtype, bw, repeats, S=32768, H=32, Hkv=8, D=128):
     return {"case": f"B=1 H={H} Hkv={Hkv} D={D} S={S} L=1", "dtype": str(dtype).replace("torch.", ""),
             "ms": round(ms, 3), "cpu_ms_all_threads": round(cpu, 3), "sdpa_ms": round(sdpa, 3), "speedup_vs_sdpa": round(sdpa / ms, 2),
             "kv_bytes": nbytes, "gb_per_s": round(gbs, 2), "fraction_of_copy_bw": round(gbs / bw, 3),
+            "torch_sum_of_k_and_v_ms": round(read, 3), "ms_over_torch_sum_ms": round(ms / read, 3),
             "window4096_ms": round(ms_w, 3), "window_ms_over_full_ms": round(ms_w / ms, 3)}
 
 
