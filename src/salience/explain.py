@@ -78,7 +78,9 @@ def parse_methods(text: str) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help="the input text")
     p.add_argument("--model", default="minilm",
-                   help="'minilm' (the embedded all-MiniLM-L6-v2, default) or a local transformers model directory")
+                   help="'minilm' (the embedded all-MiniLM-L6-v2, default) or a local transformers model directory: an "
+                        "encoder, a classifier, a causal LM (see --generate) or an encoder-decoder model such as T5 "
+                        "or BART (cross-attention view)")
     p.add_argument("--out", default="salience-report", help="output directory (default: ./salience-report)")
     p.add_argument("--layers", type=parse_layers, default=None,
                    help="layers to record: all (default), a list 0,2,5 or a range 1-3 (negative: from the end)")
