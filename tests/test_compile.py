@@ -241,7 +241,7 @@ def test_fake_shapes_and_dtypes():
     """The fake implementations: out (B, H, L, Dv) in q's dtype, lse (B, H, L) float32 (float64 for float64)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    key = ops.spec_key(None, None, 0.25, None, None, 2, 4, 5, 7)
+    key = ops.spec_key(None, None, 0.25, None, None)
     for dtype, lse_dtype in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32),
                              (torch.float32, torch.float32), (torch.float64, torch.float64)):
         with FakeTensorMode():
@@ -259,7 +259,7 @@ def test_fake_shapes_and_dtypes():
 def test_opcheck():
     """torch.library.opcheck: schema, fake vs real, autograd registration of salience::attention."""
     mask = masks.causal() & masks.sliding_window(3)
-    key = ops.spec_key(mask, None, 0.5, None, None, 1, 2, 16, 16)
+    key = ops.spec_key(mask, None, 0.5, None, None)
     q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
     torch.library.opcheck(torch.ops.salience.attention.default, (q, k, v, None, None, [], key),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -276,6 +276,25 @@ def test_export_equals_eager():
         x2 = torch.randn(2, L, D, dtype=torch.float64)
         with torch.no_grad():
             torch.testing.assert_close(ep.module()(x2), m(x2), rtol=1e-12, atol=1e-12)
+
+
+def test_dynamic_lengths_compile_and_export():
+    """One graph serves every length: dynamo's automatic dynamic shapes (3 lengths) and export with a Dim."""
+    mask = masks.causal() & masks.sliding_window(6)
+    f = torch.compile(lambda q, k, v: salience.attention(q, k, v, mask=mask), backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    for n in (24, 32, 40):
+        q, k, v = (torch.randn(1, 2, n, 8, requires_grad=True) for _ in range(3))
+        out = f(q, k, v)
+        torch.testing.assert_close(out, salience.attention(q, k, v, mask=mask))
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), q)[0],
+                                   torch.autograd.grad(salience.attention(q, k, v, mask=mask).sum(), q)[0])
+    m = model(mask=mask).eval()
+    n = torch.export.Dim("n", min=8, max=256)
+    ep = torch.export.export(m, (torch.randn(2, L, D, dtype=torch.float64),), dynamic_shapes={"input": {1: n}})
+    x = torch.randn(2, 57, D, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-12, atol=1e-12)
 
 
 def test_unsupported_calls_break_the_graph_with_the_reason():

@@ -35,7 +35,7 @@ Example:
     >>> from salience.kernels import ops
     >>> causal = salience.masks.causal()  # under torch.compile: built once, outside the compiled function
     >>> q = torch.randn(1, 2, 8, 4)
-    >>> key = ops.spec_key(causal, None, 0.5, None, None, 1, 2, 8, 8)  # what a trace does once
+    >>> key = ops.spec_key(causal, None, 0.5, None, None)  # what a trace does once
     >>> out, lse = torch.ops.salience.attention(q, q, q, None, None, [], key)  # q, k, v, mask, bias, extras, spec
     >>> torch.allclose(out, salience.attention(q, q, q, mask=causal, scale=0.5)), lse.shape
     (True, torch.Size([1, 2, 8]))
@@ -117,8 +117,9 @@ def _built_in_trace(obj) -> bool:
     return isinstance(obj, (MaskMod, ScoreMod)) and "fn" not in vars(obj)
 
 
-def _register(mask, score_mod, scale, compatibility, backend, shape) -> int:
-    from ..reference import check_mods
+def _register(mask, score_mod, scale, compatibility, backend) -> int:
+    from ..masks import as_mask_mod
+    from ..scores import as_score_mod
 
     if _built_in_trace(mask) or _built_in_trace(score_mod):
         return -1
@@ -126,14 +127,17 @@ def _register(mask, score_mod, scale, compatibility, backend, shape) -> int:
         return -2
     from .._blockmask import resolve
 
-    m, sm = check_mods(resolve(mask), score_mod, *shape)  # the eager checks (functional._prepare), on the real objects
+    # the conversions functional._prepare makes, on the real objects (its shape checks ran in the trace, where the
+    # sizes may be symbolic: nothing here depends on them, so one graph serves every length)
+    m = None if mask is None else as_mask_mod(resolve(mask))
+    sm = None if score_mod is None else as_score_mod(score_mod)
     ident = (id(mask), id(score_mod), scale, id(compatibility), backend)
     with _LOCK:
         key = _KEYS.get(ident)
         if key is not None:
             return key
         extras = _trainable(sm, compatibility)
-        if not _complete(sm, extras, shape[1]):
+        if not _complete(sm, extras, 1):
             return -4
         key = len(_SPECS)
         # the Spec holds the user's objects, so the ids in ``ident`` stay theirs for the life of the process
@@ -143,15 +147,15 @@ def _register(mask, score_mod, scale, compatibility, backend, shape) -> int:
 
 
 @torch.compiler.assume_constant_result
-def spec_key(mask, score_mod, scale, compatibility, backend, B: int, H: int, L: int, S: int) -> int:
+def spec_key(mask, score_mod, scale, compatibility, backend) -> int:
     """The registry key of this call's :class:`Spec` (the same objects give the same key), after the eager
-    mask/score_mod checks on the user's objects (``reference.check_mods``); a negative key (see
+    mask/score_mod conversions on the user's objects (``as_mask_mod``, ``as_score_mod``); a negative key (see
     :data:`FALLBACK`) when the call cannot take the custom op.
 
     Run at trace time with the real objects (dynamo guards on their identity, so a new mask object recompiles).
     The registry lives in this process: an ``ExportedProgram`` with salience ops runs here, not after
     ``torch.export.save``/``load`` in another process (the mask objects are not serialised)."""
-    return _register(mask, score_mod, scale, compatibility, backend, (B, H, L, S))
+    return _register(mask, score_mod, scale, compatibility, backend)
 
 
 @torch.compiler.assume_constant_result
@@ -366,11 +370,10 @@ def attend(q, k, v, *, mask, score_mod, scale, compatibility, dropout_p, need_ls
     ``salience::attention`` custom op; ``user_mask``/``user_score_mod`` are the objects given to
     :func:`salience.attention` (``mask``/``score_mod`` are their validated forms). The plan is a placeholder: the
     real one is chosen when the op runs."""
-    B, H, L, _ = q.shape
     # a bool mask tensor is an op input (a graph input may hold other values next call); other masks go by key
     mask_t = user_mask if isinstance(user_mask, torch.Tensor) else None
     key = -3 if dropout_p > 0 else spec_key(None if mask_t is not None else user_mask, user_score_mod, scale,
-                                            compatibility, backend, B, H, L, k.shape[2])
+                                            compatibility, backend)
     if key < 0:  # the eager path behind a graph break, with the reason (fullgraph=True raises it)
         torch._dynamo.graph_break(msg=FALLBACK[key])
         return dispatch.attend(q, k, v, mask=mask, score_mod=score_mod, scale=scale, compatibility=compatibility,
