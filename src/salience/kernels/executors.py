@@ -31,7 +31,7 @@ from .._result import AttentionResult
 from ..reference import _acc_dtype, scores, softmax_from_scores
 from . import fused, native
 
-__all__ = ["SdpaExec", "TorchSdpaExec", "PlanExec", "TileExec", "ReferenceExec", "AttentionFunction", "run"]
+__all__ = ["SdpaExec", "TorchSdpaExec", "PlanExec", "TileExec", "DecodeExec", "ReferenceExec", "AttentionFunction", "run"]
 
 
 class SdpaExec:
@@ -136,6 +136,31 @@ class TileExec:
         return self.kernel.backward(q, k, v, out, lse, dout, dlse)
 
 
+class DecodeExec:
+    """The compiled decode kernel (:func:`salience.kernels.decode.forward`) over per-row key intervals; forward
+    only (decoding needs no backward: the rule never picks it when a gradient is needed)."""
+
+    grad_tensors = ()
+    autograd = False
+
+    def __init__(self, lo, hi, *, scale: float, slopes=None, q_pos=None, softcap=None):
+        self.lo, self.hi, self.scale = lo, hi, scale
+        self.slopes, self.q_pos, self.softcap = slopes, q_pos, softcap
+
+    def describe(self):
+        return "the compiled decode kernel over each row's key interval", "none: decoding is forward only"
+
+    def forward(self, q, k, v):
+        from . import decode
+
+        return decode.forward(q, k, v, lo=self.lo, hi=self.hi, scale=self.scale, slopes=self.slopes,
+                              q_pos=self.q_pos, softcap=self.softcap)
+
+    def backward(self, q, k, v, out, lse, dout, dlse):
+        raise NotImplementedError("the decode path is forward only; the dispatcher does not choose it when a "
+                                  "gradient is needed (use backend=None)")
+
+
 class ReferenceExec:
     """The textbook computation chunked over query rows (autograd differentiates it)."""
 
@@ -155,7 +180,7 @@ class ReferenceExec:
         outs, lses = [], []
         for i in range(0, L, self.chunk):
             rows = torch.arange(i, min(i + self.chunk, L), device=q.device)
-            kw = {} if self.bias is None else {"bias": _rows_of(self.bias, i, self.chunk)}
+            kw = {} if self.bias is None else {"bias": self.bias}  # scores() reads the rows it needs
             s = scores(q[:, :, i:i + self.chunk], ke, mask=self.mask, score_mod=self.score_mod, scale=self.scale,
                        compatibility=self.compatibility, rows=rows, L=L, **kw)
             w, lse = softmax_from_scores(s)
@@ -166,11 +191,6 @@ class ReferenceExec:
         out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
         lse = torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]
         return AttentionResult(out=out, lse=lse.to(_acc_dtype(q.dtype)))
-
-
-def _rows_of(bias, i: int, n: int):
-    """Query rows i .. i+n-1 of a 4-D bias broadcastable to (B, H, L, S)."""
-    return bias if bias.shape[-2] == 1 else bias[..., i:i + n, :]
 
 
 class AttentionFunction(torch.autograd.Function):

@@ -87,13 +87,10 @@ def guarded(q, k, v, mask, run_clean, reference_rows):
 def reference_rows(q, k, v, mask, score_mod, scale, compatibility, dropout_p, b, h, rows,
                    bias=None) -> AttentionResult:
     """The textbook result of query rows ``rows`` of batch ``b``, head ``h`` on the original k and v (``bias``:
-    a 4-D tensor broadcastable to (B, H, L, S), or None)."""
+    a float tensor broadcastable to (B, H, L, S), or None)."""
     g = q.shape[1] // k.shape[1]
     bi, hi = torch.tensor([b], device=q.device), torch.tensor([h], device=q.device)
-    kw = {}
-    if bias is not None:
-        sel = bias[b if bias.shape[0] > 1 else 0, h if bias.shape[1] > 1 else 0]
-        kw["bias"] = (sel if sel.shape[0] == 1 else sel.index_select(0, rows)).view(1, 1, -1, sel.shape[-1])
+    kw = {} if bias is None else {"bias": bias}  # scores() reads the batch, head and rows it needs
     s = scores(q[b:b + 1, h:h + 1].index_select(2, rows), k[b:b + 1, h // g:h // g + 1], mask=mask,
                score_mod=score_mod, scale=scale, compatibility=compatibility, batches=bi, heads=hi, rows=rows,
                L=q.shape[2], **kw)

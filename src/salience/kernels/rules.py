@@ -24,7 +24,7 @@ import torch
 
 from ..structure import independent_pieces, is_top_left_causal, key_padding, relative_band
 from . import native
-from .executors import PlanExec, ReferenceExec, SdpaExec, TileExec, TorchSdpaExec
+from .executors import DecodeExec, PlanExec, ReferenceExec, SdpaExec, TileExec, TorchSdpaExec
 from .problem import Problem, grads_complete
 from .span_plan import plan_spans
 from .toeplitz import BiasPlan, SegmentPlan
@@ -110,7 +110,8 @@ def not_a_dot_product(p: Problem):
 
 def dropout_on_intervals(p: Problem):
     """Dropout on an interval mask with at most a relative additive bias: the compiled interval kernels."""
-    if p.dropout_p == 0 or p.linear is None or p.grad_tensors or not p.native_ok or p.intervals is None:
+    if p.dropout_p == 0 or p.bias is not None or p.linear is None or p.grad_tensors or not p.native_ok \
+            or p.intervals is None:
         return None
     return _interval_route(p, "dropout on an interval mask: the compiled interval kernel, forward and backward, "
                            "with a hashed dropout mask", p.dropout_p)
@@ -129,6 +130,72 @@ def dropout_elsewhere(p: Problem):
     if p.dropout_p > 0:
         return _reference(p, "dropout on the weights: chunked textbook computation")
     return None
+
+
+def _decode_mods(p: Problem):
+    """``{"slopes", "q_pos", "softcap", "scale"}`` for the decode kernel when the score_mod is nothing, a temperature,
+    one per-head ALiBi (with temperatures) or one softcap; else None."""
+    from ..structure import Alibi, softcap_of
+
+    cap = softcap_of(p.score_mod)
+    if cap is not None:
+        return {"slopes": None, "q_pos": None, "softcap": cap, "scale": p.scale}
+    if p.linear is None or len(p.biases) > 1 or any(not isinstance(node, Alibi) for node, _ in p.biases):
+        return None
+    if not p.biases:
+        return {"slopes": None, "q_pos": None, "softcap": None, "scale": p.eff_scale}
+    node, w = p.biases[0]
+    rows = torch.arange(p.L, dtype=torch.long, device=p.device) + node.offset
+    return {"slopes": node.slopes.to(p.device, torch.float32) * w, "q_pos": rows.expand(p.B, p.L),
+            "softcap": None, "scale": p.eff_scale}
+
+
+def decode(p: Problem):
+    """A few query rows against a long key/value cache, no gradient: the compiled decode kernel (grouped-query
+    aware, reads each cached key and value once, the key axis split across threads), forward only."""
+    from . import decode as kdecode
+
+    c = p.config
+    if p.bias is not None or p.needs_grad or not p.whole or p.L > c.decode_max_rows or p.S < c.decode_min_keys \
+            or p.dropout_p or p.k.dtype != p.dtype or p.v.dtype != p.dtype or not kdecode.available(p.q):
+        return None
+    mods = _decode_mods(p)
+    if mods is None or p.intervals is None:
+        return None
+    lo, hi = (t.expand(p.B, p.L).contiguous() for t in p.intervals)
+    ex = DecodeExec(lo, hi, **mods)
+    det = {"skipped": _skipped(int((hi - lo).clamp(min=0).sum()), p.B * p.L * p.S), "rows": p.L}
+    return Plan("decode", f"{p.L} query row(s) against {p.S} cached keys, no gradient: the compiled decode kernel",
+                det, ex)
+
+
+def bias_tensor(p: Problem):
+    """A float bias tensor (with a mask, no score_mod): torch's fused kernel with the bias, over just the blocks of
+    keys the bias and mask leave finite, with dbias when the bias requires grad (:mod:`salience.kernels.bias`)."""
+    if p.bias is None or p.mod_rest is not None or not p.whole:
+        return None
+    from . import bias as kbias
+
+    got = kbias.executor(p.q, p.k, p.v, p.bias, mask=p.mask, scale=p.eff_scale, need_grad=p.needs_grad)
+    if got is None:
+        return None
+    ex, det = got
+    return Plan("bias", "a float bias tensor: torch's fused kernel with it, skipping what it leaves at -inf", det, ex)
+
+
+def bias_in_tiles(p: Problem):
+    """A float bias tensor with a score_mod: the blockwise kernel, the bias added after the score_mod."""
+    if p.bias is None or p.backend not in (None, "blockwise"):
+        return None
+    from dataclasses import replace
+
+    from ..scores import compose
+    from . import bias as kbias
+
+    add = kbias.bias_score_mod(kbias.check_bias(p.bias, p.B, p.H, p.L, p.S, p.device))
+    plan = tiles(replace(p, score_mod=add if p.score_mod is None else compose(p.score_mod, add), bias=None))
+    plan.reason = "a float bias tensor with a score_mod: online softmax over tiles, the bias added after the score_mod"
+    return plan
 
 
 def plain_sdpa(p: Problem):
@@ -313,6 +380,9 @@ RULES = [
     _rule("spans", dropout_on_intervals),
     _rule("sdpa", dropout_in_sdpa),
     _rule("reference", dropout_elsewhere),
+    _rule("decode", decode),
+    _rule("bias", bias_tensor),
+    _rule("blockwise", bias_in_tiles),
     _rule("sdpa", plain_sdpa),
     _rule("sdpa", key_padding_sdpa),
     _rule("sdpa", torch_sdpa),

@@ -1,0 +1,146 @@
+"""The dispatch rule table (kernels v2): one Problem per call, ordered rules naming the executor of both
+directions, forced backends refused with the reason, one config object passed explicitly."""
+
+import pytest
+import torch
+
+import salience
+from salience import masks as M
+from salience import reference
+from salience import scores as Sc
+from salience.kernels import config as kconfig
+from salience.kernels import decode as kdecode
+from salience.kernels import dispatch, rules
+from salience.kernels.executors import DecodeExec, ReferenceExec
+from salience.kernels.problem import build
+from salience.testing import assert_rel_close
+
+
+def qkv(B=1, H=4, Hkv=2, L=256, S=256, D=16, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, L, D, generator=g).to(dtype), torch.randn(B, Hkv, S, D, generator=g).to(dtype),
+            torch.randn(B, Hkv, S, D, generator=g).to(dtype))
+
+
+def test_every_rule_names_its_backends_and_the_last_always_applies():
+    assert rules.RULES[-1] is rules.no_kernel
+    for rule in rules.RULES:
+        assert set(rules.backends_of(rule)) <= set(rules.BACKENDS), rule
+        assert rule.__doc__ or rule is rules.dropout_elsewhere or rule is rules.tiny, rule
+    q, k, v = qkv(L=4, S=4)
+    assert rules.no_kernel(build(q, k, v)).backend == "reference"
+
+
+@pytest.mark.parametrize("mask,mod,backend,fwd,bwd", [
+    (None, None, "sdpa", "fused CPU flash kernel", "fused CPU flash backward"),
+    (M.sliding_window(16), None, "spans", "key interval", "backward"),
+    (M.dilated(2), Sc.softcap(4.0), "blockwise", "online softmax", "recomputed tiles"),
+])
+def test_plan_prints_what_runs_in_both_directions(mask, mod, backend, fwd, bwd):
+    q, k, v = qkv(L=512, S=512)
+    p = salience.plan(q, k, v, mask=mask, score_mod=mod)
+    assert p.backend == backend and fwd in p.forward and bwd in p.backward, p
+    assert f"forward: {p.forward}" in str(p) and f"backward: {p.backward}" in str(p)
+
+
+def test_a_forced_backend_that_cannot_take_the_problem_is_refused_with_the_reason():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="backend='spans' needs a mask whose visible keys form one interval"):
+        salience.attention(q, k, v, mask=M.dilated(2), backend="spans")
+    with pytest.raises(ValueError, match="backend='decode' cannot take this problem"):
+        salience.attention(q, k, v, mask=M.causal(), backend="decode")
+    with pytest.raises(ValueError, match="backend='bias' cannot take this problem"):
+        salience.attention(q, k, v, mask=M.causal(), backend="bias")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        salience.attention(q, k, v, backend="flash")
+
+
+def test_forced_backends_compute_the_same_answer():
+    q, k, v = qkv()
+    want = reference.attention(q, k, v, mask=M.sliding_window(9)).out
+    for backend in ("sdpa", "spans", "blockwise", "reference"):
+        got = salience.attention(q, k, v, mask=M.sliding_window(9), backend=backend)
+        assert (got - want).abs().max().item() < 1e-12, backend
+
+
+def test_config_is_passed_explicitly_and_scoped():
+    q, k, v = qkv(L=16, S=16)
+    assert salience.plan(q, k, v, mask=M.dilated(2)).backend == "reference"  # tiny: one dense pass
+    with kconfig.use(kconfig.DEFAULT.replace(tiny=0, q_tile=8, kv_tile=8)):
+        p = salience.plan(q, k, v, mask=M.dilated(2))
+        assert p.backend == "blockwise" and p.executor.kernel.q_tile == 8
+    assert salience.plan(q, k, v, mask=M.dilated(2)).backend == "reference"
+    assert kconfig.current() is kconfig.DEFAULT
+    with pytest.raises(TypeError, match="KernelConfig"):
+        with kconfig.use({"tiny": 0}):
+            pass
+
+
+def test_the_per_dtype_fields_take_one_int_for_every_dtype():
+    c = kconfig.DEFAULT.replace(band_q_block=8)
+    assert set(c.band_q_block.values()) == {8} and kconfig.DEFAULT.band_q_block[torch.float32] == 32
+
+
+def test_problem_is_built_once_and_derives_what_rules_share():
+    q, k, v = qkv(L=64, S=64)
+    p = build(q, k, v, mask=M.causal() & M.sliding_window(8), score_mod=Sc.temperature(2.0))
+    assert (p.B, p.H, p.Hkv, p.L, p.S) == (1, 4, 2, 64, 64) and p.whole
+    lo, hi = p.intervals
+    assert lo[0, 20].item() == 12 and hi[0, 20].item() == 21
+    assert p.alpha == 0.5 and p.mod_rest is None and p.eff_scale == pytest.approx(0.125)
+    assert p.intervals is p.intervals  # cached
+
+
+@pytest.mark.skipif(not kdecode.available(torch.zeros(1)), reason=f"decode kernel: {kdecode.status()}")
+@pytest.mark.parametrize("mask,mod", [
+    (M.causal(align="bottom_right"), None),
+    (M.sliding_window(300, align="bottom_right"), Sc.alibi(8, offset=2046)),
+    (M.causal(align="bottom_right") & M.padding(kv_lengths=[2048, 1100]), Sc.softcap(5.0)),
+    (None, Sc.temperature(2.0)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_queries_against_a_long_cache_take_the_decode_kernel(mask, mod, dtype):
+    q, k, v = qkv(B=2, H=8, Hkv=2, L=2, S=2048, dtype=dtype)
+    p = salience.plan(q, k, v, mask=mask, score_mod=mod)
+    assert p.backend == "decode" and isinstance(p.executor, DecodeExec) and "forward only" in p.backward, p
+    got = salience.attention(q, k, v, mask=mask, score_mod=mod)
+    want = reference.attention(q.double(), k.double(), v.double(), mask=mask, score_mod=mod).out
+    same_dtype = reference.attention(q, k, v, mask=mask, score_mod=mod).out
+    assert_rel_close(got, want, same_dtype)
+
+
+def test_decode_is_not_chosen_when_a_gradient_is_needed():
+    q, k, v = qkv(B=1, H=8, Hkv=2, L=1, S=2048, dtype=torch.float32)
+    q.requires_grad_()
+    p = salience.plan(q, k, v, mask=M.causal(align="bottom_right"))
+    assert p.backend != "decode"
+    salience.attention(q, k, v, mask=M.causal(align="bottom_right")).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_bias_tensors_take_their_rules():
+    q, k, v = qkv(L=300, S=300)
+    bias = torch.randn(1, 4, 300, 300, dtype=torch.float64)
+    assert salience.plan(q, k, v, bias=bias).backend == "bias"
+    p = salience.plan(q, k, v, bias=bias, score_mod=Sc.softcap(3.0))
+    assert p.backend == "blockwise" and "bias" in p.reason
+    got = salience.attention(q, k, v, bias=bias, score_mod=Sc.softcap(3.0), mask=M.causal())
+    want = reference.attention(q, k, v, bias=bias, score_mod=Sc.softcap(3.0), mask=M.causal()).out
+    assert (got - want).abs().max().item() < 1e-12
+
+
+def test_a_user_callable_runs_on_its_derived_structure():
+    q, k, v = qkv(L=512, S=512)
+    p = salience.plan(q, k, v, mask=lambda b, h, i, j: (i >= j) & (i - j <= 32))
+    assert p.backend == "spans" and "derived" in p.reason, p
+    p = salience.plan(q, k, v, mask=lambda b, h, i, j: ((i // 64 + j // 64) % 2 == 0) & (i >= j))
+    assert p.backend == "blockwise" and "derived" in p.reason and p.details["structure"] == "block map", p
+
+
+def test_non_dot_products_and_dropout_fall_to_the_textbook_path():
+    q, k, v = qkv(L=128, S=128)
+    p = salience.plan(q, k, v, compatibility=Sc.Additive(16))
+    assert p.backend == "reference" and isinstance(p.executor, ReferenceExec)
+    p = dispatch.choose(q, k, v, mask=M.dilated(2).bind(128, 128), score_mod=None, compatibility=None,
+                        need_lse=True, backend=None, dropout_p=0.1)
+    assert p.backend == "reference" and "dropout" in p.reason
