@@ -144,3 +144,14 @@ def test_non_dot_products_and_dropout_fall_to_the_textbook_path():
     p = dispatch.choose(q, k, v, mask=M.dilated(2).bind(128, 128), score_mod=None, compatibility=None,
                         need_lse=True, backend=None, dropout_p=0.1)
     assert p.backend == "reference" and "dropout" in p.reason
+
+
+def test_the_rule_table_in_the_docs_is_the_one_in_the_code():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "kernels.md").read_text()
+    table = doc[doc.index("| # | rule | backend | when |"):]
+    table = table[:table.index("\n\n")]
+    named = [n for row in table.splitlines()[2:] for n in re.findall(r"`(\w+)`", row.split("|")[2])]
+    assert named == [r.__name__ for r in rules.RULES]
