@@ -307,6 +307,8 @@ def _attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.
                         bias: torch.Tensor | None, bias_grad: bool, extras: list[torch.Tensor],
                         spec: int) -> list[torch.Tensor]:
     sp = lookup(spec)
+    if dlse is not None and not bool(dlse.any()):
+        dlse = None  # AOT autograd passes zeros for an lse nobody used: the kernels' cheaper backward without it
     got = _executor_grads(q, k, v, out, lse, dout, dlse, mask, bias, bias_grad, sp)
     if got is None:
         got = _recompute_grads(q, k, v, dout, dlse, mask, bias, sp)
