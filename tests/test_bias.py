@@ -239,3 +239,28 @@ def test_window_cache_reused_and_invalidated():
     assert kb.key_windows(bias, b4, 64, 64, 16) is w1
     bias.fill_(0.0)  # in place: a new version, the windows are recomputed (no -inf left)
     assert kb.key_windows(bias, kb.check_bias(bias, 1, 2, 64, 64, "cpu"), 64, 64, 16) is None
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bias_grad", [False, True])
+def test_bfloat16_inputs_with_any_bias_dtype(bias_dtype, bias_grad):
+    q64, k64, v64 = _qkv(2, 4, 4, 80, 80, 16)
+    b64 = torch.randn(1, 4, 80, 80, dtype=torch.float64).masked_fill(torch.ones(80, 80, dtype=torch.bool).triu(1), NEG)
+    leaves64 = [t.clone().requires_grad_() for t in (q64, k64, v64, b64)]
+    r64 = reference.attention(*leaves64[:3], bias=leaves64[3])
+    g64 = torch.autograd.grad(r64.out.pow(2).sum(), leaves64[:3] + leaves64[3:] * bias_grad)
+
+    def make():
+        return [t.detach().bfloat16().requires_grad_() for t in (q64, k64, v64)] + [
+            b64.detach().to(bias_dtype).requires_grad_(bias_grad)]
+
+    lt, lf = make(), make()
+    rt = reference.attention(*lt[:3], bias=lt[3])
+    gt = torch.autograd.grad(rt.out.float().pow(2).sum(), lt[:3] + lt[3:] * bias_grad)
+    res, _ = _run_executor(*lf[:3], lf[3], scale=0.25, config=kb.DEFAULT)
+    gf = torch.autograd.grad(res.out.float().pow(2).sum(), lf[:3] + lf[3:] * bias_grad)
+    assert res.out.dtype == torch.bfloat16
+    assert_rel_close(res.out, rt.out, r64.out, what="out")
+    for name, a, b, c in zip("qkvb", gf, gt, g64):
+        assert a.dtype == b.dtype
+        assert_rel_close(a, b, c, what=f"d{name}")
