@@ -264,3 +264,25 @@ def test_bfloat16_inputs_with_any_bias_dtype(bias_dtype, bias_grad):
     for name, a, b, c in zip("qkvb", gf, gt, g64):
         assert a.dtype == b.dtype
         assert_rel_close(a, b, c, what=f"d{name}")
+
+
+@pytest.mark.parametrize("mask", [masks.causal(), masks.causal(align="bottom_right")])
+def test_causal_mask_with_bias_runs_is_causal(mask):
+    L = S = 96
+    q64, k64, v64 = _qkv(1, 4, 2, L, S, 8)
+    b64 = torch.randn(1, 4, L, S, dtype=torch.float64)
+    b64[:, :, 7] = NEG
+    ex, det = kb.executor(q64, k64, v64, b64, mask=mask.bind(L, S), scale=0.3, need_grad=False, config=SMALL)
+    assert det["is_causal"] and det["blocks"] == 1
+    leaves64 = [t.clone().requires_grad_() for t in (q64, k64, v64, b64)]
+    ref = reference.attention(*leaves64[:3], bias=leaves64[3], mask=mask, scale=0.3)
+    g64 = _grads(ref.out, ref.lse, leaves64)
+    lt = [t.detach().float().requires_grad_() for t in leaves64]
+    ref_t = reference.attention(*lt[:3], bias=lt[3], mask=mask, scale=0.3)
+    gt = _grads(ref_t.out, ref_t.lse, lt)
+    lf = [t.detach().float().requires_grad_() for t in leaves64]
+    res, _ = _run_executor(*lf[:3], lf[3], mask=mask.bind(L, S))
+    gf = _grads(res.out, res.lse, lf)
+    assert_rel_close(res.out, ref_t.out, ref.out)
+    for name, a, b, c in zip(("dq", "dk", "dv", "dbias"), gf, gt, g64):
+        assert_rel_close(a, b, c, what=name, magnitude=10.0)

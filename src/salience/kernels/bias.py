@@ -10,8 +10,9 @@ the extra gradients, in order):
   each block of ``BiasConfig.rows`` query rows, the key window ``[lo, hi)`` outside which the bias is -inf for
   every batch entry, head and row of the block. A mask narrows the windows further through its tile classes
   (:class:`salience.blocks.BlockMask`). A bias that is -inf above the diagonal everywhere (causal, with any
-  values below) runs as one fused call with the kernel's own ``is_causal`` skipping as well (exact, since
-  those keys are hidden anyway; about half the work in one call). Otherwise, when the windows skip at least
+  values below), or any bias with ``mask=masks.causal()``, runs as one fused call with the kernel's own
+  ``is_causal`` skipping as well (exact, since those keys are hidden anyway; about half the work in one call,
+  no mask evaluated). Otherwise, when the windows skip at least
   ``min_skip`` of the score elements, each row block is one fused call over just its window; else one fused
   call takes the whole bias, as ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias)`` does. A cheap probe
   (a grid of sampled entries) skips the scan for biases with no -inf in sight.
@@ -177,6 +178,17 @@ def _mask_windows(m, B, H, L, S, rows, kv_tile, device):
     return lo, hi, full
 
 
+def _is_causal(m, L: int, S: int) -> bool:
+    """True when the mask is exactly top-left causal for these lengths (the kernel's ``is_causal`` applies it)."""
+    from .. import structure as st
+
+    s = st.of_mask(m)
+    if not isinstance(s, st.Band):
+        return False
+    s = s.at(L, S)
+    return s.lo == -float("inf") and s.hi == 0
+
+
 @dataclass(frozen=True)
 class _Block:
     r0: int
@@ -210,7 +222,8 @@ def _blocks(bias, b4, m, B, H, L, S, cfg: BiasConfig, device):
             computed += (r1 - r0) * (b - a)
     skipped = 1 - computed / max(1, L * S)
     causal_work = sum(min(i + 1, S) for i in range(L))
-    if m is None and win is not None and win[2] and computed >= 0.8 * causal_work:
+    causal = (m is None and win is not None and win[2]) or (m is not None and _is_causal(m, L, S))
+    if causal and computed >= 0.8 * causal_work:
         return whole, round(1 - causal_work / max(1, L * S), 4), True, blocks
     if skipped < cfg.min_skip and all(not blk.masked for blk in blocks):
         return whole, 0.0, False, whole
