@@ -337,18 +337,33 @@ void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, f
 }
 
 // o_r += sum_j p[r, j] v_j over the chunk, for every row of the tile (all rows see all n keys).
+// DU vectors of each row's output at a time: NR * DU independent FMA chains (about 8), each broadcast of a
+// probability used DU times.
+template <typename C, int NR, int DU>
+inline void accumulate_step(const Rows& t, const typename C::T* const* vp, int64_t n, int64_t Dv, int64_t d,
+                            const float* p) {
+  V acc[DU][NR];
+  for (int u = 0; u < DU; ++u)
+    for (int r = 0; r < NR; ++r) acc[u][r] = vload(t.o + r * Dv + d + u * W);
+  for (int64_t j = 0; j < n; ++j) {
+    V vv[DU];
+    for (int u = 0; u < DU; ++u) vv[u] = vget<C>(vp[j] + d + u * W);
+    for (int r = 0; r < NR; ++r) {
+      const V pr = vset(p[r * CHUNK + j]);
+      for (int u = 0; u < DU; ++u) acc[u][r] = vfma(pr, vv[u], acc[u][r]);
+    }
+  }
+  for (int u = 0; u < DU; ++u)
+    for (int r = 0; r < NR; ++r) vstore(t.o + r * Dv + d + u * W, acc[u][r]);
+}
+
 template <typename C, int NR>
 void accumulate_all(const Rows& t, const typename C::T* const* vp, int64_t n, int64_t Dv, const float* p) {
+  constexpr int DU = NR <= 2 ? 4 : NR <= 4 ? 2 : 1;
   const int64_t Dw = Dv / W * W;
-  for (int64_t d = 0; d < Dw; d += W) {
-    V acc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = vload(t.o + r * Dv + d);
-    for (int64_t j = 0; j < n; ++j) {
-      const V vv = vget<C>(vp[j] + d);
-      for (int r = 0; r < NR; ++r) acc[r] = vfma(vset(p[r * CHUNK + j]), vv, acc[r]);
-    }
-    for (int r = 0; r < NR; ++r) vstore(t.o + r * Dv + d, acc[r]);
-  }
+  int64_t d = 0;
+  for (; d + DU * W <= Dw; d += DU * W) accumulate_step<C, NR, DU>(t, vp, n, Dv, d, p);
+  for (; d < Dw; d += W) accumulate_step<C, NR, 1>(t, vp, n, Dv, d, p);
   for (int64_t d = Dw; d < Dv; ++d)
     for (int r = 0; r < NR; ++r) {
       float x = t.o[r * Dv + d];
