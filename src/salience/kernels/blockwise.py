@@ -35,6 +35,7 @@ import torch
 from ..blocks import EMPTY, FULL, PARTIAL, BlockMask
 from ..masks import as_mask_mod, check_mask_output, shift
 from ..reference import _acc_dtype
+from ..structure import softcap_of
 
 __all__ = ["TileKernel", "classify"]
 
@@ -117,13 +118,11 @@ def classify(mask, B: int, H: int, L: int, S: int, *, q_block: int = Q_TILE, kv_
 
 
 def _mod_form(mod):
-    """('softcap', cap) for a salience softcap, ('generic', mod) otherwise, None for no mod."""
+    """('softcap', cap) when the score_mod's structure is one Softcap, ('generic', mod) otherwise, None for no mod."""
     if mod is None:
         return None
-    cap = getattr(mod, "cap", None)
-    if getattr(mod, "pointwise", False) and isinstance(cap, float) and mod.name.startswith("softcap("):
-        return ("softcap", cap)
-    return ("generic", mod)
+    cap = softcap_of(mod)
+    return ("softcap", float(cap)) if cap is not None else ("generic", mod)
 
 
 def _apply_generic(mod, s, b, h, qi, ki):
@@ -164,79 +163,86 @@ class TileKernel:
                  q_len: int | None = None, kv_len: int | None = None, device=None, grad_tensors=(),
                  q_tile: int | None = None, kv_tile: int | None = None, relative_bias=None, bias_dtype=None,
                  block_map=None):
-        q_tile = Q_TILE if q_tile is None else q_tile
-        kv_tile = KV_TILE if kv_tile is None else kv_tile
+        self.q_tile = Q_TILE if q_tile is None else q_tile
+        self.kv_tile = KV_TILE if kv_tile is None else kv_tile
         self.B, self.H, self.L, self.S = B, H, L, S
         self.scale = float(scale)
         self.q_offset, self.kv_offset = q_offset, kv_offset
         self.q_len = q_offset + L if q_len is None else q_len
         self.kv_len = kv_offset + S if kv_len is None else kv_len
+        self.device = device
+        self.grad_tensors = tuple(grad_tensors)
+        self._set_mod(score_mod, relative_bias, bias_dtype)
+        nonempty, full = self._classify(mask, block_map)
+        self.relative = self.local_mask is not None and bool(getattr(self.local_mask, "relative", False))
+        self._chunk_plan(nonempty.tolist(), full.tolist())
+        self._cache: dict = {}
+        self._cache_bytes = 0
+        self._bidx = torch.arange(B, device=device).view(-1, 1, 1, 1)
+        self._hidx = torch.arange(H, device=device).view(1, -1, 1, 1)
+
+    def _set_mod(self, score_mod, relative_bias, bias_dtype):
         self.mod = score_mod
         self.form = _mod_form(score_mod)
         if self.form is not None and self.form[0] == "generic" and hasattr(score_mod, "to"):
-            self.mod = score_mod.to(device) if device is not None else score_mod
+            self.mod = score_mod.to(self.device) if self.device is not None else score_mod
             self.form = ("generic", self.mod)
-        self.grad_tensors = tuple(grad_tensors)
         self.g = None
         if relative_bias is not None:
             if score_mod is not None:
                 raise ValueError("TileKernel takes a score_mod or a relative_bias, not both.")
             # one vector per head over d = kv_idx - q_idx; with each tile's rows taken in reverse order the bias
             # of a (rows x keys) chunk is the strided view g[h, c + i' + j] (a Toeplitz matrix), never built
-            d = torch.arange(kv_offset - q_offset - L + 1, kv_offset - q_offset + S, device=device)
+            d = torch.arange(self.kv_offset - self.q_offset - self.L + 1, self.kv_offset - self.q_offset + self.S,
+                             device=self.device)
             g = relative_bias(d)
             g = g.unsqueeze(0) if g.dim() == 1 else g
             self.g = g.to(bias_dtype or torch.float32).contiguous()
             self.form = ("bias", None)
-        self.q_tile, self.kv_tile = q_tile, kv_tile
-        self.device = device
+
+    def _classify(self, mask, block_map):
+        """``(nonempty, full)`` (nq, nk) bool tile tables; sets ``block_mask`` and ``local_mask``."""
+        B, H, L, S, qt, kt = self.B, self.H, self.L, self.S, self.q_tile, self.kv_tile
         self.block_mask = None
-        nq, nk = (L + q_tile - 1) // q_tile, (S + kv_tile - 1) // kv_tile
         self._bmap = block_map
         if block_map is not None:  # a precomputed structure (kernels/derive.py): classes and bits, never the mask
-            classes = block_map.classes_at(q_tile, kv_tile)
+            classes = block_map.classes_at(qt, kt)
             named = as_mask_mod(mask) if mask is not None else None
-            self.block_mask = BlockMask(classes, q_tile, kv_tile, L, S, named, False)
-            c = classes.flatten(0, 1)
-            nonempty = (c != EMPTY).any(0).cpu()
-            full = (c == FULL).all(0).cpu()
+            self.block_mask = BlockMask(classes, qt, kt, L, S, named, False)
             self.local_mask = block_map
         elif mask is None:
-            nonempty = torch.ones(nq, nk, dtype=torch.bool)
-            full = nonempty
             self.local_mask = None
+            nonempty = torch.ones((L + qt - 1) // qt, (S + kt - 1) // kt, dtype=torch.bool)
+            return nonempty, nonempty
         else:
-            self.block_mask = classify(mask, B, H, L, S, q_block=q_tile, kv_block=kv_tile, q_offset=q_offset,
-                                       kv_offset=kv_offset, q_len=self.q_len, kv_len=self.kv_len, device=device)
-            c = self.block_mask.classes.flatten(0, 1)
-            nonempty = (c != EMPTY).any(0).cpu()
-            full = (c == FULL).all(0).cpu()
+            self.block_mask = classify(mask, B, H, L, S, q_block=qt, kv_block=kt, q_offset=self.q_offset,
+                                       kv_offset=self.kv_offset, q_len=self.q_len, kv_len=self.kv_len,
+                                       device=self.device)
             self.local_mask = self.block_mask.mask
-        self.relative = self.local_mask is not None and bool(getattr(self.local_mask, "relative", False))
-        budget = max(kv_tile, CHUNK_ELEMENTS // max(1, B * H * q_tile))
-        max_tiles = max(1, budget // kv_tile)
-        self.plan = []  # per q tile: list of (k0, k1, [(a, b) partial column ranges relative to k0])
-        ne_l, full_l = nonempty.tolist(), full.tolist()
-        self.computed = 0
-        for i in range(nq):
-            chunks = []
-            j = 0
+        c = self.block_mask.classes.flatten(0, 1)
+        return (c != EMPTY).any(0).cpu(), (c == FULL).all(0).cpu()
+
+    def _chunk_plan(self, ne_l, full_l):
+        """Per query tile, chunks of consecutive non-empty key tiles: (k0, k1, [(a, b) partial column ranges
+        relative to k0]); counts the computed score elements."""
+        L, S, qt, kt = self.L, self.S, self.q_tile, self.kv_tile
+        budget = max(kt, CHUNK_ELEMENTS // max(1, self.B * self.H * qt))
+        max_tiles = max(1, budget // kt)
+        self.plan, self.computed = [], 0
+        for i, (ne_row, full_row) in enumerate(zip(ne_l, full_l)):
+            chunks, j, nk = [], 0, len(ne_row)
             while j < nk:
-                if not ne_l[i][j]:
+                if not ne_row[j]:
                     j += 1
                     continue
                 j0 = j
-                while j < nk and ne_l[i][j] and j - j0 < max_tiles:
+                while j < nk and ne_row[j] and j - j0 < max_tiles:
                     j += 1
-                k0, k1 = j0 * kv_tile, min(S, j * kv_tile)
-                partial = [(t * kv_tile - k0, min(S, (t + 1) * kv_tile) - k0) for t in range(j0, j) if not full_l[i][t]]
-                chunks.append((k0, k1, partial))
-                self.computed += (min(L, (i + 1) * q_tile) - i * q_tile) * (k1 - k0)
+                k0, k1 = j0 * kt, min(S, j * kt)
+                chunks.append((k0, k1, [(t * kt - k0, min(S, (t + 1) * kt) - k0) for t in range(j0, j)
+                                        if not full_row[t]]))
+                self.computed += (min(L, (i + 1) * qt) - i * qt) * (k1 - k0)
             self.plan.append(chunks)
-        self._cache: dict = {}
-        self._cache_bytes = 0
-        self._bidx = torch.arange(B, device=device).view(-1, 1, 1, 1)
-        self._hidx = torch.arange(H, device=device).view(1, -1, 1, 1)
 
     # -- helpers ------------------------------------------------------------------------------------
     def skipped_fraction(self) -> float:

@@ -334,6 +334,8 @@ def derived_callable(p: Problem):
         p.mod_rest is None or relative) else "blockwise"
     if p.backend is not None and p.backend != backend:
         return None
+    if backend == "spans" and "backward" not in det:
+        det["backward"] = native.describe(p.q)
     return Plan(backend, f"a mask callable whose structure ({det['structure']}) was derived once and cached", det, ex)
 
 

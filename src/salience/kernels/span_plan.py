@@ -417,91 +417,110 @@ def plan_spans(lo: torch.Tensor, hi: torch.Tensor, B: int, L: int, S: int, dtype
         >>> plan_spans(lo, hi, 1, 64, 64).summary()["calls_by_kind"]
         {'full': 2}
     """
-    dev = torch.device("cpu") if device is None else device
-    qb_max = q_block or config.band_q_block.get(dtype, 64)
-    mdt = fused.bias_dtype(dtype, exact_mask=True)
-    plan = SpanPlan(B, L, S, lo=lo, hi=hi, config=config)
-    plan.visible = int((hi - lo).sum()) * (B // lo.shape[0])
-    groups: dict = {}
-    irregular: list = []  # (b0, b1, r0, r1)
-    band_masks: dict = {}
-
-    def add(kind, nrows, nkeys, piece, cost):
-        key = (kind, nrows, nkeys, piece[1] - piece[0])
-        if kind == "masked" or key not in groups:
-            c = _Call(kind, nrows, nkeys, [piece])
-            groups[(key, len(groups)) if kind == "masked" else key] = c
-        else:
-            groups[key].pieces.append(piece)
-        plan.computed += cost
-
-    runs = []
-    for bi in range(lo.shape[0]):
-        b0, b1 = (0, B) if lo.shape[0] == 1 else (bi, bi + 1)
-        for kind, r0, r1 in _runs(lo[bi], hi[bi]):
-            runs.append((kind, b0, b1, r0, r1, int(lo[bi, r0]), int(hi[bi, r0])))
+    bld = _Builder(lo, hi, B, L, S, dtype, device, q_block, config)
+    runs = bld.runs()
     # short flat runs are worth their own fused call only when many share a shape (one batched call)
     shapes: dict = {}
     for kind, b0, b1, r0, r1, a_lo, a_hi in runs:
         if kind == "flat":
             shapes[(r1 - r0, a_hi - a_lo, b1 - b0)] = shapes.get((r1 - r0, a_hi - a_lo, b1 - b0), 0) + 1
     for kind, b0, b1, r0, r1, a_lo, a_hi in runs:
-        n, nb = r1 - r0, b1 - b0
-        short = n < config.min_run
-        if kind == "flat" and short and shapes[(n, a_hi - a_lo, nb)] * n >= config.min_run * 4:
-            short = False
+        n = r1 - r0
+        short = n < config.min_run and not (kind == "flat" and shapes[(n, a_hi - a_lo, b1 - b0)] * n >= config.min_run * 4)
         if kind == "irregular" or short:
-            irregular.append((b0, b1, r0, r1))
-            continue
-        seg = len(plan.segments)
-        if kind == "flat":
-            plan.segments.append((b0, b1, r0, r1, 1))
-            add("full", n, a_hi - a_lo, (b0, b1, r0, a_lo, None, seg), nb * n * (a_hi - a_lo))
-        elif kind == "causal":
-            full_keys = a_hi - 1 - a_lo
-            plan.segments.append((b0, b1, r0, r1, 2 if full_keys > 0 else 1))
-            if full_keys > 0:
-                add("full", n, full_keys, (b0, b1, r0, a_lo, None, seg), nb * n * full_keys)
-            add("causal", n, n, (b0, b1, r0, a_hi - 1, None, seg), nb * n * (n + 1) // 2)
-        else:  # band: blocks of qb rows, one shared mask, strided key windows
-            width = a_hi - a_lo
-            qb = qb_max if q_block else min(qb_max, max(16, 1 << (width.bit_length() - 1)))
-            nblk = n // qb
-            if nblk == 0:
-                irregular.append((b0, b1, r0, r1))
-                continue
-            span = qb - 1 + width
-            mk = band_masks.get((qb, width))
-            if mk is None:
-                mk = band_masks[(qb, width)] = _band_mask(qb, width, mdt, dev)
-            plan.segments.append((b0, b1, r0, r0 + nblk * qb, 1))
-            groups[("band", len(groups))] = _Call("band", qb, span, [(b0, b1, r0, a_lo, mk, seg)], nblocks=nblk,
-                                                 q_block=qb)
-            plan.computed += nb * nblk * qb * span
-            if nblk * qb < n:
-                irregular.append((b0, b1, r0 + nblk * qb, r1))
-    # irregular rows: blocks with explicit masks (merge adjacent ranges of one batch selector first)
-    irregular.sort()
-    merged: list = []
-    for b0, b1, r0, r1 in irregular:
-        if merged and merged[-1][0] == b0 and merged[-1][1] == b1 and merged[-1][3] == r0:
-            merged[-1] = (b0, b1, merged[-1][2], r1)
+            bld.irregular.append((b0, b1, r0, r1))
+        elif kind == "band":
+            bld.band(b0, b1, r0, r1, a_lo, a_hi)
         else:
-            merged.append((b0, b1, r0, r1))
-    bi_of = (lambda b0: 0) if lo.shape[0] == 1 else (lambda b0: b0)
-    for b0, b1, r0, r1 in merged:
-        lo_b, hi_b = lo[bi_of(b0)], hi[bi_of(b0)]
-        for s in range(r0, r1, config.generic_q_block):
-            e = min(r1, s + config.generic_q_block)
-            lo_s, hi_s = lo_b[s:e], hi_b[s:e]
-            nonempty = hi_s > lo_s
-            if not bool(nonempty.any()):
-                continue
-            k0 = int(lo_s[nonempty].min())
-            k1 = int(hi_s[nonempty].max())
-            seg = len(plan.segments)
-            plan.segments.append((b0, b1, s, e, 1))
-            mask = _interval_mask(lo_s, hi_s, k0, k1 - k0, mdt, dev)
-            add("masked", e - s, k1 - k0, (b0, b1, s, k0, mask, seg), (b1 - b0) * (e - s) * (k1 - k0))
-    plan.calls = list(groups.values())
-    return plan
+            bld.regular(kind, b0, b1, r0, r1, a_lo, a_hi)
+    bld.irregular_rows()
+    bld.plan.calls = list(bld.groups.values())
+    return bld.plan
+
+
+class _Builder:
+    """The state of :func:`plan_spans` while it cuts rows into calls."""
+
+    def __init__(self, lo, hi, B, L, S, dtype, device, q_block, config):
+        self.lo, self.hi, self.B, self.q_block, self.config = lo, hi, B, q_block, config
+        self.dev = torch.device("cpu") if device is None else device
+        self.qb_max = q_block or config.band_q_block.get(dtype, 64)
+        self.mdt = fused.bias_dtype(dtype, exact_mask=True)
+        self.plan = SpanPlan(B, L, S, lo=lo, hi=hi, config=config)
+        self.plan.visible = int((hi - lo).sum()) * (B // lo.shape[0])
+        self.groups: dict = {}
+        self.irregular: list = []  # (b0, b1, r0, r1)
+        self.band_masks: dict = {}
+
+    def add(self, kind, nrows, nkeys, piece, cost):
+        key = (kind, nrows, nkeys, piece[1] - piece[0])
+        if kind == "masked" or key not in self.groups:
+            self.groups[(key, len(self.groups)) if kind == "masked" else key] = _Call(kind, nrows, nkeys, [piece])
+        else:
+            self.groups[key].pieces.append(piece)
+        self.plan.computed += cost
+
+    def runs(self) -> list:
+        """``(kind, b0, b1, r0, r1, lo, hi)`` for every run of rows of every batch selector."""
+        out = []
+        for bi in range(self.lo.shape[0]):
+            b0, b1 = (0, self.B) if self.lo.shape[0] == 1 else (bi, bi + 1)
+            for kind, r0, r1 in _runs(self.lo[bi], self.hi[bi]):
+                out.append((kind, b0, b1, r0, r1, int(self.lo[bi, r0]), int(self.hi[bi, r0])))
+        return out
+
+    def regular(self, kind, b0, b1, r0, r1, a_lo, a_hi):
+        """A flat run (one unmasked call) or a causal run (is_causal over the triangle + the rectangle before)."""
+        n, nb, seg, segments = r1 - r0, b1 - b0, len(self.plan.segments), self.plan.segments
+        if kind == "flat":
+            segments.append((b0, b1, r0, r1, 1))
+            self.add("full", n, a_hi - a_lo, (b0, b1, r0, a_lo, None, seg), nb * n * (a_hi - a_lo))
+            return
+        full_keys = a_hi - 1 - a_lo
+        segments.append((b0, b1, r0, r1, 2 if full_keys > 0 else 1))
+        if full_keys > 0:
+            self.add("full", n, full_keys, (b0, b1, r0, a_lo, None, seg), nb * n * full_keys)
+        self.add("causal", n, n, (b0, b1, r0, a_hi - 1, None, seg), nb * n * (n + 1) // 2)
+
+    def band(self, b0, b1, r0, r1, a_lo, a_hi):
+        """A band run: blocks of qb rows, one shared mask, strided key windows (one call)."""
+        n, width = r1 - r0, a_hi - a_lo
+        qb = self.qb_max if self.q_block else min(self.qb_max, max(16, 1 << (width.bit_length() - 1)))
+        nblk = n // qb
+        if nblk == 0:
+            self.irregular.append((b0, b1, r0, r1))
+            return
+        span = qb - 1 + width
+        mk = self.band_masks.get((qb, width))
+        if mk is None:
+            mk = self.band_masks[(qb, width)] = _band_mask(qb, width, self.mdt, self.dev)
+        seg = len(self.plan.segments)
+        self.plan.segments.append((b0, b1, r0, r0 + nblk * qb, 1))
+        self.groups[("band", len(self.groups))] = _Call("band", qb, span, [(b0, b1, r0, a_lo, mk, seg)],
+                                                        nblocks=nblk, q_block=qb)
+        self.plan.computed += (b1 - b0) * nblk * qb * span
+        if nblk * qb < n:
+            self.irregular.append((b0, b1, r0 + nblk * qb, r1))
+
+    def irregular_rows(self):
+        """Irregular rows: blocks with explicit masks (adjacent ranges of one batch selector merged first)."""
+        merged: list = []
+        for b0, b1, r0, r1 in sorted(self.irregular):
+            if merged and merged[-1][0] == b0 and merged[-1][1] == b1 and merged[-1][3] == r0:
+                merged[-1] = (b0, b1, merged[-1][2], r1)
+            else:
+                merged.append((b0, b1, r0, r1))
+        step = self.config.generic_q_block
+        for b0, b1, r0, r1 in merged:
+            bi = 0 if self.lo.shape[0] == 1 else b0
+            for s in range(r0, r1, step):
+                e = min(r1, s + step)
+                lo_s, hi_s = self.lo[bi, s:e], self.hi[bi, s:e]
+                nonempty = hi_s > lo_s
+                if not bool(nonempty.any()):
+                    continue
+                k0, k1 = int(lo_s[nonempty].min()), int(hi_s[nonempty].max())
+                seg = len(self.plan.segments)
+                self.plan.segments.append((b0, b1, s, e, 1))
+                mask = _interval_mask(lo_s, hi_s, k0, k1 - k0, self.mdt, self.dev)
+                self.add("masked", e - s, k1 - k0, (b0, b1, s, k0, mask, seg), (b1 - b0) * (e - s) * (k1 - k0))
