@@ -22,7 +22,7 @@ from functools import cached_property
 import torch
 
 from ..reference import _acc_dtype
-from ..structure import linear_form, row_intervals
+from ..structure import is_full, linear_form, row_intervals
 from . import fused, native
 from .config import KernelConfig, current
 
@@ -157,7 +157,7 @@ def build(q, k, v, *, mask=None, score_mod=None, compatibility=None, scale=None,
     Sg = kv_offset + k.shape[2] if kv_len is None else kv_len
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     m = None if mask is None else mask.bind(Lg, Sg, q.device)
-    if m is not None and getattr(m, "name", None) == "full()":
+    if m is not None and is_full(m):
         m = None
     return Problem(q, k, v, m, score_mod, compatibility, sc, float(dropout_p), need_lse, backend, q_offset,
                    kv_offset, Lg, Sg, allow_reference, bias, current() if config is None else config, scale)
