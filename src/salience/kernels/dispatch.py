@@ -42,7 +42,7 @@ import torch
 from . import fused, guard
 from .executors import AttentionFunction
 from .executors import run as run_executor
-from .problem import build, grad_tensors, linear_form  # noqa: F401 - re-exported for callers of dispatch
+from .problem import build, grad_tensors  # noqa: F401 - re-exported for callers of dispatch
 from .rules import BACKENDS, Plan, Refused
 from .rules import choose as choose_rule
 
