@@ -381,15 +381,16 @@ def test_layer_cache_keeps_gradients_when_training_through_chunks():
 def test_hf_generation_steps_have_key_intervals(cache_impl, monkeypatch):
     """Each generation step (one query against DynamicCache keys, or against the whole StaticCache buffer with a
     mask) reaches salience.attention with a contiguous cache and a mask that reads as one key interval per row
-    (per-sequence lengths included, left padding too): what the decode path needs. Tokens equal sdpa's."""
+    (per-sequence lengths included, left padding too), and salience.plan on those tensors picks the decode kernel.
+    Tokens equal sdpa's."""
     transformers = pytest.importorskip("transformers")
     import salience.integrations.hf as shf
     from salience.kernels.spans import row_spans
 
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
+                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=1100)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 64, (2, 10))
+    ids = torch.randint(0, 64, (2, 1030))  # past the decode rule's 1024 keys
     am = torch.ones_like(ids)
     am[1, :4] = 0  # left padding
     kw = {"cache_implementation": "static"} if cache_impl == "static" else {}
@@ -401,7 +402,9 @@ def test_hf_generation_steps_have_key_intervals(cache_impl, monkeypatch):
 
     def spy(q, k, v, **kwargs):
         if q.shape[2] == 1:
-            steps.append((q, k, kwargs.get("mask")))
+            pl = salience.plan(q, k, v, mask=kwargs.get("mask"), score_mod=kwargs.get("score_mod"),
+                               scale=kwargs.get("scale"))
+            steps.append((pl, k, kwargs.get("mask")))
         return real(q, k, v, **kwargs)
 
     monkeypatch.setattr(shf, "attention", spy)
@@ -409,7 +412,8 @@ def test_hf_generation_steps_have_key_intervals(cache_impl, monkeypatch):
         got = model.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False, **kw)
     assert torch.equal(got, want)
     assert len(steps) == 3
-    for _q, k, mask in steps:
+    for pl, k, mask in steps:
+        assert pl.backend == "decode", pl
         assert k.is_contiguous()
         S = k.shape[2]
         m = None if mask is None else mask.bind(1, S)
