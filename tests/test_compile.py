@@ -188,6 +188,25 @@ def test_lse_output_and_its_gradient():
         torch.testing.assert_close(a, b)
 
 
+def test_swapping_the_mask_object_is_never_stale():
+    """Dynamo guards on the mask/score_mod objects: replacing them after compiling retraces (no stale spec)."""
+    class M(torch.nn.Module):
+        def __init__(self, mask, score_mod):
+            super().__init__()
+            self.mask, self.score_mod = mask, score_mod
+
+        def forward(self, q):
+            return salience.attention(q, q, q, mask=self.mask, score_mod=self.score_mod)
+
+    q = torch.randn(1, 2, 24, 8)
+    m = M(lambda b, h, i, j: i >= j, scores.softcap(5.0))
+    c = torch.compile(m, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(c(q), m(q))
+    for mask, mod in ((lambda b, h, i, j: i <= j, None), (masks.sliding_window(3), scores.softcap(0.5))):
+        m.mask, m.score_mod = mask, mod
+        torch.testing.assert_close(c(q), m(q))
+
+
 def test_mask_tensor_is_an_input_not_a_constant():
     """A bool mask tensor passed to the compiled function is read on every call (never baked into the graph)."""
     f = torch.compile(lambda q, k, v, m: salience.attention(q, k, v, mask=m), backend="aot_eager", fullgraph=True)
