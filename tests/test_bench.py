@@ -38,7 +38,13 @@ def test_grids_cover_the_issue_targets():
     for want in ("nomask_f32", "nomask_bf16", "causal_f32", "causal_bf16", "window_f32", "window_bf16",
                  "documents_f32", "documents_bf16", "alibi_causal_f32", "softcap_causal_f32", "window_fwdbwd_f32"):
         assert want in names
-    assert all(c.N == 16384 and c.H == 8 and c.D == 64 for c in bench.GRID)
+    for want in ("lambda_window_f32", "checkerboard_f32", "bias_f32", "bias_fwdbwd_f32", "compiled_window_f32"):
+        assert want in names  # kernels v2 (issue 15): callables, bias tensors, a compiled model
+    v2 = {"lambda_window", "checkerboard"}
+    assert all(c.N == 16384 and c.H == 8 and c.D == 64 for c in bench.GRID
+               if c.mask not in v2 and c.mod != "bias" and c.mode != "compiled")
+    assert {c.N for c in bench.GRID if c.mask in v2 or c.mode == "compiled"} == {8192}
+    assert {c.N for c in bench.GRID if c.mod == "bias"} == {2048}
     m = bench.million_config()
     assert (m.N, m.H, m.D, m.mask, m.window) == (1 << 20, 4, 64, "window", 256)
     assert len(bench.QUICK_GRID) < len(bench.GRID) and all(c.N == 2048 for c in bench.QUICK_GRID)
@@ -48,7 +54,10 @@ def test_grids_cover_the_issue_targets():
     bench.Config("w", "window", N=256, H=2, D=16, window=32, repeats=2, peers=("sdpa", "reference")),
     bench.Config("a", "causal", "alibi", N=192, H=2, D=16, repeats=1, peers=("sdpa", "reference")),
     bench.Config("s", "causal", "softcap", N=128, H=2, D=16, repeats=1, mode="fwdbwd", peers=("sdpa", "reference")),
-], ids=["window", "alibi", "softcap_fwdbwd"])
+    bench.Config("l", "lambda_window", N=256, H=2, D=16, window=32, repeats=1, peers=("sdpa", "reference")),
+    bench.Config("c", "checkerboard", N=256, H=2, D=16, repeats=1, peers=("sdpa", "reference")),
+    bench.Config("b", "none", "bias", N=192, H=2, D=16, repeats=1, mode="fwdbwd", peers=("sdpa", "reference")),
+], ids=["window", "alibi", "softcap_fwdbwd", "lambda_window", "checkerboard", "bias_fwdbwd"])
 def test_timing_worker_reports_every_implementation(cfg):
     res = bench._worker_time(cfg, flex=False)
     impls = res["impls"]

@@ -46,14 +46,15 @@ class Config:
     """One benchmark configuration (layout (B, H, N, D), self-attention)."""
 
     name: str
-    mask: str = "none"  # none | causal | window | documents
-    mod: str = "none"  # none | alibi | softcap
+    mask: str = "none"  # none | causal | window | documents | lambda_window | checkerboard (user callables)
+    mod: str = "none"  # none | alibi | softcap | bias (a float (B, H, N, N) tensor passed as bias=)
     N: int = 16384
     dtype: str = "f32"
     H: int = 8
     D: int = 64
     B: int = 1
     mode: str = "fwd"  # fwd | fwdbwd | decode (one query against a cache of N keys, extra["Hkv"] kv heads)
+    #                    | compiled (a one-layer model calling salience.attention under torch.compile(fullgraph=True))
     peers: tuple = ("sdpa", "flex", "reference")
     repeats: int = 5
     window: int = 256
@@ -62,14 +63,16 @@ class Config:
 
     @property
     def label(self) -> str:
-        parts = [self.mask if self.mask != "window" else f"window{self.window}"]
+        parts = [{"window": f"window{self.window}", "lambda_window": f"lambda window{self.window}",
+                  "checkerboard": "checkerboard64 & causal"}.get(self.mask, self.mask)]
         if self.mask == "documents":
             parts = [f"{self.docs} documents"]
         if self.mod != "none":
             parts.append(self.mod)
         if self.mode == "decode":
             return f"decode 1 query, {' + '.join(parts)} S={self.N} {self.dtype}"
-        return f"{' + '.join(parts)} N={self.N} {self.dtype}{' fwd+bwd' if self.mode == 'fwdbwd' else ''}"
+        tail = {"fwdbwd": " fwd+bwd", "compiled": " torch.compile model"}.get(self.mode, "")
+        return f"{' + '.join(parts)} N={self.N} {self.dtype}{tail}"
 
     @property
     def Hkv(self) -> int:
@@ -94,9 +97,29 @@ def _grid(N: int, repeats: int, full: bool) -> list:
                         peers=("sdpa", "reference"), extra={"Hkv": 2}))
     g.append(Config("decode_window_bf16", "window", N=N, dtype="bf16", mode="decode", repeats=3 * repeats,
                     peers=("sdpa", "reference"), extra={"Hkv": 2}))
+    # kernels v2: user callables at the speed of their structure, float bias tensors, a compiled model
+    n2 = min(N, 8192)
+    g.append(Config("lambda_window_f32", "lambda_window", N=n2, repeats=repeats))
+    g.append(Config("checkerboard_f32", "checkerboard", N=n2, repeats=max(3, repeats // 2), peers=("sdpa", "flex")))
+    g.append(Config("bias_f32", "none", "bias", N=min(N, 2048), repeats=repeats, peers=("sdpa", "flex", "reference")))
+    g.append(Config("bias_fwdbwd_f32", "none", "bias", N=min(N, 2048), mode="fwdbwd", repeats=repeats,
+                    peers=("sdpa", "reference")))
+    g.append(Config("compiled_window_f32", "window", N=n2, mode="compiled", repeats=repeats, peers=("sdpa", "flex")))
     if not full:
         g = [c for c in g if c.dtype == "f32" or c.mask in ("window", "documents")]
     return g
+
+
+def _checkerboard(b, h, qi, ki):
+    """64-blocks of a checkerboard & causal: a mask with no interval structure (a user's callable)."""
+    return ((qi // 64 + ki // 64) % 2 == 0) & (qi >= ki)
+
+
+def _lambda_window(w: int):
+    def window(b, h, qi, ki):
+        return (qi >= ki) & (qi - ki <= w)
+
+    return window
 
 
 #: the issue's grid (N = 16384)
@@ -146,9 +169,19 @@ def _build(cfg: Config, seed: int = 0):
         for d in range(cfg.docs):
             ids[cfg.N * bounds[d] // bounds[-1]: cfg.N * bounds[d + 1] // bounds[-1]] = d
         mask = M.document(ids)
+    elif cfg.mask == "lambda_window":
+        mask = _lambda_window(cfg.window)
+    elif cfg.mask == "checkerboard":
+        mask = _checkerboard
     else:
         raise ValueError(f"unknown mask {cfg.mask!r}")
-    mod = {"none": None, "alibi": Sc.alibi(cfg.H), "softcap": Sc.softcap(20.0)}[cfg.mod]
+    if cfg.mod == "bias":  # ALiBi-like values and -inf above the diagonal: a bias with -inf structure
+        i = torch.arange(cfg.N)
+        d = (i.view(1, -1) - i.view(-1, 1)).float()
+        slopes = Sc.alibi_slopes(cfg.H).view(-1, 1, 1)
+        mod = (slopes * d).masked_fill(d > 0, float("-inf")).unsqueeze(0).expand(cfg.B, -1, -1, -1).to(dt).contiguous()
+    else:
+        mod = {"none": None, "alibi": Sc.alibi(cfg.H), "softcap": Sc.softcap(20.0)}[cfg.mod]
     return q, k, v, mask, mod, ids
 
 
@@ -161,6 +194,10 @@ def useful_flops(cfg: Config) -> float:
 
     _, _, _, mask, _, _ = _build_meta(cfg)
     L = 1 if cfg.mode == "decode" else cfg.N
+    if callable(mask) and not hasattr(mask, "bind"):  # a user's callable: count its visible pairs by evaluation
+        visible = cfg.B * sum(int(mask(0, 0, torch.arange(r, min(L, r + 512)).view(-1, 1),
+                                       torch.arange(cfg.N).view(1, -1)).sum()) for r in range(0, L, 512))
+        return float(visible) * cfg.H * 4 * cfg.D * (1 + (2.5 if cfg.mode == "fwdbwd" else 0))
     m = None if mask is None else mask.bind(L, cfg.N, None)
     lo_hi = row_spans(m, cfg.B, L, cfg.N)
     visible = int((lo_hi[1] - lo_hi[0]).sum()) * cfg.B if lo_hi is not None else L * cfg.N * cfg.B
@@ -170,7 +207,7 @@ def useful_flops(cfg: Config) -> float:
 
 
 def _build_meta(cfg):
-    small = Config(**{**asdict(cfg), "N": cfg.N, "H": 1, "D": 1})
+    small = Config(**{**asdict(cfg), "N": cfg.N, "H": 1, "D": 1, "mod": "none" if cfg.mod == "bias" else cfg.mod})
     return _build(small)
 
 
@@ -213,21 +250,34 @@ def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool, only: str | None = 
 
     if cfg.mode == "decode":
         return _decode_impls(cfg, q, k, v, mask, mod, only)
-    if only in (None, "salience"):
-        out["salience"] = (wrap(lambda a, b, c: salience.attention(a, b, c, mask=mask, score_mod=mod)), 0.0, "")
+    if cfg.mod == "bias":  # a float bias tensor: salience's bias=, SDPA's attn_mask, a score_mod reading it in Flex
+        bias, mod = mod, None
+        kw = {"bias": bias}
+    else:
+        bias, kw = None, {}
+    if cfg.mode == "compiled" and only in (None, "salience"):
+        t0 = time.perf_counter()
+        fn = torch.compile(lambda a, b, c: salience.attention(a, b, c, mask=mask, score_mod=mod, **kw), fullgraph=True)
+        fn(q, k, v)  # compile
+        out["salience"] = (wrap(fn), time.perf_counter() - t0, "torch.compile(fullgraph=True); compile time as setup")
+    elif only in (None, "salience"):
+        out["salience"] = (wrap(lambda a, b, c: salience.attention(a, b, c, mask=mask, score_mod=mod, **kw)), 0.0, "")
     if need_grad and only in (None, "salience forward"):
         # salience's own forward, timed in the same run so that forward+backward / forward is one-run ratio
-        fwd_only = (lambda: salience.attention(q, k, v, mask=mask, score_mod=mod))  # noqa: E731
+        fwd_only = (lambda: salience.attention(q, k, v, mask=mask, score_mod=mod, **kw))  # noqa: E731
         out["salience forward"] = (fwd_only, 0.0, "forward only, same inputs")
     if "sdpa" in cfg.peers and only in (None, "sdpa"):
         t0 = time.perf_counter()
         note = ""
-        if mask is None and mod is None:
+        if bias is not None:
+            fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bias)  # noqa: E731
+            note = "attn_mask = the same float bias"
+        elif mask is None and mod is None:
             fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c)  # noqa: E731
         elif cfg.mask == "causal" and mod is None:
             fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
         elif mod is None:
-            dense = mask.to_dense(1, 1, cfg.N, cfg.N)
+            dense = _dense_mask(mask, cfg.N)
             fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=dense)  # noqa: E731
             note = f"dense bool mask {dense.numel() / 2**20:.0f} MiB"
         elif cfg.mod == "alibi":
@@ -238,7 +288,7 @@ def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool, only: str | None = 
             bias = (-slopes.view(-1, 1, 1) * dist).to(q.dtype)  # (H or 1, N, N)
             del dist
             if mask is not None:
-                bias.masked_fill_(~mask.to_dense(1, 1, cfg.N, cfg.N)[0], float("-inf"))
+                bias.masked_fill_(~_dense_mask(mask, cfg.N)[0], float("-inf"))
             bias = bias.unsqueeze(0)
             fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bias)  # noqa: E731
             mib = bias.numel() * bias.element_size() / 2**20
@@ -254,17 +304,27 @@ def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool, only: str | None = 
                 out["sdpa"][0].no_error = True
     if "flex" in cfg.peers and flex and only in (None, "flex"):
         try:
-            out["flex"] = _flex_impl(cfg, q, k, v, mask, mod, ids, wrap)
+            out["flex"] = _flex_impl(cfg, q, k, v, mask, mod if bias is None else bias, ids, wrap)
         except Exception as e:  # noqa: BLE001 - reported, not hidden
             out["flex"] = (None, 0.0, f"unavailable: {type(e).__name__}: {str(e)[:120]}")
     if "reference" in cfg.peers and only in (None, "reference"):
         elt = q.element_size() if q.dtype != torch.bfloat16 else 4
         if cfg.B * cfg.H * cfg.N * cfg.N * elt * 4 <= (2 << 30):
-            out["reference"] = (wrap(lambda a, b, c: reference.attention(a, b, c, mask=mask, score_mod=mod).out), 0.0,
-                                "")
+            out["reference"] = (wrap(lambda a, b, c: reference.attention(a, b, c, mask=mask, score_mod=mod, **kw).out),
+                                0.0, "")
         else:
             out["reference"] = (None, 0.0, "does not fit: L x S tensors")
     return out
+
+
+def _dense_mask(mask, N: int):
+    """(1, 1, N, N) bool: a salience mask or a user's callable evaluated everywhere (torch SDPA's boolean mask)."""
+    import torch
+
+    if hasattr(mask, "to_dense"):
+        return mask.to_dense(1, 1, N, N)
+    i = torch.arange(N)
+    return torch.as_tensor(mask(0, 0, i.view(-1, 1), i.view(1, -1))).view(1, 1, N, N)
 
 
 def _decode_impls(cfg: Config, q, k, v, mask, mod, only):
@@ -313,6 +373,8 @@ def _flex_impl(cfg, q, k, v, mask, mod, ids, wrap):
     elif cfg.mask == "documents":
         def mm(b, h, qi, ki):
             return ids[qi] == ids[ki]
+    elif cfg.mask in ("lambda_window", "checkerboard"):
+        mm = mask  # the same user callable salience gets
     sm = None
     if cfg.mod == "alibi":
         slopes = mod.slopes.to(torch.float32)
@@ -322,6 +384,11 @@ def _flex_impl(cfg, q, k, v, mask, mod, ids, wrap):
     elif cfg.mod == "softcap":
         def sm(score, b, h, qi, ki):
             return torch.tanh(score / 20.0) * 20.0
+    elif cfg.mod == "bias":
+        bias = mod
+
+        def sm(score, b, h, qi, ki):
+            return score + bias[b, h, qi, ki]
     t0 = time.perf_counter()
     bm = None if mm is None else create_block_mask(mm, 1, 1, cfg.N, cfg.N, device="cpu")
     compiled = torch.compile(flex_attention)
@@ -351,7 +418,8 @@ def _ref_rows(q, k, v, mask, mod, rows):
     r = torch.tensor(rows)
     q64 = q.double()[:, :, r]
     k64, v64 = expand_kv(k.double(), q.shape[1]), expand_kv(v.double(), q.shape[1])
-    s = scores(q64, k64, mask=mask, score_mod=mod, rows=r, L=q.shape[2])
+    kw = {"bias": mod.double()} if isinstance(mod, torch.Tensor) else {"score_mod": mod}
+    s = scores(q64, k64, mask=mask, rows=r, L=q.shape[2], **kw)
     w, _ = softmax_from_scores(s)
     return w @ v64
 
@@ -408,6 +476,8 @@ def _worker_time(cfg: Config, flex: bool) -> dict:
             from . import kvcache
 
             res["plan"] = str(kvcache.plan(q, k, v, cache_seqlens=cfg.N, mask=mask, score_mod=mod))
+        elif isinstance(mod, torch.Tensor):
+            res["plan"] = str(salience.plan(q, k, v, mask=mask, bias=mod))
         else:
             res["plan"] = str(salience.plan(q, k, v, mask=mask, score_mod=mod))
     return res
