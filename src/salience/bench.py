@@ -190,7 +190,7 @@ def useful_flops(cfg: Config) -> float:
     the backward (five matmuls)."""
     import torch
 
-    from .kernels.spans import row_spans
+    from .structure import row_intervals
 
     _, _, _, mask, _, _ = _build_meta(cfg)
     L = 1 if cfg.mode == "decode" else cfg.N
@@ -199,7 +199,7 @@ def useful_flops(cfg: Config) -> float:
                                        torch.arange(cfg.N).view(1, -1)).sum()) for r in range(0, L, 512))
         return float(visible) * cfg.H * 4 * cfg.D * (1 + (2.5 if cfg.mode == "fwdbwd" else 0))
     m = None if mask is None else mask.bind(L, cfg.N, None)
-    lo_hi = row_spans(m, cfg.B, L, cfg.N)
+    lo_hi = row_intervals(m, cfg.B, L, cfg.N)
     visible = int((lo_hi[1] - lo_hi[0]).sum()) * cfg.B if lo_hi is not None else L * cfg.N * cfg.B
     per_pair = 4 * cfg.D * (1 + (2.5 if cfg.mode == "fwdbwd" else 0))
     del torch

@@ -765,7 +765,7 @@ def row_intervals(mask, B: int, L: int, S: int, *, q_offset: int = 0, kv_offset:
                   kv_len: int | None = None, device=None):
     """Visible key interval ``[lo, hi)`` of every query row, or None when the mask is not an interval mask.
 
-    Read from the structure only. Args as :func:`salience.kernels.spans.row_spans`: ``mask`` a mask (bound or
+    Read from the structure only. ``mask`` is a mask (bound or
     not: bottom-right bands are resolved with the global lengths), a structure or None; ``B, L, S`` the
     batch and local lengths; ``q_offset``/``kv_offset`` the global index of the first local query/key;
     ``q_len``/``kv_len`` the global lengths (default offset + local length).
