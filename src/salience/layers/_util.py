@@ -55,7 +55,10 @@ def check_bool(value, argname: str) -> bool:
 
 
 def is_top_left_causal(mask) -> bool:
-    return isinstance(mask, MaskMod) and getattr(mask, "kind", None) == ("causal", "top_left")
+    """True when the mask's structure is top-left causal (read from :mod:`salience.structure`, not its name)."""
+    from ..structure import is_top_left_causal as causal
+
+    return isinstance(mask, MaskMod) and causal(mask)
 
 
 def shift_mask(mask, q_offset: int, kv_offset: int, L_total: int, S_total: int) -> MaskMod:
