@@ -210,11 +210,11 @@ def _run_forward(q, k, v, mask, bias, spec: Spec):
 
 
 def _out_like(q, v):
-    """The layout of the output: (B, H, L, Dv) with (B, L, H, Dv) memory order, as torch's fused kernel writes it
-    for projected heads, so the usual ``out.transpose(1, 2).reshape(B, L, H * Dv)`` after attention needs no copy.
-    It depends on the shapes only (inductor checks an op's output strides against the fake's)."""
+    """The layout of the output: contiguous (B, H, L, Dv). It depends on the shapes only: inductor asserts an op's
+    output strides against what it expects (contiguous here; a (B, L, H, Dv) memory order, which torch's fused
+    kernel writes for projected heads, failed that assertion)."""
     B, H, L, _ = q.shape
-    return q.new_empty((B, L, H, v.shape[-1])).transpose(1, 2)
+    return q.new_empty((B, H, L, v.shape[-1]))
 
 
 def _lse_like(q):
