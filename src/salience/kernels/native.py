@@ -357,6 +357,28 @@ def _prepare(q, k, v, lo, hi, scale, bias, dropout, *, out=None, dout=None, lse=
     lib = _lib()
     if lib is None:
         raise RuntimeError(f"the compiled interval kernels are unavailable: {status()}")
+    ops, (B, H, Hkv, L, S, D, Dv) = _tensors(q, k, v, out, dout, lse, dlse, backward)
+    lo, hi = _intervals(lo, hi, B, L, S)
+    ops["lo"], ops["hi"] = lo, hi
+    a = _Args(lo=lo.data_ptr(), hi=hi.data_ptr(), lo_batch_stride=0 if lo.shape[0] == 1 else L, B=B, H=H, Hkv=Hkv,
+              L=L, S=S, D=D, Dv=Dv, scale=float(scale), tile=Q_TILE, kv_chunk=KV_CHUNK,
+              nthreads=max(1, torch.get_num_threads()))
+    if dropout is not None:
+        p, seed = dropout
+        if not 0.0 <= float(p) < 1.0:
+            raise ValueError(f"dropout: p must be in [0, 1); got {p}")
+        a.dropout_p, a.seed = float(p), int(seed)
+    if bias is not None:
+        g, offset = _bias_table(bias, lo, hi, B, H, ops["q"].dtype)
+        a.bias, a.bias_offset = g.data_ptr(), offset
+        a.bias_b_stride = H * g.shape[1] if g.shape[0] == B * H and B > 1 else 0
+        a.bias_h_stride = g.shape[1] if g.shape[0] > 1 else 0
+        ops["bias"] = g
+    return lib, a, ops
+
+
+def _tensors(q, k, v, out, dout, lse, dlse, backward):
+    """The dense operands of the working dtype, and the sizes (B, H, Hkv, L, S, D, Dv)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
         raise ValueError(f"q: expected 4 dimensions (B, H, L, D); got {got}")
@@ -381,7 +403,11 @@ def _prepare(q, k, v, lo, hi, scale, bias, dropout, *, out=None, dout=None, lse=
         ops["lse"] = _operand("lse", lse, "(B, H, L)", (B, H, L), dt)
         if dlse is not None:
             ops["dlse"] = _operand("dlse", dlse, "(B, H, L)", (B, H, L), dt)
-    # the row intervals: small (1 or B, L) tables, moved, converted and clipped here
+    return ops, (B, H, Hkv, L, S, D, Dv)
+
+
+def _intervals(lo, hi, B: int, L: int, S: int):
+    """The row intervals as dense int64 CPU (1 or B, L) tables, clipped to the keys that exist."""
     if not (isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor)) or lo.shape != hi.shape \
             or lo.dim() != 2 or lo.shape[0] not in (1, B) or lo.shape[1] != L:
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (lo, hi)]
@@ -393,42 +419,33 @@ def _prepare(q, k, v, lo, hi, scale, bias, dropout, *, out=None, dout=None, lse=
     # keys outside [0, S) do not exist: clipping is what [lo, hi) means, and keeps every read inside k and v
     lo = lo.to(device="cpu", dtype=torch.int64).clamp(0, S).contiguous()
     hi = hi.to(device="cpu", dtype=torch.int64).clamp(0, S).contiguous()
-    ops["lo"], ops["hi"] = lo, hi
-    a = _Args(lo=lo.data_ptr(), hi=hi.data_ptr(), lo_batch_stride=0 if lo.shape[0] == 1 else L, B=B, H=H, Hkv=Hkv,
-              L=L, S=S, D=D, Dv=Dv, scale=float(scale), tile=Q_TILE, kv_chunk=KV_CHUNK,
-              nthreads=max(1, torch.get_num_threads()))
-    if dropout is not None:
-        p, seed = dropout
-        if not 0.0 <= float(p) < 1.0:
-            raise ValueError(f"dropout: p must be in [0, 1); got {p}")
-        a.dropout_p, a.seed = float(p), int(seed)
-    if bias is not None:
-        g, offset = bias
-        if not isinstance(g, torch.Tensor) or g.dim() != 2 or g.shape[0] not in (1, H, B * H):
-            got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-            raise ValueError(f"bias: expected a (1, H={H} or B*H={B * H}, n) table of offsets; got {got}")
-        if not g.dtype.is_floating_point:
-            raise ValueError(f"bias: expected a floating-point table; got {g.dtype}")
-        g = g.to(device="cpu", dtype=dt).contiguous()
-        n, offset = g.shape[1], int(offset)
-        rows = (hi > lo).nonzero()  # every visible (i, j) must index the table: lo - i + offset >= 0, hi - 1 - i
-        if rows.numel():            # + offset < n (the extremes of j - i on each row)
-            i = rows[:, 1]
-            first, last = lo[rows[:, 0], i] - i + offset, hi[rows[:, 0], i] - 1 - i + offset
-            bad = (first < 0) | (last >= n)
-            if bool(bad.any()):
-                r = int(bad.nonzero()[0, 0])
-                idx = int(first[r]) if int(first[r]) < 0 else int(last[r])
-                raise ValueError(f"bias: the table has n={n} offsets, but row {int(i[r])} (keys {int(lo[rows[r, 0], i[r]])}"
-                                 f"..{int(hi[rows[r, 0], i[r]]) - 1}) needs index {idx} = j - i + offset {offset}; "
-                                 "give a table that covers every visible j - i (n >= L + S - 1 with offset L - 1 "
-                                 "covers all)")
-        a.bias = g.data_ptr()
-        a.bias_offset = offset
-        a.bias_b_stride = H * n if g.shape[0] == B * H and B > 1 else 0
-        a.bias_h_stride = n if g.shape[0] > 1 else 0
-        ops["bias"] = g
-    return lib, a, ops
+    return lo, hi
+
+
+def _bias_table(bias, lo, hi, B: int, H: int, dt):
+    """``(table, offset)``: the (1, H or B*H, n) bias table of the working dtype, checked to cover every visible
+    ``j - i + offset``."""
+    g, offset = bias
+    if not isinstance(g, torch.Tensor) or g.dim() != 2 or g.shape[0] not in (1, H, B * H):
+        got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+        raise ValueError(f"bias: expected a (1, H={H} or B*H={B * H}, n) table of offsets; got {got}")
+    if not g.dtype.is_floating_point:
+        raise ValueError(f"bias: expected a floating-point table; got {g.dtype}")
+    g = g.to(device="cpu", dtype=dt).contiguous()
+    n, offset = g.shape[1], int(offset)
+    rows = (hi > lo).nonzero()  # every visible (i, j) must index the table: lo - i + offset >= 0, hi - 1 - i
+    if rows.numel():            # + offset < n (the extremes of j - i on each row)
+        i = rows[:, 1]
+        first, last = lo[rows[:, 0], i] - i + offset, hi[rows[:, 0], i] - 1 - i + offset
+        bad = (first < 0) | (last >= n)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0, 0])
+            idx = int(first[r]) if int(first[r]) < 0 else int(last[r])
+            raise ValueError(f"bias: the table has n={n} offsets, but row {int(i[r])} (keys {int(lo[rows[r, 0], i[r]])}"
+                             f"..{int(hi[rows[r, 0], i[r]]) - 1}) needs index {idx} = j - i + offset {offset}; "
+                             "give a table that covers every visible j - i (n >= L + S - 1 with offset L - 1 "
+                             "covers all)")
+    return g, offset
 
 
 def span_forward(q, k, v, lo, hi, scale: float, bias=None, dropout=None):
