@@ -465,7 +465,7 @@ def test_band_intervals_for_all_sequences_at_once_equal_row_spans_per_sequence(m
     """The vectorised intervals of band masks equal spans.row_spans of the mask bound to each sequence's sizes."""
     from salience.kernels.spans import row_spans
 
-    lens = torch.tensor([0, 1, 4, 6, 8, 19])
+    lens = torch.tensor([0, 1, 4, 6, 8, 19] * 8)  # 48 sequences: with L=7 past the per-row integer loop's 256 rows
     for L in (1, 3, 7):
         kc = torch.zeros(lens.numel(), 1, 40, 4)
         g = kvcache._check(torch.zeros(lens.numel(), 2, L, 4), kc, kc, torch.zeros(lens.numel(), 1, 1, 4),

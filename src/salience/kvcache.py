@@ -340,6 +340,17 @@ def _intervals(mask, g: _Geom):
     if mask is None:
         return lo, hi
     band = _band_of(mask)
+    if band is not None and g.B * g.L <= 256:  # few rows (decoding steps): plain integers, two tensors made at the end
+        lo_d, hi_d, br = band
+        los, his = [], []
+        for S in g.total.tolist():
+            for i in range(g.L):
+                d = i + (S - g.L if br else 0)
+                a = 0 if lo_d is None else max(0, d + lo_d)
+                z = S if hi_d is None else min(S, max(0, d + hi_d + 1))
+                los.append(a if z > a else 0)
+                his.append(z if z > a else 0)
+        return torch.tensor(los).view(g.B, g.L), torch.tensor(his).view(g.B, g.L)
     if band is not None:  # all sequences at once (no per-length binding)
         lo_d, hi_d, br = band
         diag = torch.arange(g.L).view(1, -1) + ((g.total - g.L).view(-1, 1) if br else 0)  # kv index of q's diagonal
@@ -386,36 +397,40 @@ def _as_mod(score_mod, g: _Geom):
 
 
 def _decide(q, k_cache, v_cache, k, v, m, sm, sinks, g: _Geom):
-    """``(KVCachePlan, intervals or None, kernel mods or None)``."""
+    """``(path, reason, intervals or None, kernel mods or None)``; no strings or details built (the hot path)."""
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v, sinks))
+    if grad:
+        return "fallback", "inputs require grad and the decode kernel is forward only", None, None
+    if isinstance(m, torch.Tensor):
+        return "fallback", "a tensor mask (no interval structure to read)", None, None
+    if g.L > MAX_DECODE_ROWS:
+        return ("fallback", f"L={g.L} query rows (a prefill; the decode kernel takes up to {MAX_DECODE_ROWS}): "
+                "salience.attention on the cached keys", None, None)
+    mods, why = _kernel_mods(sm)
+    if mods is None:
+        return "fallback", why, None, None
+    spans = _intervals(m, g)
+    if spans is None:
+        return "fallback", f"mask {m.name} has no single key interval per row", None, None
+    return "decode", "interval mask and kernel mods: the decode kernel reads the visible keys in place", spans, mods
+
+
+def _details(k_cache, m, sm, spans, g: _Geom) -> dict:
     cache = (f"paged (num_blocks={k_cache.shape[0]}, block_size={g.block_size}, max_blocks={g.capacity // g.block_size})"
              if g.paged else f"contiguous (S_max={g.capacity})")
     lens = g.total.tolist()
     det = {"cache": cache, "keys_per_sequence": lens if g.B <= 8 else f"<{g.B} lengths, {min(lens)}..{max(lens)}>",
            "appended": g.L_new, "backward": "none: decoding is forward only (inputs that require grad take the "
            "fallback, which has salience.attention's backward)"}
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v, sinks))
-    if grad:
-        return KVCachePlan("fallback", "inputs require grad and the decode kernel is forward only", det), None, None
-    if isinstance(m, torch.Tensor):
-        return KVCachePlan("fallback", "a tensor mask (no interval structure to read)", det), None, None
-    if g.L > MAX_DECODE_ROWS:
-        return KVCachePlan("fallback", f"L={g.L} query rows (a prefill; the decode kernel takes up to "
-                           f"{MAX_DECODE_ROWS}): salience.attention on the cached keys", det), None, None
-    mods, why = _kernel_mods(sm)
-    if mods is None:
-        return KVCachePlan("fallback", why, det), None, None
-    spans = _intervals(m, g)
-    if spans is None:
-        return KVCachePlan("fallback", f"mask {m.name} has no single key interval per row", det), None, None
-    lo, hi = spans
-    det["keys_read"] = int((hi - lo).clamp(min=0).max(1).values.sum()) if g.L else 0
-    if m is not None:
+    if spans is not None:
+        lo, hi = spans
+        det["keys_read"] = int((hi - lo).clamp(min=0).max(1).values.sum()) if g.L else 0
+    if m is not None and not isinstance(m, torch.Tensor):
         det["mask"] = m.name
     if sm is not None:
         det["score_mod"] = sm.name
-    return KVCachePlan("decode", "interval mask and kernel mods: the decode kernel reads the visible keys in place",
-                       det), spans, mods
+    return det
 
 
 def plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None, mask=None, score_mod=None,
@@ -435,7 +450,9 @@ def plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None
     check_scale(scale, g.D)
     if sinks is not None:
         check_sinks(sinks, g.B, g.H)
-    return _decide(q, k_cache, v_cache, k, v, _as_mask(mask, g), _as_mod(score_mod, g), sinks, g)[0]
+    m, sm = _as_mask(mask, g), _as_mod(score_mod, g)
+    path, reason, spans, _ = _decide(q, k_cache, v_cache, k, v, m, sm, sinks, g)
+    return KVCachePlan(path, reason, _details(k_cache, m, sm, spans, g))
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -575,8 +592,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         out = q.new_zeros(g.B, g.H, g.L, g.Dv)
         res = AttentionResult(out=out, lse=torch.full((g.B, g.H, g.L), float("-inf"), dtype=_acc_dtype(q.dtype)))
         return res if return_lse else res.out
-    pl, spans, mods = _decide(q, k_cache, v_cache, k, v, m, sm, sinks, g)
-    if pl.path == "decode":
+    path, _, spans, mods = _decide(q, k_cache, v_cache, k, v, m, sm, sinks, g)
+    if path == "decode":
         res = _run_decode(q, k_cache, v_cache, block_table, spans, mods, scale, sinks, g)
     else:
         res = _run_fallback(q, k_cache, v_cache, k, v, block_table, m, sm, scale, sinks, g)
