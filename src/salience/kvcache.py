@@ -18,17 +18,19 @@ and mask_mods / score_mods see ``q_idx`` in ``[0, L)`` and ``kv_idx`` in ``[0, S
 ``salience.attention(q[b:b+1], K_b, V_b, mask=mask, score_mod=score_mod)`` on the gathered keys (with ``b`` the
 sequence's batch index inside the mods). ``masks.causal(align="bottom_right")`` lets query ``i`` see keys
 ``j <= cache_seqlens[b] + i`` (the decoding convention), ``masks.sliding_window(w, align="bottom_right")`` the
-last ``w + 1`` of those. ``scores.alibi(slopes, offset=o)`` adds ``-slope * |i + o - j|``; under a causal mask
-every ``o >= cache_seqlens[b]`` gives flash-attention's bottom-right ALiBi output (only the logsumexp moves by
-``slope * (o - cache_seqlens[b])``), so pass ``offset`` = the cache capacity for it.
+last ``w + 1`` of those. ``scores.alibi(slopes, offset=o)`` adds ``-slope * |i + o - j|``; under a bottom-right
+causal mask every ``o >= S_b - L`` (``cache_seqlens[b]`` when the queries are the appended tokens) gives
+flash-attention's bottom-right ALiBi output (only the logsumexp moves, by ``slope * (o - S_b + L)``), so pass
+``offset`` = the cache capacity for it.
 
 **Paths.** Masks with one visible key interval per row (no mask, causal in either alignment, sliding windows,
 padding, prefix-LM, packed documents and their ``&``) and the score_mods temperature, softcap and per-head ALiBi
 (with ``compose`` in the order ``temperature* >> softcap? >> alibi?``, ``temperature`` also after ``alibi``) and
 sinks run on the decode kernel (:mod:`salience.kernels.decode`), which reads each sequence's visible keys in
 place (no gather). Everything else, and any call whose inputs require grad (decoding is forward only), runs the
-exact fallback: each sequence's keys are gathered and :func:`salience.attention` runs on them. :func:`plan` says
-which path a call takes and why.
+exact fallback: each sequence's keys are gathered and :func:`salience.attention` runs on them; so do blocks of
+more than :data:`MAX_DECODE_ROWS` queries (a prefill through the cache). :func:`plan` says which path a call takes
+and why.
 
 Example:
     >>> import torch, salience
