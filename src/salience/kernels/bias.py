@@ -53,25 +53,9 @@ from ..blocks import EMPTY, FULL, BlockMask
 from ..masks import check_mask_output
 from ..reference import _acc_dtype, scores, softmax_from_scores
 from . import fused
+from .config import BiasConfig
 
 __all__ = ["BiasConfig", "BiasExecutor", "executor", "check_bias", "key_windows", "bias_score_mod"]
-
-
-@dataclass(frozen=True)
-class BiasConfig:
-    """Tile sizes and thresholds of the bias executor (tests pass their own).
-
-    rows: query rows per block of the forward/backward calls; kv_tile: key tile of a mask's classification;
-    min_skip: the row-block path is taken when it skips at least this share of the score elements;
-    probe: sampled rows and columns per axis when looking for -inf; grad_rows: query rows per dbias tile (0:
-    as many as keep a tile's score block within ``grad_elements`` elements)."""
-
-    rows: int = 256
-    kv_tile: int = 64
-    min_skip: float = 0.1
-    probe: int = 64
-    grad_rows: int = 0
-    grad_elements: int = 1 << 22
 
 
 DEFAULT = BiasConfig()

@@ -20,12 +20,29 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["KernelConfig", "DEFAULT", "current", "use"]
+__all__ = ["KernelConfig", "BiasConfig", "DEFAULT", "current", "use"]
 
 
 def _per_dtype(f32: int, f64: int, bf16: int, f16: int):
     return field(default_factory=lambda: {torch.float32: f32, torch.float64: f64, torch.bfloat16: bf16,
                                           torch.float16: f16})
+
+
+@dataclass(frozen=True)
+class BiasConfig:
+    """Tile sizes and thresholds of the bias executor (a part of :class:`KernelConfig`).
+
+    rows: query rows per block of the forward/backward calls; kv_tile: key tile of a mask's classification;
+    min_skip: the row-block path is taken when it skips at least this share of the score elements;
+    probe: sampled rows and columns per axis when looking for -inf; grad_rows: query rows per dbias tile (0:
+    as many as keep a tile's score block within ``grad_elements`` elements)."""
+
+    rows: int = 256
+    kv_tile: int = 64
+    min_skip: float = 0.1
+    probe: int = 64
+    grad_rows: int = 0
+    grad_elements: int = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -48,7 +65,8 @@ class KernelConfig:
     the window, so short blocks waste little; window 256 + ALiBi at N=16384 took 96 ms with 32-row blocks and
     194 ms with 1024).
 
-    Blockwise (:mod:`salience.kernels.blockwise`): ``q_tile``/``kv_tile``.
+    Blockwise (:mod:`salience.kernels.blockwise`): ``q_tile``/``kv_tile``. Bias tensors
+    (:mod:`salience.kernels.bias`): ``bias`` (a :class:`BiasConfig`).
     """
 
     tiny: int = 1 << 15
@@ -66,6 +84,7 @@ class KernelConfig:
     bias_window_q_block: int = 32
     q_tile: int = 128
     kv_tile: int = 128
+    bias: BiasConfig = field(default_factory=BiasConfig)
 
     def replace(self, **changes) -> KernelConfig:
         """A copy with some fields changed; a per-dtype field may be given as one int for every dtype."""

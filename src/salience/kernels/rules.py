@@ -176,7 +176,8 @@ def bias_tensor(p: Problem):
         return None
     from . import bias as kbias
 
-    got = kbias.executor(p.q, p.k, p.v, p.bias, mask=p.mask, scale=p.eff_scale, need_grad=p.needs_grad)
+    got = kbias.executor(p.q, p.k, p.v, p.bias, mask=p.mask, scale=p.eff_scale, need_grad=p.needs_grad,
+                         config=p.config.bias)
     if got is None:
         return None
     ex, det = got
