@@ -210,9 +210,8 @@ def _run_forward(q, k, v, mask, bias, spec: Spec):
 
 
 def _out_like(q, v):
-    """The layout of the output: contiguous (B, H, L, Dv). It depends on the shapes only: inductor asserts an op's
-    output strides against what it expects (contiguous here; a (B, L, H, Dv) memory order, which torch's fused
-    kernel writes for projected heads, failed that assertion)."""
+    """The layout of the output: contiguous (B, H, L, Dv), from the shapes only (inductor asserts an op's output
+    strides against the fake's; the kernels write various layouts, copied into this one when they differ)."""
     B, H, L, _ = q.shape
     return q.new_empty((B, H, L, v.shape[-1]))
 
