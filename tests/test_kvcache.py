@@ -385,7 +385,7 @@ def test_hf_generation_steps_have_key_intervals(cache_impl, monkeypatch):
     Tokens equal sdpa's."""
     transformers = pytest.importorskip("transformers")
     import salience.integrations.hf as shf
-    from salience.kernels.spans import row_spans
+    from salience.structure import row_intervals
 
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=1100)
@@ -416,8 +416,7 @@ def test_hf_generation_steps_have_key_intervals(cache_impl, monkeypatch):
         assert pl.backend == "decode", pl
         assert k.is_contiguous()
         S = k.shape[2]
-        m = None if mask is None else mask.bind(1, S)
-        spans = row_spans(m, 2, 1, S)
+        spans = row_intervals(mask, 2, 1, S)
         assert spans is not None, mask
         lo, hi = spans
         assert lo.expand(2, 1).tolist()[1][0] == 4  # the left-padded row starts at its first real key
@@ -461,9 +460,9 @@ def test_strided_cache_is_read_in_place():
                                   masks.sliding_window(3, 2, align="bottom_right"),
                                   masks.sliding_window(None, 1, align="bottom_right"), masks.sliding_window(2, None),
                                   masks.sliding_window(0, 0, align="bottom_right")], ids=repr)
-def test_band_intervals_for_all_sequences_at_once_equal_row_spans_per_sequence(mask):
-    """The vectorised intervals of band masks equal spans.row_spans of the mask bound to each sequence's sizes."""
-    from salience.kernels.spans import row_spans
+def test_band_intervals_for_all_sequences_at_once_equal_row_intervals_per_sequence(mask):
+    """The intervals of band masks for all sequences at once equal structure.row_intervals per sequence."""
+    from salience.structure import row_intervals
 
     lens = torch.tensor([0, 1, 4, 6, 8, 19] * 8)  # 48 sequences: with L=7 past the per-row integer loop's 256 rows
     for L in (1, 3, 7):
@@ -472,7 +471,7 @@ def test_band_intervals_for_all_sequences_at_once_equal_row_spans_per_sequence(m
                            torch.zeros(lens.numel(), 1, 1, 4), lens, None)
         lo, hi = kvcache._intervals(mask, g)
         for b, S in enumerate(g.total.tolist()):
-            want = row_spans(mask.bind(L, S), 1, L, S)
+            want = row_intervals(mask, 1, L, S)
             assert torch.equal(lo[b], want[0][0]) and torch.equal(hi[b], want[1][0]), (L, S)
 
 

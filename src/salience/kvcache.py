@@ -264,39 +264,32 @@ def gather(cache: torch.Tensor, b: int, length: int, block_table: torch.Tensor |
 # ------------------------------------------------------------------------------------------- mask, mods
 
 
-def _parts(mod) -> list:
-    parts = getattr(mod, "parts", None)
-    if parts is not None and not isinstance(parts[0], str):
-        return [p for m in parts for p in _parts(m)]
-    return [mod]
-
-
 def _kernel_mods(score_mod):
     """``(dict(scale_mult, softcap, slopes, offset), None)`` when the decode kernel takes the score_mod (it
     computes ``cap * tanh(s / cap)`` on the scaled score, then adds ``-slope * |q_pos - kv_pos|``), else
-    ``(None, reason)``."""
+    ``(None, reason)``. Read from the mod's typed structure (:mod:`salience.structure`)."""
+    from . import structure as St
+
     out = {"scale_mult": 1.0, "softcap": None, "slopes": None, "offset": 0}
-    if score_mod is None:
+    st = St.of_mod(score_mod)
+    if st is None:
         return out, None
-    for m in _parts(score_mod):
-        name = getattr(m, "name", "")
-        if name.startswith("temperature(") and isinstance(getattr(m, "t", None), float):
+    for m in st.parts if isinstance(st, St.Compose) else (st,):
+        if isinstance(m, St.Temperature):
             if out["softcap"] is not None:
-                return None, f"{name} after softcap (the kernel caps last)"
+                return None, f"{score_mod.name}: a temperature after softcap (the kernel caps last)"
             out["scale_mult"] /= m.t
             if out["slopes"] is not None:
                 out["slopes"] = out["slopes"] / m.t
-        elif name.startswith("softcap(") and isinstance(getattr(m, "cap", None), float):
+        elif isinstance(m, St.Softcap):
             if out["softcap"] is not None or out["slopes"] is not None:
-                return None, f"{name} after softcap or alibi (the kernel caps the dot product only)"
-            out["softcap"] = m.cap
-        elif name.startswith("alibi(") and isinstance(getattr(m, "offset", None), int) and getattr(
-                m, "slopes", None) is not None and m.slopes.dim() == 1:
-            if out["slopes"] is not None:
-                return None, "two alibi mods"
-            out["slopes"], out["offset"] = m.slopes.float(), m.offset
+                return None, f"{score_mod.name}: softcap after softcap or alibi (the kernel caps the dot product only)"
+            out["softcap"] = float(m.cap)
+        elif isinstance(m, St.Alibi) and m.per_head and out["slopes"] is None:
+            out["slopes"], out["offset"] = m.slopes.float(), int(m.offset)
         else:
-            return None, f"score_mod {name or type(m).__name__} (the kernel takes temperature, softcap, per-head alibi)"
+            return None, (f"score_mod {getattr(score_mod, 'name', type(score_mod).__name__)} (the kernel takes "
+                          "temperature, softcap and one per-head alibi)")
     return out, None
 
 
@@ -321,21 +314,19 @@ def _tensor_mask(mask, g: _Geom):
 def _band_of(mask):
     """``(lo_d, hi_d, bottom_right)`` when the mask is a band ``lo_d <= kv - q - shift <= hi_d`` (None = unbounded;
     shift = S_b - L when bottom_right, else 0): causal and sliding windows of either alignment; else None."""
-    kind = getattr(mask, "kind", None)
-    if kind == ("causal", "bottom_right"):
-        return None, 0, True
-    if isinstance(kind, tuple) and len(kind) == 4 and kind[0] == "sliding_window" and kind[3] == "bottom_right":
-        return (None if kind[1] is None else -kind[1]), kind[2], True
-    band = getattr(mask, "band", None)
-    if band is not None and mask._binder is None:
-        return band[0], band[1], False
-    return None
+    from . import structure as St
+
+    st = St.of_mask(mask)
+    if not isinstance(st, St.Band):
+        return None
+    lo_d, hi_d = st.bounds
+    return lo_d, hi_d, st.align == "bottom_right"
 
 
 def _intervals(mask, g: _Geom):
     """Per-row visible key intervals ``(lo, hi)`` (B, L) int64 in each sequence's own coordinates, or None when
     some sequence's mask is not an interval mask."""
-    from .kernels.spans import row_spans
+    from .structure import row_intervals
 
     lo = torch.zeros(g.B, g.L, dtype=torch.long)
     hi = g.total.view(-1, 1).expand(g.B, g.L).clone()
@@ -364,7 +355,7 @@ def _intervals(mask, g: _Geom):
         return torch.where(empty, 0, lo), torch.where(empty, 0, hi)
     for S in torch.unique(g.total).tolist():
         rows = torch.nonzero(g.total == S).view(-1)
-        got = row_spans(mask.bind(g.L, S), g.B, g.L, S)
+        got = row_intervals(mask, g.B, g.L, S)
         if got is None:
             return None
         l_, h_ = got
@@ -482,17 +473,25 @@ def _run_decode(q, k_cache, v_cache, block_table, spans, mods, scale, sinks, g: 
 
 
 def _batch_free(m) -> bool:
-    """True when a bound mask or a score_mod does not depend on the batch index (bands, pointwise/relative mods)."""
-    if m is None or getattr(m, "band", None) is not None or getattr(m, "name", None) == "full()":
+    """True when a mask or a score_mod does not depend on the batch index (bands, position-only masks, pointwise
+    and per-head relative mods), so a one-sequence call can take it as it is (else it is re-indexed)."""
+    from . import structure as St
+
+    if m is None:
         return True
-    if getattr(m, "kind", (None,))[0] in ("causal", "sliding_window", "prefix_lm", "block_diagonal"):
-        return True
-    if getattr(m, "relative", False) and not isinstance(m, M.MaskMod):
-        return True  # relative score_mods depend on (h, kv - q) and the score only
-    parts = getattr(m, "parts", None)
-    if parts is not None and isinstance(m, M.MaskMod):
-        return all(_batch_free(p) for p in parts[1:])
-    return False
+    st = St.of_mod(m) if not isinstance(m, M.MaskMod) else St.of_mask(m)
+    free = (St.Full, St.Band, St.PrefixLM, St.BlockDiagonal, St.Dilated, St.Temperature, St.Softcap, St.RelativeBias)
+
+    def ok(x) -> bool:
+        if isinstance(x, (St.And, St.Or, St.Compose)):
+            return all(ok(p) for p in x.parts)
+        if isinstance(x, St.Not):
+            return ok(x.part)
+        if isinstance(x, St.Alibi):
+            return x.per_head
+        return isinstance(x, free)
+
+    return ok(st)
 
 
 def _one_sequence_mask(m, b: int, L: int, S: int, device):
