@@ -155,3 +155,19 @@ def test_the_rule_table_in_the_docs_is_the_one_in_the_code():
     table = table[:table.index("\n\n")]
     named = [n for row in table.splitlines()[2:] for n in re.findall(r"`(\w+)`", row.split("|")[2])]
     assert named == [r.__name__ for r in rules.RULES]
+
+
+@pytest.mark.skipif(not kdecode.available(torch.zeros(1)), reason=f"decode kernel: {kdecode.status()}")
+def test_decode_skips_the_cache_wide_guard_and_hidden_nan_stays_out(monkeypatch):
+    from salience.kernels import guard
+
+    q, k, v = qkv(B=2, H=8, Hkv=2, L=1, S=2048, dtype=torch.float32)
+    k[0, :, 1500:], v[1, :, 1000:] = float("nan"), float("inf")  # beyond each sequence's length
+    mask = M.causal(align="bottom_right") & M.padding(kv_lengths=[1500, 1000])
+    calls = []
+    monkeypatch.setattr(guard, "all_finite", lambda t: calls.append(1) or True)
+    assert salience.plan(q, k, v, mask=mask).backend == "decode"
+    out = salience.attention(q, k, v, mask=mask)
+    assert calls == [] and torch.isfinite(out).all()
+    want = reference.attention(q.double(), k[:, :, :1000].double(), v[:, :, :1000].double()).out[1]
+    assert (out[1].double() - want).abs().max().item() < 1e-5

@@ -50,10 +50,7 @@ from __future__ import annotations
 import ctypes
 import math
 import numbers
-import os
-import sys
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,25 +287,7 @@ def build(extra_flags=()) -> ctypes.CDLL:
 
 def _lib():
     """The compiled decode library, built on first use (None when it cannot be: :func:`status` says why)."""
-    if "lib" not in _STATE:
-        with _LOCK:
-            if "lib" not in _STATE:
-                lib, why = None, ""
-                if os.environ.get("SALIENCE_NATIVE", "1") == "0":
-                    why = "turned off by SALIENCE_NATIVE=0"
-                elif not sys.platform.startswith("linux"):
-                    why = f"the compiled kernels are built for Linux only (this is {sys.platform})"
-                else:
-                    try:
-                        lib, why = build(), "compiled"
-                    except Exception as e:  # noqa: BLE001 - reported by status(); the torch path is used
-                        why = str(e) if isinstance(e, native._Unavailable) else f"{type(e).__name__}: {e}"
-                _STATE["why"], _STATE["lib"] = why, lib
-                if lib is None and why != "turned off by SALIENCE_NATIVE=0":
-                    warnings.warn(f"salience: the compiled decode kernel is unavailable, so the torch path is used "
-                                  f"(same results, slower): {why}. Fix that, or set SALIENCE_NATIVE=0 to use the "
-                                  "torch path without trying.", native.NativeFallbackWarning,
-                                  stacklevel=native._caller_stacklevel())
+    native.load_once(_STATE, _LOCK, build, "the compiled decode kernel is", "the torch path is")
     return _STATE["lib"]
 
 

@@ -112,4 +112,6 @@ def attend(q, k, v, *, mask, score_mod, scale, compatibility, dropout_p, need_ls
     def rows(b, h, r):
         return guard.reference_rows(q, k, v, mask, score_mod, scale, compatibility, dropout_p, b, h, r, bias=bias)
 
+    if not getattr(pl.executor, "reads_hidden_keys", True):  # e.g. decode: only each row's interval is read
+        return pl, run(pl, q, k, v)
     return pl, guard.guarded(q, k, v, mask, run_clean, rows)

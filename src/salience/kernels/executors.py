@@ -9,7 +9,9 @@ An executor has
 * ``autograd``: False when :class:`AttentionFunction` wraps it (saving q, k, v, out and lse only, memory
   O(L * D)); True for executors made of differentiable torch operations (the chunked textbook path, torch SDPA
   without a logsumexp), which autograd differentiates itself;
-* ``describe() -> (forward, backward)``: what runs in each direction, in words, for :func:`salience.plan`.
+* ``describe() -> (forward, backward)``: what runs in each direction, in words, for :func:`salience.plan`;
+* optionally ``reads_hidden_keys = False`` when the kernel never reads a key outside a row's visible set (then a
+  NaN stored there cannot reach the row and the dispatcher skips its non-finite guard).
 
 :func:`run` executes any of them.
 
@@ -138,10 +140,13 @@ class TileExec:
 
 class DecodeExec:
     """The compiled decode kernel (:func:`salience.kernels.decode.forward`) over per-row key intervals; forward
-    only (decoding needs no backward: the rule never picks it when a gradient is needed)."""
+    only (decoding needs no backward: the rule never picks it when a gradient is needed). It reads only the keys
+    in each row's interval, so a NaN or inf stored elsewhere cannot reach a row: the dispatcher's non-finite guard
+    (a pass over the whole cache) is not needed."""
 
     grad_tensors = ()
     autograd = False
+    reads_hidden_keys = False
 
     def __init__(self, lo, hi, *, scale: float, slopes=None, q_pos=None, softcap=None):
         self.lo, self.hi, self.scale = lo, hi, scale

@@ -269,30 +269,36 @@ def _caller_stacklevel() -> int:
     return level
 
 
+def load_once(state: dict, lock, build, what: str, fallback: str) -> None:
+    """Fill ``state["lib"]`` (a library or None) and ``state["why"]`` once per process: ``build()`` unless
+    ``SALIENCE_NATIVE=0`` or not Linux; one :class:`NativeFallbackWarning` naming ``what`` and ``fallback`` when it
+    cannot be built (none when turned off). Shared by the interval and decode kernels."""
+    if "lib" in state:
+        return
+    with lock:
+        if "lib" in state:
+            return
+        lib, why = None, ""
+        if os.environ.get("SALIENCE_NATIVE", "1") == "0":
+            why = "turned off by SALIENCE_NATIVE=0"
+        elif not sys.platform.startswith("linux"):
+            why = f"the compiled kernels are built for Linux only (this is {sys.platform})"
+        else:
+            try:
+                lib, why = build(), "compiled"
+            except _Unavailable as e:
+                why = str(e)
+            except Exception as e:  # noqa: BLE001 - reported by status(); the torch paths are used
+                why = f"{type(e).__name__}: {e}"
+        state["why"], state["lib"] = why, lib
+        if lib is None and why != "turned off by SALIENCE_NATIVE=0" and not state.get("warned"):
+            state["warned"] = True  # once per process
+            warnings.warn(f"salience: {what} unavailable, so {fallback} used (same results, slower): {why}. Fix "
+                          f"that, or {_OFF_HINT}.", NativeFallbackWarning, stacklevel=_caller_stacklevel())
+
+
 def _lib():
-    if "lib" not in _STATE:
-        with _LOCK:
-            if "lib" not in _STATE:
-                lib, why = None, ""
-                if os.environ.get("SALIENCE_NATIVE", "1") == "0":
-                    why = "turned off by SALIENCE_NATIVE=0"
-                elif not sys.platform.startswith("linux"):
-                    why = f"the compiled kernels are built for Linux only (this is {sys.platform})"
-                else:
-                    try:
-                        lib = _build()
-                        why = "compiled"
-                    except _Unavailable as e:
-                        why = str(e)
-                    except Exception as e:  # noqa: BLE001 - reported by status(); the torch paths are used
-                        why = f"{type(e).__name__}: {e}"
-                _STATE["why"] = why
-                _STATE["lib"] = lib
-                if lib is None and why != "turned off by SALIENCE_NATIVE=0" and not _STATE.get("warned"):
-                    _STATE["warned"] = True  # once per process
-                    warnings.warn(f"salience: the compiled interval kernels are unavailable, so torch's kernels are "
-                                  f"used (same results, slower): {why}. Fix that, or {_OFF_HINT}.",
-                                  NativeFallbackWarning, stacklevel=_caller_stacklevel())
+    load_once(_STATE, _LOCK, _build, "the compiled interval kernels are", "torch's kernels are")
     return _STATE["lib"]
 
 
