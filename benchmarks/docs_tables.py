@@ -297,6 +297,50 @@ def render_decode(data: dict) -> str:
     return "\n".join(out + [""] + gen)
 
 
+# ------------------------------------------------------------------------------- bias.json, callables.json
+def render_bias(data: dict) -> str:
+    """docs/kernels.md's bias-tensor table from benchmarks/bias_bench.py's JSON."""
+    m, sh = data["machine"], data["shape"]
+    out = [f"`{data['command']}` (B={sh['B']}, H={sh['H']}, N={sh['N']}, D={sh['D']}, {sh['dtype']}; {m['cpu']}, "
+           f"{m['flags']}, torch {m['torch']}; load: {m['uptime'].split('load average:')[1].strip()}; "
+           "SDPA = `F.scaled_dot_product_attention(q, k, v, attn_mask=bias)`; medians):", "",
+           "| bias | clock | forward salience / SDPA (ms) | SDPA ÷ salience | fwd+bwd salience / SDPA (ms) | SDPA ÷ salience |",
+           "|---|---|---|---|---|---|"]
+    clocks = {"cpu1": "CPU time, 1 thread", "wall": f"wall, {m['threads']} threads"}
+    for r in data["rows"]:
+        case = r["case"] + (f" (skipped {r['skipped']:.2f})" if r.get("skipped") else "")
+        f, b = r.get("forward_ms"), r["fwd_bwd_ms"]
+        fwd = (f"{f['salience']:.0f} / {f['sdpa']:.0f} | {f['sdpa_over_salience']:.2f}" if f else "- | -")
+        sd = b.get("sdpa", b.get("sdpa_math"))
+        out.append(f"| {case} | {clocks.get(r['clock'], r['clock'])} | {fwd} | {b['salience']:.0f} / {sd:.0f} | "
+                   f"{b['sdpa_over_salience']:.2f} |")
+    return "\n".join(out)
+
+
+def render_callables(data: dict) -> str:
+    """docs/kernels.md's table of user mask callables from benchmarks/callables_bench.py's JSON."""
+    e, c = data["env"], data["config"]
+    out = [f"`python benchmarks/callables_bench.py --n {c['N']} --repeats {c['repeats']}` (B={c['B']}, H={c['H']}, "
+           f"D={c['D']}, {c['dtype']}, forward, after the first call; {e['cpu']}, {' '.join(e['flags'])}, "
+           f"{e['threads']} threads, torch {e['torch']}; load: {e['uptime'].split('load average:')[1].strip()}; "
+           "medians; ratios are the other's time over salience's):", "",
+           "| mask (a user's callable) | salience ms | first call s | structure | named mask | SDPA dense bool mask | "
+           "FlexAttention compiled | Flex create_block_mask + compile s |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for name, r in data["cases"].items():
+        ms = r["median_ms"]
+        base = ms["salience derived"]
+
+        def ratio(key):
+            return f"{ms[key]:.0f} ms ({ms[key] / base:.2f}x)" if key in ms else "—"
+
+        flex_s = (f"{r['create_block_mask_s']:.1f} + {r['compile_and_first_call_s']:.1f}"
+                  if "compile_and_first_call_s" in r else "—")
+        out.append(f"| {name} N={r['N']} | {base:.0f} | {r['salience_first_call_s']:.2f} | "
+                   f"{r['structure']['structure']} | {ratio('salience named')} | "
+                   f"{ratio('torch SDPA dense bool mask')} | {ratio('FlexAttention compiled')} | {flex_s} |")
+    return "\n".join(out)
+
+
 # -------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Table:
@@ -318,6 +362,8 @@ TABLES: dict[str, Table] = {
     "flow-full": Table("flow_full.json", render_flow,
                        "salience demo --parts flow, then copy flow.json to benchmarks/results/flow_full.json"),
     "decode": Table("decode.json", render_decode, "python benchmarks/decode_bench.py"),
+    "bias": Table("bias.json", render_bias, "python benchmarks/bias_bench.py --n 2048 --repeats 5"),
+    "callables": Table("callables.json", render_callables, "python benchmarks/callables_bench.py --n 8192"),
 }
 
 
