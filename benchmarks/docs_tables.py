@@ -330,7 +330,7 @@ def render_callables(data: dict) -> str:
         ms = r["median_ms"]
         base = ms["salience derived"]
 
-        def ratio(key):
+        def ratio(key, ms=ms, base=base):
             return f"{ms[key]:.0f} ms ({ms[key] / base:.2f}x)" if key in ms else "—"
 
         flex_s = (f"{r['create_block_mask_s']:.1f} + {r['compile_and_first_call_s']:.1f}"
