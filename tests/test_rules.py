@@ -171,3 +171,19 @@ def test_decode_skips_the_cache_wide_guard_and_hidden_nan_stays_out(monkeypatch)
     assert calls == [] and torch.isfinite(out).all()
     want = reference.attention(q.double(), k[:, :, :1000].double(), v[:, :, :1000].double()).out[1]
     assert (out[1].double() - want).abs().max().item() < 1e-5
+
+
+def test_no_function_in_kernels_is_longer_than_sixty_lines():
+    """Kernels v2 keeps kernels/ readable: each function does one step (docstring included)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(salience.__file__).resolve().parent / "kernels"
+    long = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
+    assert long == [], long
