@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from . import structure as st
+from ._positions import hash_uniform
 
 __all__ = [
     "MaskMod",
@@ -774,17 +775,6 @@ def block_diagonal(size: int) -> MaskMod:
     return m
 
 
-def _hash_uniform(qb: torch.Tensor, kb: torch.Tensor, seed: int) -> torch.Tensor:
-    """A deterministic hash of (qb, kb, seed) to [0, 1); pure tensor arithmetic (works under vmap)."""
-    m32 = 0xFFFFFFFF
-    x = (qb * 0x2545F491 + kb * 0x4F1BBCDD + (seed * 0x1B873593 & m32)) & m32
-    for mul in (0x7FEB352D, 0x46B42B5B):
-        x = x ^ torch.bitwise_right_shift(x, 16)
-        x = (x * mul) & m32
-    x = x ^ torch.bitwise_right_shift(x, 15)
-    return (x & 0xFFFFFF).to(torch.float64) / float(1 << 24)
-
-
 def random_blocks(density: float, block: int = 64, seed: int = 0) -> MaskMod:
     """Random block sparsity (BigBird's random part): each (block x block) cell is visible with
     probability ``density``, decided by a seeded hash, so the pattern is the same at any size.
@@ -803,7 +793,7 @@ def random_blocks(density: float, block: int = 64, seed: int = 0) -> MaskMod:
     def fn(b, h, q, kv):
         qb = torch.div(q, block, rounding_mode="floor")
         kb = torch.div(kv, block, rounding_mode="floor")
-        return _hash_uniform(qb, kb, seed) < density
+        return hash_uniform(qb, kb, seed) < density
 
     def tiles(ctx):
         nqb = (ctx.L + block - 1) // block

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from . import structure as st
+from ._positions import check_buckets, t5_bucket
 
 __all__ = [
     "ScoreMod",
@@ -275,31 +276,6 @@ def _check_heads(mod, n: int, H: int, what: str, fix: str) -> None:
         )
 
 
-def _check_buckets(num_buckets, max_distance, bidirectional) -> None:
-    """T5's bucketing (transformers' ``T5Attention._relative_position_bucket``) is defined when
-    ``max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2 >= 1`` and ``max_distance > max_exact``;
-    otherwise its log-spaced buckets divide by zero or run negative."""
-    for argname, val in (("num_buckets", num_buckets), ("max_distance", max_distance)):
-        if isinstance(val, bool) or not isinstance(val, int):
-            raise TypeError(f"{argname} must be an int; got {type(val).__name__} {val!r}.")
-    if bidirectional and num_buckets % 2:
-        raise ValueError(f"num_buckets must be even when bidirectional; got {num_buckets}.")
-    least = 4 if bidirectional else 2
-    if num_buckets < least:
-        raise ValueError(
-            f"num_buckets must be >= {least} with bidirectional={bidirectional} (T5 keeps half the buckets of each "
-            f"direction for exact distances, which needs at least one); got {num_buckets}."
-        )
-    exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
-    if max_distance <= exact:
-        raise ValueError(
-            f"max_distance={max_distance} must exceed the {exact} exact-distance buckets of num_buckets={num_buckets} "
-            f"(bidirectional={bidirectional}): T5's log-spaced buckets run from distance {exact} to max_distance and "
-            f"would give negative bucket ids. Use max_distance >= {exact + 1} (T5: num_buckets=32, max_distance=128), "
-            f"or fewer buckets."
-        )
-
-
 def softcap(cap: float) -> ScoreMod:
     """Soft capping (Gemma 2): ``cap * tanh(score / cap)``, which bounds scores to (-cap, cap).
 
@@ -332,35 +308,6 @@ def temperature(t: float) -> ScoreMod:
     return m
 
 
-def t5_bucket(relative_position: torch.Tensor, num_buckets: int = 32, max_distance: int = 128,
-              bidirectional: bool = True) -> torch.Tensor:
-    """T5's relative-position buckets for ``relative_position = kv_idx - q_idx`` (Raffel et al. 2020).
-
-    Half the buckets (per direction) hold exact small distances; the rest grow logarithmically up to
-    ``max_distance``, beyond which all distances share the last bucket. Returns int64 bucket ids.
-
-    Example:
-        >>> t5_bucket(torch.tensor([-3, 0, 3]), num_buckets=8, max_distance=16).tolist()
-        [2, 0, 6]
-    """
-    _check_buckets(num_buckets, max_distance, bidirectional)
-    rel = relative_position.long()
-    n = num_buckets
-    ret = torch.zeros_like(rel)
-    if bidirectional:
-        n = n // 2
-        ret = ret + (rel > 0).long() * n
-        dist = rel.abs()
-    else:
-        dist = (-rel).clamp(min=0)
-    exact = n // 2
-    small = dist < exact
-    safe = dist.clamp(min=1).double()
-    large = exact + (torch.log(safe / exact) / math.log(max_distance / exact) * (n - exact)).long()
-    large = large.clamp(max=n - 1)
-    return ret + torch.where(small, dist, large)
-
-
 def relative_bias(table: torch.Tensor, num_buckets: int = 32, max_distance: int = 128,
                   bidirectional: bool = True) -> ScoreMod:
     """T5 relative position bias: add ``table[bucket(kv_idx - q_idx), h]`` to the scores.
@@ -376,7 +323,7 @@ def relative_bias(table: torch.Tensor, num_buckets: int = 32, max_distance: int 
     if not isinstance(table, torch.Tensor) or table.dim() != 2 or not table.is_floating_point():
         seen = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
         raise ValueError(f"table must be a float tensor (num_buckets, H); got {seen}.")
-    _check_buckets(num_buckets, max_distance, bidirectional)
+    check_buckets(num_buckets, max_distance, bidirectional)
     if table.shape[0] != num_buckets:
         raise ValueError(f"table has {table.shape[0]} rows but num_buckets={num_buckets}; they must match.")
     return _relative_bias(table, num_buckets, max_distance, bidirectional)

@@ -390,7 +390,7 @@ class RelativeBias(ModStructure):
 
     def values(self, d: torch.Tensor, dtype=None) -> torch.Tensor:
         """The bias ``(H, n)`` at offsets ``d = kv - q``, in ``dtype`` (default: the table's); differentiable."""
-        from .scores import t5_bucket
+        from ._positions import t5_bucket
 
         bucket = t5_bucket(d, self.num_buckets, self.max_distance, self.bidirectional)
         out = self.table.to(d.device)[bucket].transpose(0, 1)
@@ -625,7 +625,7 @@ def _eval(s: MaskStructure, b, h, q, kv, L: int, S: int):
     if isinstance(s, Dilated):
         return torch.remainder(q - kv, s.stride) == 0
     if isinstance(s, RandomBlocks):
-        from .masks import _hash_uniform
+        from ._positions import hash_uniform as _hash_uniform
 
         qb = torch.div(q, s.block, rounding_mode="floor")
         kb = torch.div(kv, s.block, rounding_mode="floor")
