@@ -251,10 +251,10 @@ def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool, only: str | None = 
     if cfg.mode == "decode":
         return _decode_impls(cfg, q, k, v, mask, mod, only)
     if cfg.mod == "bias":  # a float bias tensor: salience's bias=, SDPA's attn_mask, a score_mod reading it in Flex
-        bias, mod = mod, None
-        kw = {"bias": bias}
+        bias_t, mod = mod, None
+        kw = {"bias": bias_t}
     else:
-        bias, kw = None, {}
+        bias_t, kw = None, {}
     if cfg.mode == "compiled" and only in (None, "salience"):
         t0 = time.perf_counter()
         fn = torch.compile(lambda a, b, c: salience.attention(a, b, c, mask=mask, score_mod=mod, **kw), fullgraph=True)
@@ -269,8 +269,8 @@ def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool, only: str | None = 
     if "sdpa" in cfg.peers and only in (None, "sdpa"):
         t0 = time.perf_counter()
         note = ""
-        if bias is not None:
-            fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bias)  # noqa: E731
+        if bias_t is not None:
+            fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bias_t)  # noqa: E731
             note = "attn_mask = the same float bias"
         elif mask is None and mod is None:
             fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c)  # noqa: E731
@@ -304,7 +304,7 @@ def _impls(cfg: Config, q, k, v, mask, mod, ids, flex: bool, only: str | None = 
                 out["sdpa"][0].no_error = True
     if "flex" in cfg.peers and flex and only in (None, "flex"):
         try:
-            out["flex"] = _flex_impl(cfg, q, k, v, mask, mod if bias is None else bias, ids, wrap)
+            out["flex"] = _flex_impl(cfg, q, k, v, mask, mod if bias_t is None else bias_t, ids, wrap)
         except Exception as e:  # noqa: BLE001 - reported, not hidden
             out["flex"] = (None, 0.0, f"unavailable: {type(e).__name__}: {str(e)[:120]}")
     if "reference" in cfg.peers and only in (None, "reference"):
