@@ -1,9 +1,36 @@
-"""Helpers shared by the benchmark scripts: a median timer and a switch for the compiled kernels."""
+"""Helpers shared by the benchmark scripts: a median timer, the machine description written beside every figure,
+and a switch for the compiled kernels."""
 
 import contextlib
+import platform
+import subprocess
 import time
 
+import torch
+
 from salience.kernels import native
+
+#: the CPU flags that decide which kernels run fast
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def machine() -> dict:
+    """CPU model and the flags that matter, torch threads and version, and ``uptime`` (the load beside the figures)."""
+    cpu, flags = platform.processor() or "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    flags = " ".join(x for x in FLAGS if x in have)
+                    break
+    except OSError:
+        pass
+    up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "flags": flags, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "uptime": up, "note": "the machine is shared with other engineers' jobs; see uptime's load average"}
 
 
 def median_ms(fn, n: int = 5) -> float:

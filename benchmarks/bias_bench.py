@@ -24,38 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import machine
 
 import salience
 from salience.kernels import bias as kb
 from salience.kernels import dispatch
-
-
-def _machine() -> dict:
-    cpu = platform.processor() or ""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and not cpu.strip():
-                    cpu = line.split(":", 1)[1].strip()
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have)
-                    break
-    except OSError:
-        pass
-    up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    return {"cpu": cpu, "flags": flags, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "uptime": up, "note": "the machine is shared with other engineers' jobs; see uptime's load average"}
 
 
 def median_ms(fa, fb, n: int, clock: str) -> tuple:
@@ -148,7 +127,7 @@ def main() -> None:
     torch.manual_seed(0)
     N, H, D = args.n, 8, 64
     q, k, v = (torch.randn(1, H, N, D) for _ in range(3))
-    mach = _machine()
+    mach = machine()
     print(f"{mach['cpu']} [{mach['flags']}], {mach['threads']} threads, torch {mach['torch']}\n{mach['uptime']}")
     dense = torch.randn(1, H, N, N)
     slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1) / H)

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 from unittest import mock
@@ -38,6 +36,7 @@ os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
 os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
 
 import torch  # noqa: E402
+from _timing import machine  # noqa: E402
 
 import salience  # noqa: E402
 from salience import masks  # noqa: E402
@@ -71,24 +70,6 @@ def _masks(n: int) -> dict:
         "documents": masks.document(ids) & masks.causal(),
         "callable": lambda b, h, i, j: (i >= j) & (i - j <= 128),
     }
-
-
-def _machine() -> dict:
-    cpu, flags = platform.processor() or "", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    flags = " ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if x in have)
-                    break
-    except OSError:
-        pass
-    up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    return {"cpu": cpu, "flags": flags, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "uptime": up, "note": "the machine is shared with other engineers' jobs; see uptime's load average"}
 
 
 def _breaks(model, x, *, opaque: bool) -> int:
@@ -179,7 +160,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     layers = _layers_breaks(n)
     print(json.dumps(layers), flush=True)
-    out = {"machine": _machine(), "layers_encoder": layers, "config": {"B": 2, "N": n, "d_model": D_MODEL, "heads": HEADS, "blocks": 2,
+    out = {"machine": machine(), "layers_encoder": layers, "config": {"B": 2, "N": n, "d_model": D_MODEL, "heads": HEADS, "blocks": 2,
                                             "dtype": "float32", "repeats": repeats,
                                             "measure": "forward+backward of the mean square of the output"},
            "command": "python benchmarks/compile_bench.py" + (" --quick" if args.quick else f" --n {n} --repeats "
