@@ -80,7 +80,9 @@ def test_timing_worker_reports_every_implementation(cfg):
 def test_memory_worker_in_process():
     cfg = bench.Config("w", "window", N=512, H=1, D=16, window=32, mode="fwdbwd")
     m = bench._worker_memory(cfg, "salience", flex=False)
-    assert m["impl"] == "salience" and m["peak_kib"] >= 0 and m["qkvo_kib"] == 512 * 16 * 4 * 4 // 1024
+    # Linux caches RSS counters per thread (up to 64 pages each, synced lazily), so a call that allocates little
+    # can read a few hundred KiB below its start in a long-lived process (seen: -148 KiB in one CI run)
+    assert m["impl"] == "salience" and m["peak_kib"] >= -1024 and m["qkvo_kib"] == 512 * 16 * 4 * 4 // 1024
     assert m["with_setup_kib"] == m["peak_kib"] + m["setup_kib"]
 
 
