@@ -216,6 +216,26 @@ inline float tanh_f(float x) {
 
 // ------------------------------------------------------------------------------------------- one item
 
+// Addresses of the keys and values of a chunk ahead, prefetched a few lines at a time from inside the compute
+// loops of the current chunk (a burst of prefetches would fill the line-fill buffers and stall the loads).
+template <typename T>
+struct Ahead {
+  const T* k[CHUNK];
+  const T* v[CHUNK];
+  int64_t n;
+};
+
+// Prefetch (into L1) the cache lines holding bytes [from, to) of p.
+inline void prefetch_span(const void* p, int64_t from, int64_t to) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = from; o < to; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+  _mm_prefetch(c + to - 1, _MM_HINT_T0);
+#else
+  (void)p, (void)from, (void)to;
+#endif
+}
+
 // One tile of at most 8 query rows of a work item: query pointers, intervals clipped to the item's key range,
 // ALiBi terms, and where its partial results (running max m, sum l, unnormalised output o) live.
 struct Rows {
@@ -322,18 +342,25 @@ constexpr bool HAVE_DPBF16 = false;
 #endif
 
 template <typename C, int NR>
-void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, float* s) {
+void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, float* s,
+          const Ahead<typename C::T>* pf) {
   constexpr int KU = NR <= 2 ? 4 : NR <= 4 ? 2 : 1;  // about 8 accumulators
+  const int64_t kb = D * static_cast<int64_t>(sizeof(typename C::T));
+  auto ahead = [&](int64_t j, int u) {
+    if (pf)
+      for (int x = 0; x < u; ++x)
+        if (j + x < pf->n) prefetch_span(pf->k[j + x], 0, kb);
+  };
   int64_t j = 0;
   if constexpr (HAVE_DPBF16 && std::is_same<C, BF16>::value) {
     if (t.q16[0]) {
-      for (; j + KU <= n; j += KU) dots_step_bf16<NR, KU>(t, kp, j, D, s);
-      for (; j < n; ++j) dots_step_bf16<NR, 1>(t, kp, j, D, s);
+      for (; j + KU <= n; j += KU) dots_step_bf16<NR, KU>(t, kp, j, D, s), ahead(j, KU);
+      for (; j < n; ++j) dots_step_bf16<NR, 1>(t, kp, j, D, s), ahead(j, 1);
       return;
     }
   }
-  for (; j + KU <= n; j += KU) dots_step<C, NR, KU>(t, kp, j, D, s);
-  for (; j < n; ++j) dots_step<C, NR, 1>(t, kp, j, D, s);
+  for (; j + KU <= n; j += KU) dots_step<C, NR, KU>(t, kp, j, D, s), ahead(j, KU);
+  for (; j < n; ++j) dots_step<C, NR, 1>(t, kp, j, D, s), ahead(j, 1);
 }
 
 // o_r += sum_j p[r, j] v_j over the chunk, for every row of the tile (all rows see all n keys).
@@ -341,11 +368,13 @@ void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, f
 // probability used DU times.
 template <typename C, int NR, int DU>
 inline void accumulate_step(const Rows& t, const typename C::T* const* vp, int64_t n, int64_t Dv, int64_t d,
-                            const float* p) {
+                            const float* p, const Ahead<typename C::T>* pf) {
+  constexpr int64_t SZ = sizeof(typename C::T);
   V acc[DU][NR];
   for (int u = 0; u < DU; ++u)
     for (int r = 0; r < NR; ++r) acc[u][r] = vload(t.o + r * Dv + d + u * W);
   for (int64_t j = 0; j < n; ++j) {
+    if (pf && j < pf->n) prefetch_span(pf->v[j], d * SZ, (d + DU * W) * SZ);
     V vv[DU];
     for (int u = 0; u < DU; ++u) vv[u] = vget<C>(vp[j] + d + u * W);
     for (int r = 0; r < NR; ++r) {
@@ -358,12 +387,16 @@ inline void accumulate_step(const Rows& t, const typename C::T* const* vp, int64
 }
 
 template <typename C, int NR>
-void accumulate_all(const Rows& t, const typename C::T* const* vp, int64_t n, int64_t Dv, const float* p) {
+void accumulate_all(const Rows& t, const typename C::T* const* vp, int64_t n, int64_t Dv, const float* p,
+                    const Ahead<typename C::T>* pf) {
   constexpr int DU = NR <= 2 ? 4 : NR <= 4 ? 2 : 1;
   const int64_t Dw = Dv / W * W;
   int64_t d = 0;
-  for (; d + DU * W <= Dw; d += DU * W) accumulate_step<C, NR, DU>(t, vp, n, Dv, d, p);
-  for (; d < Dw; d += W) accumulate_step<C, NR, 1>(t, vp, n, Dv, d, p);
+  for (; d + DU * W <= Dw; d += DU * W) accumulate_step<C, NR, DU>(t, vp, n, Dv, d, p, pf);
+  for (; d < Dw; d += W) accumulate_step<C, NR, 1>(t, vp, n, Dv, d, p, pf);
+  constexpr int64_t SZ = sizeof(typename C::T);
+  if (pf && Dw < Dv)
+    for (int64_t j = 0; j < pf->n; ++j) prefetch_span(pf->v[j], Dw * SZ, Dv * SZ);
   for (int64_t d = Dw; d < Dv; ++d)
     for (int r = 0; r < NR; ++r) {
       float x = t.o[r * Dv + d];
@@ -432,8 +465,8 @@ bool softmax_row(const Args& A, const Rows& t, int r, int64_t c0, int64_t n, int
 // One tile of NR rows over one chunk of keys [c0, c0 + n).
 template <typename C, int NR>
 void tile_chunk(const Args& A, const Rows& t, int64_t c0, int64_t n, const typename C::T* const* kp,
-                const typename C::T* const* vp, float* s) {
-  dots<C, NR>(t, kp, n, A.D, s);
+                const typename C::T* const* vp, float* s, const Ahead<typename C::T>* pf) {
+  dots<C, NR>(t, kp, n, A.D, s, pf);
   bool all = true;
   int64_t a[NR], z[NR];
   for (int r = 0; r < NR; ++r) {
@@ -446,25 +479,27 @@ void tile_chunk(const Args& A, const Rows& t, int64_t c0, int64_t n, const typen
     }
   }
   if (all) {
-    accumulate_all<C, NR>(t, vp, n, A.Dv, s);
+    accumulate_all<C, NR>(t, vp, n, A.Dv, s, pf);
     return;
   }
+  if (pf)
+    for (int64_t j = 0; j < pf->n; ++j) prefetch_span(pf->v[j], 0, A.Dv * static_cast<int64_t>(sizeof(typename C::T)));
   for (int r = 0; r < NR; ++r)
     if (z[r] > a[r]) accumulate_row<C>(t.o + r * A.Dv, vp, a[r], z[r], A.Dv, s + r * CHUNK);
 }
 
 template <typename C>
 void tile_chunk_n(const Args& A, const Rows& t, int64_t c0, int64_t n, const typename C::T* const* kp,
-                  const typename C::T* const* vp, float* s) {
+                  const typename C::T* const* vp, float* s, const Ahead<typename C::T>* pf) {
   switch (t.nr) {
-    case 1: return tile_chunk<C, 1>(A, t, c0, n, kp, vp, s);
-    case 2: return tile_chunk<C, 2>(A, t, c0, n, kp, vp, s);
-    case 3: return tile_chunk<C, 3>(A, t, c0, n, kp, vp, s);
-    case 4: return tile_chunk<C, 4>(A, t, c0, n, kp, vp, s);
-    case 5: return tile_chunk<C, 5>(A, t, c0, n, kp, vp, s);
-    case 6: return tile_chunk<C, 6>(A, t, c0, n, kp, vp, s);
-    case 7: return tile_chunk<C, 7>(A, t, c0, n, kp, vp, s);
-    default: return tile_chunk<C, 8>(A, t, c0, n, kp, vp, s);
+    case 1: return tile_chunk<C, 1>(A, t, c0, n, kp, vp, s, pf);
+    case 2: return tile_chunk<C, 2>(A, t, c0, n, kp, vp, s, pf);
+    case 3: return tile_chunk<C, 3>(A, t, c0, n, kp, vp, s, pf);
+    case 4: return tile_chunk<C, 4>(A, t, c0, n, kp, vp, s, pf);
+    case 5: return tile_chunk<C, 5>(A, t, c0, n, kp, vp, s, pf);
+    case 6: return tile_chunk<C, 6>(A, t, c0, n, kp, vp, s, pf);
+    case 7: return tile_chunk<C, 7>(A, t, c0, n, kp, vp, s, pf);
+    default: return tile_chunk<C, 8>(A, t, c0, n, kp, vp, s, pf);
   }
 }
 
@@ -489,28 +524,10 @@ Rows make_tile(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, int
   return t;
 }
 
-// Software prefetch (into L2) of the keys and values of the chunk PREFETCH chunks ahead: the hardware
-// prefetchers alone leave the loads of the chunk loop waiting on memory, and they stop at page and block edges.
-constexpr int64_t PREFETCH = 1;
-
-template <typename C>
-void prefetch(const Args& A, int64_t b, int64_t hk, int64_t c0, int64_t n) {
-#if defined(__AVX512F__) || defined(__AVX2__)
-  using T = typename C::T;
-  const T* kp[CHUNK];
-  const T* vp[CHUNK];
-  key_addresses<C>(A, b, hk, c0, n, kp, vp);
-  const int64_t kb = A.D * static_cast<int64_t>(sizeof(T)), vb = A.Dv * static_cast<int64_t>(sizeof(T));
-  for (int64_t j = 0; j < n; ++j) {
-    const char* k = reinterpret_cast<const char*>(kp[j]);
-    const char* v = reinterpret_cast<const char*>(vp[j]);
-    for (int64_t o = 0; o < kb; o += 64) _mm_prefetch(k + o, _MM_HINT_T1);
-    for (int64_t o = 0; o < vb; o += 64) _mm_prefetch(v + o, _MM_HINT_T1);
-  }
-#else
-  (void)A, (void)b, (void)hk, (void)c0, (void)n;
-#endif
-}
+// The keys and values of the chunk PREFETCH chunks ahead are prefetched from inside the loops of the current
+// chunk (see Ahead): the hardware prefetchers alone leave the chunk loop waiting on memory, and they stop at page
+// and block edges.
+constexpr int64_t PREFETCH = 2;
 
 // One work item: keys [ka, kz) of (b, hk) for all its rows, chunk by chunk; partial results to part.
 template <typename C>
@@ -527,15 +544,18 @@ void run_item(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, floa
   }
   const T* kp[CHUNK];
   const T* vp[CHUNK];
+  Ahead<T> ahead;
   for (int64_t c0 = ka; c0 < kz; c0 += CHUNK) {
-    const int64_t n = std::min(CHUNK, kz - c0);
-    if (c0 + PREFETCH * CHUNK < kz) prefetch<C>(A, b, hk, c0 + PREFETCH * CHUNK, std::min(CHUNK, kz - c0 - PREFETCH * CHUNK));
+    const int64_t n = std::min(CHUNK, kz - c0), c1 = c0 + PREFETCH * CHUNK;
+    ahead.n = c1 < kz ? std::min(CHUNK, kz - c1) : 0;
+    if (ahead.n) key_addresses<C>(A, b, hk, c1, ahead.n, ahead.k, ahead.v);
     key_addresses<C>(A, b, hk, c0, n, kp, vp);
+    bool first = true;
     for (int64_t t = 0; t < ntiles; ++t) {
       const Rows& tt = tiles[t];
       bool any = false;
       for (int r = 0; r < tt.nr; ++r) any = any || (tt.lo[r] < c0 + n && tt.hi[r] > c0 && tt.lo[r] < tt.hi[r]);
-      if (any) tile_chunk_n<C>(A, tt, c0, n, kp, vp, s);
+      if (any) tile_chunk_n<C>(A, tt, c0, n, kp, vp, s, first && ahead.n ? &ahead : nullptr), first = false;
     }
   }
 }
