@@ -117,7 +117,10 @@ inline V vzero() { return _mm512_setzero_ps(); }
 inline V vset(float x) { return _mm512_set1_ps(x); }
 inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }  // b where a is NaN
 inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
+inline float vhmax(V a) { return _mm512_reduce_max_ps(a); }
 inline void vstore(float* p, V a) { _mm512_storeu_ps(p, a); }
 inline V vload(const float* p) { return _mm512_loadu_ps(p); }
 inline V vload_bf16(const uint16_t* p) {
@@ -141,6 +144,14 @@ inline V vzero() { return _mm256_setzero_ps(); }
 inline V vset(float x) { return _mm256_set1_ps(x); }
 inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }  // b where a is NaN
+inline float vhmax(V a) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
 inline float vsum(V a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -165,7 +176,10 @@ inline V vzero() { return {0.0f}; }
 inline V vset(float x) { return {x}; }
 inline V vfma(V a, V b, V c) { return {std::fma(a.x, b.x, c.x)}; }
 inline V vmul(V a, V b) { return {a.x * b.x}; }
+inline V vadd(V a, V b) { return {a.x + b.x}; }
+inline V vmax(V a, V b) { return {a.x > b.x ? a.x : b.x}; }  // b where a is NaN
 inline float vsum(V a) { return a.x; }
+inline float vhmax(V a) { return a.x; }
 inline void vstore(float* p, V a) { *p = a.x; }
 inline V vload(const float* p) { return {*p}; }
 inline V vload_bf16(const uint16_t* p) { return {BF16::one(p)}; }
@@ -182,6 +196,25 @@ template <typename C> inline V vget(const typename C::T* p);
 template <> inline V vget<F32>(const float* p) { return vload(p); }
 template <> inline V vget<BF16>(const uint16_t* p) { return vload_bf16(p); }
 template <> inline V vget<F16>(const uint16_t* p) { return vload_f16(p); }
+
+// The largest of x[a..z), skipping NaN (-inf when all are NaN or the range is empty); the sum of x[a..z).
+inline float range_max(const float* x, int64_t a, int64_t z) {
+  V m = vset(NEG_INF);
+  int64_t j = a;
+  for (; j + W <= z; j += W) m = vmax(vload(x + j), m);
+  float r = vhmax(m);
+  for (; j < z; ++j) r = x[j] > r ? x[j] : r;
+  return r;
+}
+
+inline float range_sum(const float* x, int64_t a, int64_t z) {
+  V acc = vzero();
+  int64_t j = a;
+  for (; j + W <= z; j += W) acc = vadd(acc, vload(x + j));
+  float r = vsum(acc);
+  for (; j < z; ++j) r += x[j];
+  return r;
+}
 
 // exp(x) for x <= 0 (scores minus their running maximum): x = n ln2 + r, a degree-7 polynomial for exp(r),
 // 2^n from the exponent bits; about 2 ulp; 0 below -87. The loops calling it vectorise.
@@ -437,19 +470,14 @@ bool softmax_row(const Args& A, const Rows& t, int r, int64_t c0, int64_t n, int
 #pragma omp simd
     for (int64_t j = a; j < z; ++j) s[j] -= slope * std::fabs(base - static_cast<float>(j));
   }
-  float mx = NEG_INF;
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = a; j < z; ++j) mx = std::max(mx, s[j]);  // a NaN score is skipped here but stays in s
+  const float mx = range_max(s, a, z);  // a NaN score is skipped here but stays in s
   for (int64_t j = 0; j < a; ++j) s[j] = 0.0f;
   for (int64_t j = z; j < n; ++j) s[j] = 0.0f;
   const float m_old = t.m[r], m_new = std::max(m_old, mx);
   if (m_new == NEG_INF) return false;  // nothing visible yet (a NaN score stays NaN through p, l and o)
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = a; j < z; ++j) {
-    s[j] = exp_neg(s[j] - m_new);
-    sum += s[j];
-  }
+#pragma omp simd
+  for (int64_t j = a; j < z; ++j) s[j] = exp_neg(s[j] - m_new);
+  const float sum = range_sum(s, a, z);
   if (m_old != m_new) {
     const float alpha = m_old == NEG_INF ? 0.0f : exp_neg(m_old - m_new);
     float* o = t.o + r * A.Dv;
