@@ -128,6 +128,12 @@ inline V vload_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 inline V vload_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+// 2W bfloat16 values in one load: the even-indexed ones (shifted up) and the odd-indexed ones (low half cleared).
+inline void vload_bf16_pairs(const uint16_t* p, V& even, V& odd) {
+  const __m512i x = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
 // out[0..3] = the lane sums of a0..a3: 128-bit quarters combined pairwise, then within each quarter
 inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
   const V c0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
@@ -165,6 +171,11 @@ inline V vload_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 inline V vload_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline void vload_bf16_pairs(const uint16_t* p, V& even, V& odd) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
 inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
   const V h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
@@ -184,6 +195,10 @@ inline void vstore(float* p, V a) { *p = a.x; }
 inline V vload(const float* p) { return {*p}; }
 inline V vload_bf16(const uint16_t* p) { return {BF16::one(p)}; }
 inline V vload_f16(const uint16_t* p) { return {half_to_float(*p)}; }
+inline void vload_bf16_pairs(const uint16_t* p, V& even, V& odd) {
+  even = {BF16::one(p)};
+  odd = {BF16::one(p + 1)};
+}
 inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
   out[0] = a0.x;
   out[1] = a1.x;
@@ -396,6 +411,52 @@ void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, f
   for (; j < n; ++j) dots_step<C, NR, 1>(t, kp, j, D, s), ahead(j, 1);
 }
 
+// bfloat16 values are summed in "paired" order: within each block of PAIR = 2W values starting at a multiple
+// of PAIR, output slot i < W holds value 2i and slot W + i holds value 2i + 1, so that one load and two integer
+// operations give both halves in float32 (vload_bf16_pairs). Values past the last whole block keep their order.
+// merge_item puts the slots back in order.
+constexpr int64_t PAIR = 2 * W;
+
+// o[r] += sum_j p[r, j] v_j for NR rows (o and p strided by Dv and CHUNK) over DU blocks from d, all n keys.
+template <int NR, int DU>
+inline void accumulate_pairs(float* o, int64_t Dv, const uint16_t* const* vp, int64_t n, int64_t d, const float* p,
+                             const Ahead<uint16_t>* pf) {
+  V acc[2 * DU][NR];
+  for (int u = 0; u < 2 * DU; ++u)
+    for (int r = 0; r < NR; ++r) acc[u][r] = vload(o + r * Dv + d + u * W);
+  for (int64_t j = 0; j < n; ++j) {
+    if (pf && j < pf->n) prefetch_span(pf->v[j], d * 2, (d + DU * PAIR) * 2);
+    V ev[DU], od[DU];
+    for (int u = 0; u < DU; ++u) vload_bf16_pairs(vp[j] + d + u * PAIR, ev[u], od[u]);
+    for (int r = 0; r < NR; ++r) {
+      const V pr = vset(p[r * CHUNK + j]);
+      for (int u = 0; u < DU; ++u) {
+        acc[2 * u][r] = vfma(pr, ev[u], acc[2 * u][r]);
+        acc[2 * u + 1][r] = vfma(pr, od[u], acc[2 * u + 1][r]);
+      }
+    }
+  }
+  for (int u = 0; u < 2 * DU; ++u)
+    for (int r = 0; r < NR; ++r) vstore(o + r * Dv + d + u * W, acc[u][r]);
+}
+
+// The whole blocks of Dv for NR rows, at most GROUP rows per pass (the accumulators stay in registers).
+template <int NR>
+void accumulate_blocks(float* o, int64_t Dv, const uint16_t* const* vp, int64_t n, const float* p,
+                       const Ahead<uint16_t>* pf) {
+  constexpr int GROUP = W >= 16 ? 8 : 4;
+  if constexpr (NR > GROUP) {
+    accumulate_blocks<GROUP>(o, Dv, vp, n, p, pf);
+    accumulate_blocks<NR - GROUP>(o + GROUP * Dv, Dv, vp, n, p + GROUP * CHUNK, nullptr);
+  } else {
+    constexpr int DU = NR <= 1 ? 4 : NR <= 2 ? 2 : 1;
+    const int64_t Dp = Dv / PAIR * PAIR;
+    int64_t d = 0;
+    for (; d + DU * PAIR <= Dp; d += DU * PAIR) accumulate_pairs<NR, DU>(o, Dv, vp, n, d, p, pf);
+    for (; d < Dp; d += PAIR) accumulate_pairs<NR, 1>(o, Dv, vp, n, d, p, pf);
+  }
+}
+
 // o_r += sum_j p[r, j] v_j over the chunk, for every row of the tile (all rows see all n keys).
 // DU vectors of each row's output at a time: NR * DU independent FMA chains (about 8), each broadcast of a
 // probability used DU times.
@@ -425,6 +486,10 @@ void accumulate_all(const Rows& t, const typename C::T* const* vp, int64_t n, in
   constexpr int DU = NR <= 2 ? 4 : NR <= 4 ? 2 : 1;
   const int64_t Dw = Dv / W * W;
   int64_t d = 0;
+  if constexpr (std::is_same<C, BF16>::value) {
+    accumulate_blocks<NR>(t.o, Dv, vp, n, p, pf);
+    d = Dv / PAIR * PAIR;
+  }
   for (; d + DU * W <= Dw; d += DU * W) accumulate_step<C, NR, DU>(t, vp, n, Dv, d, p, pf);
   for (; d < Dw; d += W) accumulate_step<C, NR, 1>(t, vp, n, Dv, d, p, pf);
   constexpr int64_t SZ = sizeof(typename C::T);
@@ -442,7 +507,20 @@ void accumulate_all(const Rows& t, const typename C::T* const* vp, int64_t n, in
 template <typename C>
 void accumulate_row(float* o, const typename C::T* const* vp, int64_t a, int64_t z, int64_t Dv, const float* p) {
   const int64_t Dw = Dv / W * W;
-  for (int64_t d = 0; d < Dw; d += W) {
+  int64_t d0 = 0;
+  if constexpr (std::is_same<C, BF16>::value) {  // paired order (see PAIR)
+    for (; d0 + PAIR <= Dv; d0 += PAIR) {
+      V e = vload(o + d0), f = vload(o + d0 + W), ev, od;
+      for (int64_t j = a; j < z; ++j) {
+        vload_bf16_pairs(vp[j] + d0, ev, od);
+        e = vfma(vset(p[j]), ev, e);
+        f = vfma(vset(p[j]), od, f);
+      }
+      vstore(o + d0, e);
+      vstore(o + d0 + W, f);
+    }
+  }
+  for (int64_t d = d0; d < Dw; d += W) {
     V acc = vload(o + d);
     for (int64_t j = a; j < z; ++j) acc = vfma(vset(p[j]), vget<C>(vp[j] + d), acc);
     vstore(o + d, acc);
@@ -610,7 +688,14 @@ void merge_item(const Args& A, int64_t b, int64_t hk, const float* parts, int64_
       const float w = std::exp(m - M);
       tot += static_cast<double>(w) * parts[s * stride + R + r];
       const float* po = parts + s * stride + 2 * R + r * Dv;
-      for (int64_t d = 0; d < Dv; ++d) o[d] += w * po[d];
+      int64_t d = 0;
+      if (A.dtype == 1)  // bfloat16 sums are in paired order (see PAIR)
+        for (; d + PAIR <= Dv; d += PAIR)
+          for (int64_t i = 0; i < W; ++i) {
+            o[d + 2 * i] += w * po[d + i];
+            o[d + 2 * i + 1] += w * po[d + W + i];
+          }
+      for (; d < Dv; ++d) o[d] += w * po[d];
     }
     const float inv = static_cast<float>(1.0 / tot);
     for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
