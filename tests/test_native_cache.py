@@ -445,3 +445,28 @@ def test_keys_of_batch_one_against_a_batch_of_queries(mod):
         store += [out.detach()] + [x.grad for x in xs]
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+
+
+def test_cache_key_covers_included_headers(tmp_path):
+    """Editing a local header that a kernel includes changes the bytes the cache key hashes (so the library is
+    rebuilt, never loaded stale), while an unrelated file next to it does not; headers are followed recursively
+    and each is read once even when included twice."""
+    (tmp_path / "a.h").write_text('#pragma once\n#include "b.h"\ninline int a() { return b() + 1; }\n')
+    (tmp_path / "b.h").write_text("#pragma once\ninline int b() { return 1; }\n")
+    (tmp_path / "other.h").write_text("int unrelated;\n")
+    src = tmp_path / "k.cpp"
+    src.write_text('#include "a.h"\n#include "b.h"\nint f() { return a(); }\n')
+    before = native.source_digest(src)
+    assert before.count(b"inline int b()") == 1
+    (tmp_path / "other.h").write_text("int unrelated_changed;\n")
+    assert native.source_digest(src) == before
+    (tmp_path / "b.h").write_text("#pragma once\ninline int b() { return 2; }\n")
+    after = native.source_digest(src)
+    assert after != before and b"return 2" in after
+
+
+def test_shipped_kernels_hash_the_shared_math_header():
+    """interval.cpp and decode.cpp both include fastmath.h, and their cache keys cover it."""
+    header = Path(native.__file__).with_name("fastmath.h").read_bytes()
+    for name in ("interval.cpp", "decode.cpp"):
+        assert header in native.source_digest(Path(native.__file__).with_name(name))

@@ -34,6 +34,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "fastmath.h"
+
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -231,25 +233,7 @@ inline float range_sum(const float* x, int64_t a, int64_t z) {
   return r;
 }
 
-// exp(x) for x <= 0 (scores minus their running maximum): x = n ln2 + r, a degree-7 polynomial for exp(r),
-// 2^n from the exponent bits; about 2 ulp; 0 below -87. The loops calling it vectorise.
-inline float exp_neg(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
-  return x < -87.0f ? 0.0f : p * two_n;
-}
+using salience_math::exp_neg;  // exp(x) for x <= 0, about 2 ulp (fastmath.h)
 
 // tanh(x) in float32, branch-free so that its loop vectorises: Cephes' odd polynomial below |x| = 0.625, else
 // (1 - e) / (1 + e) with e = exp(-2|x|); relative error a few ulp.

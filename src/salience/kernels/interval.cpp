@@ -26,6 +26,8 @@
 #include <limits>
 #include <vector>
 
+#include "fastmath.h"
+
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
             const float*, const int*, const float*, float*, const int*);
@@ -86,27 +88,8 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alph
             static_cast<int>(ldc));
 }
 
-// exp(x) for x <= ~0 (scores minus their row's maximum or logsumexp), written so that the compiler
-// vectorises it: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 polynomial for exp(r), then 2^n from the
-// exponent bits. Relative error about 2 ulp; 0 below -87 (where float exp underflows anyway).
-inline float exp_approx(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;  // ln2 split in two so that n * hi is exact
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
-  return x < -87.0f ? 0.0f : p * two_n;
-}
-
+// exp(x) for x <= ~0 (see fastmath.h); float64 uses the library's exp.
+inline float exp_approx(float x) { return salience_math::exp_neg(x); }
 inline double exp_approx(double x) { return std::exp(x); }
 
 // max(p[a:z]), -inf when empty; 16 running maxima so that the loop vectorises (a plain max reduction does not

@@ -41,6 +41,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -197,12 +198,32 @@ def _compile(cxx: list, flags: list, libs: list, target: Path, source: Path = _S
     _write_atomically(_manifest(target), (json.dumps(meta, indent=1) + "\n").encode())
 
 
+_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.M)
+
+
+def source_digest(source: Path) -> bytes:
+    """The bytes a build depends on: ``source`` followed by every local header it includes with
+    ``#include "name"`` (resolved next to the including file, recursively, each once), so that editing a shared
+    header gives a new cache key instead of loading a library built from the old one."""
+    seen, parts, todo = set(), [], [Path(source)]
+    while todo:
+        path = todo.pop(0).resolve()
+        if path in seen:
+            continue
+        seen.add(path)
+        data = path.read_bytes()
+        parts.append(path.name.encode() + b"\0" + data)
+        todo += [path.parent / m.decode() for m in _INCLUDE.findall(data)]
+    return b"\0".join(parts)
+
+
 def build_library(source: Path, extra_flags=(), blas: bool = True) -> ctypes.CDLL:
     """Compile ``source`` (a C++ file next to this one) into a shared library, or load the verified cached
     build, and return it; raises ``_Unavailable`` (a RuntimeError) with the reason when it cannot. The cache key
-    covers the source, the compiler, the flags (``extra_flags`` appended), the torch version and the CPU flags;
-    ``blas``: link libtorch_cpu for its BLAS. Used for interval.cpp and decode.cpp."""
-    src = source.read_bytes()
+    covers the source and the local headers it includes (:func:`source_digest`), the compiler, the flags
+    (``extra_flags`` appended), the torch version and the CPU flags; ``blas``: link libtorch_cpu for its BLAS.
+    Used for interval.cpp and decode.cpp."""
+    src = source_digest(source)
     cxx = _compiler()
     torch_lib = Path(torch.__file__).with_name("lib")
     # -fno-trapping-math lets the exp loops vectorise (their float -> int conversion); no -ffast-math: the
