@@ -46,6 +46,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -101,8 +102,18 @@ class _Geom:
     paged: bool
     capacity: int  # keys one sequence can hold
     block_size: int
-    seqlens: torch.Tensor  # (B,) int64, cpu: cached keys before the append
-    total: torch.Tensor  # (B,) int64, cpu: S_b after the append
+    lens: list  # B ints: cached keys before the append
+    totals: list  # B ints: S_b after the append
+
+    @functools.cached_property
+    def seqlens(self) -> torch.Tensor:
+        """(B,) int64 on the CPU: cached keys before the append (made only where a path needs a tensor)."""
+        return torch.tensor(self.lens, dtype=torch.long).view(self.B)
+
+    @functools.cached_property
+    def total(self) -> torch.Tensor:
+        """(B,) int64 on the CPU: S_b after the append."""
+        return torch.tensor(self.totals, dtype=torch.long).view(self.B)
 
 
 def _shape(t) -> str:
@@ -116,13 +127,14 @@ def _check_tensor(t, name: str, what: str):
         raise TypeError(f"{name} must be float32, float64, bfloat16 or float16; got {t.dtype}.")
 
 
-def _seqlens(cache_seqlens, B: int) -> torch.Tensor:
+def _seqlens(cache_seqlens, B: int) -> list:
+    """The cached lengths as B Python ints (one host read of a tensor; no torch op per check)."""
     if isinstance(cache_seqlens, bool) or cache_seqlens is None:
         raise TypeError(f"cache_seqlens must be an int or an integer tensor (B,) = ({B},); got {cache_seqlens!r}.")
     if isinstance(cache_seqlens, int):
-        t = torch.full((B,), cache_seqlens, dtype=torch.long)
+        lens = [cache_seqlens] * B
     else:
-        t = torch.as_tensor(cache_seqlens)
+        t = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else torch.as_tensor(cache_seqlens)
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"cache_seqlens must hold integers; got {t.dtype}.")
         if t.dim() == 0:
@@ -130,10 +142,10 @@ def _seqlens(cache_seqlens, B: int) -> torch.Tensor:
         if t.shape != (B,):
             raise ValueError(f"cache_seqlens must be an int or a tensor (B,) = ({B},), one length per sequence; "
                              f"got shape {tuple(t.shape)}.")
-        t = t.detach().to("cpu", torch.long)
-    if bool((t < 0).any()):
-        raise ValueError(f"cache_seqlens must be >= 0; got {t.tolist()}.")
-    return t
+        lens = t.tolist()
+    if B and min(lens) < 0:
+        raise ValueError(f"cache_seqlens must be >= 0; got {lens}.")
+    return lens
 
 
 def _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> _Geom:
@@ -184,17 +196,16 @@ def _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> _Geom:
             raise ValueError(f"k {_shape(k)} and v {_shape(v)} must be (B, Hkv, L_new, D) = ({B}, {Hkv}, L_new, {D}) "
                              f"and (B, Hkv, L_new, Dv) = ({B}, {Hkv}, L_new, {Dv}) to append to this cache.")
         L_new = k.shape[2]
-    seqlens = _seqlens(cache_seqlens, B)
-    total = seqlens + L_new
-    over = total > capacity
-    if bool(over.any()):
-        b = int(torch.nonzero(over)[0])
+    lens = _seqlens(cache_seqlens, B)
+    totals = [n + L_new for n in lens]
+    if B and max(totals) > capacity:
+        b = next(i for i, n in enumerate(totals) if n > capacity)
         where = (f"max_blocks * block_size = {bt.shape[1]} * {block_size} = {capacity}" if paged
                  else f"S_max = {capacity}")
-        raise ValueError(f"sequence {b} needs cache_seqlens + L_new = {int(seqlens[b])} + {L_new} = {int(total[b])} "
+        raise ValueError(f"sequence {b} needs cache_seqlens + L_new = {lens[b]} + {L_new} = {totals[b]} "
                          f"keys but the cache holds {where}; grow the cache (or the block table) or start a new "
                          "sequence.")
-    g = _Geom(B, H, L, D, Hkv, Dv, L_new, paged, capacity, block_size, seqlens, total)
+    g = _Geom(B, H, L, D, Hkv, Dv, L_new, paged, capacity, block_size, lens, totals)
     if paged:
         _check_blocks(block_table, g, k_cache.shape[0])
     return g
@@ -211,7 +222,7 @@ def _check_blocks(bt, g: _Geom, num_blocks: int) -> None:
         raise ValueError(f"block_table[{b}, {j}] = {int(btc[b, j])} is outside the pool of {num_blocks} blocks "
                          f"(sequence {b} uses its first {int(used[b].sum())} entries for {int(g.total[b])} keys); "
                          f"entries must lie in [0, {num_blocks}).")
-    if g.L_new:
+    if g.B * g.L_new > 1:
         slots = _slots(btc, g).view(-1)
         if torch.unique(slots).numel() != slots.numel():
             raise ValueError("two sequences would write their new keys into the same cache slot (block_table maps "
@@ -225,22 +236,36 @@ def _slots(btc, g: _Geom) -> torch.Tensor:
     return blk * g.block_size + pos % g.block_size
 
 
+#: appends of at most this many (sequence, position) pairs are written by plain slicing, one copy each (cheaper
+#: than building index tensors for advanced indexing)
+_FEW_WRITES = 8
+
+
 def _append(k_cache, v_cache, k, v, block_table, g: _Geom) -> None:
     """Write the new keys/values in place at each sequence's own length."""
-    dev = k_cache.device
-    pos = (g.seqlens.view(-1, 1) + torch.arange(g.L_new).view(1, -1)).to(dev)  # (B, L_new)
-    kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, L_new, Hkv, D): the order advanced indexing yields
     with torch.no_grad():
-        if g.paged:
-            btc = block_table.to(dev).long()
-            blk = torch.gather(btc, 1, torch.div(pos, g.block_size, rounding_mode="floor"))
-            off = pos % g.block_size
-            k_cache[blk, :, off] = kt
-            v_cache[blk, :, off] = vt
-        else:
+        if not g.paged and g.B <= _FEW_WRITES:
+            for b, n in enumerate(g.lens):
+                k_cache[b, :, n:n + g.L_new] = k[b]
+                v_cache[b, :, n:n + g.L_new] = v[b]
+            return
+        dev = k_cache.device
+        pos = (g.seqlens.view(-1, 1) + torch.arange(g.L_new).view(1, -1)).to(dev)  # (B, L_new)
+        if not g.paged:
             b = torch.arange(g.B, device=dev).view(-1, 1).expand_as(pos)
-            k_cache[b, :, pos] = kt
-            v_cache[b, :, pos] = vt
+            k_cache[b, :, pos] = k.transpose(1, 2)  # (B, L_new, Hkv, D): the order advanced indexing yields
+            v_cache[b, :, pos] = v.transpose(1, 2)
+            return
+        blk = torch.gather(block_table.to(dev).long(), 1, torch.div(pos, g.block_size, rounding_mode="floor"))
+        off = pos % g.block_size
+        if g.B * g.L_new <= _FEW_WRITES:
+            for (b, j), (x, o) in zip(((b, j) for b in range(g.B) for j in range(g.L_new)),
+                                      zip(blk.view(-1).tolist(), off.view(-1).tolist())):
+                k_cache[x, :, o] = k[b, :, j]
+                v_cache[x, :, o] = v[b, :, j]
+            return
+        k_cache[blk, :, off] = k.transpose(1, 2)
+        v_cache[blk, :, off] = v.transpose(1, 2)
 
 
 def gather(cache: torch.Tensor, b: int, length: int, block_table: torch.Tensor | None = None) -> torch.Tensor:
@@ -302,7 +327,7 @@ def _tensor_mask(mask, g: _Geom):
         mask = mask.view(1, 1, *mask.shape)
     if mask.dim() != 4:
         raise ValueError(f"a tensor mask must be (L, S) or (B|1, H|1, L|1, S); got {_shape(mask)}.")
-    smax = int(g.total.max()) if g.B else 0
+    smax = max(g.totals) if g.B else 0
     Bm, Hm, Lm, Sm = mask.shape
     if Bm not in (1, g.B) or Hm not in (1, g.H) or Lm not in (1, g.L) or (Sm != 1 and Sm < smax):
         raise ValueError(f"mask tensor {_shape(mask)} must broadcast to (B, H, L, S) = ({g.B}, {g.H}, {g.L}, S) with "
@@ -328,22 +353,21 @@ def _intervals(mask, g: _Geom):
     some sequence's mask is not an interval mask."""
     from .structure import row_intervals
 
-    lo = torch.zeros(g.B, g.L, dtype=torch.long)
-    hi = g.total.view(-1, 1).expand(g.B, g.L).clone()
-    if mask is None:
-        return lo, hi
-    band = _band_of(mask)
-    if band is not None and g.B * g.L <= 256:  # few rows (decoding steps): plain integers, two tensors made at the end
+    band = (None, None, False) if mask is None else _band_of(mask)
+    if band is not None and g.B * g.L <= 256:  # few rows (decoding steps): plain integers, one tensor made at the end
         lo_d, hi_d, br = band
         los, his = [], []
-        for S in g.total.tolist():
+        for S in g.totals:
             for i in range(g.L):
                 d = i + (S - g.L if br else 0)
                 a = 0 if lo_d is None else max(0, d + lo_d)
                 z = S if hi_d is None else min(S, max(0, d + hi_d + 1))
                 los.append(a if z > a else 0)
                 his.append(z if z > a else 0)
-        return torch.tensor(los).view(g.B, g.L), torch.tensor(his).view(g.B, g.L)
+        both = torch.tensor((los, his), dtype=torch.long).view(2, g.B, g.L)  # one tensor made, two dense views
+        return both[0], both[1]
+    lo = torch.zeros(g.B, g.L, dtype=torch.long)
+    hi = g.total.view(-1, 1).expand(g.B, g.L).clone()
     if band is not None:  # all sequences at once (no per-length binding)
         lo_d, hi_d, br = band
         diag = torch.arange(g.L).view(1, -1) + ((g.total - g.L).view(-1, 1) if br else 0)  # kv index of q's diagonal
@@ -371,7 +395,7 @@ def _as_mask(mask, g: _Geom):
         return _tensor_mask(mask, g)
     m = M.as_mask_mod(mask, "mask")
     if g.B:
-        m.check(g.B, g.H, g.L, int(g.total.max()))
+        m.check(g.B, g.H, g.L, max(g.totals))
     return m
 
 
@@ -382,7 +406,7 @@ def _as_mod(score_mod, g: _Geom):
 
     sm = as_score_mod(score_mod)
     if g.B:
-        sm.check(g.B, g.H, g.L, int(g.total.max()))
+        sm.check(g.B, g.H, g.L, max(g.totals))
     return sm
 
 
@@ -412,7 +436,7 @@ def _decide(q, k_cache, v_cache, k, v, m, sm, sinks, g: _Geom):
 def _details(k_cache, m, sm, spans, g: _Geom) -> dict:
     cache = (f"paged (num_blocks={k_cache.shape[0]}, block_size={g.block_size}, max_blocks={g.capacity // g.block_size})"
              if g.paged else f"contiguous (S_max={g.capacity})")
-    lens = g.total.tolist()
+    lens = g.totals
     det = {"cache": cache, "keys_per_sequence": lens if g.B <= 8 else f"<{g.B} lengths, {min(lens)}..{max(lens)}>",
            "appended": g.L_new, "backward": "none: decoding is forward only (inputs that require grad take the "
            "fallback, which has salience.attention's backward)"}
@@ -452,23 +476,28 @@ def plan(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None
 
 
 def _run_decode(q, k_cache, v_cache, block_table, spans, mods, scale, sinks, g: _Geom):
+    """The decode kernel on arguments :func:`_check` validated (no second pass of decode.forward's shape checks;
+    the bounds and the block indices the rows read are checked again by the kernel's own check)."""
     from .kernels import decode
 
     dev = q.device
     lo, hi = (t.to(dev) for t in spans)
-    kw = {}
+    slopes = q_pos = None
     if mods["slopes"] is not None:
-        kw["slopes"] = mods["slopes"].to(dev)
-        kw["q_pos"] = (torch.arange(g.L, device=dev) + mods["offset"]).view(1, -1).expand(g.B, -1).contiguous()
-    if mods["softcap"] is not None:
-        kw["softcap"] = mods["softcap"]
-    if sinks is not None:
-        kw["sinks"] = sinks
+        slopes = mods["slopes"].to(dev)
+        q_pos = (torch.arange(g.L, device=dev) + mods["offset"]).view(1, -1).expand(g.B, -1).contiguous()
     bt = None if block_table is None else block_table.to(dev)
+    if g.paged and (g.block_size < 1 or k_cache.shape[0] < 1):  # degenerate pools: decode.forward words it
+        out, lse = decode.forward(q, k_cache, v_cache, lo=lo, hi=hi, scale=scale * mods["scale_mult"], block_table=bt,
+                                  slopes=slopes, q_pos=q_pos, softcap=mods["softcap"], sinks=sinks)
+        return AttentionResult(out=out, lse=lse)
+    p = decode._Problem(g.B, g.H, g.Hkv, g.L, g.D, g.Dv, g.paged, g.block_size if g.paged else g.capacity,
+                        g.capacity)
+    q_pos, slopes, sinks, sc, cap = decode._check_extras(p, dev, scale * mods["scale_mult"], slopes, q_pos,
+                                                         mods["softcap"], sinks)
     # any strides: the kernel reads the cache by stride arithmetic (a (B, S, Hkv, D) buffer seen through
     # .transpose(1, 2) is read in place, not copied)
-    out, lse = decode.forward(q, k_cache, v_cache, lo=lo, hi=hi, scale=scale * mods["scale_mult"], block_table=bt,
-                              **kw)
+    out, lse = decode._run(q, k_cache, v_cache, p, lo, hi, sc, bt, slopes, q_pos, cap, sinks)
     return AttentionResult(out=out, lse=lse)
 
 
@@ -522,18 +551,18 @@ def _run_fallback(q, k_cache, v_cache, k, v, block_table, m, sm, scale, sinks, g
 
     acc = _acc_dtype(q.dtype)
     graph = k is not None and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
-    if not graph and block_table is None and bool((g.total == g.total[0]).all()):
+    if not graph and block_table is None and len(set(g.totals)) == 1:
         # one length for all: the batch is one problem of L x S keys (views of the cache, b indexes the batch)
-        S = int(g.total[0])
+        S = g.totals[0]
         mm = m[..., :S] if isinstance(m, torch.Tensor) and m.shape[-1] > 1 else m
         r = attention(q, k_cache[:, :, :S], v_cache[:, :, :S], mask=mm, score_mod=sm, scale=scale, return_lse=True,
                       sinks=sinks)
         return AttentionResult(out=r.out, lse=r.lse.to(acc))
     outs, lses = [], []
     for b in range(g.B):
-        S = int(g.total[b])
+        S = g.totals[b]
         if graph:
-            n = int(g.seqlens[b])
+            n = g.lens[b]
             kb = torch.cat((gather(k_cache, b, n, block_table), k[b : b + 1]), 2)
             vb = torch.cat((gather(v_cache, b, n, block_table), v[b : b + 1]), 2)
         else:

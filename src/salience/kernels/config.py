@@ -53,7 +53,8 @@ class KernelConfig:
     dense pass), ``min_span_efficiency`` (the span path is used when at least this share of the score elements
     it computes is visible), ``reference_chunk`` (query rows per chunk of the textbook path), ``decode_max_rows``
     and ``decode_min_keys`` (the decode path serves at most this many query rows per kv head group against at
-    least this many keys).
+    least this many keys), ``decode_min_split`` (fewest keys per piece when the decode kernel splits a sequence's
+    keys across threads; was ``decode.MIN_SPLIT``).
 
     Span plans (:mod:`salience.kernels.span_plan`): ``band_q_block``/``band_q_block_bwd`` (rows per block on
     sliding-window runs, by dtype), ``generic_q_block`` (rows per block of irregular rows), ``min_run`` (runs
@@ -74,6 +75,7 @@ class KernelConfig:
     reference_chunk: int = 512
     decode_max_rows: int = 16
     decode_min_keys: int = 1024
+    decode_min_split: int = 256
     band_q_block: dict = _per_dtype(32, 32, 32, 32)
     band_q_block_bwd: dict = _per_dtype(192, 192, 256, 256)
     generic_q_block: int = 64

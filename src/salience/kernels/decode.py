@@ -60,7 +60,7 @@ from ..reference import _acc_dtype, softmax_from_scores
 from . import native
 from .merge import check_sinks
 
-__all__ = ["forward", "available", "status", "build", "FORCE_TORCH", "MIN_SPLIT"]
+__all__ = ["forward", "available", "status", "build", "FORCE_TORCH"]
 
 #: set to True to run the torch fallback even where the compiled kernel is available (tests, debugging)
 FORCE_TORCH = False
@@ -179,6 +179,14 @@ def _check(q, k, v, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks):
     B, L = p.B, p.L
     lo = _int_table("lo", lo, (B, L), "(B, L)").to(q.device, torch.int64)
     hi = _int_table("hi", hi, (B, L), "(B, L)").to(q.device, torch.int64)
+    q_pos, slopes, sinks, scale, softcap = _check_extras(p, q.device, scale, slopes, q_pos, softcap, sinks)
+    return p, lo, hi, q_pos, slopes, sinks, scale, softcap
+
+
+def _check_extras(p: _Problem, device, scale, slopes, q_pos, softcap, sinks):
+    """The checks of scale, softcap, ALiBi slopes with their q_pos, and sinks: ``(q_pos, slopes, sinks, scale,
+    softcap)`` with slopes / sinks as (B, H) float tables and q_pos as (B, L) int64 on ``device``."""
+    B = p.B
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
         raise ValueError(f"scale: expected a finite number (e.g. D ** -0.5); got {scale!r}")
     if softcap is not None:
@@ -194,11 +202,11 @@ def _check(q, k, v, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks):
         if q_pos is None:
             raise ValueError("q_pos: ALiBi slopes need the logical position of each query row, (B, L) int64 (for one "
                              "new token per sequence: the cache length before it, i.e. hi - 1)")
-        q_pos = _int_table("q_pos", q_pos, (B, L), "(B, L)").to(q.device, torch.int64)
-        slopes = slopes.to(q.device).reshape(-1, p.H).expand(B, p.H)
+        q_pos = _int_table("q_pos", q_pos, (B, p.L), "(B, L)").to(device, torch.int64)
+        slopes = slopes.to(device).reshape(-1, p.H).expand(B, p.H)
     if sinks is not None:
-        sinks = check_sinks(sinks, B, p.H).to(q.device).reshape(-1, p.H).expand(B, p.H)
-    return p, lo, hi, q_pos, slopes, sinks, float(scale), softcap
+        sinks = check_sinks(sinks, B, p.H).to(device).reshape(-1, p.H).expand(B, p.H)
+    return q_pos, slopes, sinks, float(scale), softcap
 
 
 def _gather(cache, b: int, pos: torch.Tensor, p: _Problem, block_table) -> torch.Tensor:
@@ -248,8 +256,8 @@ _ABI = 3
 _LOCK = threading.Lock()
 _STATE: dict = {}
 _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-#: fewest keys per piece when the kernel splits a sequence's keys across threads
-MIN_SPLIT = 256
+_TLS = threading.local()  # one argument struct per thread (see _args)
+_MAX_ROWS: dict = {}
 
 
 class _Args(ctypes.Structure):
@@ -313,40 +321,79 @@ def _cache_operand(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _args() -> _Args:
+    """This thread's argument struct, zeroed: made once per thread instead of once per call. A struct is never
+    shared between threads (two threads decoding at once each fill and pass their own), and the kernel reads it
+    only during the call, so reusing it on the next call of the same thread is safe."""
+    a = getattr(_TLS, "args", None)
+    if a is None:
+        a = _TLS.args = _Args()
+    else:
+        ctypes.memset(ctypes.addressof(a), 0, ctypes.sizeof(_Args))
+    return a
+
+
 def _native_forward(lib, q, k, v, p: _Problem, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks):
-    """The compiled kernel; every precondition of decode.cpp is met here (dense float32 q, int64 tables, (B, H)
-    float32 slopes and sinks, the cache's last dim dense)."""
-    ops = {"q": q.float().contiguous(), "k": _cache_operand(k), "v": _cache_operand(v), "lo": lo.contiguous(),
-           "hi": hi.contiguous()}
-    k, v = ops["k"], ops["v"]
+    """The compiled kernel; every precondition of decode.cpp is met here (dense float32 q, dense int64 tables,
+    (B, H) float32 slopes and sinks, the cache's last dim dense). Copies are made only where an operand is not
+    already in that form."""
+    from .config import current
+
+    qf = q if q.dtype == torch.float32 and q.is_contiguous() else q.float().contiguous()
+    k, v = _cache_operand(k), _cache_operand(v)
+    lo, hi = lo.contiguous(), hi.contiguous()
     out = torch.empty(p.B, p.H, p.L, p.Dv, dtype=torch.float32)
     lse = torch.empty(p.B, p.H, p.L, dtype=torch.float32)
-    a = _Args(q=ops["q"].data_ptr(), k=k.data_ptr(), v=v.data_ptr(), k_s0=k.stride(0), k_s1=k.stride(1),
-              k_s2=k.stride(2), v_s0=v.stride(0), v_s1=v.stride(1), v_s2=v.stride(2), lo=ops["lo"].data_ptr(),
-              hi=ops["hi"].data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(), B=p.B, H=p.H, Hkv=p.Hkv, L=p.L,
-              D=p.D, Dv=p.Dv, scale=scale, softcap=softcap or 0.0, nthreads=max(1, torch.get_num_threads()),
-              dtype=_KERNEL_DTYPES[q.dtype], min_split=MIN_SPLIT, capacity=p.capacity, num_blocks=k.shape[0])
+    a, keep = _args(), [qf, k, v, lo, hi]  # keep: every operand whose address the struct holds stays alive
+    a.q, a.k, a.v, a.lo, a.hi, a.out, a.lse = (qf.data_ptr(), k.data_ptr(), v.data_ptr(), lo.data_ptr(),
+                                               hi.data_ptr(), out.data_ptr(), lse.data_ptr())
+    a.k_s0, a.k_s1, a.k_s2 = k.stride()[:3]
+    a.v_s0, a.v_s1, a.v_s2 = v.stride()[:3]
+    a.B, a.H, a.Hkv, a.L, a.D, a.Dv = p.B, p.H, p.Hkv, p.L, p.D, p.Dv
+    a.scale, a.softcap, a.nthreads = scale, softcap or 0.0, max(1, torch.get_num_threads())
+    a.dtype, a.min_split, a.capacity, a.num_blocks = _KERNEL_DTYPES[q.dtype], current().decode_min_split, \
+        p.capacity, k.shape[0]
     if q.dtype == torch.bfloat16:  # the AVX512-BF16 dots read q as given
-        ops["q16"] = q.contiguous()
-        a.q16 = ops["q16"].data_ptr()
+        keep.append(q.contiguous())
+        a.q16 = keep[-1].data_ptr()
     if block_table is not None:
-        ops["bt"] = block_table.to(torch.int64).contiguous()
-        a.block_table, a.max_blocks, a.block_size = ops["bt"].data_ptr(), ops["bt"].shape[1], p.block_size
+        keep.append(block_table if block_table.dtype == torch.int64 and block_table.is_contiguous()
+                    else block_table.to(torch.int64).contiguous())
+        a.block_table, a.max_blocks, a.block_size = keep[-1].data_ptr(), keep[-1].shape[1], p.block_size
     if slopes is not None:
-        ops["slopes"] = slopes.float().contiguous()
-        ops["q_pos"] = q_pos.contiguous()
-        a.slopes, a.q_pos = ops["slopes"].data_ptr(), ops["q_pos"].data_ptr()
+        keep += [slopes.float().contiguous(), q_pos.contiguous()]
+        a.slopes, a.q_pos = keep[-2].data_ptr(), keep[-1].data_ptr()
     if sinks is not None:
-        ops["sinks"] = sinks.float().contiguous()
-        a.sinks = ops["sinks"].data_ptr()
-    if lib.salience_decode_check(ctypes.byref(a)):  # a bound or a block index out of range: say which
+        keep.append(sinks.float().contiguous())
+        a.sinks = keep[-1].data_ptr()
+    ref = ctypes.byref(a)
+    if lib.salience_decode_check(ref):  # a bound or a block index out of range: say which
         _check_values(p, lo, hi, block_table, k.shape[0])
         raise AssertionError("decode.cpp's argument check failed where _check_values found nothing wrong")
     if p.B * p.H * p.L and p.D and p.Dv:
-        lib.salience_decode_forward(ctypes.byref(a))
+        lib.salience_decode_forward(ref)
     elif p.B * p.H * p.L:  # D = 0 or Dv = 0: scores are 0 over the visible keys
         return _torch_forward(q, k, v, p, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)
-    return out.to(q.dtype), lse
+    return (out if q.dtype == torch.float32 else out.to(q.dtype)), lse
+
+
+def _run(q, k, v, p: _Problem, lo, hi, scale, block_table=None, slopes=None, q_pos=None, softcap=None, sinks=None):
+    """The kernel (or the torch fallback) on arguments already validated: by :func:`_check` in :func:`forward`,
+    or by the caller's own boundary checks (``salience.attention_with_kvcache`` builds ``p`` and the int64
+    (B, L) ``lo``/``hi`` itself). The index tables' values are checked here in every case (in C first)."""
+    lib = None if FORCE_TORCH or q.device.type != "cpu" or q.dtype not in _KERNEL_DTYPES else _lib()
+    if lib is not None and p.H // p.Hkv * p.L <= _max_rows(lib):
+        return _native_forward(lib, q, k, v, p, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)
+    _check_values(p, lo, hi, block_table, k.shape[0])
+    return _torch_forward(q, k, v, p, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)
+
+
+def _max_rows(lib) -> int:
+    """The most query rows per kv head group the library takes (asked once per library object)."""
+    rows = _MAX_ROWS.get(lib)
+    if rows is None:
+        rows = _MAX_ROWS[lib] = int(lib.salience_decode_max_rows())
+    return rows
 
 
 def forward(q, k, v, *, lo, hi, scale, block_table=None, slopes=None, q_pos=None, softcap=None, sinks=None):
@@ -382,7 +429,4 @@ def forward(q, k, v, *, lo, hi, scale, block_table=None, slopes=None, q_pos=None
     """
     p, lo, hi, q_pos, slopes, sinks, scale, softcap = _check(q, k, v, lo, hi, scale, block_table, slopes, q_pos,
                                                                softcap, sinks)
-    if available(q) and p.H // p.Hkv * p.L <= _lib().salience_decode_max_rows():
-        return _native_forward(_lib(), q, k, v, p, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)
-    _check_values(p, lo, hi, block_table, k.shape[0])
-    return _torch_forward(q, k, v, p, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)
+    return _run(q, k, v, p, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)
