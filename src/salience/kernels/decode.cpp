@@ -19,8 +19,12 @@
 // threads; each item leaves (max, sum, unnormalised output) per row, and a second pass merges the pieces by
 // logsumexp (adding the sink logit, if any) into the output and its logsumexp.
 //
-// Vector code: AVX-512 (16 lanes; with AVX512-BF16, bfloat16 q.k by vdpbf16ps) or AVX2+FMA+F16C (8 lanes), chosen at compile time by -march=native (the
+// Vector code: AVX-512 (16 lanes; with AVX512-BF16, bfloat16 q.k by vdpbf16ps; with AMX-BF16, bfloat16 q.k of 16
+// or 32 keys at a time on the tile unit) or AVX2+FMA+F16C (8 lanes), chosen at compile time by -march=native (the
 // build cache is keyed by the CPU flags), with a scalar fallback for other CPUs and for the D % lanes tails.
+//
+// Memory: the keys and values of the chunk two ahead are prefetched a few lines per key from inside the compute
+// loops (see Ahead), so that reading memory overlaps the arithmetic instead of following it.
 //
 // Score of row (h, i) and visible key p: s = scale * q.k; s = softcap * tanh(s / softcap) if softcap > 0;
 // s -= slope[b, h] * |q_pos[b, i] - p| if slopes are given.
@@ -39,6 +43,12 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define SALIENCE_AMX 1
+#endif
+#include <cstdlib>
 
 extern "C" {
 // Every field is 8 bytes, so the layout matches the ctypes.Structure in decode.py with no padding.
@@ -274,6 +284,7 @@ struct Rows {
   int nr;
   const float* q[MAX_NR];
   const uint16_t* q16[MAX_NR];  // bfloat16 caches only
+  const uint32_t* qv;           // AMX: the rows' bfloat16 queries in the tile layout (amx_queries), or null
   int64_t lo[MAX_NR], hi[MAX_NR], qpos[MAX_NR];
   float slope[MAX_NR];
   float* m;
@@ -373,8 +384,86 @@ inline void dots_step_bf16(const Rows&, const uint16_t* const*, int64_t, int64_t
 constexpr bool HAVE_DPBF16 = false;
 #endif
 
+// ------------------------------------------------------------------------------------------------ AMX
+// Where the CPU has AMX-BF16 (and Linux grants the tile state), bfloat16 q.k runs on the tile unit: for 16 or 32
+// keys at a time, C (keys x rows, float32) += K (keys x 32 d, read in place: the keys must be evenly spaced) times
+// the rows' queries laid out as the B operand (amx_queries), over D / 32 blocks. Products are exact and the sums
+// float32, as with vdpbf16ps. SALIENCE_DECODE_AMX=0 in the environment turns it off (tests compare both).
+#if defined(SALIENCE_AMX)
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+bool amx_wanted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  const char* env = std::getenv("SALIENCE_DECODE_AMX");
+  return permitted && !(env && env[0] == '0');
+}
+
+// Every tile 16 rows of 64 bytes: 0, 1 accumulators, 2, 3 keys, 4 queries.
+void amx_begin() {
+  TileConfig c{};
+  c.palette = 1;
+  for (int i = 0; i < 5; ++i) {
+    c.rows[i] = 16;
+    c.colsb[i] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+void amx_end() { _tile_release(); }
+
+// The B operand for a tile of rows: block kb (d in [32 kb, 32 kb + 32)) is 16 rows of 16 uint32, row i column n
+// holding row n's q[32 kb + 2i] and q[32 kb + 2i + 1]; columns past the tile's rows are 0.
+void amx_queries(const Rows& t, int64_t D, uint32_t* qv) {
+  std::fill(qv, qv + D / 32 * 256, 0u);
+  for (int r = 0; r < t.nr; ++r) {
+    const uint32_t* q = reinterpret_cast<const uint32_t*>(t.q16[r]);
+    for (int64_t kb = 0; kb < D / 32; ++kb)
+      for (int i = 0; i < 16; ++i) qv[kb * 256 + i * 16 + r] = q[kb * 16 + i];
+  }
+}
+
+// s[r * CHUNK + j + x] = q_r . k_{j + x} for x < 16 g (g = 1 or 2 groups of 16 evenly spaced keys from k0).
+template <int NR>
+void amx_dots(const Rows& t, const uint16_t* k0, int64_t ks, int g, int64_t D, int64_t j, float* s) {
+  alignas(64) float c[2 * 256];
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t kb = 0; kb < D / 32; ++kb) {
+    _tile_loadd(4, t.qv + kb * 256, 64);
+    _tile_loadd(2, k0 + kb * 32, ks * 2);
+    _tile_dpbf16ps(0, 2, 4);
+    if (g == 2) {
+      _tile_loadd(3, k0 + 16 * ks + kb * 32, ks * 2);
+      _tile_dpbf16ps(1, 3, 4);
+    }
+  }
+  _tile_stored(0, c, 64);
+  if (g == 2) _tile_stored(1, c + 256, 64);
+  for (int r = 0; r < NR; ++r)
+    for (int x = 0; x < 16 * g; ++x) s[r * CHUNK + j + x] = c[x * 16 + r];
+}
+#else
+bool amx_wanted() { return false; }
+void amx_begin() {}
+void amx_end() {}
+void amx_queries(const Rows&, int64_t, uint32_t*) {}
+template <int NR>
+void amx_dots(const Rows&, const uint16_t*, int64_t, int, int64_t, int64_t, float*) {}
+#endif
+
+// Keys j .. j + m of kp evenly spaced by ks elements (one tile load can read them).
+template <typename T>
+bool evenly_spaced(const T* const* kp, int64_t j, int64_t m, int64_t ks) {
+  for (int64_t x = 1; x < m; ++x)
+    if (kp[j + x] != kp[j] + x * ks) return false;
+  return true;
+}
+
 template <typename C, int NR>
-void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, float* s,
+void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, int64_t ks, float* s,
           const Ahead<typename C::T>* pf) {
   constexpr int KU = NR <= 2 ? 4 : NR <= 4 ? 2 : 1;  // about 8 accumulators
   const int64_t kb = D * static_cast<int64_t>(sizeof(typename C::T));
@@ -385,6 +474,14 @@ void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, f
   };
   int64_t j = 0;
   if constexpr (HAVE_DPBF16 && std::is_same<C, BF16>::value) {
+    if (t.qv)
+      while (j + 16 <= n) {
+        const int g = j + 32 <= n && evenly_spaced(kp, j, 32, ks) ? 2 : evenly_spaced(kp, j, 16, ks) ? 1 : 0;
+        if (g == 0) break;
+        amx_dots<NR>(t, kp[j], ks, g, D, j, s);
+        ahead(j, 16 * g);
+        j += 16 * g;
+      }
     if (t.q16[0]) {
       for (; j + KU <= n; j += KU) dots_step_bf16<NR, KU>(t, kp, j, D, s), ahead(j, KU);
       for (; j < n; ++j) dots_step_bf16<NR, 1>(t, kp, j, D, s), ahead(j, 1);
@@ -556,7 +653,7 @@ bool softmax_row(const Args& A, const Rows& t, int r, int64_t c0, int64_t n, int
 template <typename C, int NR>
 void tile_chunk(const Args& A, const Rows& t, int64_t c0, int64_t n, const typename C::T* const* kp,
                 const typename C::T* const* vp, float* s, const Ahead<typename C::T>* pf) {
-  dots<C, NR>(t, kp, n, A.D, s, pf);
+  dots<C, NR>(t, kp, n, A.D, A.k_s2, s, pf);
   bool all = true;
   int64_t a[NR], z[NR];
   for (int r = 0; r < NR; ++r) {
@@ -606,6 +703,7 @@ Rows make_tile(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, int
     const int64_t g = (r0 + r) / L, i = (r0 + r) % L, h = hk * G + g;
     t.q[r] = A.q + ((b * A.H + h) * L + i) * A.D;
     t.q16[r] = A.q16 ? A.q16 + ((b * A.H + h) * L + i) * A.D : nullptr;
+    t.qv = nullptr;
     t.lo[r] = std::max(A.lo[b * L + i], ka);
     t.hi[r] = std::min(A.hi[b * L + i], kz);
     t.slope[r] = A.slopes ? A.slopes[b * A.H + h] : 0.0f;
@@ -619,9 +717,11 @@ Rows make_tile(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, int
 // and block edges.
 constexpr int64_t PREFETCH = 2;
 
-// One work item: keys [ka, kz) of (b, hk) for all its rows, chunk by chunk; partial results to part.
+// One work item: keys [ka, kz) of (b, hk) for all its rows, chunk by chunk; partial results to part. Chunks
+// after the first start at multiples of CHUNK (so that paged blocks of 16 or more keys give evenly spaced groups
+// of 16 for AMX). qbuf: room for the AMX query layouts of every tile, or null (no AMX).
 template <typename C>
-void run_item(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, float* part, float* s) {
+void run_item(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, float* part, float* s, uint32_t* qbuf) {
   using T = typename C::T;
   const int64_t R = A.H / A.Hkv * A.L;
   std::fill(part, part + R, NEG_INF);
@@ -631,12 +731,17 @@ void run_item(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, floa
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t r0 = t * R / ntiles, r1 = (t + 1) * R / ntiles;  // balanced tiles of <= 8 rows
     tiles[t] = make_tile(A, b, hk, ka, kz, r0, static_cast<int>(r1 - r0), part);
+    if (qbuf) {
+      amx_queries(tiles[t], A.D, qbuf + t * (A.D / 32) * 256);
+      tiles[t].qv = qbuf + t * (A.D / 32) * 256;
+    }
   }
   const T* kp[CHUNK];
   const T* vp[CHUNK];
   Ahead<T> ahead;
-  for (int64_t c0 = ka; c0 < kz; c0 += CHUNK) {
-    const int64_t n = std::min(CHUNK, kz - c0), c1 = c0 + PREFETCH * CHUNK;
+  for (int64_t c0 = ka; c0 < kz;) {
+    const int64_t next = std::min(kz, (c0 / CHUNK + 1) * CHUNK), n = next - c0;
+    const int64_t c1 = (c0 / CHUNK + PREFETCH) * CHUNK;
     ahead.n = c1 < kz ? std::min(CHUNK, kz - c1) : 0;
     if (ahead.n) key_addresses<C>(A, b, hk, c1, ahead.n, ahead.k, ahead.v);
     key_addresses<C>(A, b, hk, c0, n, kp, vp);
@@ -647,6 +752,7 @@ void run_item(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, floa
       for (int r = 0; r < tt.nr; ++r) any = any || (tt.lo[r] < c0 + n && tt.hi[r] > c0 && tt.lo[r] < tt.hi[r]);
       if (any) tile_chunk_n<C>(A, tt, c0, n, kp, vp, s, first && ahead.n ? &ahead : nullptr), first = false;
     }
+    c0 = next;
   }
 }
 
@@ -728,18 +834,25 @@ void forward(const Args& A) {
   for (int64_t b = 0; b < A.B; ++b)
     for (int64_t s = first[b]; s < first[b + 1]; ++s) item_b[s] = b;
   const int nt = static_cast<int>(total < PARALLEL_MIN ? 1 : std::min(A.nthreads, items));
+  const bool amx = std::is_same<C, BF16>::value && A.q16 && A.D % 32 == 0 && amx_wanted();
+  // piece p of sequence b starts at its share of the range, rounded down to a multiple of 16 keys
+  auto start = [&](int64_t b, int64_t p) {
+    return p == 0 ? ka[b] : p == pieces[b] ? kz[b] : std::max(ka[b], (ka[b] + (kz[b] - ka[b]) * p / pieces[b]) / 16 * 16);
+  };
 #pragma omp parallel num_threads(nt)
   {
     alignas(64) float s[MAX_NR * CHUNK];
+    std::vector<uint32_t> qbuf(amx ? static_cast<size_t>((R + MAX_NR - 1) / MAX_NR * (A.D / 32) * 256) : 0);
+    if (amx) amx_begin();
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t w = 0; w < items; ++w) {
       const int64_t hk = w / per_head, e = w % per_head, b = item_b[e], p = e - first[b];
-      const int64_t len = kz[b] - ka[b];
-      const int64_t a = ka[b] + len * p / pieces[b], z = ka[b] + len * (p + 1) / pieces[b];
-      run_item<C>(A, b, hk, a, z, parts.data() + (hk * per_head + e) * stride, s);
+      run_item<C>(A, b, hk, start(b, p), start(b, p + 1), parts.data() + (hk * per_head + e) * stride, s,
+                  amx ? qbuf.data() : nullptr);
       if (done[b * A.Hkv + hk].fetch_add(1, std::memory_order_acq_rel) + 1 == pieces[b])
         merge_item(A, b, hk, parts.data() + (hk * per_head + first[b]) * stride, pieces[b]);
     }
+    if (amx) amx_end();
   }
 }
 
@@ -750,6 +863,8 @@ extern "C" {
 int salience_decode_abi() { return 3; }
 int64_t salience_decode_args_size() { return static_cast<int64_t>(sizeof(SalienceDecodeArgs)); }
 int salience_decode_lanes() { return W; }
+// 1 when bfloat16 q.k runs on AMX tiles in this process (compiled in, granted by Linux, SALIENCE_DECODE_AMX not 0)
+int salience_decode_amx() { return amx_wanted() ? 1 : 0; }
 int64_t salience_decode_max_rows() { return MAX_NR * 64; }
 
 // 0 when every bound lies in [0, capacity] and every pool block that some row reads is in [0, num_blocks);
