@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from .._layout import check_qkv, check_scale
 from .._result import AttentionResult
+from ..kernels import guard
 from ..kernels.dispatch import AttentionFunction
 from ..kernels.merge import merge
 from ..masks import as_mask_mod
@@ -156,13 +157,17 @@ class _Runner:
         W, rank, spec = self.W, self.rank, self.spec
         acc = _block.acc_dtype(q.dtype)
         parts: dict[int, AttentionResult] = {}
+        self.hits: dict[int, torch.Tensor] = {}  # per query segment: rows that see a key holding NaN/inf
         qs = self._split(q)
         kc, vc = k.contiguous(), v.contiguous()
         for s in range(W):
             src = (rank - s) % W
             h = self.ring.exchange((kc, vc), f"forward step {s + 1}/{W}") if s < W - 1 else None
+            held = _Held(kc, vc, spec)
             for qo, q0, _nq, ko, k0, nk in self.blocks(src):
-                r = _block.block_forward(spec, qs[qo], kc[:, :, ko : ko + nk], vc[:, :, ko : ko + nk], q0, k0)
+                r, hit = held.forward(spec, qs[qo], ko, nk, q0, k0)
+                if hit is not None:  # rows that see a bad key: the backward gives them their textbook share
+                    self.hits[qo] = hit if qo not in self.hits else self.hits[qo] | hit
                 if r is None:
                     continue
                 prev = parts.get(qo)
@@ -203,6 +208,7 @@ class _Runner:
         for s in range(W):
             src = (rank - s) % W
             h = self.ring.exchange((kc, vc), f"backward step {s + 1}/{W}") if s < W - 1 else None
+            held = _Held(kc, vc, spec)
             # this step's dK, dV for the held shard, to travel with it; each key segment is written by its
             # first block and accumulated by the next, and zeroed only if no block saw it
             dk_loc = torch.empty(k.shape, dtype=acc, device=q.device)
@@ -210,8 +216,7 @@ class _Runner:
             written = set()
             for qo, q0, _nq, ko, k0, nk in self.blocks(src):
                 ks = slice(ko, ko + nk)
-                g = _block.block_backward(spec, qs[qo], kc[:, :, ks], vc[:, :, ks], os_[qo], ls[qo], dos[qo], dls[qo],
-                                          q0, k0)
+                g = held.backward(spec, qs[qo], ko, nk, os_[qo], ls[qo], dos[qo], dls[qo], q0, k0, self.hits.get(qo))
                 if g is None:
                     continue
                 dqs[qo] = g[0] if qo not in dqs else dqs[qo].add_(g[0])
@@ -242,6 +247,60 @@ class _Runner:
                  for qo, _q0, nq in self.q_segs]
         dq = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), []  # no extra tensors receive gradients
+
+
+class _Held:
+    """A key/value shard as held at one step, checked once for NaN/inf (:mod:`salience.kernels.guard`): a key
+    that a row cannot see never changes that row, even when it lives in another rank's shard. With bad keys (and
+    a mask or score_mod that hides some), the blocks run on copies with those entries zeroed and the rows that do
+    see one get the textbook result over the block. In the backward, such rows (``hit``, gathered by the forward
+    over every block) get nothing from the kernel and their textbook share from every block they touch, so their
+    NaN reaches only the keys they see. Finite shards (one summing pass each) run as they are."""
+
+    def __init__(self, k, v, spec: _block.Spec):
+        self.raw, self.k, self.v, self.bad = (k, v), k, v, None
+        if (spec.mask is not None or spec.score_mod is not None) and not guard.finite_pair(k, v):
+            self.k, self.v = guard.cleaned(k, v)
+            self.bad = guard.bad_keys(k, v)
+
+    @staticmethod
+    def _scoring(spec, q0, k0):
+        return guard.Scoring(mask=spec.mask, score_mod=spec.score_mod, scale=spec.scale, q_offset=q0, kv_offset=k0,
+                             L=spec.L, S=spec.S)
+
+    def forward(self, spec, q, ko, nk, q0, k0):
+        """``(result or None, hit (B, H, nq) bool or None)`` of the block's keys ``[ko, ko + nk)``."""
+        ks = slice(ko, ko + nk)
+        kc, vc = self.k[:, :, ks], self.v[:, :, ks]
+        r = _block.block_forward(spec, q, kc, vc, q0, k0)
+        if r is None or self.bad is None or not bool(self.bad[:, :, ks].any()):
+            return r, None
+        sc = self._scoring(spec, q0, k0)
+        hit = guard.rows_seeing(sc, q, kc, self.bad[:, :, ks])
+        return guard.patch_rows(r, q, self.raw[0][:, :, ks], self.raw[1][:, :, ks], kc, vc, sc, hit=hit), hit
+
+    def backward(self, spec, q, ko, nk, out, lse, dout, dlse, q0, k0, hit):
+        ks = slice(ko, ko + nk)
+        kc, vc = self.k[:, :, ks], self.v[:, :, ks]
+        if hit is None or not bool(hit.any()):
+            return _block.block_backward(spec, q, kc, vc, out, lse, dout, dlse, q0, k0)
+        m = hit.unsqueeze(-1)  # rows that see a bad key: nothing from the kernel (lse -inf), the textbook share
+        g = _block.block_backward(spec, q, kc, vc, out.masked_fill(m, 0), lse.masked_fill(hit, float("-inf")),
+                                  dout.masked_fill(m, 0), None if dlse is None else dlse.masked_fill(hit, 0), q0, k0)
+        if g is None:  # no row sees any key of this block
+            return None
+        dq, dk, dv = (t.clone() for t in g)
+        k, v = self.raw[0][:, :, ks], self.raw[1][:, :, ks]
+        bad = self.bad[:, :, ks] if self.bad is not None else torch.zeros(k.shape[:3], dtype=torch.bool, device=k.device)
+        sc, grp = self._scoring(spec, q0, k0), q.shape[1] // k.shape[1]
+        for b, h in hit.any(2).nonzero().tolist():
+            r = hit[b, h].nonzero().flatten()
+            tq, tk, tv = guard.textbook_grads(q, k, v, sc, b, h, r, bad[b, h // grp], out[b, h, r], lse[b, h, r],
+                                              dout[b, h, r], None if dlse is None else dlse[b, h, r])
+            dq[b, h, r] += tq.to(dq.dtype)
+            dk[b, h // grp] += tk.to(dk.dtype)
+            dv[b, h // grp] += tv.to(dv.dtype)
+        return dq, dk, dv
 
 
 def _local(segs):

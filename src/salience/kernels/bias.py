@@ -23,8 +23,11 @@ the extra gradients, in order):
   recompute instead: per tile of ``grad_rows`` rows, ``P = exp(s - lse)``, ``dS = P * (dP - rowsum(dout *
   out) + dlse)``, dq, dk, dv from dS and P, and ``dbias`` = dS summed over the bias's broadcast axes (memory
   linear in L apart from dbias itself).
-* Keys holding NaN or inf never change rows that cannot see them (the kernels run on zeroed copies and the
-  rows that do see such a key are recomputed by the textbook formula).
+* Keys holding NaN or inf never change rows that cannot see them, whether the mask or a -inf in the bias hides
+  them: the dispatcher's guard (:mod:`salience.kernels.guard`) runs the executor on zeroed copies and recomputes
+  the rows that do see such a key by the textbook formula. Run directly (not through the dispatcher), the
+  executor applies the same guard itself; its finiteness check is the guard's remembered one
+  (:func:`salience.kernels.guard.finite_pair`), so a call through the dispatcher makes one pass over k and v.
 
 Example:
     >>> import torch
@@ -49,10 +52,11 @@ from dataclasses import dataclass
 import torch
 
 from .._layout import expand_kv
+from .._result import AttentionResult
 from ..blocks import EMPTY, FULL, BlockMask
 from ..masks import check_mask_output
-from ..reference import _acc_dtype, scores, softmax_from_scores
-from . import fused
+from ..reference import _acc_dtype
+from . import fused, guard
 from .config import BiasConfig
 
 __all__ = ["BiasConfig", "BiasExecutor", "executor", "check_bias", "key_windows", "bias_score_mod"]
@@ -224,11 +228,6 @@ def _kernel_bias(b4: torch.Tensor, q_dtype: torch.dtype) -> torch.Tensor:
     return b4.to(torch.float32 if q_dtype in (torch.bfloat16, torch.float16) else q_dtype)
 
 
-def _finite(t: torch.Tensor) -> bool:
-    with torch.no_grad():
-        return bool(torch.isfinite(t.sum(dtype=_acc_dtype(t.dtype))))
-
-
 class BiasExecutor:
     """Runs ``softmax(scale * q @ k^T + bias, mask) @ v`` over precomputed row blocks (see the module docs).
 
@@ -273,23 +272,26 @@ class BiasExecutor:
     def _whole(self) -> bool:
         return len(self.blocks) == 1 and self.blocks[0] == _Block(0, self.L, 0, self.S, False)
 
-    def _clean(self, k, v):
-        """:func:`_clean`, with the forward's finding reused by the backward (same k and v, same versions):
-        one summing pass over k and v per training step instead of two."""
-        key = (k.data_ptr(), k._version, v.data_ptr(), v._version)
-        if getattr(self, "_clean_key", None) == key and self._clean_finite:
-            return k, v, None
-        kc, vc, bad = _clean(k, v)
-        self._clean_key, self._clean_finite = key, bad is None
-        return kc, vc, bad
+    def _finite(self, k, v) -> bool:
+        """The guard's remembered check (:func:`salience.kernels.guard.finite_pair`): through the dispatcher, k and
+        v were checked (or zeroed) just before, and the backward reads the forward's finding (same tensors, same
+        versions), so a training step makes one summing pass over k and v, not three."""
+        key = (id(k), guard._version(k), id(v), guard._version(v))
+        if getattr(self, "_finite_key", None) == key and None not in key:
+            return True
+        fin = guard.finite_pair(k, v)
+        self._finite_key = key if fin else None
+        return fin
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, q, k, v):
-        kc, vc, bad = self._clean(k, v)
-        out, lse = self._forward(q, kc, vc)
-        if bad is not None:
-            self._textbook_rows(q, k, v, out, lse, bad)
-        return out, lse
+        if self._finite(k, v):
+            return self._forward(q, k, v)
+        kc, vc = guard.cleaned(k, v)  # run directly with NaN/inf keys: the dispatcher's guard, here
+        res = AttentionResult(*self._forward(q, kc, vc))
+        sc = guard.Scoring(mask=self.mask, bias=self.b4, scale=self.scale, L=self.L, S=self.S)
+        res = guard.patch_rows(res, q, k, v, kc, vc, sc)
+        return res.out, res.lse
 
     def _forward(self, q, k, v):
         kb = _kernel_bias(self.b4, q.dtype)
@@ -307,24 +309,10 @@ class BiasExecutor:
             lse[:, :, blk.r0:blk.r1] = _empty_rows(lo, t)
         return out, lse
 
-    def _textbook_rows(self, q, k, v, out, lse, bad):
-        """Recompute, by the reference formula on the original k and v, the rows that see a key holding NaN/inf."""
-        g = self.H // k.shape[1]
-        for b, hk in bad.any(-1).nonzero().tolist():
-            cols = bad[b, hk].nonzero().flatten()
-            for h in range(hk * g, (hk + 1) * g):
-                bi, hi = torch.tensor([b]), torch.tensor([h])
-                s = scores(q[b:b + 1, h:h + 1], k[b:b + 1, hk:hk + 1], mask=self.mask, scale=self.scale,
-                           batches=bi, heads=hi, L=self.L, bias=self.b4)
-                rows = (s[0, 0][:, cols] > float("-inf")).any(-1).nonzero().flatten()
-                if rows.numel():
-                    w, lr = softmax_from_scores(s[:, :, rows])
-                    out[b, h, rows] = (w @ v[b:b + 1, hk:hk + 1].to(w.dtype))[0, 0].to(out.dtype)
-                    lse[b, h, rows] = lr[0, 0].to(lse.dtype)
-
     # -- backward --------------------------------------------------------------------------------------
     def backward(self, q, k, v, out, lse, dout, dlse):
-        k, v, _ = self._clean(k, v)
+        if not self._finite(k, v):  # run directly with NaN/inf keys: the kernels read the zeroed copies
+            k, v = guard.cleaned(k, v)
         if self.grad_tensors:
             return self._backward_tiled(q, k, v, out, lse, dout, dlse)
         kb = _kernel_bias(self.b4, q.dtype)
@@ -365,15 +353,6 @@ class BiasExecutor:
                 _add_reduced(db, g[3], r0, r1, blk.lo, blk.hi)
         dbias = db.to(self.bias.dtype).reshape(self.bias.shape)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), [dbias]
-
-
-def _clean(k, v):
-    """k and v with NaN/inf entries zeroed, and the (B, Hkv, S) map of keys that held one (None when none)."""
-    if _finite(k) and _finite(v):
-        return k, v, None
-    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
-    zero = torch.zeros((), dtype=k.dtype, device=k.device)
-    return torch.where(torch.isfinite(k), k, zero), torch.where(torch.isfinite(v), v, zero), bad
 
 
 def _empty_rows(lse: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -109,9 +109,8 @@ def attend(q, k, v, *, mask, score_mod, scale, compatibility, dropout_p, need_ls
     def run_clean(q_, k_, v_):
         return run(pl, q_, k_, v_)
 
-    def rows(b, h, r):
-        return guard.reference_rows(q, k, v, mask, score_mod, scale, compatibility, dropout_p, b, h, r, bias=bias)
-
     if not getattr(pl.executor, "reads_hidden_keys", True):  # e.g. decode: only each row's interval is read
         return pl, run(pl, q, k, v)
-    return pl, guard.guarded(q, k, v, mask, run_clean, rows)
+    sc = guard.Scoring(mask=mask, score_mod=score_mod, bias=bias, scale=scale, compatibility=compatibility,
+                       dropout_p=dropout_p)  # what hides keys: the mask, a score_mod's -inf, a bias's -inf
+    return pl, guard.guarded(q, k, v, sc, run_clean, guard.textbook_rows)
