@@ -80,7 +80,7 @@ struct SalienceDecodeArgs {
 namespace {
 
 using Args = SalienceDecodeArgs;
-constexpr int64_t CHUNK = 32;  // keys per online-softmax step
+constexpr int64_t CHUNK = 64;  // most keys per online-softmax step, and the row stride of the score buffer
 constexpr int MAX_NR = 8;      // query rows per register tile
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -712,13 +712,20 @@ Rows make_tile(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, int
   return t;
 }
 
-// The keys and values of the chunk PREFETCH chunks ahead are prefetched from inside the loops of the current
-// chunk (see Ahead): the hardware prefetchers alone leave the chunk loop waiting on memory, and they stop at page
-// and block edges.
-constexpr int64_t PREFETCH = 2;
+// Keys per chunk: 16 KiB of 128-wide keys (64 bfloat16/float16 or 32 float32 ones), so that a chunk's keys and
+// values and the ones being prefetched stay in L1 while the chunk's rows use them.
+template <typename C>
+constexpr int64_t chunk_keys() {
+  return sizeof(typename C::T) == 2 ? 64 : 32;
+}
+
+// The keys and values PREFETCH keys ahead (the chunk that starts there) are prefetched from inside the loops of the
+// current chunk (see Ahead): the hardware prefetchers alone leave the chunk loop waiting on memory, and they stop
+// at page and block edges.
+constexpr int64_t PREFETCH = 64;
 
 // One work item: keys [ka, kz) of (b, hk) for all its rows, chunk by chunk; partial results to part. Chunks
-// after the first start at multiples of CHUNK (so that paged blocks of 16 or more keys give evenly spaced groups
+// after the first start at multiples of chunk_keys (so that paged blocks of 16 or more keys give evenly spaced groups
 // of 16 for AMX). qbuf: room for the AMX query layouts of every tile, or null (no AMX).
 template <typename C>
 void run_item(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, float* part, float* s, uint32_t* qbuf) {
@@ -739,10 +746,11 @@ void run_item(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, floa
   const T* kp[CHUNK];
   const T* vp[CHUNK];
   Ahead<T> ahead;
+  constexpr int64_t CK = chunk_keys<C>();
   for (int64_t c0 = ka; c0 < kz;) {
-    const int64_t next = std::min(kz, (c0 / CHUNK + 1) * CHUNK), n = next - c0;
-    const int64_t c1 = (c0 / CHUNK + PREFETCH) * CHUNK;
-    ahead.n = c1 < kz ? std::min(CHUNK, kz - c1) : 0;
+    const int64_t next = std::min(kz, (c0 / CK + 1) * CK), n = next - c0;
+    const int64_t c1 = (c0 / CK + PREFETCH / CK) * CK;
+    ahead.n = c1 < kz ? std::min(CK, kz - c1) : 0;
     if (ahead.n) key_addresses<C>(A, b, hk, c1, ahead.n, ahead.k, ahead.v);
     key_addresses<C>(A, b, hk, c0, n, kp, vp);
     bool first = true;
