@@ -530,7 +530,7 @@ void accumulate_blocks(float* o, int64_t Dv, const uint16_t* const* vp, int64_t 
     accumulate_blocks<GROUP>(o, Dv, vp, n, p, pf);
     accumulate_blocks<NR - GROUP>(o + GROUP * Dv, Dv, vp, n, p + GROUP * CHUNK, nullptr);
   } else {
-    constexpr int DU = NR <= 1 ? 4 : NR <= 2 ? 2 : 1;
+    constexpr int DU = W >= 16 ? (NR <= 2 ? 4 : NR <= 4 ? 2 : 1) : (NR <= 1 ? 4 : NR <= 2 ? 2 : 1);
     const int64_t Dp = Dv / PAIR * PAIR;
     int64_t d = 0;
     for (; d + DU * PAIR <= Dp; d += DU * PAIR) accumulate_pairs<NR, DU>(o, Dv, vp, n, d, p, pf);
