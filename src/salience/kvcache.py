@@ -54,6 +54,7 @@ import torch
 from . import masks as M
 from ._layout import check_scale
 from ._result import AttentionResult
+from .kernels.dispatch import _opaque_to_compile
 from .kernels.merge import check_sinks
 from .reference import _acc_dtype
 
@@ -149,6 +150,26 @@ def _seqlens(cache_seqlens, B: int) -> list:
 
 
 def _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> _Geom:
+    """Every argument check: shapes, dtypes and devices (:func:`_check_shapes`), then the lengths' and the block
+    table's values."""
+    g = _check_shapes(q, k_cache, v_cache, k, v, block_table)
+    g.lens = lens = _seqlens(cache_seqlens, g.B)
+    g.totals = totals = [n + g.L_new for n in lens]
+    if g.B and max(totals) > g.capacity:
+        b = next(i for i, n in enumerate(totals) if n > g.capacity)
+        where = (f"max_blocks * block_size = {block_table.shape[1]} * {g.block_size} = {g.capacity}" if g.paged
+                 else f"S_max = {g.capacity}")
+        raise ValueError(f"sequence {b} needs cache_seqlens + L_new = {lens[b]} + {g.L_new} = {totals[b]} "
+                         f"keys but the cache holds {where}; grow the cache (or the block table) or start a new "
+                         "sequence.")
+    if g.paged:
+        _check_blocks(block_table, g, k_cache.shape[0])
+    return g
+
+
+def _check_shapes(q, k_cache, v_cache, k, v, block_table) -> _Geom:
+    """The checks that read no tensor's values (they run at trace time under torch.compile); ``lens`` and
+    ``totals`` are left empty."""
     _check_tensor(q, "q", "(B, H, L, D)")
     B, H, L, D = q.shape
     paged = block_table is not None
@@ -196,19 +217,7 @@ def _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> _Geom:
             raise ValueError(f"k {_shape(k)} and v {_shape(v)} must be (B, Hkv, L_new, D) = ({B}, {Hkv}, L_new, {D}) "
                              f"and (B, Hkv, L_new, Dv) = ({B}, {Hkv}, L_new, {Dv}) to append to this cache.")
         L_new = k.shape[2]
-    lens = _seqlens(cache_seqlens, B)
-    totals = [n + L_new for n in lens]
-    if B and max(totals) > capacity:
-        b = next(i for i, n in enumerate(totals) if n > capacity)
-        where = (f"max_blocks * block_size = {bt.shape[1]} * {block_size} = {capacity}" if paged
-                 else f"S_max = {capacity}")
-        raise ValueError(f"sequence {b} needs cache_seqlens + L_new = {lens[b]} + {L_new} = {totals[b]} "
-                         f"keys but the cache holds {where}; grow the cache (or the block table) or start a new "
-                         "sequence.")
-    g = _Geom(B, H, L, D, Hkv, Dv, L_new, paged, capacity, block_size, lens, totals)
-    if paged:
-        _check_blocks(block_table, g, k_cache.shape[0])
-    return g
+    return _Geom(B, H, L, D, Hkv, Dv, L_new, paged, capacity, block_size, [], [])
 
 
 def _check_blocks(bt, g: _Geom, num_blocks: int) -> None:
@@ -575,6 +584,68 @@ def _run_fallback(q, k_cache, v_cache, k, v, block_table, m, sm, scale, sinks, g
     return AttentionResult(out=torch.cat(outs), lse=torch.cat(lses))
 
 
+def append_checked(k_cache, v_cache, k, v, cache_seqlens, block_table=None) -> None:
+    """Write ``k``, ``v`` (B, Hkv, L_new, D/Dv) into the cache at each sequence's length, after the checks of
+    :func:`attention_with_kvcache` (shapes, dtypes, lengths within the cache, block indices in the pool, no two
+    writes into one slot). The implementation of the ``salience::kvcache_append`` custom op."""
+    q = k.new_empty((k.shape[0], k.shape[1], 0, k.shape[3])) if isinstance(k, torch.Tensor) and k.dim() == 4 else k
+    g = _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    if g.L_new:
+        _append(k_cache, v_cache, k, v, block_table, g)
+
+
+def _compiled_route(q, k_cache, v_cache, k, v, cache_seqlens, block_table, mask, score_mod, sinks):
+    """The decode route key (>= 0) when a traced call can run on the custom ops, else None."""
+    from .kernels import ops
+
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)) or not isinstance(
+            q, torch.Tensor) or q.dim() != 4:
+        return None
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if not statically_known_true(q.shape[2] <= MAX_DECODE_ROWS):  # no guard on a symbolic L
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v, sinks)):
+        return None
+    key = ops.decode_route_key(mask, score_mod)
+    return key if key >= 0 else None
+
+
+def _attend_compiled(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, sinks, key: int):
+    """A decode step inside torch.compile / torch.export: the shape checks here (at trace time), then the custom
+    ops ``salience::kvcache_append`` (checks the lengths and the block table when the graph runs, then writes in
+    place) and ``salience::decode_forward`` over row intervals computed in the graph from ``cache_seqlens``."""
+    from .kernels import ops
+
+    g = _check_shapes(q, k_cache, v_cache, k, v, block_table)
+    scale = check_scale(scale, g.D)
+    if sinks is not None:
+        check_sinks(sinks, g.B, g.H)
+    route = ops.decode_route_of(key)
+    if isinstance(cache_seqlens, int):
+        lens = torch.full((g.B,), cache_seqlens, dtype=torch.long, device=q.device)
+    else:
+        if cache_seqlens.dtype.is_floating_point or cache_seqlens.dtype == torch.bool or cache_seqlens.is_complex():
+            raise TypeError(f"cache_seqlens must hold integers; got {cache_seqlens.dtype}.")
+        if cache_seqlens.dim() not in (0, 1) or (cache_seqlens.dim() == 1 and cache_seqlens.shape[0] != g.B):
+            raise ValueError(f"cache_seqlens must be an int or a tensor (B,) = ({g.B},), one length per sequence; "
+                             f"got shape {tuple(cache_seqlens.shape)}.")
+        lens = cache_seqlens.to(q.device, torch.long).expand(g.B)
+    total = lens + g.L_new
+    torch._assert_async(((lens >= 0) & (total <= g.capacity)).all(),
+                        "salience.attention_with_kvcache: cache_seqlens must be >= 0 and cache_seqlens + L_new at most "
+                        "the cache capacity (S_max, or max_blocks * block_size)")
+    if k is not None and g.L_new:
+        torch.ops.salience.kvcache_append(k_cache, v_cache, k, v, lens, block_table)
+    lo, hi = ops.band_intervals(route, total, g.L)
+    q_pos = None
+    if route.slopes is not None:
+        q_pos = (torch.arange(g.L, device=q.device) + route.offset).view(1, -1).expand(g.B, g.L).contiguous()
+    out, lse = torch.ops.salience.decode_forward(q, k_cache, v_cache, lo, hi, block_table, route.slopes, q_pos,
+                                                 sinks, scale * route.scale_mult, route.softcap)
+    return AttentionResult(out=out, lse=lse)
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None, mask=None,
                            score_mod=None, scale=None, return_lse: bool = False, sinks=None):
     """Append new keys/values to a KV cache in place, then attend (flash-attention's ``flash_attn_with_kvcache``).
@@ -611,6 +682,26 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         >>> r.out.shape, bool(torch.equal(pool[7, :, 1], k[0, :, 0]))  # position 9 of sequence 0: block 7, slot 1
         (torch.Size([2, 4, 1, 16]), True)
     """
+    if torch.compiler.is_compiling():
+        key = _compiled_route(q, k_cache, v_cache, k, v, cache_seqlens, block_table, mask, score_mod, sinks)
+        if key is not None:
+            res = _attend_compiled(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, sinks, key)
+            return res if return_lse else res.out
+        torch._dynamo.graph_break(msg=_NOT_COMPILED)
+        return _eager_opaque(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                             mask=mask, score_mod=score_mod, scale=scale, return_lse=return_lse, sinks=sinks)
+    return _eager(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table, mask=mask,
+                  score_mod=score_mod, scale=scale, return_lse=return_lse, sinks=sinks)
+
+
+_NOT_COMPILED = ("salience.attention_with_kvcache: this call runs eagerly behind a graph break: inside torch.compile "
+                 "the custom ops take no mask or a band mask (causal, sliding windows) built outside the compiled "
+                 "function, temperature / softcap / one constant per-head ALiBi score_mods, at most "
+                 f"{MAX_DECODE_ROWS} query rows, cache_seqlens as an int or a tensor, and no input requiring grad")
+
+
+def _eager(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None, mask=None, score_mod=None,
+           scale=None, return_lse: bool = False, sinks=None):
     g = _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
     scale = check_scale(scale, g.D)
     if sinks is not None:
@@ -628,3 +719,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     else:
         res = _run_fallback(q, k_cache, v_cache, k, v, block_table, m, sm, scale, sinks, g)
     return res if return_lse else res.out
+
+
+# the eager path behind a graph break (torch.compiler.disable, applied when torch._dynamo is first loaded)
+_eager_opaque = _opaque_to_compile(_eager)

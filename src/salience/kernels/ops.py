@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -373,6 +374,10 @@ def attend(q, k, v, *, mask, score_mod, scale, compatibility, dropout_p, need_ls
     real one is chosen when the op runs."""
     # a bool mask tensor is an op input (a graph input may hold other values next call); other masks go by key
     mask_t = user_mask if isinstance(user_mask, torch.Tensor) else None
+    if mask_t is None and bias is None and dropout_p == 0 and compatibility is None and backend in (None, "decode"):
+        got = _decode_attend(q, k, v, scale, user_mask, user_score_mod)
+        if got is not None:
+            return got
     key = -3 if dropout_p > 0 else spec_key(None if mask_t is not None else user_mask, user_score_mod, scale,
                                             compatibility, backend)
     if key < 0:  # the eager path behind a graph break, with the reason (fullgraph=True raises it)
@@ -385,3 +390,205 @@ def attend(q, k, v, *, mask, score_mod, scale, compatibility, dropout_p, need_ls
     pl = dispatch.Plan("compiled", "torch.library custom op salience::attention: the path is chosen when it runs",
                        {"spec": key})
     return pl, AttentionResult(out=out, lse=lse)
+
+
+# --------------------------------------------------------------------------------------------- decoding
+#
+# Decoding under torch.compile / torch.export takes the decode kernel through two ops of its own instead of the
+# generic salience::attention op (whose implementation would plan the call again at every step):
+#
+# * ``salience::decode_forward(q, k, v, lo, hi, block_table, slopes, q_pos, sinks, scale, softcap) -> (out, lse)``:
+#   pure; its implementation is :func:`salience.kernels.decode.forward` with every argument check;
+# * ``salience::kvcache_append(k_cache, v_cache, k, v, cache_seqlens, block_table) -> ()``: writes the new keys and
+#   values in place (``mutates_args`` = the two caches), after the checks of ``attention_with_kvcache`` on the
+#   values of the lengths and of the block table (no slot outside the cache, no two writes into one slot).
+#
+# The row intervals [lo, hi) are computed in the graph from the cache lengths (tensors: new lengths do not
+# recompile); which masks and score_mods take this route is decided once per (mask, score_mod) object pair at trace
+# time (:func:`decode_route`), like :func:`spec_key`.
+
+
+def _decode_fake_out(q, v):
+    return _out_like(q, v), _lse_like(q)
+
+
+@torch.library.custom_op("salience::decode_forward", mutates_args=())
+def _decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    block_table: torch.Tensor | None, slopes: torch.Tensor | None, q_pos: torch.Tensor | None,
+                    sinks: torch.Tensor | None, scale: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import decode
+
+    out, lse = decode.forward(q, k, v, lo=lo, hi=hi, scale=scale, block_table=block_table, slopes=slopes,
+                              q_pos=q_pos, softcap=softcap, sinks=sinks)
+    ins = (q, k, v, lo, hi, block_table, slopes, q_pos, sinks)
+    return _into(out, _out_like(q, v), ins), _into(lse, _lse_like(q), ins)
+
+
+@_decode_forward.register_fake
+def _decode_forward_fake(q, k, v, lo, hi, block_table, slopes, q_pos, sinks, scale, softcap):
+    from . import decode
+
+    decode._check(q, k, v, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)  # shapes and dtypes
+    return _decode_fake_out(q, v)
+
+
+@torch.library.custom_op("salience::kvcache_append", mutates_args=("k_cache", "v_cache"))
+def _kvcache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cache_seqlens: torch.Tensor, block_table: torch.Tensor | None) -> None:
+    from .. import kvcache
+
+    kvcache.append_checked(k_cache, v_cache, k, v, cache_seqlens, block_table)
+
+
+@_kvcache_append.register_fake
+def _kvcache_append_fake(k_cache, v_cache, k, v, cache_seqlens, block_table):
+    return None
+
+
+class DecodeRoute(NamedTuple):
+    """How the decode kernel takes a (mask, score_mod) pair: the band ``lo_d <= kv - q - shift <= hi_d`` (None:
+    unbounded; ``bottom_right``: shift = S - L), and the score_mod as the kernel takes it (a factor on the scale,
+    a softcap, ALiBi ``slopes`` with the query positions offset by ``offset``)."""
+
+    lo_d: int | None
+    hi_d: int | None
+    bottom_right: bool
+    scale_mult: float
+    softcap: float | None
+    offset: int
+    slopes: torch.Tensor | None
+
+
+_ROUTE_KEYS: dict[tuple, int] = {}
+_ROUTES: list = []  # (DecodeRoute, (mask, score_mod)): the objects kept alive so that their ids stay theirs
+
+
+def _decode_route(mask, score_mod):
+    from .. import kvcache
+
+    if _built_in_trace(mask) or _built_in_trace(score_mod):
+        return None
+    if mask is None:
+        band = (None, None, False)
+    elif isinstance(mask, torch.Tensor) or not callable(mask):
+        return None
+    else:
+        from .._blockmask import resolve
+        from ..masks import as_mask_mod
+
+        band = kvcache._band_of(as_mask_mod(resolve(mask), "mask"))
+    if band is None:
+        return None
+    if score_mod is None:
+        mods = {"scale_mult": 1.0, "softcap": None, "slopes": None, "offset": 0}
+    else:
+        from ..scores import as_score_mod
+
+        mods, _ = kvcache._kernel_mods(as_score_mod(score_mod))
+    if mods is None or (mods["slopes"] is not None and mods["slopes"].requires_grad):
+        return None
+    slopes = None if mods["slopes"] is None else mods["slopes"].detach().float().contiguous()
+    return DecodeRoute(band[0], band[1], bool(band[2]), float(mods["scale_mult"]), mods["softcap"],
+                       int(mods["offset"]), slopes)
+
+
+@torch.compiler.assume_constant_result
+def decode_route_key(mask, score_mod) -> int:
+    """A key for :func:`decode_route_of` when the decode kernel takes ``mask`` and ``score_mod`` as they are
+    (no mask or a band mask: causal, sliding windows, either alignment; no score_mod, temperatures, one softcap or
+    one per-head ALiBi with constant slopes), else -1. Run at trace time on the real objects (dynamo guards on
+    their identity, so the same objects give the same key without being looked at again)."""
+    ident = (id(mask), id(score_mod))
+    with _LOCK:
+        key = _ROUTE_KEYS.get(ident)
+        if key is None:
+            route = _decode_route(mask, score_mod)
+            key = -1
+            if route is not None:
+                key = len(_ROUTES)
+                _ROUTES.append((route, (mask, score_mod)))
+            _ROUTE_KEYS[ident] = key
+            if key < 0:
+                _ROUTES.append((None, (mask, score_mod)))  # keeps the objects (and so the ident) alive
+        return key
+
+
+@torch.compiler.assume_constant_result
+def _route_consts(key: int) -> tuple:
+    r = _ROUTES[key][0]
+    return (r.lo_d, r.hi_d, r.bottom_right, r.scale_mult, r.softcap, r.offset, r.slopes is not None)
+
+
+@torch.compiler.assume_constant_result
+def _route_slopes(key: int) -> torch.Tensor:
+    return _ROUTES[key][0].slopes
+
+
+def decode_route_of(key: int) -> DecodeRoute:
+    """The :class:`DecodeRoute` of a key from :func:`decode_route_key` (trace-time constants)."""
+    *consts, has_slopes = _route_consts(key)
+    return DecodeRoute(*consts, _route_slopes(key) if has_slopes else None)
+
+
+def _known(cond) -> bool:
+    """True when ``cond`` (a bool, or a condition on symbolic sizes) holds for every size the graph serves, without
+    adding a guard."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(cond)
+
+
+@torch.compiler.assume_constant_result
+def _decode_settings() -> tuple:
+    """``(decode_max_rows, decode_min_keys, kernel built and not FORCE_TORCH)`` at trace time (the configuration
+    is a context variable, which dynamo does not trace; a graph keeps the values it was traced with)."""
+    from . import decode
+    from .config import current
+
+    c = current()
+    return c.decode_max_rows, c.decode_min_keys, decode.available()
+
+
+def _decode_attend(q, k, v, scale, mask, score_mod):
+    """``(plan, result)`` through ``salience::decode_forward`` where eager dispatch would choose the ``decode`` rule
+    (a few query rows against many keys, no gradient, a band mask, kernel score_mods, one dtype, the compiled
+    kernel available), else None. The thresholds are read from the configuration in force at trace time."""
+    from . import decode
+
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    max_rows, min_keys, ready = _decode_settings()
+    # sizes may be symbolic (dynamic shapes, export with a Dim): decide only what is known without adding a guard
+    # on them (a guard like L <= 16 would narrow the shapes the graph serves); else the generic op decides per call
+    if not ready or not isinstance(scale, (int, float)) or not _known(L <= max_rows) or not _known(S >= min_keys) or \
+            k.dtype != q.dtype or \
+            v.dtype != q.dtype or q.device.type != "cpu" or q.dtype not in decode._KERNEL_DTYPES or \
+            (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return None
+    key = decode_route_key(mask, score_mod)
+    if key < 0:
+        return None
+    route = decode_route_of(key)
+    lo, hi = band_intervals(route, torch.full((B,), S, dtype=torch.long, device=q.device), L)
+    q_pos = None
+    if route.slopes is not None:
+        q_pos = (torch.arange(L, device=q.device) + route.offset).view(1, -1).expand(B, L).contiguous()
+    out, lse = torch.ops.salience.decode_forward(q, k, v, lo, hi, None, route.slopes, q_pos, None,
+                                                 float(scale) * route.scale_mult, route.softcap)
+    pl = dispatch.Plan("decode", "torch.library custom op salience::decode_forward: a few query rows against a "
+                       "long key/value cache, no gradient", {"spec": key})
+    return pl, AttentionResult(out=out, lse=lse)
+
+
+def band_intervals(route: DecodeRoute, total: torch.Tensor, L: int) -> tuple:
+    """``(lo, hi)`` (B, L) int64: the keys ``[lo, hi)`` each query row of each sequence sees under the route's band,
+    sequence b holding ``total[b]`` keys (tensor ops only: no host read, so they trace into a graph). Empty rows
+    get (0, 0)."""
+    rows = torch.arange(L, device=total.device, dtype=torch.long).view(1, -1)
+    tot = total.view(-1, 1).to(torch.long)
+    diag = rows + (tot - L) if route.bottom_right else rows.expand(tot.shape[0], L)  # kv index of q's diagonal
+    lo = torch.zeros_like(diag) if route.lo_d is None else torch.clamp(diag + route.lo_d, min=0)
+    hi = tot.expand_as(diag) if route.hi_d is None else torch.minimum(tot, torch.clamp(diag + route.hi_d + 1, min=0))
+    empty = hi <= lo
+    zero = torch.zeros_like(lo)
+    return torch.where(empty, zero, lo).contiguous(), torch.where(empty, zero, hi).contiguous()
