@@ -38,7 +38,7 @@ from ..masks import as_mask_mod, check_mask_output
 from ..reference import _acc_dtype, select_bias, softmax_from_scores
 from ..scores import as_score_mod
 
-__all__ = ["Scoring", "guarded", "patch_rows", "all_finite", "finite_pair", "cleaned", "bad_keys", "rows_seeing",
+__all__ = ["Scoring", "guarded", "patch_rows", "all_finite", "finite_pair", "cleaned", "cleaned_and_bad", "bad_keys", "rows_seeing",
            "visible", "textbook_rows", "textbook_grads"]
 
 NEG = float("-inf")
@@ -118,11 +118,18 @@ def finite_pair(k: torch.Tensor, v: torch.Tensor) -> bool:
 def cleaned(k: torch.Tensor, v: torch.Tensor):
     """``(kc, vc)``: k and v with NaN/inf entries replaced by 0 (differentiable: the gradient flows to every
     finite entry), remembered as finite."""
+    return cleaned_and_bad(k, v)[:2]
+
+
+def cleaned_and_bad(k: torch.Tensor, v: torch.Tensor):
+    """``(kc, vc, bad)``: :func:`cleaned` and :func:`bad_keys` from one finiteness map of each tensor."""
+    with torch.no_grad():
+        fk, fv = torch.isfinite(k), torch.isfinite(v)
+        bad = ~(fk.all(-1) & fv.all(-1))
     zero = torch.zeros((), dtype=k.dtype, device=k.device)
-    kc = torch.where(torch.isfinite(k), k, zero)
-    vc = torch.where(torch.isfinite(v), v, zero.to(v.dtype))
+    kc, vc = torch.where(fk, k, zero), torch.where(fv, v, zero.to(v.dtype))
     _remember(kc, vc, True)
-    return kc, vc
+    return kc, vc, bad
 
 
 def bad_keys(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -172,10 +179,20 @@ def visible(q, kc, sc: Scoring, b_idx, h_idx, rows, cols) -> torch.Tensor:
                 (cols + sc.kv_offset).view(1, 1, 1, -1))
         return torch.as_tensor(vis, device=q.device).expand(B, H, len(rows), len(cols))
     g = q.shape[1] // kc.shape[1]
-    qs = q.index_select(0, b_idx).index_select(1, h_idx).index_select(2, rows)
-    ks = kc.index_select(0, b_idx).index_select(1, h_idx // g).index_select(2, cols)
+    qs = _take(_take(_take(q, 0, b_idx), 1, h_idx), 2, rows)
+    ks = _take(_take(_take(kc, 0, b_idx), 1, h_idx // g), 2, cols)
     with torch.no_grad():
         return _scores_at(qs, ks, sc, b_idx, h_idx, rows, cols) != NEG
+
+
+def _take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, idx)`` without a copy when idx is one index or every index in order."""
+    if idx.numel() == 1:
+        i = int(idx)
+        return t.narrow(dim, i, 1)
+    if idx.numel() == t.shape[dim] and bool((idx == torch.arange(t.shape[dim], device=idx.device)).all()):
+        return t
+    return t.index_select(dim, idx)
 
 
 def rows_seeing(sc: Scoring, q, kc, bad: torch.Tensor) -> torch.Tensor:
@@ -273,12 +290,13 @@ def _zeroed(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- the guard
 
 
-def patch_rows(res: AttentionResult, q, k, v, kc, vc, sc: Scoring, textbook=None, hit=None) -> AttentionResult:
+def patch_rows(res: AttentionResult, q, k, v, kc, vc, sc: Scoring, textbook=None, hit=None,
+               bad=None) -> AttentionResult:
     """``res`` (computed on the zeroed copies ``kc``, ``vc``) with the rows that see a bad key of k or v (``hit``
     (B, H, L) bool, default :func:`rows_seeing`) replaced by ``textbook`` (default :func:`textbook_rows`; same
-    signature) on the original tensors."""
+    signature) on the original tensors. ``bad``: :func:`bad_keys` of k and v when already known."""
     textbook = textbook_rows if textbook is None else textbook
-    bad = bad_keys(k, v)
+    bad = bad_keys(k, v) if bad is None else bad
     sc = sc.sized(q.shape[2], k.shape[2])
     hit = rows_seeing(sc, q, kc, bad) if hit is None else hit
     if not bool(hit.any()):
@@ -309,5 +327,5 @@ def guarded(q, k, v, scoring, run_clean, textbook=None) -> AttentionResult:
     sc = scoring if isinstance(scoring, Scoring) else Scoring(mask=scoring)
     if not sc.hides_keys or finite_pair(k, v):
         return run_clean(q, k, v)
-    kc, vc = cleaned(k, v)
-    return patch_rows(run_clean(q, kc, vc), q, k, v, kc, vc, sc, textbook)
+    kc, vc, bad = cleaned_and_bad(k, v)
+    return patch_rows(run_clean(q, kc, vc), q, k, v, kc, vc, sc, textbook, bad=bad)
