@@ -139,6 +139,16 @@ class AttentionMaps:
         return (f"{len(self.maps)} map(s), first {tuple(m0.shape)} (B, heads, rows, keys), {dt}, "
                 f"{_fmt_bytes(self.nbytes)} recorded{extra}")
 
+    def report_fields(self) -> dict:
+        """What :func:`salience.interpret.render.html.report` reads off recorded maps: the stacked maps
+        (:meth:`stack`), the tokens (the first sequence's for a batch), the rows' positions when they were recorded
+        unpooled, the layer names of the first call and the summary line."""
+        tokens = self.tokens[0] if self.tokens and isinstance(self.tokens[0], list) else self.tokens
+        e0 = self.entries[0] if self.entries else {}
+        rows = e0["rows"] if e0.get("rows") is not None and e0.get("pool", 1) == 1 else None
+        return {"attn": self.stack(), "tokens": tokens, "row_index": rows,
+                "layer_names": [e["name"] for e in self.entries if e.get("call", 0) == 0], "summary": self.summary()}
+
     def _repr_html_(self) -> str:
         """Jupyter shows the recorded maps as the self-contained HTML report (in an ``<iframe srcdoc>``)."""
         if not self.maps:

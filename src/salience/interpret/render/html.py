@@ -70,18 +70,14 @@ def payload(attn, tokens: Sequence[str] | None = None, *, row_index: Sequence[in
             title: str = "salience attention report", summary: str = "", detail: int = DETAIL,
             merge_wordpieces: bool = False) -> dict:
     """The JSON-ready data the page embeds (see :func:`report` for the arguments)."""
-    from ..capture import AttentionMaps
-
-    if isinstance(attn, AttentionMaps):
-        maps = attn
-        attn = maps.stack()
-        tokens = tokens if tokens is not None else (maps.tokens[0] if maps.tokens and isinstance(maps.tokens[0], list)
-                                                     else maps.tokens)
-        e0 = maps.entries[0] if maps.entries else {}
-        if row_index is None and e0.get("rows") is not None and e0.get("pool", 1) == 1:
-            row_index = e0["rows"]
-        layer_names = layer_names or [e["name"] for e in maps.entries if e.get("call", 0) == 0]
-        summary = summary or maps.summary()
+    fields = getattr(attn, "report_fields", None)  # a capture.AttentionMaps (read by protocol: no import circle)
+    if callable(fields):
+        f = fields()
+        attn = f["attn"]
+        tokens = tokens if tokens is not None else f["tokens"]
+        row_index = row_index if row_index is not None else f["row_index"]
+        layer_names = layer_names or f["layer_names"]
+        summary = summary or f["summary"]
     a = _m.check_maps(attn).detach().cpu().float()
     n, H, R, S = a.shape
     if isinstance(detail, bool) or not isinstance(detail, int) or detail < 8:
