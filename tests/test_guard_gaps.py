@@ -223,8 +223,9 @@ def _keypad40(s, b, h, q, k):
     return torch.where(k >= 40, torch.full_like(s, NEG), s)
 
 
-RING_CASES = {  # name: (mask, score_mod, layout, bad (batch, key), where)
+RING_CASES = {  # name: (mask, score_mod, layout, bad (batch, key), where); "gqa" names: H 4 over Hkv 2
     "window": (lambda: masks.sliding_window(6, 2), None, "contiguous", [(0, 27)], "v"),
+    "gqa-window-zigzag": (lambda: masks.sliding_window(6, 2), None, "zigzag", [(1, 20)], "both"),
     "keypad-scoremod": (lambda: masks.causal(), _keypad40, "zigzag", [(0, 44), (1, 41)], "both"),
     "documents": (lambda: masks.document(DOC_IDS), None, "contiguous", [(1, 29)], "k"),
     "scoremod-only": (lambda: None, _keypad40, "contiguous", [(0, 45)], "v"),
@@ -233,7 +234,8 @@ RING_CASES = {  # name: (mask, score_mod, layout, bad (batch, key), where)
 
 def _ring_inputs(name, dt):
     g = torch.Generator().manual_seed(7)
-    q, k, v, do = (torch.randn(2, 2, N, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    Hq = 4 if name.startswith("gqa") else 2
+    q, k, v, do = (torch.randn(2, h, N, 8, generator=g, dtype=torch.float64) for h in (Hq, 2, 2, Hq))
     return q, k, v, do
 
 
@@ -268,11 +270,13 @@ def _ring_worker(rank, world, port, outdir):
 def _ring_ok(name, q, k):
     mask, sm, _lay, bad, _where = RING_CASES[name]
     vis = _visibility(q, k, dict(mask=mask(), score_mod=sm))
-    badm = torch.zeros(2, 2, N, dtype=torch.bool)
+    Hq, Hkv = q.shape[1], k.shape[1]
+    badm = torch.zeros(2, Hkv, N, dtype=torch.bool)
     for b, j in bad:
         badm[b, :, j] = True
-    sees = (vis & badm.unsqueeze(2)).any(-1)
-    clean_keys = ~(vis & sees.unsqueeze(-1)).any(2)  # (B, H, S): keys no row that sees a bad key sees
+    sees = (vis & badm.repeat_interleave(Hq // Hkv, 1).unsqueeze(2)).any(-1)
+    # (B, Hkv, S): keys no row that sees a bad key sees
+    clean_keys = ~(vis & sees.unsqueeze(-1)).view(2, Hkv, Hq // Hkv, N, N).any(2).any(2)
     return ~sees, clean_keys
 
 
