@@ -347,34 +347,22 @@ def _tensor_mask(mask, g: _Geom):
 
 def _band_of(mask):
     """``(lo_d, hi_d, bottom_right)`` when the mask is a band ``lo_d <= kv - q - shift <= hi_d`` (None = unbounded;
-    shift = S_b - L when bottom_right, else 0): causal and sliding windows of either alignment; else None."""
-    from . import structure as St
+    shift = S - L when bottom_right, else 0): causal and sliding windows of either alignment; else None."""
+    from .kernels.decode import band_of
 
-    st = St.of_mask(mask)
-    if not isinstance(st, St.Band):
-        return None
-    lo_d, hi_d = st.bounds
-    return lo_d, hi_d, st.align == "bottom_right"
+    return None if mask is None else band_of(mask)
 
 
 def _intervals(mask, g: _Geom):
     """Per-row visible key intervals ``(lo, hi)`` (B, L) int64 in each sequence's own coordinates, or None when
     some sequence's mask is not an interval mask."""
+    from .kernels.decode import band_of, band_rows
     from .structure import row_intervals
 
-    band = (None, None, False) if mask is None else _band_of(mask)
-    if band is not None and g.B * g.L <= 256:  # few rows (decoding steps): plain integers, one tensor made at the end
-        lo_d, hi_d, br = band
-        los, his = [], []
-        for S in g.totals:
-            for i in range(g.L):
-                d = i + (S - g.L if br else 0)
-                a = 0 if lo_d is None else max(0, d + lo_d)
-                z = S if hi_d is None else min(S, max(0, d + hi_d + 1))
-                los.append(a if z > a else 0)
-                his.append(z if z > a else 0)
-        both = torch.tensor((los, his), dtype=torch.long).view(2, g.B, g.L)  # one tensor made, two dense views
-        return both[0], both[1]
+    rows = band_rows(mask, g.totals, g.L)  # few rows (decoding steps): plain integers, one tensor made
+    if rows is not None:
+        return rows
+    band = band_of(mask)
     lo = torch.zeros(g.B, g.L, dtype=torch.long)
     hi = g.total.view(-1, 1).expand(g.B, g.L).clone()
     if band is not None:  # all sequences at once (no per-length binding)

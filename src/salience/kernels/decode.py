@@ -60,7 +60,7 @@ from ..reference import _acc_dtype, softmax_from_scores
 from . import native
 from .merge import check_sinks
 
-__all__ = ["forward", "available", "status", "build", "FORCE_TORCH"]
+__all__ = ["forward", "band_rows", "available", "status", "build", "FORCE_TORCH"]
 
 #: set to True to run the torch fallback even where the compiled kernel is available (tests, debugging)
 FORCE_TORCH = False
@@ -207,6 +207,48 @@ def _check_extras(p: _Problem, device, scale, slopes, q_pos, softcap, sinks):
     if sinks is not None:
         sinks = check_sinks(sinks, B, p.H).to(device).reshape(-1, p.H).expand(B, p.H)
     return q_pos, slopes, sinks, float(scale), softcap
+
+
+def band_of(mask):
+    """``(lo_d, hi_d, bottom_right)`` when ``mask`` is no mask (all None, False) or a band ``lo_d <= kv - q - shift
+    <= hi_d`` (None = unbounded; shift = S - L when bottom_right, else 0): causal and sliding windows of either
+    alignment, read from its typed structure (:mod:`salience.structure`); else None."""
+    if mask is None:
+        return None, None, False
+    from ..structure import Band, of_mask
+
+    st = of_mask(mask)
+    if not isinstance(st, Band):
+        return None
+    lo_d, hi_d = st.bounds
+    return lo_d, hi_d, st.align == "bottom_right"
+
+
+def band_rows(mask, totals, L: int, few: int = 256):
+    """``(lo, hi)`` (B, L) int64: the keys ``[lo, hi)`` each of L query rows sees under no mask or a band mask
+    (:func:`band_of`), sequence b holding ``totals[b]`` keys (a list of ints); empty rows (0, 0). Computed on
+    Python ints, one tensor made (a decoding step's few rows); None for other masks or more than ``few`` rows.
+
+    Example:
+        >>> import salience
+        >>> lo, hi = band_rows(salience.masks.sliding_window(2, align="bottom_right"), [10, 1], 1)
+        >>> lo.tolist(), hi.tolist()
+        ([[7], [0]], [[10], [1]])
+    """
+    band = band_of(mask) if len(totals) * L <= few else None
+    if band is None:
+        return None
+    lo_d, hi_d, br = band
+    los, his = [], []
+    for S in totals:
+        for i in range(L):
+            d = i + (S - L if br else 0)  # the key index on the query's diagonal
+            a = 0 if lo_d is None else max(0, d + lo_d)
+            z = S if hi_d is None else min(S, max(0, d + hi_d + 1))
+            los.append(a if z > a else 0)
+            his.append(z if z > a else 0)
+    both = torch.tensor((los, his), dtype=torch.long).view(2, len(totals), L)  # one tensor, two dense views
+    return both[0], both[1]
 
 
 def _gather(cache, b: int, pos: torch.Tensor, p: _Problem, block_table) -> torch.Tensor:

@@ -160,9 +160,10 @@ def decode(p: Problem):
             or p.dropout_p or p.k.dtype != p.dtype or p.v.dtype != p.dtype or not kdecode.available(p.q):
         return None
     mods = _decode_mods(p)
-    if mods is None or p.intervals is None:
+    iv = kdecode.band_rows(p.mask, [p.S] * p.B, p.L) or p.intervals  # bands on Python ints: no structure pass
+    if mods is None or iv is None:
         return None
-    lo, hi = (t.expand(p.B, p.L).contiguous() for t in p.intervals)
+    lo, hi = (t.expand(p.B, p.L).contiguous() for t in iv)
     ex = DecodeExec(lo, hi, **mods)
     det = {"skipped": _skipped(int((hi - lo).clamp(min=0).sum()), p.B * p.L * p.S), "rows": p.L}
     return Plan("decode", f"{p.L} query row(s) against {p.S} cached keys, no gradient: the compiled decode kernel",
