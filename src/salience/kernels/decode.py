@@ -187,7 +187,8 @@ def _check_extras(p: _Problem, device, scale, slopes, q_pos, softcap, sinks):
     """The checks of scale, softcap, ALiBi slopes with their q_pos, and sinks: ``(q_pos, slopes, sinks, scale,
     softcap)`` with slopes / sinks as (B, H) float tables and q_pos as (B, L) int64 on ``device``."""
     B = p.B
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+    if type(scale) is not float and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)) or \
+            not math.isfinite(float(scale)):
         raise ValueError(f"scale: expected a finite number (e.g. D ** -0.5); got {scale!r}")
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not (
@@ -358,7 +359,8 @@ def status() -> str:
 def _cache_operand(t: torch.Tensor) -> torch.Tensor:
     """The cache as the kernel reads it: any strides over the first three dims, the last one dense and
     element-aligned (copied only when it is not)."""
-    if t.stride(-1) != 1 or (t.numel() and t.data_ptr() % t.element_size()) or any(x < 0 for x in t.stride()):
+    st = t.stride()
+    if st[-1] != 1 or min(st) < 0 or (t.data_ptr() % t.element_size() and t.numel()):
         t = t.contiguous()
     return t
 
