@@ -108,6 +108,49 @@ def calls_row(S: int, calls: int, repeats: int) -> dict:
     return row
 
 
+class _NoKernel:
+    """Stands in for the compiled library: the check passes and the kernel returns at once, so a wrapper's time is
+    its Python alone (what it adds to every call, whatever the kernel costs)."""
+
+    def salience_decode_check(self, args):
+        return 0
+
+    def salience_decode_forward(self, args):
+        return None
+
+    def salience_decode_max_rows(self):
+        return 64
+
+
+def python_only_row(S: int, calls: int, repeats: int) -> dict:
+    """Per-call microseconds of the wrappers with the kernel replaced by :class:`_NoKernel`."""
+    B, H, Hkv, D, L = 1, 8, 2, 64, 1
+    torch.manual_seed(0)
+    q = torch.randn(B, H, L, D)
+    kc, vc = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    kn, vn = torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D)
+    lens = torch.full((B,), S - 1, dtype=torch.long)
+    lo, hi = torch.zeros(B, L, dtype=torch.long), torch.full((B, L), S, dtype=torch.long)
+    causal = masks.causal(align="bottom_right")
+    fns = {
+        "decode.forward": lambda: decode.forward(q, kc, vc, lo=lo, hi=hi, scale=D ** -0.5),
+        "attention_with_kvcache": lambda: salience.attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens,
+                                                                          mask=causal),
+        "salience.attention": lambda: salience.attention(q, kc, vc, mask=causal),
+    }
+    decode.status()
+    saved = dict(decode._STATE)
+    decode._STATE["lib"] = _NoKernel()
+    try:
+        with torch.no_grad():
+            us = per_call_us(fns, calls, repeats)
+    finally:
+        decode._STATE.clear()
+        decode._STATE.update(saved)
+    print(f"S={S:5d}  Python only (no-op kernel): " + "  ".join(f"{n} {t:6.1f} us" for n, t in us.items()), flush=True)
+    return {"name": f"Python only, B={B} H={H} Hkv={Hkv} D={D} L={L} S={S}", "S": S, "us_per_call": us}
+
+
 def generate_row(prompt: int, new_tokens: int, repeats: int) -> dict:
     """Decoding tokens/s of a tiny random Llama (2 layers, hidden 256, 8 heads, 2 kv heads) after a ``prompt``-token
     prompt: the median step time inside generate() (a logits processor stamps every step)."""
@@ -128,23 +171,24 @@ def generate_row(prompt: int, new_tokens: int, repeats: int) -> dict:
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 512, (1, prompt))
-    out, tokens = {}, {}
-    for impl in ("salience", "sdpa"):
-        model = transformers.LlamaForCausalLM(cfg).eval()
-        model.load_state_dict(base.state_dict())
-        model.set_attn_implementation(impl)
-        steps = []
-        for _ in range(repeats):
+    models, steps, tokens = {}, {"salience": [], "sdpa": []}, {}
+    for impl in steps:
+        models[impl] = transformers.LlamaForCausalLM(cfg).eval()
+        models[impl].load_state_dict(base.state_dict())
+        models[impl].set_attn_implementation(impl)
+    for _ in range(repeats):  # the two take turns, so a change of machine load hits both
+        for impl, model in models.items():
             st = Stamps()
             with torch.no_grad():
                 res = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                      min_new_tokens=new_tokens, do_sample=False,
                                      logits_processor=transformers.LogitsProcessorList([st]))
-            steps += [b - a for a, b in zip(st.t[:-1], st.t[1:])]
-        steps.sort()
-        med = steps[len(steps) // 2]
-        out[impl] = {"ms_per_token": med * 1e3, "tokens_per_s": 1.0 / med, "steps_timed": len(steps)}
-        tokens[impl] = res[0, prompt:].tolist()
+            steps[impl] += [b - a for a, b in zip(st.t[:-1], st.t[1:])]
+            tokens[impl] = res[0, prompt:].tolist()
+    out = {}
+    for impl, ts in steps.items():
+        med = sorted(ts)[len(ts) // 2]
+        out[impl] = {"ms_per_token": med * 1e3, "tokens_per_s": 1.0 / med, "steps_timed": len(ts)}
     row = {"name": f"generate() tiny Llama, {prompt}-token prompt, {new_tokens} new tokens", "prompt": prompt,
            "new_tokens": new_tokens, "impls": out, "same_tokens": tokens["salience"] == tokens["sdpa"],
            "salience_over_sdpa": out["salience"]["tokens_per_s"] / out["sdpa"]["tokens_per_s"]}
@@ -165,15 +209,16 @@ def main(argv=None) -> int:
                     "per-call figures)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    calls, reps = (20, 3) if args.small else (400, 9)
+    calls, reps = (20, 3) if args.small else (300, 15)
     info = machine()
     print(f"CPU {info['cpu']} (flags {info['flags']}); torch {info['torch']}, {info['threads']} threads; decode "
           f"kernel: {decode.status()}\nmachine load (shared with other engineers' jobs): {info['uptime']}")
     rows = [calls_row(S, calls, reps) for S in (1024, 4096)]
+    python_only = [python_only_row(1024, calls, reps)]
     gens = []
     if not args.no_generate:
         for prompt in ((32,) if args.small else (128, 1024)):
-            gens.append(generate_row(prompt, 8 if args.small else 48, 1 if args.small else 3))
+            gens.append(generate_row(prompt, 8 if args.small else 48, 1 if args.small else 5))
     info["uptime_after"] = __import__("subprocess").run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"machine load after: {info['uptime_after']}")
     data = {}
@@ -183,7 +228,7 @@ def main(argv=None) -> int:
     data.setdefault("runs", {})[args.label] = {
         "command": "python benchmarks/decode_overhead.py --label " + args.label + f" --threads {args.threads}"
                    + (" --small" if args.small else "") + (" --no-generate" if args.no_generate else ""),
-        "machine": info, "calls_per_repeat": calls, "repeats": reps, "calls": rows, "generate": gens,
+        "machine": info, "calls_per_repeat": calls, "repeats": reps, "calls": rows, "python_only": python_only, "generate": gens,
         "small": args.small, "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -253,10 +253,14 @@ _FEW_WRITES = 8
 def _append(k_cache, v_cache, k, v, block_table, g: _Geom) -> None:
     """Write the new keys/values in place at each sequence's own length."""
     with torch.no_grad():
+        if not g.paged and len(set(g.lens)) == 1:  # one length: one copy per cache
+            k_cache.narrow(2, g.lens[0], g.L_new).copy_(k)
+            v_cache.narrow(2, g.lens[0], g.L_new).copy_(v)
+            return
         if not g.paged and g.B <= _FEW_WRITES:
             for b, n in enumerate(g.lens):
-                k_cache[b, :, n:n + g.L_new] = k[b]
-                v_cache[b, :, n:n + g.L_new] = v[b]
+                k_cache[b].narrow(1, n, g.L_new).copy_(k[b])
+                v_cache[b].narrow(1, n, g.L_new).copy_(v[b])
             return
         dev = k_cache.device
         pos = (g.seqlens.view(-1, 1) + torch.arange(g.L_new).view(1, -1)).to(dev)  # (B, L_new)
