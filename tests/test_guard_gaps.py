@@ -161,8 +161,9 @@ def test_hidden_nonfinite_keys_never_change_a_row(name, where, value, dtype):
 
 
 def test_finite_inputs_make_one_pass_over_k_and_v(monkeypatch):
-    """The dispatcher's finiteness check is remembered: the bias executor reads it instead of a second pass, and
-    its backward reads the forward's; a score_mod or bias without NaN takes no guarded work."""
+    """The dispatcher's finiteness check is remembered for the call: the bias executor reads it instead of a second
+    pass, and its backward reads the forward's; a score_mod or bias without NaN takes no guarded work; the next
+    call checks afresh."""
     calls, real = [], guard.all_finite
     monkeypatch.setattr(guard, "all_finite", lambda t: calls.append(t.shape) or real(t))
     q, k, v = (torch.randn(1, 2, 64, 8, requires_grad=True) for _ in range(3))
@@ -176,11 +177,10 @@ def test_finite_inputs_make_one_pass_over_k_and_v(monkeypatch):
     q, k, v = (torch.randn(1, 2, 64, 8) for _ in range(3))  # new tensors: checked afresh
     salience.attention(q, k, v, score_mod=_flex_causal, backend="blockwise")
     assert len(calls) == 2 and bad_calls == []
-    salience.attention(q, k, v, bias=bias)  # the same tensors, unchanged: the remembered answer
-    assert len(calls) == 2
-    k.add_(1.0)  # changed in place: checked again
-    salience.attention(q, k, v, bias=bias)
-    assert len(calls) == 4
+    k.data[0, 0, 3, 0] = float("nan")  # a write the version counter does not see: the next call checks afresh
+    out = salience.attention(q, k, v, bias=bias)
+    assert len(calls) == 3  # k checked again (and found bad: v need not be)
+    assert torch.isfinite(out[0, 0, :3]).all() and out[0, 0, 3:].isnan().any(-1).all()
 
 
 def test_bias_executor_run_directly_guards_itself():

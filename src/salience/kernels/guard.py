@@ -77,8 +77,9 @@ class Scoring:
 
 # ------------------------------------------------------------------------------------ finiteness, remembered
 
-_KNOWN: list = []  # (weakref k, version k, weakref v, version v, finite), newest last
+_KNOWN: list = []  # (weakref k, version k, weakref v, version v, finite), newest last; only during a guarded call
 _KNOWN_MAX = 32
+_DEPTH = [0]  # guarded calls in progress: the findings are forgotten when the last one ends
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -97,15 +98,17 @@ def _version(t: torch.Tensor):
 
 def _remember(k, v, finite: bool) -> None:
     vk, vv = _version(k), _version(v)
-    if vk is None or vv is None:
+    if vk is None or vv is None or _DEPTH[0] == 0:
         return
     _KNOWN[:] = [e for e in _KNOWN if e[0]() is not None and e[2]() is not None][-(_KNOWN_MAX - 1):]
     _KNOWN.append((weakref.ref(k), vk, weakref.ref(v), vv, finite))
 
 
 def finite_pair(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """``all_finite(k) and all_finite(v)``, remembered per tensor object and version: the dispatcher's check and
-    an executor's own (the bias executor, which can also be run directly) cost one pass, not two."""
+    """``all_finite(k) and all_finite(v)``, remembered per tensor object and version for the rest of a
+    :func:`guarded` call (then forgotten: a write that bypasses the version counter, ``k.data[...] = nan``, is
+    seen by the next call): the dispatcher's check and an executor's own (the bias executor, which can also be run
+    directly) cost one pass, not two."""
     vk, vv = _version(k), _version(v)
     for rk, ck, rv, cv, fin in reversed(_KNOWN):
         if rk() is k and rv() is v and ck == vk and cv == vv and vk is not None:
@@ -325,7 +328,13 @@ def guarded(q, k, v, scoring, run_clean, textbook=None) -> AttentionResult:
     (the gradient still flows to every finite entry) and the rows that see a bad key are recomputed by the
     textbook formula."""
     sc = scoring if isinstance(scoring, Scoring) else Scoring(mask=scoring)
-    if not sc.hides_keys or finite_pair(k, v):
-        return run_clean(q, k, v)
-    kc, vc, bad = cleaned_and_bad(k, v)
-    return patch_rows(run_clean(q, kc, vc), q, k, v, kc, vc, sc, textbook, bad=bad)
+    _DEPTH[0] += 1
+    try:
+        if not sc.hides_keys or finite_pair(k, v):
+            return run_clean(q, k, v)
+        kc, vc, bad = cleaned_and_bad(k, v)
+        return patch_rows(run_clean(q, kc, vc), q, k, v, kc, vc, sc, textbook, bad=bad)
+    finally:
+        _DEPTH[0] -= 1
+        if _DEPTH[0] == 0:
+            _KNOWN.clear()
