@@ -58,7 +58,7 @@ from .kernels.dispatch import _opaque_to_compile
 from .kernels.merge import check_sinks
 from .reference import _acc_dtype
 
-__all__ = ["attention_with_kvcache", "plan", "KVCachePlan", "gather"]
+__all__ = ["attention_with_kvcache", "plan", "KVCachePlan", "gather", "append_checked"]
 
 _FLOAT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -579,7 +579,14 @@ def _run_fallback(q, k_cache, v_cache, k, v, block_table, m, sm, scale, sinks, g
 def append_checked(k_cache, v_cache, k, v, cache_seqlens, block_table=None) -> None:
     """Write ``k``, ``v`` (B, Hkv, L_new, D/Dv) into the cache at each sequence's length, after the checks of
     :func:`attention_with_kvcache` (shapes, dtypes, lengths within the cache, block indices in the pool, no two
-    writes into one slot). The implementation of the ``salience::kvcache_append`` custom op."""
+    writes into one slot). The implementation of the ``salience::kvcache_append`` custom op.
+
+    Example:
+        >>> kc, vc = torch.zeros(2, 1, 8, 4), torch.zeros(2, 1, 8, 4)
+        >>> append_checked(kc, vc, torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4), torch.tensor([0, 5]))
+        >>> kc[:, 0, :, 0].tolist()
+        [[1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]]
+    """
     q = k.new_empty((k.shape[0], k.shape[1], 0, k.shape[3])) if isinstance(k, torch.Tensor) and k.dim() == 4 else k
     g = _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
     if g.L_new:

@@ -15,6 +15,11 @@ two custom ops into the graph:
 Both have fake implementations (shapes and dtypes, layouts that depend on shapes only), and the forward's
 autograd registration saves q, k, v, out, lse (plus mask, bias, extras) and calls the backward op.
 
+Decoding has two ops of its own (forward only; see the "decoding" section below): ``salience::decode_forward``
+(the decode kernel, pure) and ``salience::kvcache_append`` (the in-place cache write, ``mutates_args`` = the
+caches), used by ``salience.attention_with_kvcache`` and by :func:`attend` where eager dispatch would choose the
+``decode`` rule.
+
 **What enters the ops, and how.** Tensors that may change from call to call are op inputs: q, k, v, a bool
 ``mask`` tensor, the ``bias`` tensor, and ``extras``, the tensors requiring grad that a score_mod or compatibility
 closes over (``dispatch.grad_tensors``: a T5 bias table, learned ALiBi slopes), so AOT autograd routes their
@@ -53,7 +58,8 @@ from .._result import AttentionResult
 from ..reference import _acc_dtype
 from . import dispatch
 
-__all__ = ["FALLBACK", "Spec", "attend", "compiled", "fold_scale", "spec_key", "spec_tensors", "lookup"]
+__all__ = ["FALLBACK", "Spec", "attend", "compiled", "fold_scale", "spec_key", "spec_tensors", "lookup", "DecodeRoute",
+           "decode_route_key", "decode_route_of", "band_intervals"]
 
 
 @dataclass(eq=False)
@@ -583,7 +589,15 @@ def _decode_attend(q, k, v, scale, mask, score_mod):
 def band_intervals(route: DecodeRoute, total: torch.Tensor, L: int) -> tuple:
     """``(lo, hi)`` (B, L) int64: the keys ``[lo, hi)`` each query row of each sequence sees under the route's band,
     sequence b holding ``total[b]`` keys (tensor ops only: no host read, so they trace into a graph). Empty rows
-    get (0, 0)."""
+    get (0, 0).
+
+    Example:
+        >>> import salience
+        >>> route = decode_route_of(decode_route_key(salience.masks.sliding_window(2, align="bottom_right"), None))
+        >>> lo, hi = band_intervals(route, torch.tensor([10, 1]), 1)
+        >>> lo.tolist(), hi.tolist()
+        ([[7], [0]], [[10], [1]])
+    """
     rows = torch.arange(L, device=total.device, dtype=torch.long).view(1, -1)
     tot = total.view(-1, 1).to(torch.long)
     diag = rows + (tot - L) if route.bottom_right else rows.expand(tot.shape[0], L)  # kv index of q's diagonal
