@@ -250,3 +250,32 @@ def test_decode_forward_op_fake_shapes_and_checks():
             torch.ops.salience.decode_forward(q, k, v, torch.empty(2, 2, dtype=torch.long), hi, None, None, None,
                                               None, 0.25, None)
     assert ops.decode_route_key(masks.causal(align="bottom_right"), None) >= 0
+
+
+def test_compiled_attend_without_append_with_sinks_and_int_lengths():
+    """No new keys (attend to the cache as it is), sinks, a paged pool and cache_seqlens as a Python int that
+    changes between calls: no graph break, eager's answer each time, and the reference's."""
+    torch.manual_seed(4)
+    mask = masks.sliding_window(5, align="bottom_right")
+    kc, vc, bt = _caches(torch.float32, True)
+    _prefill(kc, vc, bt, [40, 40, 40], torch.float32)
+    sinks = torch.randn(H)
+
+    def attend(q, kc, vc, n, bt, sinks):
+        return salience.attention_with_kvcache(q, kc, vc, cache_seqlens=n, block_table=bt, mask=mask, sinks=sinks,
+                                               return_lse=True)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(attend, backend=counter, fullgraph=True)
+    for n in (12, 13, 14, 40):
+        q = torch.randn(B, H, 2, D)
+        got, want = compiled(q, kc, vc, n, bt, sinks), attend(q, kc, vc, n, bt, sinks)
+        torch.testing.assert_close(got.out, want.out, rtol=0, atol=0)
+        torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=0)
+        for b in range(B):
+            kb, vb = kvcache.gather(kc, b, n, bt), kvcache.gather(vc, b, n, bt)
+            r64 = salience.reference.attention(q[b:b + 1].double(), kb.double(), vb.double(), mask=mask,
+                                               sinks=sinks.double())
+            rt = salience.reference.attention(q[b:b + 1], kb, vb, mask=mask, sinks=sinks)
+            assert_rel_close(got.out[b:b + 1], rt.out, r64.out, what=f"n={n}, sequence {b}")
+    assert counter.frame_count <= 2, f"{counter.frame_count} compiles for 4 int lengths"

@@ -597,7 +597,7 @@ def _compiled_route(q, k_cache, v_cache, k, v, cache_seqlens, block_table, mask,
     """The decode route key (>= 0) when a traced call can run on the custom ops, else None."""
     from .kernels import ops
 
-    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)) or not isinstance(
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.SymInt, torch.Tensor)) or not isinstance(
             q, torch.Tensor) or q.dim() != 4:
         return None
     from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -621,7 +621,7 @@ def _attend_compiled(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scal
     if sinks is not None:
         check_sinks(sinks, g.B, g.H)
     route = ops.decode_route_of(key)
-    if isinstance(cache_seqlens, int):
+    if isinstance(cache_seqlens, (int, torch.SymInt)):  # a Python int (or dynamo's symbolic one)
         lens = torch.full((g.B,), cache_seqlens, dtype=torch.long, device=q.device)
     else:
         if cache_seqlens.dtype.is_floating_point or cache_seqlens.dtype == torch.bool or cache_seqlens.is_complex():
