@@ -10,6 +10,8 @@ Per-call microseconds (median over repeats of the mean over ``calls`` back-to-ba
 * ``attention_with_kvcache``: append one token in place and attend (the decode route, bottom-right causal);
 * ``salience.attention``: the dispatcher's ``decode`` rule (bottom-right causal, no gradient);
 * ``sdpa``: ``F.scaled_dot_product_attention(..., enable_gqa=True)`` on the same cache;
+* ``attention_with_kvcache compiled``: the same step under ``torch.compile(fullgraph=True)`` (inductor), which
+  runs the custom ops ``salience::kvcache_append`` and ``salience::decode_forward``;
 
 on B=1, H=8, Hkv=2, D=64, L=1 with S=1024 and S=4096 keys (float32), and the tokens per second of ``generate()``
 of a tiny random Llama-style model (transformers, random weights, no download) with salience's attention
@@ -78,7 +80,7 @@ def _kernel_alone(q, k, v, S: int):
     return call
 
 
-def calls_row(S: int, calls: int, repeats: int) -> dict:
+def calls_row(S: int, calls: int, repeats: int, compiled: bool = False) -> dict:
     B, H, Hkv, D, L = 1, 8, 2, 64, 1
     torch.manual_seed(0)
     q = torch.randn(B, H, L, D)
@@ -97,6 +99,10 @@ def calls_row(S: int, calls: int, repeats: int) -> dict:
         "salience.attention": lambda: salience.attention(q, kc, vc, mask=causal),
         "sdpa": lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True),
     }
+    if compiled:
+        step = torch.compile(lambda q_, k_, v_, kn_, vn_, n_: salience.attention_with_kvcache(
+            q_, k_, v_, kn_, vn_, cache_seqlens=n_, mask=causal), fullgraph=True)
+        fns["attention_with_kvcache compiled"] = lambda: step(q, kc, vc, kn, vn, lens)
     with torch.no_grad():
         us = per_call_us(fns, calls, repeats)
     row = {"name": f"B={B} H={H} Hkv={Hkv} D={D} L={L} S={S} float32", "S": S, "us_per_call": us,
@@ -204,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="few calls (checks that the script runs; not figures)")
     ap.add_argument("--json", default=DEFAULT_JSON)
     ap.add_argument("--no-generate", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd attention_with_kvcache row "
+                    "(the code before the decode custom ops graph-breaks there)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine two "
                     "threads stall for a scheduler time slice whenever another job holds a core, which hides the "
                     "per-call figures)")
@@ -213,7 +221,7 @@ def main(argv=None) -> int:
     info = machine()
     print(f"CPU {info['cpu']} (flags {info['flags']}); torch {info['torch']}, {info['threads']} threads; decode "
           f"kernel: {decode.status()}\nmachine load (shared with other engineers' jobs): {info['uptime']}")
-    rows = [calls_row(S, calls, reps) for S in (1024, 4096)]
+    rows = [calls_row(S, calls, reps, compiled=not args.no_compile) for S in (1024, 4096)]
     python_only = [python_only_row(1024, calls, reps)]
     gens = []
     if not args.no_generate:
@@ -227,7 +235,8 @@ def main(argv=None) -> int:
             data = json.load(f)
     data.setdefault("runs", {})[args.label] = {
         "command": "python benchmarks/decode_overhead.py --label " + args.label + f" --threads {args.threads}"
-                   + (" --small" if args.small else "") + (" --no-generate" if args.no_generate else ""),
+                   + (" --small" if args.small else "") + (" --no-generate" if args.no_generate else "")
+                   + (" --no-compile" if args.no_compile else ""),
         "machine": info, "calls_per_repeat": calls, "repeats": reps, "calls": rows, "python_only": python_only, "generate": gens,
         "small": args.small, "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -414,41 +414,47 @@ def attend(q, k, v, *, mask, score_mod, scale, compatibility, dropout_p, need_ls
 # time (:func:`decode_route`), like :func:`spec_key`.
 
 
-def _decode_fake_out(q, v):
-    return _out_like(q, v), _lse_like(q)
+# Registered with torch.library.Library (schema, one CompositeExplicitAutograd kernel, a fake) rather than
+# torch.library.custom_op: custom_op's Python layers (autograd wrapper, defaults, redispatch) cost about 65 us per
+# call here, as much as the kernel on a small cache; this costs about 5. Neither op has a backward (decoding is
+# forward only; callers never pass tensors that require grad: decode.forward refuses them).
+_DECODE_LIB = torch.library.Library("salience", "FRAGMENT")
+_DECODE_LIB.define("decode_forward(Tensor q, Tensor k, Tensor v, Tensor lo, Tensor hi, Tensor? block_table, "
+                   "Tensor? slopes, Tensor? q_pos, Tensor? sinks, float scale, float? softcap) -> (Tensor, Tensor)")
+_DECODE_LIB.define("kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor cache_seqlens, "
+                   "Tensor? block_table) -> ()")
 
 
-@torch.library.custom_op("salience::decode_forward", mutates_args=())
-def _decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                    block_table: torch.Tensor | None, slopes: torch.Tensor | None, q_pos: torch.Tensor | None,
-                    sinks: torch.Tensor | None, scale: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_forward(q, k, v, lo, hi, block_table, slopes, q_pos, sinks, scale, softcap):
     from . import decode
 
     out, lse = decode.forward(q, k, v, lo=lo, hi=hi, scale=scale, block_table=block_table, slopes=slopes,
                               q_pos=q_pos, softcap=softcap, sinks=sinks)
-    ins = (q, k, v, lo, hi, block_table, slopes, q_pos, sinks)
-    return _into(out, _out_like(q, v), ins), _into(lse, _lse_like(q), ins)
+    # decode.forward allocates both results (they never alias an input) contiguous, as the fake promises
+    return out.contiguous(), lse.contiguous()
 
 
-@_decode_forward.register_fake
 def _decode_forward_fake(q, k, v, lo, hi, block_table, slopes, q_pos, sinks, scale, softcap):
     from . import decode
 
     decode._check(q, k, v, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks)  # shapes and dtypes
-    return _decode_fake_out(q, v)
+    return _out_like(q, v), _lse_like(q)
 
 
-@torch.library.custom_op("salience::kvcache_append", mutates_args=("k_cache", "v_cache"))
-def _kvcache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    cache_seqlens: torch.Tensor, block_table: torch.Tensor | None) -> None:
+def _kvcache_append(k_cache, v_cache, k, v, cache_seqlens, block_table):
     from .. import kvcache
 
     kvcache.append_checked(k_cache, v_cache, k, v, cache_seqlens, block_table)
 
 
-@_kvcache_append.register_fake
 def _kvcache_append_fake(k_cache, v_cache, k, v, cache_seqlens, block_table):
     return None
+
+
+_DECODE_LIB.impl("decode_forward", _decode_forward, "CompositeExplicitAutograd")
+_DECODE_LIB.impl("kvcache_append", _kvcache_append, "CompositeExplicitAutograd")
+torch.library.register_fake("salience::decode_forward", _decode_forward_fake, lib=_DECODE_LIB)
+torch.library.register_fake("salience::kvcache_append", _kvcache_append_fake, lib=_DECODE_LIB)
 
 
 class DecodeRoute(NamedTuple):
