@@ -106,7 +106,7 @@ def test_short_queries_against_a_long_cache_take_the_decode_kernel(mask, mod, dt
     got = salience.attention(q, k, v, mask=mask, score_mod=mod)
     want = reference.attention(q.double(), k.double(), v.double(), mask=mask, score_mod=mod).out
     same_dtype = reference.attention(q, k, v, mask=mask, score_mod=mod).out
-    assert_rel_close(got, want, same_dtype)
+    assert_rel_close(got, same_dtype, want)
 
 
 def test_decode_is_not_chosen_when_a_gradient_is_needed():
@@ -187,3 +187,46 @@ def test_no_function_in_kernels_is_longer_than_sixty_lines():
                 if n > 60:
                     long.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
     assert long == [], long
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("L", [1, 3])
+@pytest.mark.parametrize("case", ["causal_br", "window_br", "causal_br_and_lengths"])
+def test_a_decoding_step_on_a_short_cache_takes_the_fused_kernel(case, L, dtype):
+    """Below decode_min_keys, a few rows per sequence that see one key interval run torch's fused kernel (no mask
+    when the interval is every key, else a compact key mask) instead of the textbook path, with the reference's
+    answers forward and backward (relative-error rule against float64)."""
+    B, H, Hkv, S = 2, 8, 2, 300
+    lengths = torch.tensor([300, 170])
+    mask = {"causal_br": M.causal(align="bottom_right"),
+            "window_br": M.sliding_window(40, align="bottom_right"),
+            "causal_br_and_lengths": M.causal(align="bottom_right") & M.padding(kv_lengths=lengths)}[case]
+    q, k, v = qkv(B=B, H=H, Hkv=Hkv, L=L, S=S, dtype=torch.float64, seed=L)
+    plan = salience.plan(q.to(dtype), k.to(dtype), v.to(dtype), mask=mask)
+    if L == 1:
+        assert plan.backend == "sdpa" and "query row(s)" in plan.reason, plan
+        assert ("no mask" in plan.reason) == (case == "causal_br"), plan
+    else:  # the rows' intervals differ: another rule
+        assert "query row(s)" not in plan.reason, plan
+    q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
+    qt, kt, vt = (t.to(dtype).detach().requires_grad_() for t in (q, k, v))
+    qr, kr, vr = (t.to(dtype).detach().requires_grad_() for t in (q, k, v))
+    out = salience.attention(qt, kt, vt, mask=mask)
+    ref = reference.attention(qr, kr, vr, mask=mask).out
+    ref64 = reference.attention(q64, k64, v64, mask=mask).out
+    assert_rel_close(out, ref, ref64, what="out")
+    g = torch.randn_like(ref64)
+    out.backward(g.to(dtype))
+    ref.backward(g.to(dtype))
+    ref64.backward(g)
+    for a, b, c, name in ((qt, qr, q64, "dq"), (kt, kr, k64, "dk"), (vt, vr, v64, "dv")):
+        assert_rel_close(a.grad, b.grad, c.grad, what=name)
+
+
+def test_shared_interval_rule_leaves_rows_that_see_nothing():
+    """A sequence whose rows see no key must give zeros, which the fused kernel does not: the rule declines."""
+    q, k, v = qkv(B=2, L=1, S=300)
+    mask = M.padding(kv_lengths=torch.tensor([300, 0])) & M.causal(align="bottom_right")
+    assert rules.shared_interval_sdpa(build(q, k, v, mask=mask)) is None
+    out = salience.attention(q, k, v, mask=mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and not torch.isnan(out).any()

@@ -228,6 +228,38 @@ def key_padding_sdpa(p: Problem):
                 SdpaExec(causal_too, p.eff_scale, bias))
 
 
+def shared_interval_sdpa(p: Problem):
+    """A few query rows per sequence (at most ``decode_max_rows``) that all see one interval of keys, as in a
+    decoding step under a bottom-right causal mask or a window: torch's fused kernel with no mask when the
+    interval is every key, else with a compact (B, 1, 1, S) key mask (for short caches the decode rule leaves)."""
+    if p.bias is not None or p.mod_rest is not None or not p.fused_ok or not p.whole or p.mask is None \
+            or p.L > p.config.decode_max_rows or p.backend not in (None, "sdpa"):
+        return None
+    from . import decode as kdecode
+
+    iv = kdecode.band_rows(p.mask, [p.S] * p.B, p.L) or p.intervals
+    if iv is None:
+        return None
+    lo, hi = (t.expand(p.B, p.L) for t in iv)
+    a, z = lo[:, :1], hi[:, :1]
+    if not (bool((lo == a).all()) and bool((hi == z).all())) or bool((z <= a).any()):
+        return None  # rows differ, or a row sees nothing (zeros, which the fused kernel does not give)
+    if bool((a == 0).all()) and bool((z == p.S).all()):
+        return Plan("sdpa", f"every one of the {p.L} query row(s) sees every key: torch's fused kernel, no mask",
+                    {"skipped": 0.0}, SdpaExec(False, p.eff_scale))
+    if p.backend is not None:
+        return None
+    from . import fused
+
+    keys = torch.arange(p.S, device=a.device)
+    keep = ((keys >= a) & (keys < z)).to(p.device)  # (B, S)
+    bias = torch.zeros(p.B, 1, 1, p.S, dtype=fused.bias_dtype(p.dtype, True), device=p.device).masked_fill_(
+        ~keep.view(p.B, 1, 1, p.S), float("-inf"))
+    return Plan("sdpa", f"the {p.L} query row(s) of each sequence see one interval of keys: torch's fused kernel "
+                "with a compact (B, 1, 1, S) key mask", {"skipped": round(1 - float(keep.float().mean()), 4)},
+                SdpaExec(False, p.eff_scale, bias))
+
+
 def torch_sdpa(p: Problem):
     """Dtypes/devices without the fused CPU op: torch SDPA itself (it gives no logsumexp)."""
     if p.bias is not None or not _plain(p) or p.fused_ok or p.need_lse:
@@ -389,6 +421,7 @@ RULES = [
     _rule("blockwise", bias_in_tiles),
     _rule("sdpa", plain_sdpa),
     _rule("sdpa", key_padding_sdpa),
+    _rule("sdpa", shared_interval_sdpa),
     _rule("sdpa", torch_sdpa),
     _rule("reference", tiny),
     _rule("reference", untracked_grads),
