@@ -43,9 +43,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "decode_overhead.json")
 
 
-def per_call_us(fns: dict, calls: int, repeats: int) -> dict:
-    """For each function: the median over ``repeats`` of the mean time of ``calls`` back-to-back calls, in
-    microseconds. The functions take turns inside each repeat, so a change of machine load hits them alike."""
+def per_call_us(fns: dict, calls: int, repeats: int) -> tuple:
+    """For each function: the median and the minimum over ``repeats`` of the mean time of ``calls`` back-to-back
+    calls, in microseconds. The functions take turns inside each repeat, so a change of machine load hits them
+    alike; on a loaded machine the minimum is the steadier figure for Python-bound calls (load only adds time)."""
     for fn in fns.values():
         for _ in range(max(3, calls // 10)):
             fn()
@@ -56,7 +57,8 @@ def per_call_us(fns: dict, calls: int, repeats: int) -> dict:
             for _ in range(calls):
                 fn()
             times[name].append((time.perf_counter() - t0) / calls)
-    return {name: sorted(t)[repeats // 2] * 1e6 for name, t in times.items()}
+    return ({name: sorted(t)[repeats // 2] * 1e6 for name, t in times.items()},
+            {name: min(t) * 1e6 for name, t in times.items()})
 
 
 def _kernel_alone(q, k, v, S: int):
@@ -104,9 +106,9 @@ def calls_row(S: int, calls: int, repeats: int, compiled: bool = False) -> dict:
             q_, k_, v_, kn_, vn_, cache_seqlens=n_, mask=causal), fullgraph=True)
         fns["attention_with_kvcache compiled"] = lambda: step(q, kc, vc, kn, vn, lens)
     with torch.no_grad():
-        us = per_call_us(fns, calls, repeats)
+        us, us_min = per_call_us(fns, calls, repeats)
     row = {"name": f"B={B} H={H} Hkv={Hkv} D={D} L={L} S={S} float32", "S": S, "us_per_call": us,
-           "salience_attention_route": route,
+           "us_per_call_min": us_min, "salience_attention_route": route,
            "python_us": {n: us[n] - us["kernel"] for n in us if n not in ("kernel", "sdpa")},
            "ratio_to_kernel": {n: us[n] / us["kernel"] for n in us}}
     print(f"S={S:5d}  " + "  ".join(f"{n} {t:7.1f} us" for n, t in us.items()) + f"  (salience.attention: {route})",
@@ -149,12 +151,14 @@ def python_only_row(S: int, calls: int, repeats: int) -> dict:
     decode._STATE["lib"] = _NoKernel()
     try:
         with torch.no_grad():
-            us = per_call_us(fns, calls, repeats)
+            us, us_min = per_call_us(fns, calls, repeats)
     finally:
         decode._STATE.clear()
         decode._STATE.update(saved)
-    print(f"S={S:5d}  Python only (no-op kernel): " + "  ".join(f"{n} {t:6.1f} us" for n, t in us.items()), flush=True)
-    return {"name": f"Python only, B={B} H={H} Hkv={Hkv} D={D} L={L} S={S}", "S": S, "us_per_call": us}
+    print(f"S={S:5d}  Python only (no-op kernel), median / min: " + "  ".join(
+        f"{n} {t:6.1f} / {us_min[n]:6.1f} us" for n, t in us.items()), flush=True)
+    return {"name": f"Python only, B={B} H={H} Hkv={Hkv} D={D} L={L} S={S}", "S": S, "us_per_call": us,
+            "us_per_call_min": us_min}
 
 
 def generate_row(prompt: int, new_tokens: int, repeats: int) -> dict:
