@@ -724,23 +724,25 @@ constexpr int64_t chunk_keys() {
 // at page and block edges.
 constexpr int64_t PREFETCH = 64;
 
-// One work item: keys [ka, kz) of (b, hk) for all its rows, chunk by chunk; partial results to part. Chunks
-// after the first start at multiples of chunk_keys (so that paged blocks of 16 or more keys give evenly spaced groups
-// of 16 for AMX). qbuf: room for the AMX query layouts of every tile, or null (no AMX).
+// One work item: keys [ka, kz) of sequence b for all the rows of kv heads hk0 .. hk0 + nh - 1, chunk by chunk,
+// the heads in turn within each chunk; head hk0 + h leaves its partial results at part + h * part_stride. Chunks
+// after the first start at multiples of chunk_keys (so that paged blocks of 16 or more keys give evenly spaced
+// groups of 16 for AMX). qbuf: room for the AMX query layouts of every tile, or null (no AMX).
 template <typename C>
-void run_item(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, float* part, float* s, uint32_t* qbuf) {
+void run_item(const Args& A, int64_t b, int64_t hk0, int64_t nh, int64_t ka, int64_t kz, float* part,
+              int64_t part_stride, float* s, uint32_t* qbuf) {
   using T = typename C::T;
-  const int64_t R = A.H / A.Hkv * A.L;
-  std::fill(part, part + R, NEG_INF);
-  std::fill(part + R, part + R * (2 + A.Dv), 0.0f);
-  const int64_t ntiles = (R + MAX_NR - 1) / MAX_NR;
-  Rows tiles[64];
-  for (int64_t t = 0; t < ntiles; ++t) {
-    const int64_t r0 = t * R / ntiles, r1 = (t + 1) * R / ntiles;  // balanced tiles of <= 8 rows
-    tiles[t] = make_tile(A, b, hk, ka, kz, r0, static_cast<int>(r1 - r0), part);
-    if (qbuf) {
-      amx_queries(tiles[t], A.D, qbuf + t * (A.D / 32) * 256);
-      tiles[t].qv = qbuf + t * (A.D / 32) * 256;
+  const int64_t R = A.H / A.Hkv * A.L, ntiles = (R + MAX_NR - 1) / MAX_NR, qsize = A.D / 32 * 256;
+  Rows tiles[64];  // nh * ntiles <= 64 (head_group)
+  for (int64_t h = 0; h < nh; ++h) {
+    float* ph = part + h * part_stride;
+    std::fill(ph, ph + R, NEG_INF);
+    std::fill(ph + R, ph + R * (2 + A.Dv), 0.0f);
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t r0 = t * R / ntiles, r1 = (t + 1) * R / ntiles;  // balanced tiles of <= 8 rows
+      Rows& tt = tiles[h * ntiles + t];
+      tt = make_tile(A, b, hk0 + h, ka, kz, r0, static_cast<int>(r1 - r0), ph);
+      if (qbuf) amx_queries(tt, A.D, qbuf + (h * ntiles + t) * qsize), tt.qv = qbuf + (h * ntiles + t) * qsize;
     }
   }
   const T* kp[CHUNK];
@@ -751,17 +753,30 @@ void run_item(const Args& A, int64_t b, int64_t hk, int64_t ka, int64_t kz, floa
     const int64_t next = std::min(kz, (c0 / CK + 1) * CK), n = next - c0;
     const int64_t c1 = (c0 / CK + PREFETCH / CK) * CK;
     ahead.n = c1 < kz ? std::min(CK, kz - c1) : 0;
-    if (ahead.n) key_addresses<C>(A, b, hk, c1, ahead.n, ahead.k, ahead.v);
-    key_addresses<C>(A, b, hk, c0, n, kp, vp);
-    bool first = true;
-    for (int64_t t = 0; t < ntiles; ++t) {
-      const Rows& tt = tiles[t];
-      bool any = false;
-      for (int r = 0; r < tt.nr; ++r) any = any || (tt.lo[r] < c0 + n && tt.hi[r] > c0 && tt.lo[r] < tt.hi[r]);
-      if (any) tile_chunk_n<C>(A, tt, c0, n, kp, vp, s, first && ahead.n ? &ahead : nullptr), first = false;
+    for (int64_t h = 0; h < nh; ++h) {
+      if (ahead.n) key_addresses<C>(A, b, hk0 + h, c1, ahead.n, ahead.k, ahead.v);
+      key_addresses<C>(A, b, hk0 + h, c0, n, kp, vp);
+      bool first = true;
+      for (int64_t t = h * ntiles; t < (h + 1) * ntiles; ++t) {
+        const Rows& tt = tiles[t];
+        bool any = false;
+        for (int r = 0; r < tt.nr; ++r) any = any || (tt.lo[r] < c0 + n && tt.hi[r] > c0 && tt.lo[r] < tt.hi[r]);
+        if (any) tile_chunk_n<C>(A, tt, c0, n, kp, vp, s, first && ahead.n ? &ahead : nullptr), first = false;
+      }
     }
     c0 = next;
   }
+}
+
+// How many kv heads one item reads side by side: for paged caches, all of a block's heads (they are adjacent in
+// the pool, so an item reads whole blocks instead of one head's slice of each), as many as 64 row tiles allow;
+// for contiguous caches one (each head's keys are one stream already).
+int64_t head_group(const Args& A) {
+  if (!A.block_table) return 1;
+  const int64_t ntiles = (A.H / A.Hkv * A.L + MAX_NR - 1) / MAX_NR;
+  int64_t g = std::max<int64_t>(1, std::min(A.Hkv, 64 / ntiles));
+  while (A.Hkv % g) --g;
+  return g;
 }
 
 // Merge the pieces of (b, hk) by logsumexp, with the sink logit as one more term; writes out and lse.
@@ -803,7 +818,8 @@ void merge_item(const Args& A, int64_t b, int64_t hk, const float* parts, int64_
 
 // Key range of each sequence (the union of its rows' intervals) and how many pieces to split it into; returns
 // the total number of (key, kv head) pairs to read.
-int64_t plan(const Args& A, std::vector<int64_t>& ka, std::vector<int64_t>& kz, std::vector<int64_t>& pieces) {
+int64_t plan(const Args& A, int64_t nh, std::vector<int64_t>& ka, std::vector<int64_t>& kz,
+             std::vector<int64_t>& pieces) {
   int64_t total = 0;
   for (int64_t b = 0; b < A.B; ++b) {
     int64_t a = std::numeric_limits<int64_t>::max(), z = 0;
@@ -817,8 +833,9 @@ int64_t plan(const Args& A, std::vector<int64_t>& ka, std::vector<int64_t>& kz, 
     kz[b] = z;
     total += (z - a) * A.Hkv;
   }
-  // enough pieces for the threads to balance (dynamic schedule), none shorter than min_split keys
-  const int64_t piece = std::max<int64_t>(A.min_split, (total + 8 * A.nthreads - 1) / (8 * A.nthreads));
+  // enough items (pieces x head groups of nh) for the threads to balance (dynamic schedule), no piece shorter
+  // than min_split keys
+  const int64_t piece = std::max<int64_t>(A.min_split, (total + 8 * nh * A.nthreads - 1) / (8 * nh * A.nthreads));
   for (int64_t b = 0; b < A.B; ++b) pieces[b] = std::max<int64_t>(1, (kz[b] - ka[b] + piece - 1) / piece);
   return total;
 }
@@ -830,12 +847,12 @@ constexpr int64_t PARALLEL_MIN = 2048;
 // piece of a (b, kv head) merges its pieces, so there is no barrier between the two passes.
 template <typename C>
 void forward(const Args& A) {
-  const int64_t R = A.H / A.Hkv * A.L, stride = R * (2 + A.Dv);
+  const int64_t R = A.H / A.Hkv * A.L, stride = R * (2 + A.Dv), nh = head_group(A);
   std::vector<int64_t> ka(A.B), kz(A.B), pieces(A.B), first(A.B + 1, 0);
-  const int64_t total = plan(A, ka, kz, pieces);
+  const int64_t total = plan(A, nh, ka, kz, pieces);
   for (int64_t b = 0; b < A.B; ++b) first[b + 1] = first[b] + pieces[b];
-  const int64_t per_head = first[A.B], items = per_head * A.Hkv;
-  std::vector<float> parts(static_cast<size_t>(items * stride));
+  const int64_t per_head = first[A.B], items = per_head * (A.Hkv / nh);
+  std::vector<float> parts(static_cast<size_t>(per_head * A.Hkv * stride));
   std::vector<int64_t> item_b(per_head);
   std::vector<std::atomic<int64_t>> done(static_cast<size_t>(A.B * A.Hkv));
   for (auto& x : done) x.store(0);
@@ -845,20 +862,22 @@ void forward(const Args& A) {
   const bool amx = std::is_same<C, BF16>::value && A.q16 && A.D % 32 == 0 && amx_wanted();
   // piece p of sequence b starts at its share of the range, rounded down to a multiple of 16 keys
   auto start = [&](int64_t b, int64_t p) {
-    return p == 0 ? ka[b] : p == pieces[b] ? kz[b] : std::max(ka[b], (ka[b] + (kz[b] - ka[b]) * p / pieces[b]) / 16 * 16);
+    const int64_t at = (ka[b] + (kz[b] - ka[b]) * p / pieces[b]) / 16 * 16;
+    return p == 0 ? ka[b] : p == pieces[b] ? kz[b] : std::max(ka[b], at);
   };
 #pragma omp parallel num_threads(nt)
   {
     alignas(64) float s[MAX_NR * CHUNK];
-    std::vector<uint32_t> qbuf(amx ? static_cast<size_t>((R + MAX_NR - 1) / MAX_NR * (A.D / 32) * 256) : 0);
+    std::vector<uint32_t> qbuf(amx ? static_cast<size_t>(nh * ((R + MAX_NR - 1) / MAX_NR) * (A.D / 32) * 256) : 0);
     if (amx) amx_begin();
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t w = 0; w < items; ++w) {
-      const int64_t hk = w / per_head, e = w % per_head, b = item_b[e], p = e - first[b];
-      run_item<C>(A, b, hk, start(b, p), start(b, p + 1), parts.data() + (hk * per_head + e) * stride, s,
-                  amx ? qbuf.data() : nullptr);
-      if (done[b * A.Hkv + hk].fetch_add(1, std::memory_order_acq_rel) + 1 == pieces[b])
-        merge_item(A, b, hk, parts.data() + (hk * per_head + first[b]) * stride, pieces[b]);
+      const int64_t hk0 = w / per_head * nh, e = w % per_head, b = item_b[e], p = e - first[b];
+      run_item<C>(A, b, hk0, nh, start(b, p), start(b, p + 1), parts.data() + (hk0 * per_head + e) * stride,
+                  per_head * stride, s, amx ? qbuf.data() : nullptr);
+      for (int64_t hk = hk0; hk < hk0 + nh; ++hk)
+        if (done[b * A.Hkv + hk].fetch_add(1, std::memory_order_acq_rel) + 1 == pieces[b])
+          merge_item(A, b, hk, parts.data() + (hk * per_head + first[b]) * stride, pieces[b]);
     }
     if (amx) amx_end();
   }
