@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import median_ms  # noqa: E402
 
 import salience  # noqa: E402
-from salience import kvcache, masks  # noqa: E402
+from salience import _memory, kvcache, masks  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "decode.json")
@@ -92,10 +92,20 @@ def _row(name, cfg, kv_bytes, copy_gbs, times, plan_path, extra=None) -> dict:
     return row
 
 
-def single(dtype, S, H, Hkv, D, copy_gbs, repeats, window=None) -> dict:
-    """B=1, one query against S cached keys (a window of ``window`` keys when given)."""
+def _cache(shape, dtype, huge: bool) -> torch.Tensor:
+    """Random cache contents in ordinary memory (torch.randn) or in huge pages (salience._memory.zeros, filled)."""
+    if not huge:
+        return torch.randn(*shape, dtype=dtype)
+    t = _memory.zeros(*shape, dtype=dtype)
+    t.copy_(torch.randn(*shape, dtype=dtype))
+    return t
+
+
+def single(dtype, S, H, Hkv, D, copy_gbs, repeats, window=None, huge=False) -> dict:
+    """B=1, one query against S cached keys (a window of ``window`` keys when given); ``huge``: the cache in
+    transparent huge pages (salience._memory.zeros)."""
     q = torch.randn(1, H, 1, D, dtype=dtype)
-    kc, vc = torch.randn(1, Hkv, S, D, dtype=dtype), torch.randn(1, Hkv, S, D, dtype=dtype)
+    kc, vc = _cache((1, Hkv, S, D), dtype, huge), _cache((1, Hkv, S, D), dtype, huge)
     mask = (masks.causal(align="bottom_right") if window is None
             else masks.sliding_window(window - 1, align="bottom_right"))
     with torch.no_grad():
@@ -112,13 +122,15 @@ def single(dtype, S, H, Hkv, D, copy_gbs, repeats, window=None) -> dict:
                                                                              enable_gqa=True), repeats)
     keys = S if window is None else min(window, S)
     kv_bytes = Hkv * keys * 2 * D * kc.element_size()
-    name = f"B=1 S={S} {'window ' + str(window) if window else 'causal'} {str(dtype)[6:]}"
-    cfg = {"B": 1, "H": H, "Hkv": Hkv, "D": D, "S": S, "L": 1, "dtype": str(dtype)[6:], "window": window}
+    name = f"B=1 S={S} {'window ' + str(window) if window else 'causal'} {str(dtype)[6:]}" + (
+        ", huge pages" if huge else "")
+    cfg = {"B": 1, "H": H, "Hkv": Hkv, "D": D, "S": S, "L": 1, "dtype": str(dtype)[6:], "window": window,
+           "huge_pages": huge}
     return _row(name, cfg, kv_bytes, copy_gbs, times, pl.path, {"attention_backend": ap.backend})
 
 
-def batched(dtype, lengths, H, Hkv, D, copy_gbs, repeats, paged: bool, block_size: int = 16) -> dict:
-    """B sequences of the given cache lengths in one call, one query each."""
+def batched(dtype, lengths, H, Hkv, D, copy_gbs, repeats, paged: bool, block_size: int = 16, huge=False) -> dict:
+    """B sequences of the given cache lengths in one call, one query each (``huge``: caches in huge pages)."""
     B, cap = len(lengths), max(lengths)
     q = torch.randn(B, H, 1, D, dtype=dtype)
     lens = torch.tensor(lengths)
@@ -134,9 +146,9 @@ def batched(dtype, lengths, H, Hkv, D, copy_gbs, repeats, paged: bool, block_siz
         for b, n in enumerate(nb):
             bt[b, :n] = perm[at : at + n].to(torch.int32)
             at += n
-        kc, vc = (torch.randn(pool, Hkv, block_size, D, dtype=dtype) for _ in range(2))
+        kc, vc = (_cache((pool, Hkv, block_size, D), dtype, huge) for _ in range(2))
     else:
-        kc, vc = (torch.randn(B, Hkv, cap, D, dtype=dtype) for _ in range(2))
+        kc, vc = (_cache((B, Hkv, cap, D), dtype, huge) for _ in range(2))
     with torch.no_grad():
         pl = kvcache.plan(q, kc, vc, cache_seqlens=lens, block_table=bt, mask=mask)
         times = {"salience": median_ms(lambda: salience.attention_with_kvcache(
@@ -146,9 +158,10 @@ def batched(dtype, lengths, H, Hkv, D, copy_gbs, repeats, paged: bool, block_siz
             times["sdpa"] = median_ms(lambda: F.scaled_dot_product_attention(q, kc, vc, attn_mask=vis,
                                                                              enable_gqa=True), repeats)
     kv_bytes = Hkv * int(lens.sum()) * 2 * D * kc.element_size()
-    name = f"B={B} lengths {min(lengths) // 1024}k..{cap // 1024}k {'paged' if paged else 'contiguous'} {str(dtype)[6:]}"
+    name = (f"B={B} lengths {min(lengths) // 1024}k..{cap // 1024}k {'paged' if paged else 'contiguous'} "
+            f"{str(dtype)[6:]}" + (", huge pages" if huge else ""))
     cfg = {"B": B, "H": H, "Hkv": Hkv, "D": D, "lengths": lengths, "L": 1, "dtype": str(dtype)[6:], "paged": paged,
-           "block_size": block_size if paged else None}
+           "block_size": block_size if paged else None, "huge_pages": huge}
     return _row(name, cfg, kv_bytes, copy_gbs, times, pl.path)
 
 
@@ -242,6 +255,12 @@ def main(argv=None) -> int:
             rows.append(batched(dtype, lengths, H, Hkv, D, copy["gb_per_s"], reps, paged))
     for dtype in (torch.bfloat16, torch.float32):
         rows.append(single(dtype, S, H, Hkv, D, copy["gb_per_s"], reps, window=64 if small else 4096))
+    # the same caches in transparent huge pages (salience._memory.zeros), where Linux offers them
+    if _memory.huge_pages_offered():
+        for dtype in (torch.bfloat16, torch.float32):
+            rows.append(single(dtype, S, H, Hkv, D, copy["gb_per_s"], reps, huge=True))
+        for paged in (False, True):
+            rows.append(batched(torch.bfloat16, lengths, H, Hkv, D, copy["gb_per_s"], reps, paged, huge=True))
     if not args.no_generate:
         rows.append(generate_row(256 if small else 8192, 8 if small else 32, 1 if small else 2))
     info["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

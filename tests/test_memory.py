@@ -61,3 +61,22 @@ def test_bad_arguments():
         _memory.zeros(2.0, 3)
     with pytest.raises(TypeError, match="torch.dtype"):
         _memory.zeros(2, 3, dtype="float32")
+
+
+def test_kvcache_zeros_is_exported_and_the_layer_cache_uses_huge_pages():
+    """salience.kvcache.zeros is the same allocator; MultiHeadAttention's KVCache puts CPU buffers of 2 MiB or
+    more on 2 MiB boundaries (huge pages where offered) and keeps appending correctly."""
+    from salience import kvcache
+    from salience.layers import KVCache
+
+    assert kvcache.zeros is _memory.zeros
+    c = KVCache(max_length=4096)
+    k, v = torch.randn(1, 2, 5, 128), torch.randn(1, 2, 5, 128)
+    ka, va = c.append(k, v)
+    kb, vb = c.buffers
+    assert kb.shape == (1, 2, 4096, 128) and torch.equal(ka, k) and torch.equal(va, v)
+    if _memory.huge_pages_offered():
+        assert kb.data_ptr() % _memory.HUGE_PAGE == 0 and vb.data_ptr() % _memory.HUGE_PAGE == 0
+    k2 = torch.randn(1, 2, 3, 128)
+    ka, _ = c.append(k2, k2)
+    assert torch.equal(ka, torch.cat([k, k2], dim=2))

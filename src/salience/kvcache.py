@@ -32,6 +32,11 @@ exact fallback: each sequence's keys are gathered and :func:`salience.attention`
 more than :data:`MAX_DECODE_ROWS` queries (a prefill through the cache). :func:`plan` says which path a call takes
 and why.
 
+**Allocating caches.** :func:`zeros` (``salience.kvcache.zeros(B, Hkv, S_max, D, dtype=...)``) is ``torch.zeros``
+in 2 MiB-aligned memory advised as transparent huge pages where Linux offers them: a decoding step reads its cache
+end to end, and with 4 KiB pages every 16 bfloat16 keys of 128 values are a new page (a TLB miss, and a stop for
+the hardware prefetchers). ``MultiHeadAttention``'s ``KVCache`` allocates its CPU buffers this way.
+
 Example:
     >>> import torch, salience
     >>> from salience import masks
@@ -53,12 +58,13 @@ import torch
 
 from . import masks as M
 from ._layout import check_scale
+from ._memory import zeros
 from ._result import AttentionResult
 from .kernels.dispatch import _opaque_to_compile
 from .kernels.merge import check_sinks
 from .reference import _acc_dtype
 
-__all__ = ["attention_with_kvcache", "plan", "KVCachePlan", "gather", "append_checked"]
+__all__ = ["attention_with_kvcache", "plan", "KVCachePlan", "gather", "append_checked", "zeros"]
 
 _FLOAT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 

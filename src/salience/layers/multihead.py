@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import _hooks
+from .. import _hooks, _memory
 from .._layout import check_scale
 from ..functional import attention, attention_weights
 from ..kvcache import attention_with_kvcache
@@ -137,7 +137,10 @@ class KVCache:
             return
         cap = self.max_length or max(need, 2 * self.capacity, self.MIN_CAPACITY)
         B, Hkv, _, D = k.shape
-        nk, nv = k.new_empty(B, Hkv, cap, D), v.new_empty(B, Hkv, cap, v.shape[3])
+        if k.device.type == "cpu":  # huge pages where Linux offers them: a decode step reads the buffers end to end
+            nk, nv = _memory.zeros(B, Hkv, cap, D, dtype=k.dtype), _memory.zeros(B, Hkv, cap, v.shape[3], dtype=v.dtype)
+        else:
+            nk, nv = k.new_empty(B, Hkv, cap, D), v.new_empty(B, Hkv, cap, v.shape[3])
         if self._n:
             nk[:, :, : self._n] = self._k[:, :, : self._n]
             nv[:, :, : self._n] = self._v[:, :, : self._n]
