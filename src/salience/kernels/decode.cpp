@@ -425,9 +425,12 @@ void amx_queries(const Rows& t, int64_t D, uint32_t* qv) {
   }
 }
 
-// s[r * CHUNK + j + x] = q_r . k_{j + x} for x < 16 g (g = 1 or 2 groups of 16 evenly spaced keys from k0).
+// s[r * CHUNK + j + x] = q_r . k_{j + x} for x < 16 g: g = 1 or 2 groups of 16 evenly spaced keys, the first from
+// k0, the second from k1 (anywhere: in a paged cache, the next block). Two groups keep two independent chains of
+// tile products in flight.
 template <int NR>
-void amx_dots(const Rows& t, const uint16_t* k0, int64_t ks, int g, int64_t D, int64_t j, float* s) {
+void amx_dots(const Rows& t, const uint16_t* k0, const uint16_t* k1, int64_t ks, int g, int64_t D, int64_t j,
+              float* s) {
   alignas(64) float c[2 * 256];
   _tile_zero(0);
   _tile_zero(1);
@@ -436,7 +439,7 @@ void amx_dots(const Rows& t, const uint16_t* k0, int64_t ks, int g, int64_t D, i
     _tile_loadd(2, k0 + kb * 32, ks * 2);
     _tile_dpbf16ps(0, 2, 4);
     if (g == 2) {
-      _tile_loadd(3, k0 + 16 * ks + kb * 32, ks * 2);
+      _tile_loadd(3, k1 + kb * 32, ks * 2);
       _tile_dpbf16ps(1, 3, 4);
     }
   }
@@ -451,7 +454,7 @@ void amx_begin() {}
 void amx_end() {}
 void amx_queries(const Rows&, int64_t, uint32_t*) {}
 template <int NR>
-void amx_dots(const Rows&, const uint16_t*, int64_t, int, int64_t, int64_t, float*) {}
+void amx_dots(const Rows&, const uint16_t*, const uint16_t*, int64_t, int, int64_t, int64_t, float*) {}
 #endif
 
 // Keys j .. j + m of kp evenly spaced by ks elements (one tile load can read them).
@@ -476,9 +479,9 @@ void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, i
   if constexpr (HAVE_DPBF16 && std::is_same<C, BF16>::value) {
     if (t.qv)
       while (j + 16 <= n) {
-        const int g = j + 32 <= n && evenly_spaced(kp, j, 32, ks) ? 2 : evenly_spaced(kp, j, 16, ks) ? 1 : 0;
+        const int g = !evenly_spaced(kp, j, 16, ks) ? 0 : j + 32 <= n && evenly_spaced(kp, j + 16, 16, ks) ? 2 : 1;
         if (g == 0) break;
-        amx_dots<NR>(t, kp[j], ks, g, D, j, s);
+        amx_dots<NR>(t, kp[j], g == 2 ? kp[j + 16] : nullptr, ks, g, D, j, s);
         ahead(j, 16 * g);
         j += 16 * g;
       }
