@@ -836,9 +836,10 @@ int64_t plan(const Args& A, int64_t nh, std::vector<int64_t>& ka, std::vector<in
     kz[b] = z;
     total += (z - a) * A.Hkv;
   }
-  // enough items (pieces x head groups of nh) for the threads to balance (dynamic schedule), no piece shorter
-  // than min_split keys
-  const int64_t piece = std::max<int64_t>(A.min_split, (total + 8 * nh * A.nthreads - 1) / (8 * nh * A.nthreads));
+  // about 32 items (pieces x groups of nh heads) per thread, so that the dynamic schedule balances sequences of
+  // different lengths; no piece shorter than min_split keys
+  const int64_t want = 32 * nh * A.nthreads;
+  const int64_t piece = std::max<int64_t>(A.min_split, (total + want - 1) / want);
   for (int64_t b = 0; b < A.B; ++b) pieces[b] = std::max<int64_t>(1, (kz[b] - ka[b] + piece - 1) / piece);
   return total;
 }
