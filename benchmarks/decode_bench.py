@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _llama import timed_generate, tiny_llamas  # noqa: E402
 from _timing import median_ms  # noqa: E402
 
 import salience  # noqa: E402
@@ -171,43 +172,18 @@ def generate_row(prompt: int, new_tokens: int, repeats: int) -> dict:
     One ``generate()`` call per repeat; a logits processor stamps the time at every step, so the decoding steps
     (after the prefill) are timed inside generate() itself: tokens/s = 1 / median step time. The prefill is the time
     to the first step."""
-    import transformers
-
-    import salience.integrations.hf  # noqa: F401  (registers "salience")
-
-    class Stamps(transformers.LogitsProcessor):
-        def __init__(self):
-            self.t = []
-
-        def __call__(self, input_ids, scores):
-            self.t.append(time.perf_counter())
-            return scores
-
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=prompt + 256)
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 512, (1, prompt))
+    models, ids = tiny_llamas(prompt)
     out, tokens = {}, {}
-    for impl in ("salience", "sdpa"):
-        model = transformers.LlamaForCausalLM(cfg).eval()
-        model.load_state_dict(base.state_dict())
-        model.set_attn_implementation(impl)
+    for impl, model in models.items():
         steps, prefill = [], []
         for _ in range(repeats):
-            st = Stamps()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                res = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False,
-                                     logits_processor=transformers.LogitsProcessorList([st]))
-            prefill.append(st.t[0] - t0)
-            steps += [b - a for a, b in zip(st.t[:-1], st.t[1:])]
+            tokens[impl], first, between = timed_generate(model, ids, new_tokens)
+            prefill.append(first)
+            steps += between
         steps.sort()
         med = steps[len(steps) // 2]
         out[impl] = {"prefill_ms": sorted(prefill)[len(prefill) // 2] * 1e3, "decode_ms_per_token": med * 1e3,
                      "tokens_per_s": 1.0 / med, "steps_timed": len(steps)}
-        tokens[impl] = res[0, prompt:].tolist()
     same = tokens["salience"] == tokens["sdpa"]
     row = {"name": f"generate() tiny Llama, {prompt}-token prompt", "config": {
         "prompt": prompt, "new_tokens": new_tokens, "layers": 2, "hidden": 256, "heads": 8, "kv_heads": 2,

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _llama import timed_generate, tiny_llamas  # noqa: E402
 from _timing import machine  # noqa: E402
 
 import salience  # noqa: E402
@@ -164,37 +165,12 @@ def python_only_row(S: int, calls: int, repeats: int) -> dict:
 def generate_row(prompt: int, new_tokens: int, repeats: int) -> dict:
     """Decoding tokens/s of a tiny random Llama (2 layers, hidden 256, 8 heads, 2 kv heads) after a ``prompt``-token
     prompt: the median step time inside generate() (a logits processor stamps every step)."""
-    import transformers
-
-    import salience.integrations.hf  # noqa: F401  (registers "salience")
-
-    class Stamps(transformers.LogitsProcessor):
-        def __init__(self):
-            self.t = []
-
-        def __call__(self, input_ids, scores):
-            self.t.append(time.perf_counter())
-            return scores
-
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=prompt + 512)
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 512, (1, prompt))
-    models, steps, tokens = {}, {"salience": [], "sdpa": []}, {}
-    for impl in steps:
-        models[impl] = transformers.LlamaForCausalLM(cfg).eval()
-        models[impl].load_state_dict(base.state_dict())
-        models[impl].set_attn_implementation(impl)
+    models, ids = tiny_llamas(prompt, room=512)
+    steps, tokens = {impl: [] for impl in models}, {}
     for _ in range(repeats):  # the two take turns, so a change of machine load hits both
         for impl, model in models.items():
-            st = Stamps()
-            with torch.no_grad():
-                res = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False,
-                                     logits_processor=transformers.LogitsProcessorList([st]))
-            steps[impl] += [b - a for a, b in zip(st.t[:-1], st.t[1:])]
-            tokens[impl] = res[0, prompt:].tolist()
+            tokens[impl], _, between = timed_generate(model, ids, new_tokens)
+            steps[impl] += between
     out = {}
     for impl, ts in steps.items():
         med = sorted(ts)[len(ts) // 2]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.test_decode_kernel import _case, _check_against_reference
+from tests.test_decode_kernel import _case, _check_against_reference, _poisoned
 
 from salience.kernels import decode
 
@@ -68,12 +68,7 @@ def test_amx_nan_in_hidden_keys(amx, paged):
                                     seed=80, window=37, lengths=torch.tensor([128, 90]))
     clean = decode.forward(q, k, v, lo=lo, hi=hi, scale=0.3, block_table=bt)
     for p in (3, 40, 52, 89, 100):
-        k2, v2 = k.clone(), v.clone()
-        if bt is None:
-            k2[:, :, p], v2[:, :, p] = float("nan"), float("nan")
-        else:
-            k2[bt[:, p // paged].long(), :, p % paged] = float("nan")
-            v2[bt[:, p // paged].long(), :, p % paged] = float("nan")
+        k2, v2 = _poisoned(k, v, bt, paged, p)
         out, lse = decode.forward(q, k2, v2, lo=lo, hi=hi, scale=0.3, block_table=bt)
         blind = ~((lo <= p) & (p < hi))
         b, i = blind.nonzero(as_tuple=True)

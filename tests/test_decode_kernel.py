@@ -189,18 +189,25 @@ def test_empty_rows(path):
     assert torch.equal(lse, sinks.view(1, -1, 1).expand_as(lse))
 
 
+def _poisoned(k, v, bt, block_size, p):
+    """Copies of the caches with NaN at logical key p of every sequence (through the block table when paged)."""
+    k2, v2 = k.clone(), v.clone()
+    if bt is None:
+        k2[:, :, p], v2[:, :, p] = float("nan"), float("nan")
+    else:
+        k2[bt[:, p // block_size].long(), :, p % block_size] = float("nan")
+        v2[bt[:, p // block_size].long(), :, p % block_size] = float("nan")
+    return k2, v2
+
+
 @pytest.mark.parametrize("paged", [None, 8])
 def test_nan_outside_the_interval(path, paged):
     """NaN stored at keys a row cannot see leaves that row bit-for-bit unchanged."""
     q, k, v, lo, hi, bt, kw = _case(L=3, S=40, paged=paged, seed=11, window=9, slopes="H", sinks=True)
     clean = decode.forward(q, k, v, lo=lo, hi=hi, scale=0.3, block_table=bt, **kw)
     for p in (0, 5, 17, 31, 39):
-        k2, v2 = k.clone(), v.clone()
-        if bt is None:
-            k2[:, :, p], v2[:, :, p] = float("nan"), float("nan")
-        else:
-            k2[bt[:, p // paged].long(), :, p % paged] = float("nan")
-            v2[bt[:, p // paged].long(), :, p % paged] = float("nan")
+        k2, v2 = _poisoned(k, v, bt, paged, p)
+        if bt is not None:
             unused = sorted(set(range(k.shape[0])) - set(bt.flatten().tolist()))
             k2[unused], v2[unused] = float("nan"), float("nan")
         out, lse = decode.forward(q, k2, v2, lo=lo, hi=hi, scale=0.3, block_table=bt, **kw)
