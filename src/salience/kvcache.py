@@ -60,6 +60,8 @@ from . import masks as M
 from ._layout import check_scale
 from ._memory import zeros
 from ._result import AttentionResult
+from .kernels import ops as _ops
+from .kernels.decode import kernel_mods
 from .kernels.dispatch import _opaque_to_compile
 from .kernels.merge import check_sinks
 from .reference import _acc_dtype
@@ -308,35 +310,6 @@ def gather(cache: torch.Tensor, b: int, length: int, block_table: torch.Tensor |
 # ------------------------------------------------------------------------------------------- mask, mods
 
 
-def _kernel_mods(score_mod):
-    """``(dict(scale_mult, softcap, slopes, offset), None)`` when the decode kernel takes the score_mod (it
-    computes ``cap * tanh(s / cap)`` on the scaled score, then adds ``-slope * |q_pos - kv_pos|``), else
-    ``(None, reason)``. Read from the mod's typed structure (:mod:`salience.structure`)."""
-    from . import structure as St
-
-    out = {"scale_mult": 1.0, "softcap": None, "slopes": None, "offset": 0}
-    st = St.of_mod(score_mod)
-    if st is None:
-        return out, None
-    for m in st.parts if isinstance(st, St.Compose) else (st,):
-        if isinstance(m, St.Temperature):
-            if out["softcap"] is not None:
-                return None, f"{score_mod.name}: a temperature after softcap (the kernel caps last)"
-            out["scale_mult"] /= m.t
-            if out["slopes"] is not None:
-                out["slopes"] = out["slopes"] / m.t
-        elif isinstance(m, St.Softcap):
-            if out["softcap"] is not None or out["slopes"] is not None:
-                return None, f"{score_mod.name}: softcap after softcap or alibi (the kernel caps the dot product only)"
-            out["softcap"] = float(m.cap)
-        elif isinstance(m, St.Alibi) and m.per_head and out["slopes"] is None:
-            out["slopes"], out["offset"] = m.slopes.float(), int(m.offset)
-        else:
-            return None, (f"score_mod {getattr(score_mod, 'name', type(score_mod).__name__)} (the kernel takes "
-                          "temperature, softcap and one per-head alibi)")
-    return out, None
-
-
 def _tensor_mask(mask, g: _Geom):
     """A bool tensor mask as (Bm, Hm, Lm, Sm) with Sm 1 or >= every S_b (sequence b reads its first S_b columns)."""
     if mask.dtype != torch.bool:
@@ -431,7 +404,7 @@ def _decide(q, k_cache, v_cache, k, v, m, sm, sinks, g: _Geom):
     if g.L > MAX_DECODE_ROWS:
         return ("fallback", f"L={g.L} query rows (a prefill; the decode kernel takes up to {MAX_DECODE_ROWS}): "
                 "salience.attention on the cached keys", None, None)
-    mods, why = _kernel_mods(sm)
+    mods, why = kernel_mods(sm)
     if mods is None:
         return "fallback", why, None, None
     spans = _intervals(m, g)
@@ -597,6 +570,9 @@ def append_checked(k_cache, v_cache, k, v, cache_seqlens, block_table=None) -> N
     g = _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
     if g.L_new:
         _append(k_cache, v_cache, k, v, block_table, g)
+
+
+_ops.implement_kvcache_append(append_checked)
 
 
 def _compiled_route(q, k_cache, v_cache, k, v, cache_seqlens, block_table, mask, score_mod, sinks):

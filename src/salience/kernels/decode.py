@@ -60,7 +60,7 @@ from ..reference import _acc_dtype, softmax_from_scores
 from . import native
 from .merge import check_sinks
 
-__all__ = ["forward", "band_rows", "available", "status", "build", "FORCE_TORCH"]
+__all__ = ["forward", "band_rows", "band_of", "kernel_mods", "available", "status", "build", "FORCE_TORCH"]
 
 #: set to True to run the torch fallback even where the compiled kernel is available (tests, debugging)
 FORCE_TORCH = False
@@ -223,6 +223,35 @@ def band_of(mask):
         return None
     lo_d, hi_d = st.bounds
     return lo_d, hi_d, st.align == "bottom_right"
+
+
+def kernel_mods(score_mod):
+    """``(dict(scale_mult, softcap, slopes, offset), None)`` when the decode kernel takes the score_mod (it
+    computes ``cap * tanh(s / cap)`` on the scaled score, then adds ``-slope * |q_pos - kv_pos|``), else
+    ``(None, reason)``. Read from the mod's typed structure (:mod:`salience.structure`)."""
+    from .. import structure as St
+
+    out = {"scale_mult": 1.0, "softcap": None, "slopes": None, "offset": 0}
+    st = St.of_mod(score_mod)
+    if st is None:
+        return out, None
+    for m in st.parts if isinstance(st, St.Compose) else (st,):
+        if isinstance(m, St.Temperature):
+            if out["softcap"] is not None:
+                return None, f"{score_mod.name}: a temperature after softcap (the kernel caps last)"
+            out["scale_mult"] /= m.t
+            if out["slopes"] is not None:
+                out["slopes"] = out["slopes"] / m.t
+        elif isinstance(m, St.Softcap):
+            if out["softcap"] is not None or out["slopes"] is not None:
+                return None, f"{score_mod.name}: softcap after softcap or alibi (the kernel caps the dot product only)"
+            out["softcap"] = float(m.cap)
+        elif isinstance(m, St.Alibi) and m.per_head and out["slopes"] is None:
+            out["slopes"], out["offset"] = m.slopes.float(), int(m.offset)
+        else:
+            return None, (f"score_mod {getattr(score_mod, 'name', type(score_mod).__name__)} (the kernel takes "
+                          "temperature, softcap and one per-head alibi)")
+    return out, None
 
 
 def band_rows(mask, totals, L: int, few: int = 256):

@@ -441,20 +441,20 @@ def _decode_forward_fake(q, k, v, lo, hi, block_table, slopes, q_pos, sinks, sca
     return _out_like(q, v), _lse_like(q)
 
 
-def _kvcache_append(k_cache, v_cache, k, v, cache_seqlens, block_table):
-    from .. import kvcache
-
-    kvcache.append_checked(k_cache, v_cache, k, v, cache_seqlens, block_table)
-
-
 def _kvcache_append_fake(k_cache, v_cache, k, v, cache_seqlens, block_table):
     return None
 
 
 _DECODE_LIB.impl("decode_forward", _decode_forward, "CompositeExplicitAutograd")
-_DECODE_LIB.impl("kvcache_append", _kvcache_append, "CompositeExplicitAutograd")
 torch.library.register_fake("salience::decode_forward", _decode_forward_fake, lib=_DECODE_LIB)
 torch.library.register_fake("salience::kvcache_append", _kvcache_append_fake, lib=_DECODE_LIB)
+
+
+def implement_kvcache_append(fn) -> None:
+    """Register ``fn(k_cache, v_cache, k, v, cache_seqlens, block_table)`` (``salience.kvcache.append_checked``,
+    which registers itself when salience.kvcache is imported: this module does not import it) as the
+    implementation of ``salience::kvcache_append``."""
+    _DECODE_LIB.impl("kvcache_append", fn, "CompositeExplicitAutograd")
 
 
 class DecodeRoute(NamedTuple):
@@ -476,7 +476,7 @@ _ROUTES: list = []  # (DecodeRoute, (mask, score_mod)): the objects kept alive s
 
 
 def _decode_route(mask, score_mod):
-    from .. import kvcache
+    from .decode import band_of, kernel_mods
 
     if _built_in_trace(mask) or _built_in_trace(score_mod):
         return None
@@ -488,7 +488,7 @@ def _decode_route(mask, score_mod):
         from .._blockmask import resolve
         from ..masks import as_mask_mod
 
-        band = kvcache._band_of(as_mask_mod(resolve(mask), "mask"))
+        band = band_of(as_mask_mod(resolve(mask), "mask"))
     if band is None:
         return None
     if score_mod is None:
@@ -496,7 +496,7 @@ def _decode_route(mask, score_mod):
     else:
         from ..scores import as_score_mod
 
-        mods, _ = kvcache._kernel_mods(as_score_mod(score_mod))
+        mods, _ = kernel_mods(as_score_mod(score_mod))
     if mods is None or (mods["slopes"] is not None and mods["slopes"].requires_grad):
         return None
     slopes = None if mods["slopes"] is None else mods["slopes"].detach().float().contiguous()
