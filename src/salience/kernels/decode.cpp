@@ -3,9 +3,10 @@
 // Part of salience: kernels/decode.py compiles this file on first use (through native.build_library) and
 // calls it through ctypes. Forward only.
 //
-// Work items are (sequence b, kv head, key split). An item reads each key and value of its kv head once for
-// all the G = H / Hkv query heads and L rows that share it (a (G*L) x D block of query rows, in tiles of at
-// most 8 rows that stay in registers while a chunk of 32 keys sits in L1). Keys are converted to float32 in
+// Work items are (sequence b, kv head, key split); for paged caches (sequence b, all kv heads, key split), see
+// head_group. An item reads each key and value of its kv heads once for all the G = H / Hkv query heads and L
+// rows that share each (a (G*L) x D block of query rows, in tiles of at most 8 rows that stay in registers while
+// a chunk of 16 KiB of keys sits in L1, see chunk_keys). Keys are converted to float32 in
 // registers (bfloat16 by a shift, float16 by F16C) and every sum runs in float32, with an online softmax
 // (running max, sum and unnormalised output per row). Each row reads only the keys of its interval
 // [lo, hi): the item's key range is the union of its rows' intervals, and in a chunk where some row cannot see
@@ -23,7 +24,7 @@
 // or 32 keys at a time on the tile unit) or AVX2+FMA+F16C (8 lanes), chosen at compile time by -march=native (the
 // build cache is keyed by the CPU flags), with a scalar fallback for other CPUs and for the D % lanes tails.
 //
-// Memory: the keys and values of the chunk two ahead are prefetched a few lines per key from inside the compute
+// Memory: the keys and values PREFETCH (64) keys ahead are prefetched a few lines per key from inside the compute
 // loops (see Ahead), so that reading memory overlaps the arithmetic instead of following it.
 //
 // Score of row (h, i) and visible key p: s = scale * q.k; s = softcap * tanh(s / softcap) if softcap > 0;
