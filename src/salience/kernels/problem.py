@@ -143,6 +143,15 @@ class Problem:
         return row_intervals(self.mask, self.B, self.L, self.S, q_offset=self.q_offset, kv_offset=self.kv_offset,
                              q_len=self.Lg, kv_len=self.Sg, device=self.device)
 
+    @cached_property
+    def few_row_intervals(self):
+        """:attr:`intervals`, read on Python ints for no mask or a band mask when the problem is whole and its rows
+        few (a decoding step: :func:`salience.kernels.decode.band_rows`, no structure pass)."""
+        from .decode import band_rows
+
+        rows = band_rows(self.mask, [self.S] * self.B, self.L) if self.whole else None
+        return rows if rows is not None else self.intervals
+
     def bias_fn(self):
         """``d -> (H, n)``: the summed relative biases of the score_mod at offsets ``d = kv_idx - q_idx``."""
         return bias_fn(self.biases, self.H, self.device, _acc_dtype(self.dtype))

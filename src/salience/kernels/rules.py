@@ -160,7 +160,7 @@ def decode(p: Problem):
             or p.dropout_p or p.k.dtype != p.dtype or p.v.dtype != p.dtype or not kdecode.available(p.q):
         return None
     mods = _decode_mods(p)
-    iv = kdecode.band_rows(p.mask, [p.S] * p.B, p.L) or p.intervals  # bands on Python ints: no structure pass
+    iv = p.few_row_intervals
     if mods is None or iv is None:
         return None
     lo, hi = (t.expand(p.B, p.L).contiguous() for t in iv)
@@ -211,6 +211,14 @@ def plain_sdpa(p: Problem):
                 {"skipped": round(1 - (p.L + 1) / (2 * p.S), 4) if p.L <= p.S else 0.5}, SdpaExec(True, p.eff_scale))
 
 
+def _key_mask(p: Problem, keep: torch.Tensor) -> torch.Tensor:
+    """The compact (B, 1, 1, S) additive key mask of a (B, S) bool ``keep`` for torch's fused kernel."""
+    from . import fused
+
+    return torch.zeros(p.B, 1, 1, p.S, dtype=fused.bias_dtype(p.dtype, True), device=p.device).masked_fill_(
+        ~keep.view(p.B, 1, 1, p.S), float("-inf"))
+
+
 def key_padding_sdpa(p: Problem):
     """Key padding (optionally & top-left causal): one fused call with a compact (B, 1, 1, S) key mask."""
     if p.bias is not None or p.mod_rest is not None or not p.fused_ok or not p.whole or p.backend is not None:
@@ -219,10 +227,7 @@ def key_padding_sdpa(p: Problem):
     if kp is None:
         return None
     keep, causal_too = kp
-    from . import fused
-
-    bias = torch.zeros(p.B, 1, 1, p.S, dtype=fused.bias_dtype(p.dtype, True), device=p.device).masked_fill_(
-        ~keep.view(p.B, 1, 1, p.S), float("-inf"))
+    bias = _key_mask(p, keep)
     return Plan("sdpa", "key padding: torch's fused kernel with a compact (B, 1, 1, S) key mask",
                 {"skipped": round(1 - float(keep.float().mean()), 4), "key_mask_bytes": bias.numel() * bias.element_size()},
                 SdpaExec(causal_too, p.eff_scale, bias))
@@ -235,9 +240,7 @@ def shared_interval_sdpa(p: Problem):
     if p.bias is not None or p.mod_rest is not None or not p.fused_ok or not p.whole or p.mask is None \
             or p.L > p.config.decode_max_rows or p.backend not in (None, "sdpa"):
         return None
-    from . import decode as kdecode
-
-    iv = kdecode.band_rows(p.mask, [p.S] * p.B, p.L) or p.intervals
+    iv = p.few_row_intervals
     if iv is None:
         return None
     lo, hi = (t.expand(p.B, p.L) for t in iv)
@@ -249,15 +252,11 @@ def shared_interval_sdpa(p: Problem):
                     {"skipped": 0.0}, SdpaExec(False, p.eff_scale))
     if p.backend is not None:
         return None
-    from . import fused
-
     keys = torch.arange(p.S, device=a.device)
     keep = ((keys >= a) & (keys < z)).to(p.device)  # (B, S)
-    bias = torch.zeros(p.B, 1, 1, p.S, dtype=fused.bias_dtype(p.dtype, True), device=p.device).masked_fill_(
-        ~keep.view(p.B, 1, 1, p.S), float("-inf"))
     return Plan("sdpa", f"the {p.L} query row(s) of each sequence see one interval of keys: torch's fused kernel "
                 "with a compact (B, 1, 1, S) key mask", {"skipped": round(1 - float(keep.float().mean()), 4)},
-                SdpaExec(False, p.eff_scale, bias))
+                SdpaExec(False, p.eff_scale, _key_mask(p, keep)))
 
 
 def torch_sdpa(p: Problem):
