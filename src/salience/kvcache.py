@@ -143,18 +143,24 @@ def _seqlens(cache_seqlens, B: int) -> list:
     if isinstance(cache_seqlens, int):
         lens = [cache_seqlens] * B
     else:
-        t = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else torch.as_tensor(cache_seqlens)
-        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"cache_seqlens must hold integers; got {t.dtype}.")
-        if t.dim() == 0:
-            t = t.expand(B)
-        if t.shape != (B,):
-            raise ValueError(f"cache_seqlens must be an int or a tensor (B,) = ({B},), one length per sequence; "
-                             f"got shape {tuple(t.shape)}.")
-        lens = t.tolist()
+        lens = _seqlens_tensor(cache_seqlens, B).tolist()
     if B and min(lens) < 0:
         raise ValueError(f"cache_seqlens must be >= 0; got {lens}.")
     return lens
+
+
+def _seqlens_tensor(cache_seqlens, B: int) -> torch.Tensor:
+    """``cache_seqlens`` (a tensor, 0-d or (B,), or a sequence of ints) as a (B,) integer tensor; its values are
+    not read (the compiled path checks them when the graph runs)."""
+    t = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else torch.as_tensor(cache_seqlens)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"cache_seqlens must hold integers; got {t.dtype}.")
+    if t.dim() == 0:
+        t = t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"cache_seqlens must be an int or a tensor (B,) = ({B},), one length per sequence; "
+                         f"got shape {tuple(t.shape)}.")
+    return t
 
 
 def _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> _Geom:
@@ -328,35 +334,20 @@ def _tensor_mask(mask, g: _Geom):
     return mask
 
 
-def _band_of(mask):
-    """``(lo_d, hi_d, bottom_right)`` when the mask is a band ``lo_d <= kv - q - shift <= hi_d`` (None = unbounded;
-    shift = S - L when bottom_right, else 0): causal and sliding windows of either alignment; else None."""
-    from .kernels.decode import band_of
-
-    return None if mask is None else band_of(mask)
-
-
 def _intervals(mask, g: _Geom):
     """Per-row visible key intervals ``(lo, hi)`` (B, L) int64 in each sequence's own coordinates, or None when
     some sequence's mask is not an interval mask."""
-    from .kernels.decode import band_of, band_rows
+    from .kernels.decode import band_intervals, band_of, band_rows
     from .structure import row_intervals
 
     rows = band_rows(mask, g.totals, g.L)  # few rows (decoding steps): plain integers, one tensor made
     if rows is not None:
         return rows
     band = band_of(mask)
+    if band is not None:  # all sequences at once (no per-length binding)
+        return band_intervals(band, g.total, g.L)
     lo = torch.zeros(g.B, g.L, dtype=torch.long)
     hi = g.total.view(-1, 1).expand(g.B, g.L).clone()
-    if band is not None:  # all sequences at once (no per-length binding)
-        lo_d, hi_d, br = band
-        diag = torch.arange(g.L).view(1, -1) + ((g.total - g.L).view(-1, 1) if br else 0)  # kv index of q's diagonal
-        if lo_d is not None:
-            lo = torch.clamp(diag + lo_d, min=0)
-        if hi_d is not None:
-            hi = torch.minimum(hi, torch.clamp(diag + hi_d + 1, min=0))
-        empty = hi <= lo
-        return torch.where(empty, 0, lo), torch.where(empty, 0, hi)
     for S in torch.unique(g.total).tolist():
         rows = torch.nonzero(g.total == S).view(-1)
         got = row_intervals(mask, g.B, g.L, S)
@@ -577,8 +568,6 @@ _ops.implement_kvcache_append(append_checked)
 
 def _compiled_route(q, k_cache, v_cache, k, v, cache_seqlens, block_table, mask, score_mod, sinks):
     """The decode route key (>= 0) when a traced call can run on the custom ops, else None."""
-    from .kernels import ops
-
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.SymInt, torch.Tensor)) or not isinstance(
             q, torch.Tensor) or q.dim() != 4:
         return None
@@ -588,7 +577,7 @@ def _compiled_route(q, k_cache, v_cache, k, v, cache_seqlens, block_table, mask,
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v, sinks)):
         return None
-    key = ops.decode_route_key(mask, score_mod)
+    key = _ops.decode_route_key(mask, score_mod)
     return key if key >= 0 else None
 
 
@@ -596,29 +585,22 @@ def _attend_compiled(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scal
     """A decode step inside torch.compile / torch.export: the shape checks here (at trace time), then the custom
     ops ``salience::kvcache_append`` (checks the lengths and the block table when the graph runs, then writes in
     place) and ``salience::decode_forward`` over row intervals computed in the graph from ``cache_seqlens``."""
-    from .kernels import ops
-
     g = _check_shapes(q, k_cache, v_cache, k, v, block_table)
     scale = check_scale(scale, g.D)
     if sinks is not None:
         check_sinks(sinks, g.B, g.H)
-    route = ops.decode_route_of(key)
+    route = _ops.decode_route_of(key)
     if isinstance(cache_seqlens, (int, torch.SymInt)):  # a Python int (or dynamo's symbolic one)
         lens = torch.full((g.B,), cache_seqlens, dtype=torch.long, device=q.device)
     else:
-        if cache_seqlens.dtype.is_floating_point or cache_seqlens.dtype == torch.bool or cache_seqlens.is_complex():
-            raise TypeError(f"cache_seqlens must hold integers; got {cache_seqlens.dtype}.")
-        if cache_seqlens.dim() not in (0, 1) or (cache_seqlens.dim() == 1 and cache_seqlens.shape[0] != g.B):
-            raise ValueError(f"cache_seqlens must be an int or a tensor (B,) = ({g.B},), one length per sequence; "
-                             f"got shape {tuple(cache_seqlens.shape)}.")
-        lens = cache_seqlens.to(q.device, torch.long).expand(g.B)
+        lens = _seqlens_tensor(cache_seqlens, g.B).to(q.device, torch.long)
     total = lens + g.L_new
     torch._assert_async(((lens >= 0) & (total <= g.capacity)).all(),
                         "salience.attention_with_kvcache: cache_seqlens must be >= 0 and cache_seqlens + L_new at most "
                         "the cache capacity (S_max, or max_blocks * block_size)")
     if k is not None and g.L_new:
         torch.ops.salience.kvcache_append(k_cache, v_cache, k, v, lens, block_table)
-    lo, hi = ops.band_intervals(route, total, g.L)
+    lo, hi = _ops.band_intervals(route, total, g.L)
     q_pos = None
     if route.slopes is not None:
         q_pos = (torch.arange(g.L, device=q.device) + route.offset).view(1, -1).expand(g.B, g.L).contiguous()

@@ -60,7 +60,7 @@ from ..reference import _acc_dtype, softmax_from_scores
 from . import native
 from .merge import check_sinks
 
-__all__ = ["forward", "band_rows", "band_of", "kernel_mods", "available", "status", "build", "FORCE_TORCH"]
+__all__ = ["forward", "band_rows", "band_intervals", "band_of", "kernel_mods", "available", "status", "build", "FORCE_TORCH"]
 
 #: set to True to run the torch fallback even where the compiled kernel is available (tests, debugging)
 FORCE_TORCH = False
@@ -252,6 +252,27 @@ def kernel_mods(score_mod):
             return None, (f"score_mod {getattr(score_mod, 'name', type(score_mod).__name__)} (the kernel takes "
                           "temperature, softcap and one per-head alibi)")
     return out, None
+
+
+def band_intervals(band, total: torch.Tensor, L: int) -> tuple:
+    """``(lo, hi)`` (B, L) int64 contiguous: the keys ``[lo, hi)`` each of L query rows sees under ``band`` =
+    ``(lo_d, hi_d, bottom_right)`` (:func:`band_of`), sequence b holding ``total[b]`` keys; empty rows (0, 0).
+    Tensor ops only (no host read: it traces into a graph); :func:`band_rows` is the same on Python ints.
+
+    Example:
+        >>> lo, hi = band_intervals((-2, 0, True), torch.tensor([10, 1]), 1)
+        >>> lo.tolist(), hi.tolist()
+        ([[7], [0]], [[10], [1]])
+    """
+    lo_d, hi_d, bottom_right = band
+    rows = torch.arange(L, device=total.device, dtype=torch.long).view(1, -1)
+    tot = total.view(-1, 1).to(torch.long)
+    diag = rows + (tot - L) if bottom_right else rows.expand(tot.shape[0], L)  # kv index of q's diagonal
+    lo = torch.zeros_like(diag) if lo_d is None else torch.clamp(diag + lo_d, min=0)
+    hi = tot.expand_as(diag) if hi_d is None else torch.minimum(tot, torch.clamp(diag + hi_d + 1, min=0))
+    empty = hi <= lo
+    zero = torch.zeros_like(lo)
+    return torch.where(empty, zero, lo).contiguous(), torch.where(empty, zero, hi).contiguous()
 
 
 def band_rows(mask, totals, L: int, few: int = 256):

@@ -604,11 +604,6 @@ def band_intervals(route: DecodeRoute, total: torch.Tensor, L: int) -> tuple:
         >>> lo.tolist(), hi.tolist()
         ([[7], [0]], [[10], [1]])
     """
-    rows = torch.arange(L, device=total.device, dtype=torch.long).view(1, -1)
-    tot = total.view(-1, 1).to(torch.long)
-    diag = rows + (tot - L) if route.bottom_right else rows.expand(tot.shape[0], L)  # kv index of q's diagonal
-    lo = torch.zeros_like(diag) if route.lo_d is None else torch.clamp(diag + route.lo_d, min=0)
-    hi = tot.expand_as(diag) if route.hi_d is None else torch.minimum(tot, torch.clamp(diag + route.hi_d + 1, min=0))
-    empty = hi <= lo
-    zero = torch.zeros_like(lo)
-    return torch.where(empty, zero, lo).contiguous(), torch.where(empty, zero, hi).contiguous()
+    from .decode import band_intervals as on_band
+
+    return on_band((route.lo_d, route.hi_d, route.bottom_right), total, L)
