@@ -260,8 +260,7 @@ class _Held:
     def __init__(self, k, v, spec: _block.Spec):
         self.raw, self.k, self.v, self.bad = (k, v), k, v, None
         if (spec.mask is not None or spec.score_mod is not None) and not guard.finite_pair(k, v):
-            self.k, self.v = guard.cleaned(k, v)
-            self.bad = guard.bad_keys(k, v)
+            self.k, self.v, self.bad = guard.cleaned_and_bad(k, v)  # one finiteness map for both
 
     @staticmethod
     def _scoring(spec, q0, k0):

@@ -287,10 +287,10 @@ class BiasExecutor:
     def forward(self, q, k, v):
         if self._finite(k, v):
             return self._forward(q, k, v)
-        kc, vc = guard.cleaned(k, v)  # run directly with NaN/inf keys: the dispatcher's guard, here
+        kc, vc, bad = guard.cleaned_and_bad(k, v)  # run directly with NaN/inf keys: the dispatcher's guard, here
         res = AttentionResult(*self._forward(q, kc, vc))
         sc = guard.Scoring(mask=self.mask, bias=self.b4, scale=self.scale, L=self.L, S=self.S)
-        res = guard.patch_rows(res, q, k, v, kc, vc, sc)
+        res = guard.patch_rows(res, q, k, v, kc, vc, sc, bad=bad)
         return res.out, res.lse
 
     def _forward(self, q, k, v):
