@@ -3,6 +3,7 @@ and a switch for the compiled kernels."""
 
 import contextlib
 import platform
+import statistics
 import subprocess
 import time
 
@@ -42,6 +43,20 @@ def median_ms(fn, n: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return sorted(times)[n // 2] * 1e3
+
+
+def interleaved(fns: dict, n: int = 7) -> dict:
+    """Median wall time (ms) of each callable over ``n`` rounds, after one warm-up call each; in every round the
+    callables run in turn, so a drift of the machine's load hits all of them alike."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(n):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 @contextlib.contextmanager

@@ -13,15 +13,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
 import salience
 from salience import masks as M
 from salience.kernels import guard
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import interleaved  # noqa: E402
 
 
 def cpu() -> dict:
@@ -38,18 +39,6 @@ def cpu() -> dict:
     except OSError:
         pass
     return {"model": model, "flags": flags, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
-
-
-def interleaved(fns: dict, n: int = 7) -> dict:
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(n):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def unguarded(fn):

@@ -14,14 +14,12 @@ CPU model, flags and ``uptime`` (the load: the machine is shared) are printed an
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import machine  # noqa: E402
+from _timing import interleaved, machine  # noqa: E402
 
 import salience  # noqa: E402
 from salience import masks as M  # noqa: E402
@@ -40,18 +38,6 @@ def unguarded(fn):
         return fn()
     finally:
         guard.guarded, guard.finite_pair = saved
-
-
-def interleaved(fns: dict, n: int) -> dict:
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(n):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def problems(N: int) -> dict:
