@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.n < 1024:
+        ap.error(f"--n must be at least 1024 (the window problem poisons key N/2 + 300 and needs it inside the "
+                 f"sequence); got {args.n}")
     torch.manual_seed(0)
     N = args.n
     info = machine()
