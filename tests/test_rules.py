@@ -230,3 +230,21 @@ def test_shared_interval_rule_leaves_rows_that_see_nothing():
     assert rules.shared_interval_sdpa(build(q, k, v, mask=mask)) is None
     out = salience.attention(q, k, v, mask=mask)
     assert torch.equal(out[1], torch.zeros_like(out[1])) and not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("case", ["window_br", "causal_br_and_lengths"])
+def test_shared_interval_rule_keeps_hidden_nan_out(case):
+    """NaN/inf stored at keys outside the shared interval (before a window, past a sequence's length) leaves the
+    rows that cannot see them bit-for-bit as with finite values there."""
+    lengths = torch.tensor([300, 170])
+    mask = {"window_br": M.sliding_window(40, align="bottom_right"),
+            "causal_br_and_lengths": M.causal(align="bottom_right") & M.padding(kv_lengths=lengths)}[case]
+    q, k, v = qkv(B=2, H=8, Hkv=2, L=1, S=300, dtype=torch.float32, seed=7)
+    assert rules.shared_interval_sdpa(build(q, k, v, mask=mask)) is not None
+    clean = salience.attention(q, k, v, mask=mask)
+    k2, v2 = k.clone(), v.clone()
+    hidden = 250 if case == "window_br" else 200  # before the window of row 299; past sequence 1's 170 keys
+    k2[:, :, hidden], v2[:, :, hidden] = float("nan"), float("inf")
+    b = slice(None) if case == "window_br" else slice(1, 2)
+    out = salience.attention(q, k2, v2, mask=mask)
+    assert torch.equal(out[b], clean[b])
