@@ -13,7 +13,10 @@ Per-call microseconds (median over repeats of the mean over ``calls`` back-to-ba
 * ``attention_with_kvcache compiled``: the same step under ``torch.compile(fullgraph=True)`` (inductor), which
   runs the custom ops ``salience::kvcache_append`` and ``salience::decode_forward``;
 
-on B=1, H=8, Hkv=2, D=64, L=1 with S=1024 and S=4096 keys (float32), and the tokens per second of ``generate()``
+on B=1, H=8, Hkv=2, D=64, L=1 with S=256, 1024 and 4096 keys (float32; at 256 ``salience.attention`` takes
+torch's fused kernel, below the decode rule's ``decode_min_keys``), with ``torch._dynamo`` imported first, as in
+every process that imports transformers (a ``torch.compiler.disable`` wrapper around the dispatcher used to cost
+~140 us per call once it was loaded), and the tokens per second of ``generate()``
 of a tiny random Llama-style model (transformers, random weights, no download) with salience's attention
 against transformers' ``"sdpa"`` (same tokens checked). ``--label`` names the run; runs with different labels
 are kept side by side in the JSON (``before``/``after`` a change). The CPU model, flags and ``uptime`` (the
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import json
 import os
 import sys
@@ -201,8 +205,9 @@ def main(argv=None) -> int:
     info = machine()
     print(f"CPU {info['cpu']} (flags {info['flags']}); torch {info['torch']}, {info['threads']} threads; decode "
           f"kernel: {decode.status()}\nmachine load (shared with other engineers' jobs): {info['uptime']}")
-    rows = [calls_row(S, calls, reps, compiled=not args.no_compile) for S in (1024, 4096)]
-    python_only = [python_only_row(1024, calls, reps)]
+    importlib.import_module("torch._dynamo")  # loaded as in every process that imports transformers (docstring)
+    rows = [calls_row(S, calls, reps, compiled=not args.no_compile and S != 256) for S in (256, 1024, 4096)]
+    python_only = [python_only_row(S, calls, reps) for S in (256, 1024)]
     gens = []
     if not args.no_generate:
         for prompt in ((32,) if args.small else (128, 1024)):

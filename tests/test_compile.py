@@ -379,3 +379,48 @@ def test_inductor_fullgraph_train_and_infer():
     torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
     for a, b in zip(g, g0):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_opaque_wraps_only_under_a_compiled_frame(monkeypatch):
+    """dispatch.attend runs as is when no compiled function is running (the torch.compiler.disable wrapper costs
+    ~100 us per call and torch._dynamo is loaded wherever transformers is), and through that wrapper when called
+    from a compiled function after a graph break, where dynamo must not compile the frames it runs."""
+    from salience.kernels import dispatch
+
+    assert dispatch._frame_callback() is None
+    calls = []
+    real_disable = torch.compiler.disable
+
+    def counting_disable(fn, *a, **kw):
+        calls.append(fn)
+        return real_disable(fn, *a, **kw)
+
+    monkeypatch.setattr(torch.compiler, "disable", counting_disable)
+    seen = []
+
+    def inner(x):
+        seen.append(dispatch._frame_callback() is not None)
+        return x * 2
+
+    opaque = dispatch._opaque_to_compile(inner)
+    x = torch.randn(3)
+    assert torch.equal(opaque(x), x * 2) and seen == [False] and calls == []  # eager: no wrapper made or used
+
+    @torch.compile(backend="eager")
+    def f(t):
+        return opaque(t + 1) - 1
+
+    torch._dynamo.reset()
+    assert torch.equal(f(x), x * 2 + 1)
+    assert calls == [inner]                     # the wrapper, made once, from inside the compiled function
+    assert seen[-1] is False                    # and inside it dynamo's callback is off: inner is not compiled
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    torch._dynamo.reset()
+    g = torch.compile(lambda q, k, v: dispatch.attend(q, k, v, mask=masks.causal().bind(5, 5, q.device),
+                                                      score_mod=None, scale=None, compatibility=None, dropout_p=0.0,
+                                                      need_lse=True, backend=None)[1].out, backend="eager")
+    with config.use(KERNELS):
+        out = g(q, k, v)
+    r32 = salience.reference.attention(q, k, v, mask=masks.causal()).out
+    r64 = salience.reference.attention(q.double(), k.double(), v.double(), mask=masks.causal()).out
+    assert_rel_close(out, r32, r64, what="attend called from a compiled function")

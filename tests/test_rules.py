@@ -11,7 +11,7 @@ from salience import scores as Sc
 from salience.kernels import config as kconfig
 from salience.kernels import decode as kdecode
 from salience.kernels import dispatch, rules
-from salience.kernels.executors import DecodeExec, ReferenceExec
+from salience.kernels.executors import DecodeExec, KeySliceExec, ReferenceExec
 from salience.kernels.problem import build
 from salience.testing import assert_rel_close
 
@@ -193,8 +193,8 @@ def test_no_function_in_kernels_is_longer_than_sixty_lines():
 @pytest.mark.parametrize("L", [1, 3])
 @pytest.mark.parametrize("case", ["causal_br", "window_br", "causal_br_and_lengths"])
 def test_a_decoding_step_on_a_short_cache_takes_the_fused_kernel(case, L, dtype):
-    """Below decode_min_keys, a few rows per sequence that see one key interval run torch's fused kernel (no mask
-    when the interval is every key, else a compact key mask) instead of the textbook path, with the reference's
+    """Below decode_min_keys, a few rows per sequence that see one key interval run torch's fused kernel (over a
+    slice of the keys when the interval is the same for every sequence, else with a compact key mask) instead of the textbook path, with the reference's
     answers forward and backward (relative-error rule against float64)."""
     B, H, Hkv, S = 2, 8, 2, 300
     lengths = torch.tensor([300, 170])
@@ -205,7 +205,11 @@ def test_a_decoding_step_on_a_short_cache_takes_the_fused_kernel(case, L, dtype)
     plan = salience.plan(q.to(dtype), k.to(dtype), v.to(dtype), mask=mask)
     if L == 1:
         assert plan.backend == "sdpa" and "query row(s)" in plan.reason, plan
-        assert ("no mask" in plan.reason) == (case == "causal_br"), plan
+        # one interval for every sequence: a slice of the keys, no mask; lengths per sequence: a compact key mask
+        assert ("no mask" in plan.reason) == (case != "causal_br_and_lengths"), plan
+        if case != "causal_br_and_lengths":
+            ex = rules.choose(build(q.to(dtype), k.to(dtype), v.to(dtype), mask=mask)).executor
+            assert (ex.a, ex.z) == ((0, S) if case == "causal_br" else (S - 41, S)), (ex.a, ex.z)
     else:  # the rows' intervals differ: another rule
         assert "query row(s)" not in plan.reason, plan
     q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
@@ -248,3 +252,47 @@ def test_shared_interval_rule_keeps_hidden_nan_out(case):
     b = slice(None) if case == "window_br" else slice(1, 2)
     out = salience.attention(q, k2, v2, mask=mask)
     assert torch.equal(out[b], clean[b])
+
+
+def test_a_shared_key_slice_skips_the_guard_and_keys_outside_get_zero_gradients(monkeypatch):
+    """A decoding step under a window on a short cache runs torch's fused kernel on k[:, :, a:z] (a view): no
+    cache-wide finiteness pass, NaN before the window never read, and the keys outside the slice get zero
+    gradients while those inside match the float64 reference's."""
+    from salience.kernels import guard
+
+    S, w = 300, 40
+    mask = M.sliding_window(w, align="bottom_right")
+    q, k, v = qkv(B=2, H=8, Hkv=2, L=1, S=S, dtype=torch.float64, seed=3)
+    calls = []
+    monkeypatch.setattr(guard, "all_finite", lambda t: calls.append(1) or True)
+    ex = rules.choose(build(q.float(), k.float(), v.float(), mask=mask)).executor
+    assert isinstance(ex, KeySliceExec) and (ex.a, ex.z) == (S - w - 1, S)
+    k_nan = k.float().clone()
+    k_nan[:, :, : S - w - 1] = float("nan")
+    clean = salience.attention(q.float(), k.float(), v.float(), mask=mask)
+    assert torch.equal(salience.attention(q.float(), k_nan, v.float(), mask=mask), clean) and calls == []
+    qt, kt, vt = (t.float().requires_grad_() for t in (q, k, v))
+    qr, kr, vr = (t.float().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
+    g = torch.randn(2, 8, 1, 16, dtype=torch.float64)
+    salience.attention(qt, kt, vt, mask=mask).backward(g.float())
+    reference.attention(qr, kr, vr, mask=mask).out.backward(g.float())
+    reference.attention(q64, k64, v64, mask=mask).out.backward(g)
+    assert not kt.grad[:, :, : S - w - 1].any() and not vt.grad[:, :, : S - w - 1].any()
+    for a, b, c, name in ((qt, qr, q64, "dq"), (kt, kr, k64, "dk"), (vt, vr, v64, "dv")):
+        assert_rel_close(a.grad, b.grad, c.grad, what=name)
+
+
+@pytest.mark.parametrize("S", [300, 2048])  # the fused kernel over a slice; the decode kernel
+def test_a_decoding_step_under_no_grad_takes_tensors_that_require_grad(S):
+    """Leaf tensors with requires_grad=True under torch.no_grad(): the decode and slice plans run (no backward is
+    asked for) and match the float64 reference. The decode path used to refuse them."""
+    q, k, v = qkv(B=2, H=8, Hkv=2, L=1, S=S, dtype=torch.float64, seed=5)
+    mask = M.causal(align="bottom_right")
+    q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+    with torch.no_grad():
+        want = "decode" if S >= 1024 and kdecode.available(q32) else "sdpa"
+        assert salience.plan(q32, k32, v32, mask=mask).backend == want
+        out = salience.attention(q32, k32, v32, mask=mask)
+        ref = reference.attention(q.float(), k.float(), v.float(), mask=mask).out
+    assert_rel_close(out, ref, reference.attention(q, k, v, mask=mask).out)

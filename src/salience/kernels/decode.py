@@ -172,7 +172,7 @@ def _check(q, k, v, lo, hi, scale, block_table, slopes, q_pos, softcap, sinks):
         raise ValueError(f"q: expected (B, H, L, D); got {_shape(q)}")
     if q.dtype not in _FLOATS:
         raise ValueError(f"q: expected float32, float64, bfloat16 or float16; got {q.dtype}")
-    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
         raise ValueError("q, k, v: the decode path is forward only (no backward); call it under torch.no_grad() or "
                          "with detached tensors, or use salience.attention for training")
     p = _check_cache(q, k, v, block_table)
@@ -275,16 +275,16 @@ def band_intervals(band, total: torch.Tensor, L: int) -> tuple:
     return torch.where(empty, zero, lo).contiguous(), torch.where(empty, zero, hi).contiguous()
 
 
-def band_rows(mask, totals, L: int, few: int = 256):
-    """``(lo, hi)`` (B, L) int64: the keys ``[lo, hi)`` each of L query rows sees under no mask or a band mask
-    (:func:`band_of`), sequence b holding ``totals[b]`` keys (a list of ints); empty rows (0, 0). Computed on
-    Python ints, one tensor made (a decoding step's few rows); None for other masks or more than ``few`` rows.
+def band_bounds(mask, totals, L: int, few: int = 256):
+    """``(los, his)``: two flat Python lists of ``len(totals) * L`` ints, row i of sequence b at ``b * L + i``
+    seeing keys ``[los[j], his[j])`` under no mask or a band mask (:func:`band_of`), sequence b holding
+    ``totals[b]`` keys; empty rows (0, 0). None for other masks or more than ``few`` rows. No tensor is made:
+    the dispatcher reads a decoding step's few rows from these (:func:`band_rows` is the tensor form).
 
     Example:
         >>> import salience
-        >>> lo, hi = band_rows(salience.masks.sliding_window(2, align="bottom_right"), [10, 1], 1)
-        >>> lo.tolist(), hi.tolist()
-        ([[7], [0]], [[10], [1]])
+        >>> band_bounds(salience.masks.causal(align="bottom_right"), [10, 4], 1)
+        ([0, 0], [10, 4])
     """
     band = band_of(mask) if len(totals) * L <= few else None
     if band is None:
@@ -298,7 +298,22 @@ def band_rows(mask, totals, L: int, few: int = 256):
             z = S if hi_d is None else min(S, max(0, d + hi_d + 1))
             los.append(a if z > a else 0)
             his.append(z if z > a else 0)
-    both = torch.tensor((los, his), dtype=torch.long).view(2, len(totals), L)  # one tensor, two dense views
+    return los, his
+
+
+def band_rows(mask, totals, L: int, few: int = 256):
+    """``(lo, hi)`` (B, L) int64: :func:`band_bounds` as two dense tensors (views of one); None when it is None.
+
+    Example:
+        >>> import salience
+        >>> lo, hi = band_rows(salience.masks.sliding_window(2, align="bottom_right"), [10, 1], 1)
+        >>> lo.tolist(), hi.tolist()
+        ([[7], [0]], [[10], [1]])
+    """
+    bounds = band_bounds(mask, totals, L, few)
+    if bounds is None:
+        return None
+    both = torch.tensor(bounds, dtype=torch.long).view(2, len(totals), L)  # one tensor, two dense views
     return both[0], both[1]
 
 
@@ -488,6 +503,17 @@ def _max_rows(lib) -> int:
     if rows is None:
         rows = _MAX_ROWS[lib] = int(lib.salience_decode_max_rows())
     return rows
+
+
+def forward_checked(q, k, v, lo, hi, scale: float, slopes=None, q_pos=None, softcap=None):
+    """:func:`forward` on a contiguous cache for a caller that has validated its arguments itself (the
+    dispatcher's decode rule): q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) of one dtype on the CPU with
+    H % Hkv == 0; lo, hi (B, L) int64; slopes (B, H) float with q_pos (B, L) int64, or None; softcap a positive
+    float or None. Skips :func:`forward`'s argument checks (a decoding step's per-call cost); the bounds are
+    still checked against S (in C) before the kernel runs. Returns ``(out, lse)`` as :func:`forward`."""
+    B, H, L, D = q.shape
+    p = _Problem(B, H, k.shape[1], L, D, v.shape[3], False, k.shape[2], k.shape[2])
+    return _run(q, k, v, p, lo, hi, float(scale), None, slopes, q_pos, softcap, None)
 
 
 def forward(q, k, v, *, lo, hi, scale, block_table=None, slopes=None, q_pos=None, softcap=None, sinks=None):

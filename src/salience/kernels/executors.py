@@ -33,7 +33,7 @@ from .._result import AttentionResult
 from ..reference import _acc_dtype, scores, softmax_from_scores
 from . import fused, native
 
-__all__ = ["SdpaExec", "TorchSdpaExec", "PlanExec", "TileExec", "DecodeExec", "ReferenceExec", "AttentionFunction", "run"]
+__all__ = ["SdpaExec", "KeySliceExec", "TorchSdpaExec", "PlanExec", "TileExec", "DecodeExec", "ReferenceExec", "AttentionFunction", "run"]
 
 
 class SdpaExec:
@@ -61,6 +61,39 @@ class SdpaExec:
     def backward(self, q, k, v, out, lse, dout, dlse):
         dq, dk, dv = fused.backward(dout, q, k, v, out, lse, scale=self.scale, causal=self.causal, bias=self.bias,
                                     dlse=dlse)
+        return dq, dk, dv, []
+
+
+class KeySliceExec:
+    """torch's fused CPU flash kernel over the keys ``[a, z)`` only, every row seeing exactly those (a decoding
+    step's rows under a bottom-right causal mask or a window): k and v are sliced (views, no copy), no mask is
+    built, and no key outside the slice is read, so a NaN stored there cannot reach a row (the dispatcher skips
+    its non-finite guard). Keys outside the slice get zero gradients."""
+
+    grad_tensors = ()
+    autograd = False
+    reads_hidden_keys = False
+
+    def __init__(self, a: int, z: int, scale: float):
+        if not 0 <= a < z:
+            raise ValueError(f"KeySliceExec: expected 0 <= a < z; got a={a}, z={z}")
+        self.a, self.z, self.scale = a, z, scale
+
+    def describe(self):
+        return (f"torch's fused CPU flash kernel over keys [{self.a}, {self.z}) (a slice, no mask)",
+                "torch's fused CPU flash backward over the same keys")
+
+    def forward(self, q, k, v):
+        a, z = self.a, self.z
+        return fused.forward(q, k[:, :, a:z], v[:, :, a:z], scale=self.scale)
+
+    def backward(self, q, k, v, out, lse, dout, dlse):
+        a, z = self.a, self.z
+        dq, dks, dvs = fused.backward(dout, q, k[:, :, a:z], v[:, :, a:z], out, lse, scale=self.scale, dlse=dlse)
+        if (a, z) == (0, k.shape[2]):
+            return dq, dks, dvs, []
+        dk, dv = k.new_zeros(k.shape), v.new_zeros(v.shape)
+        dk[:, :, a:z], dv[:, :, a:z] = dks, dvs
         return dq, dk, dv, []
 
 
@@ -149,8 +182,11 @@ class DecodeExec:
     reads_hidden_keys = False
 
     def __init__(self, lo, hi, *, scale: float, slopes=None, q_pos=None, softcap=None):
-        self.lo, self.hi, self.scale = lo, hi, scale
-        self.slopes, self.q_pos, self.softcap = slopes, q_pos, softcap
+        self.lo, self.hi, self.scale = lo, hi, float(scale)
+        if slopes is not None:  # (H,) or (B, H) -> (B, H), as the kernel reads them
+            slopes = slopes.reshape(-1, slopes.shape[-1]).expand(lo.shape[0], slopes.shape[-1])
+        self.slopes, self.q_pos = slopes, q_pos
+        self.softcap = None if softcap is None else float(softcap)
 
     def describe(self):
         return "the compiled decode kernel over each row's key interval", "none: decoding is forward only"
@@ -158,8 +194,8 @@ class DecodeExec:
     def forward(self, q, k, v):
         from . import decode
 
-        return decode.forward(q, k, v, lo=self.lo, hi=self.hi, scale=self.scale, slopes=self.slopes,
-                              q_pos=self.q_pos, softcap=self.softcap)
+        # the dispatcher validated q, k, v and the rule made lo, hi (B, L) int64 (decode.forward_checked)
+        return decode.forward_checked(q, k, v, self.lo, self.hi, self.scale, self.slopes, self.q_pos, self.softcap)
 
     def backward(self, q, k, v, out, lse, dout, dlse):
         raise NotImplementedError("the decode path is forward only; the dispatcher does not choose it when a "

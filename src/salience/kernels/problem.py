@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import array
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -144,13 +145,24 @@ class Problem:
                              q_len=self.Lg, kv_len=self.Sg, device=self.device)
 
     @cached_property
-    def few_row_intervals(self):
-        """:attr:`intervals`, read on Python ints for no mask or a band mask when the problem is whole and its rows
-        few (a decoding step: :func:`salience.kernels.decode.band_rows`, no structure pass)."""
-        from .decode import band_rows
+    def few_row_bounds(self):
+        """``(los, his)`` flat Python lists (row i of sequence b at ``b * L + i``) of each row's visible keys for
+        no mask or a band mask when the problem is whole and its rows few (a decoding step:
+        :func:`salience.kernels.decode.band_bounds`, no structure pass, no tensor); else None."""
+        from .decode import band_bounds
 
-        rows = band_rows(self.mask, [self.S] * self.B, self.L) if self.whole else None
-        return rows if rows is not None else self.intervals
+        return band_bounds(self.mask, [self.S] * self.B, self.L) if self.whole else None
+
+    @cached_property
+    def few_row_intervals(self):
+        """:attr:`intervals`, made from :attr:`few_row_bounds` when there are (one small tensor)."""
+        bounds = self.few_row_bounds
+        if bounds is None:
+            return self.intervals
+        flat = bounds[0] + bounds[1]
+        both = (torch.frombuffer(array.array("q", flat), dtype=torch.long) if flat else  # shares the array
+                torch.zeros(0, dtype=torch.long)).view(2, self.B, self.L)
+        return both[0], both[1]
 
     def bias_fn(self):
         """``d -> (H, n)``: the summed relative biases of the score_mod at offsets ``d = kv_idx - q_idx``."""

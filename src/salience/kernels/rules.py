@@ -24,7 +24,7 @@ import torch
 
 from ..structure import independent_pieces, is_top_left_causal, key_padding, relative_band
 from . import native
-from .executors import DecodeExec, PlanExec, ReferenceExec, SdpaExec, TileExec, TorchSdpaExec
+from .executors import DecodeExec, KeySliceExec, PlanExec, ReferenceExec, SdpaExec, TileExec, TorchSdpaExec
 from .problem import Problem, grads_complete
 from .span_plan import plan_spans
 from .toeplitz import BiasPlan, SegmentPlan
@@ -165,7 +165,9 @@ def decode(p: Problem):
         return None
     lo, hi = (t.expand(p.B, p.L).contiguous() for t in iv)
     ex = DecodeExec(lo, hi, **mods)
-    det = {"skipped": _skipped(int((hi - lo).clamp(min=0).sum()), p.B * p.L * p.S), "rows": p.L}
+    bounds = p.few_row_bounds
+    seen = sum(z - a for a, z in zip(*bounds)) if bounds is not None else int((hi - lo).clamp(min=0).sum())
+    det = {"skipped": _skipped(seen, p.B * p.L * p.S), "rows": p.L}
     return Plan("decode", f"{p.L} query row(s) against {p.S} cached keys, no gradient: the compiled decode kernel",
                 det, ex)
 
@@ -233,13 +235,16 @@ def key_padding_sdpa(p: Problem):
                 SdpaExec(causal_too, p.eff_scale, bias))
 
 
-def shared_interval_sdpa(p: Problem):
-    """A few query rows per sequence (at most ``decode_max_rows``) that all see one interval of keys, as in a
-    decoding step under a bottom-right causal mask or a window: torch's fused kernel with no mask when the
-    interval is every key, else with a compact (B, 1, 1, S) key mask (for short caches the decode rule leaves)."""
-    if p.bias is not None or p.mod_rest is not None or not p.fused_ok or not p.whole or p.mask is None \
-            or p.L > p.config.decode_max_rows or p.backend not in (None, "sdpa"):
-        return None
+def _shared_interval(p: Problem):
+    """``(a, z)`` Python ints when every query row of every sequence sees the keys ``[a, z)``, a non-empty
+    interval; ``(lo, hi)`` (B, 1) tensors when the rows of each sequence share one non-empty interval that differs
+    between sequences; None otherwise (rows differ, a row sees nothing, or the mask is not an interval mask)."""
+    bounds = p.few_row_bounds
+    if bounds is not None:  # a band mask on Python ints (every sequence holds S keys here)
+        los, his = bounds
+        a, z = los[0], his[0]
+        same = all(x == a for x in los) and all(x == z for x in his)
+        return (a, z) if same and z > a else None
     iv = p.few_row_intervals
     if iv is None:
         return None
@@ -247,9 +252,27 @@ def shared_interval_sdpa(p: Problem):
     a, z = lo[:, :1], hi[:, :1]
     if not (bool((lo == a).all()) and bool((hi == z).all())) or bool((z <= a).any()):
         return None  # rows differ, or a row sees nothing (zeros, which the fused kernel does not give)
-    if bool((a == 0).all()) and bool((z == p.S).all()):
-        return Plan("sdpa", f"every one of the {p.L} query row(s) sees every key: torch's fused kernel, no mask",
-                    {"skipped": 0.0}, SdpaExec(False, p.eff_scale))
+    if bool((a == a[0]).all()) and bool((z == z[0]).all()):
+        return int(a[0]), int(z[0])
+    return a, z
+
+
+def shared_interval_sdpa(p: Problem):
+    """A few query rows per sequence (at most ``decode_max_rows``) that all see one interval of keys, as in a
+    decoding step under a bottom-right causal mask or a window: torch's fused kernel over that slice of the keys
+    (no mask; no key outside it is read, so no non-finite guard) when the interval is the same for every
+    sequence, else with a compact (B, 1, 1, S) key mask (for short caches the decode rule leaves)."""
+    if p.bias is not None or p.mod_rest is not None or not p.fused_ok or not p.whole or p.mask is None \
+            or p.L > p.config.decode_max_rows or p.backend not in (None, "sdpa"):
+        return None
+    iv = _shared_interval(p)
+    if iv is None:
+        return None
+    a, z = iv
+    if isinstance(a, int):
+        what = "every key" if (a, z) == (0, p.S) else f"the keys [{a}, {z})"
+        return Plan("sdpa", f"every one of the {p.L} query row(s) sees {what}: torch's fused kernel over them, "
+                    "no mask", {"skipped": round(1 - (z - a) / p.S, 4)}, KeySliceExec(a, z, p.eff_scale))
     if p.backend is not None:
         return None
     keys = torch.arange(p.S, device=a.device)
