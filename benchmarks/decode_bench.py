@@ -4,8 +4,10 @@
     .venv/bin/python benchmarks/decode_bench.py --small --json /tmp/d.json   # tiny sizes: checks the script runs
 
 Every figure is a median over repeats in this one process, beside the copy bandwidth measured in the same run (a
-large tensor copy; bytes read plus bytes written per second). Each attention row gives the bytes of K and V it
-must read (the visible keys only), those bytes per second, their ratio to the copy bandwidth, and the ratio of
+large tensor copy; bytes read plus bytes written per second): once at the start (the headline figure) and again
+for each row, the copy taking turns with that row's calls, because the bandwidth the machine gives drifts with
+other work on the host. Each attention row gives the bytes of K and V it must read (the visible keys only), those
+bytes per second, their ratio to the copy bandwidth measured alongside it, and the ratio of
 torch SDPA's time to salience's (``F.scaled_dot_product_attention(..., enable_gqa=True)``; with per-sequence
 lengths or a window SDPA gets a boolean mask and reads the whole cache). Rows:
 
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _llama import timed_generate, tiny_llamas  # noqa: E402
-from _timing import median_ms  # noqa: E402
+from _timing import interleaved, median_ms  # noqa: E402
 
 import salience  # noqa: E402
 from salience import _memory, kvcache, masks  # noqa: E402
@@ -68,25 +70,48 @@ def _decode_status() -> str:
     return decode.status()
 
 
-def copy_bandwidth(mib: int, repeats: int) -> dict:
-    """Bytes read + written per second by ``dst.copy_(src)`` of a ``mib`` MiB float32 tensor."""
-    n = mib * 2**20 // 4
-    src, dst = torch.randn(n), torch.empty(n)
-    ms = median_ms(lambda: dst.copy_(src), repeats)
-    return {"mib": mib, "median_ms": ms, "gb_per_s": 2 * n * 4 / (ms / 1e3) / 1e9}
+class Copier:
+    """``dst.copy_(src)`` of a ``mib`` MiB float32 tensor: the bandwidth reference, read + written bytes."""
+
+    def __init__(self, mib: int):
+        n = mib * 2**20 // 4
+        self.mib, self.bytes = mib, 2 * n * 4
+        self.src, self.dst = torch.randn(n), torch.empty(n)
+
+    def __call__(self):
+        self.dst.copy_(self.src)
+
+    def gb_per_s(self, ms: float) -> float:
+        return self.bytes / (ms / 1e3) / 1e9
+
+
+def copy_bandwidth(copier: Copier, repeats: int) -> dict:
+    """Bytes read + written per second by the copy, median of ``repeats`` (the run's headline figure)."""
+    ms = median_ms(copier, repeats)
+    return {"mib": copier.mib, "median_ms": ms, "gb_per_s": copier.gb_per_s(ms)}
+
+
+def timed_with_copy(fn, copier: Copier, repeats: int) -> tuple:
+    """``(median ms of fn, copy GB/s)``: fn and the copy take turns ``repeats`` times (:func:`interleaved`), so
+    the bandwidth a row is compared with is the one the machine gave while that row ran (it drifts with other
+    work on the host, which ``uptime`` does not show)."""
+    t = interleaved({"fn": fn, "copy": copier}, repeats)
+    return t["fn"], copier.gb_per_s(t["copy"])
 
 
 def _row(name, cfg, kv_bytes, copy_gbs, times, plan_path, extra=None) -> dict:
+    """One table row; ``copy_gbs`` the copy bandwidth measured alongside this row (:func:`timed_with_copy`)."""
     s = times["salience"]
     row = {"name": name, "config": cfg, "kv_bytes_read": kv_bytes, "median_ms": times,
-           "gb_per_s": kv_bytes / (s / 1e3) / 1e9, "plan": plan_path}
+           "gb_per_s": kv_bytes / (s / 1e3) / 1e9, "plan": plan_path, "copy_gb_per_s": copy_gbs}
     row["ratio_to_copy"] = row["gb_per_s"] / copy_gbs
     if "sdpa" in times:
         row["speedup_vs_sdpa"] = times["sdpa"] / s
     if "salience.attention" in times:
         row["speedup_attention_vs_sdpa"] = times["sdpa"] / times["salience.attention"]
     row.update(extra or {})
-    print(f"{name:44s} salience {s:8.2f} ms  {row['gb_per_s']:6.1f} GB/s  {row['ratio_to_copy']:5.2f}x copy  "
+    print(f"{name:44s} salience {s:8.2f} ms  {row['gb_per_s']:6.1f} GB/s  {row['ratio_to_copy']:5.2f}x copy "
+          f"({copy_gbs:.1f} GB/s)  "
           + "  ".join(f"{k} {v:8.2f} ms" for k, v in times.items() if k != "salience")
           + (f"  SDPA/salience {row['speedup_vs_sdpa']:.2f}x" if "speedup_vs_sdpa" in row else "")
           + f"  [{plan_path}]", flush=True)
@@ -102,7 +127,7 @@ def _cache(shape, dtype, huge: bool) -> torch.Tensor:
     return t
 
 
-def single(dtype, S, H, Hkv, D, copy_gbs, repeats, window=None, huge=False) -> dict:
+def single(dtype, S, H, Hkv, D, copier, repeats, window=None, huge=False) -> dict:
     """B=1, one query against S cached keys (a window of ``window`` keys when given); ``huge``: the cache in
     transparent huge pages (salience._memory.zeros)."""
     q = torch.randn(1, H, 1, D, dtype=dtype)
@@ -111,8 +136,9 @@ def single(dtype, S, H, Hkv, D, copy_gbs, repeats, window=None, huge=False) -> d
             else masks.sliding_window(window - 1, align="bottom_right"))
     with torch.no_grad():
         pl = kvcache.plan(q, kc, vc, cache_seqlens=S, mask=mask)
-        times = {"salience": median_ms(lambda: salience.attention_with_kvcache(q, kc, vc, cache_seqlens=S, mask=mask),
-                                       repeats)}
+        ms, copy_gbs = timed_with_copy(lambda: salience.attention_with_kvcache(q, kc, vc, cache_seqlens=S, mask=mask),
+                                       copier, repeats)
+        times = {"salience": ms}
         ap = salience.plan(q, kc, vc, mask=mask)
         times["salience.attention"] = median_ms(lambda: salience.attention(q, kc, vc, mask=mask), repeats)
         if window is None:
@@ -130,7 +156,7 @@ def single(dtype, S, H, Hkv, D, copy_gbs, repeats, window=None, huge=False) -> d
     return _row(name, cfg, kv_bytes, copy_gbs, times, pl.path, {"attention_backend": ap.backend})
 
 
-def batched(dtype, lengths, H, Hkv, D, copy_gbs, repeats, paged: bool, block_size: int = 16, huge=False) -> dict:
+def batched(dtype, lengths, H, Hkv, D, copier, repeats, paged: bool, block_size: int = 16, huge=False) -> dict:
     """B sequences of the given cache lengths in one call, one query each (``huge``: caches in huge pages)."""
     B, cap = len(lengths), max(lengths)
     q = torch.randn(B, H, 1, D, dtype=dtype)
@@ -152,8 +178,9 @@ def batched(dtype, lengths, H, Hkv, D, copy_gbs, repeats, paged: bool, block_siz
         kc, vc = (_cache((B, Hkv, cap, D), dtype, huge) for _ in range(2))
     with torch.no_grad():
         pl = kvcache.plan(q, kc, vc, cache_seqlens=lens, block_table=bt, mask=mask)
-        times = {"salience": median_ms(lambda: salience.attention_with_kvcache(
-            q, kc, vc, cache_seqlens=lens, block_table=bt, mask=mask), repeats)}
+        ms, copy_gbs = timed_with_copy(lambda: salience.attention_with_kvcache(
+            q, kc, vc, cache_seqlens=lens, block_table=bt, mask=mask), copier, repeats)
+        times = {"salience": ms}
         if not paged:  # SDPA on the same contiguous cache, lengths as a boolean key mask (it reads every slot)
             vis = (torch.arange(cap).view(1, 1, 1, -1) < lens.view(-1, 1, 1, 1))
             times["sdpa"] = median_ms(lambda: F.scaled_dot_product_attention(q, kc, vc, attn_mask=vis,
@@ -207,7 +234,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     small = args.small
-    reps = args.repeats or (3 if small else 7)
+    reps = args.repeats or (3 if small else 11)
     S = 512 if small else 32768
     H, Hkv, D = (8, 2, 32) if small else (32, 8, 128)
     lengths = ([64, 128, 200, 256, 300, 400, 480, 512] if small
@@ -216,7 +243,8 @@ def main(argv=None) -> int:
     print(f"CPU {info['cpu_model']} ({info['cpu_count']} cores; flags {' '.join(info['cpu_flags'])}); torch "
           f"{info['torch']}, {info['torch_threads']} threads; decode kernel: {info['decode_kernel']}")
     print(f"machine load (shared with other work): {info['uptime']}")
-    copy = copy_bandwidth(64 if small else 1024, reps)
+    copier = Copier(64 if small else 1024)
+    copy = copy_bandwidth(copier, reps)
     print(f"copy bandwidth: {copy['gb_per_s']:.1f} GB/s (read + write, {copy['mib']} MiB float32 copy, median "
           f"{copy['median_ms']:.1f} ms)")
     with torch.no_grad():  # warm-up: the compiled kernel's first calls (build check, threads) are not timed
@@ -225,18 +253,18 @@ def main(argv=None) -> int:
             salience.attention_with_kvcache(wq, wk, wk, cache_seqlens=4096)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        rows.append(single(dtype, S, H, Hkv, D, copy["gb_per_s"], reps))
+        rows.append(single(dtype, S, H, Hkv, D, copier, reps))
     for dtype in (torch.bfloat16, torch.float32):
         for paged in (False, True):
-            rows.append(batched(dtype, lengths, H, Hkv, D, copy["gb_per_s"], reps, paged))
+            rows.append(batched(dtype, lengths, H, Hkv, D, copier, reps, paged))
     for dtype in (torch.bfloat16, torch.float32):
-        rows.append(single(dtype, S, H, Hkv, D, copy["gb_per_s"], reps, window=64 if small else 4096))
+        rows.append(single(dtype, S, H, Hkv, D, copier, reps, window=64 if small else 4096))
     # the same caches in transparent huge pages (salience._memory.zeros), where Linux offers them
     if _memory.huge_pages_offered():
         for dtype in (torch.bfloat16, torch.float32):
-            rows.append(single(dtype, S, H, Hkv, D, copy["gb_per_s"], reps, huge=True))
+            rows.append(single(dtype, S, H, Hkv, D, copier, reps, huge=True))
         for paged in (False, True):
-            rows.append(batched(torch.bfloat16, lengths, H, Hkv, D, copy["gb_per_s"], reps, paged, huge=True))
+            rows.append(batched(torch.bfloat16, lengths, H, Hkv, D, copier, reps, paged, huge=True))
     if not args.no_generate:
         rows.append(generate_row(256 if small else 8192, 8 if small else 32, 1 if small else 2))
     info["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

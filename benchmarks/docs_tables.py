@@ -276,8 +276,10 @@ def render_decode(data: dict) -> str:
     out = [f"`{data['command']}` on {m['cpu_count']} cores ({m['cpu_model']}; {' '.join(m['cpu_flags'])}), torch "
            f"{m['torch']} with {m['torch_threads']} threads, decode kernel {m['decode_kernel']}; load average {load} "
            f"(a machine shared with other work). Copy bandwidth measured in the same run: {c['gb_per_s']:.1f} GB/s "
-           "(bytes read + written by a large tensor copy). Medians of "
-           f"{data['repeats']} calls; K,V bytes = the keys and values the rows can see.", "",
+           "(bytes read + written by a large tensor copy) at the start"
+           + (", and for each row with the copy taking turns with its calls (the share is of that figure)"
+              if all("copy_gb_per_s" in r for r in data["results"] if "impls" not in r) else "")
+           + f". Medians of {data['repeats']} calls; K,V bytes = the keys and values the rows can see.", "",
            "| case | salience ms | K,V read | GB/s | of copy bandwidth | torch SDPA ms | SDPA / salience | path |",
            "|---|---:|---:|---:|---:|---:|---:|---|"]
     gen = []
@@ -292,9 +294,38 @@ def render_decode(data: dict) -> str:
         ms = r["median_ms"]
         sd = f"{ms['sdpa']:.1f}" if "sdpa" in ms else "—"
         ratio = f"{r['speedup_vs_sdpa']:.2f}x" if "speedup_vs_sdpa" in r else "—"
+        share = f"{100 * r['ratio_to_copy']:.0f}%" + (f" of {r['copy_gb_per_s']:.1f}" if "copy_gb_per_s" in r else "")
         out.append(f"| {r['name']} | {ms['salience']:.1f} | {r['kv_bytes_read'] / 2**20:.0f} MiB | "
-                   f"{r['gb_per_s']:.1f} | {100 * r['ratio_to_copy']:.0f}% | {sd} | {ratio} | {r['plan']} |")
+                   f"{r['gb_per_s']:.1f} | {share} | {sd} | {ratio} | {r['plan']} |")
     return "\n".join(out + [""] + gen)
+
+
+# ------------------------------------------------------------------------------------ decode_overhead.json
+def render_decode_dispatch(data: dict) -> str:
+    """docs/kernels.md's per-call table of a decoding step through the dispatcher, before and after its fast
+    paths: the ``dispatch-before-N`` / ``dispatch-after-N`` runs of benchmarks/decode_overhead.py."""
+    runs = {k: v for k, v in data["runs"].items() if k.startswith("dispatch-")}
+    labels = sorted(runs, key=lambda k: (k.split("-")[-1], "after" in k))
+    m = runs[labels[0]]["machine"]
+    out = [f"`{runs[labels[0]]['command']}` (before-N: the same script with PYTHONPATH at the previous commit's "
+           f"src), alternating, on {m['cpu']} ({m['flags']}), torch {m['torch']}, {m['threads']} thread; "
+           f"{data.get('dispatch_note', '')} Microseconds per call: Python alone (the kernel replaced by a no-op; "
+           "minimum over repeats, the steadier figure for Python-bound calls; at S=256 salience.attention runs torch's "
+           "fused kernel, which the no-op does not replace) and with the kernel (median).", "",
+           "| run | S | salience.attention, Python alone | attention_with_kvcache, Python alone | "
+           "salience.attention with the kernel | its path | torch SDPA |", "|---|---:|---:|---:|---:|---|---:|"]
+    for label in labels:
+        r = runs[label]
+        py = {row["S"]: row["us_per_call_min"] for row in r["python_only"]}
+        for row in r["calls"]:
+            S = row["S"]
+            if S not in py:
+                continue
+            us = row["us_per_call"]
+            out.append(f"| {label[len('dispatch-'):]} | {S} | {py[S]['salience.attention']:.0f} | "
+                       f"{py[S]['attention_with_kvcache']:.0f} | {us['salience.attention']:.0f} | "
+                       f"{row['salience_attention_route']} | {us['sdpa']:.0f} |")
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------- bias.json, callables.json
@@ -362,6 +393,8 @@ TABLES: dict[str, Table] = {
     "flow-full": Table("flow_full.json", render_flow,
                        "salience demo --parts flow, then copy flow.json to benchmarks/results/flow_full.json"),
     "decode": Table("decode.json", render_decode, "python benchmarks/decode_bench.py"),
+    "decode-dispatch": Table("decode_overhead.json", render_decode_dispatch,
+                             "python benchmarks/decode_overhead.py --no-compile --label dispatch-after-N"),
     "bias": Table("bias.json", render_bias, "python benchmarks/bias_bench.py --n 2048 --repeats 5"),
     "callables": Table("callables.json", render_callables, "python benchmarks/callables_bench.py --n 8192"),
 }
