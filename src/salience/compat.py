@@ -11,6 +11,9 @@ and calls :func:`salience.attention`, so the same fast paths run (``sdpa``, ``sp
 * :func:`flash_attn_func` and :func:`flash_attn_varlen_func`: flash-attention's, in its (B, L, H, D) layout,
   with bottom-right ``causal`` and ``window_size``, ``softcap``, ``alibi_slopes`` (H,) or (B, H) and
   ``return_attn_probs``; varlen takes packed (total, H, D) tensors and ``cu_seqlens``.
+* :func:`flash_attn_with_kvcache`: flash-attention's decoding call on a (B, S_max, Hkv, D) or paged
+  (num_blocks, block_size, Hkv, D) cache, appending new keys in place, with ``cache_batch_idx``,
+  ``cache_leftpad``, rotary embeddings, ``return_softmax_lse``; it runs :func:`salience.attention_with_kvcache`.
 
 :func:`plan` says which path a compat call takes: ``compat.plan(compat.flash_attn_func, q, k, v, causal=True)``.
 Differences from the peers are listed in docs/compat.md (rows with no visible key give output 0 and lse -inf
@@ -44,6 +47,7 @@ __all__ = [
     "CompatBlockMask",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     "plan",
 ]
 
@@ -59,9 +63,20 @@ def _run(q, k, v, **kw):
     return attention(q, k, v, **kw)
 
 
+def _run_kvcache(q, k_cache, v_cache, k, v, **kw):
+    """salience.attention_with_kvcache, recording its :func:`salience.kvcache.plan` when :func:`plan` asked."""
+    from . import kvcache
+
+    rec = _PLANS.get()
+    if rec is not None:
+        rec.append(kvcache.plan(q, k_cache, v_cache, k, v, **{n: x for n, x in kw.items() if n != "return_lse"}))
+    return kvcache.attention_with_kvcache(q, k_cache, v_cache, k, v, **kw)
+
+
 def plan(fn, *args, **kwargs):
     """Run a compat call and return the :class:`salience.kernels.dispatch.Plan` of each salience call it made
-    (one Plan, or a list when the call ran per sequence or per batch row).
+    (one Plan, or a list when the call ran per sequence or per batch row); for :func:`flash_attn_with_kvcache`
+    the :class:`salience.kvcache.KVCachePlan` of each call (``.path``: ``"decode"`` or ``"fallback"``).
 
     Example:
         >>> import torch
@@ -266,8 +281,9 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
 # ------------------------------------------------------------------------------------------- flash-attention
 
 
-def _window(causal: bool, window_size, L: int, S: int):
-    """flash-attention's causal/window_size (bottom-right aligned) as a salience mask (None = every key)."""
+def _window(causal: bool, window_size, align: str = "bottom_right"):
+    """flash-attention's causal/window_size (bottom-right aligned; ``align="top_left"`` is the same when L == S)
+    as a salience mask (None = every key)."""
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
         raise ValueError(f"window_size must be a pair (left, right) with -1 for unbounded; got {window_size!r}.")
     left, right = (int(x) for x in window_size)
@@ -277,7 +293,6 @@ def _window(causal: bool, window_size, L: int, S: int):
     hi = None if right < 0 else right
     if lo is None and hi is None:
         return None
-    align = "top_left" if L == S else "bottom_right"
     if lo is None and hi == 0:
         return M.causal(align=align)
     return M.sliding_window(lo, hi, align=align)
@@ -307,7 +322,7 @@ def _score_mod(softcap: float, slopes, offset: int):
 def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, slopes, return_probs):
     """One (B, L, H, D) problem with per-head slopes (or None)."""
     L, S = q.shape[1], k.shape[1]
-    mask = _window(causal, window_size, L, S)
+    mask = _window(causal, window_size, "top_left" if L == S else "bottom_right")
     sm = _score_mod(softcap, slopes, S - L)
     res = _run(q, k, v, mask=mask, score_mod=sm, scale=softmax_scale, dropout_p=dropout_p, return_lse=True,
                layout="BLHD")
@@ -406,7 +421,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if B and cq == ck and not return_attn_probs and (slopes is None or slopes.dim() == 1):
         n = cq[-1]
         ids = torch.repeat_interleave(torch.arange(B), torch.tensor(lq))
-        win = _window(causal, window_size, 1, 1)  # every sequence has L == S: top-left == bottom-right
+        win = _window(causal, window_size, "top_left")  # every sequence has L == S: top-left == bottom-right
         mask = M.document(ids) if win is None else M.document(ids) & win
         sm = _score_mod(softcap, slopes, 0)
         res = _run(q[:n].unsqueeze(0), k[:n].unsqueeze(0), v[:n].unsqueeze(0), mask=mask, score_mod=sm,
@@ -436,3 +451,152 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     pr = torch.stack(probs) if probs else q.new_zeros(0, H, max_seqlen_q, max_seqlen_k)
     return out, lse, pr
 
+
+
+# ------------------------------------------------------------------------------ flash_attn_with_kvcache
+
+
+def _int_vector(x, argname: str, B: int) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    if t.dim() != 1 or t.shape[0] != B or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"flash_attn_with_kvcache: {argname} must be an integer tensor (batch_size,) = ({B},); got "
+                         f"{t.dtype} {tuple(t.shape)}.")
+    return t.to(torch.long).cpu()
+
+
+def _rotate(x, cos, sin, pos, interleaved: bool):
+    """flash-attention's rotary embedding of x (B, T, H, D) at positions ``pos`` (B, T): the first ``2 *
+    cos.shape[1]`` features turn, pairs (0, 1), (2, 3), ... when ``interleaved``, else (i, i + rotary_dim / 2)."""
+    rd = 2 * cos.shape[1]
+    c = cos[pos].unsqueeze(2).to(torch.float32)  # (B, T, 1, rd / 2)
+    s_ = sin[pos].unsqueeze(2).to(torch.float32)
+    xr = x[..., :rd].to(torch.float32)
+    if interleaved:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        turned = torch.stack((a * c - b * s_, a * s_ + b * c), dim=-1).flatten(-2)
+    else:
+        a, b = xr[..., : rd // 2], xr[..., rd // 2:]
+        turned = torch.cat((a * c - b * s_, a * s_ + b * c), dim=-1)
+    return torch.cat((turned.to(x.dtype), x[..., rd:]), dim=-1)
+
+
+def _check_rotary(rotary_cos, rotary_sin, k, D: int, need: int):
+    if rotary_cos is None and rotary_sin is None:
+        return None
+    if rotary_cos is None or rotary_sin is None or k is None:
+        raise ValueError("flash_attn_with_kvcache: rotary_cos and rotary_sin go together, and only with new k and v "
+                         "(the new keys and the queries are rotated at their positions).")
+    if rotary_cos.dim() != 2 or rotary_cos.shape != rotary_sin.shape or 2 * rotary_cos.shape[1] > D:
+        raise ValueError(f"flash_attn_with_kvcache: rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2) "
+                         f"with rotary_dim <= headdim={D}; got {tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}.")
+    if need > rotary_cos.shape[0]:
+        raise ValueError(f"flash_attn_with_kvcache: rotary_cos covers {rotary_cos.shape[0]} positions but position "
+                         f"{need - 1} is rotated (cache_seqlens + new tokens); give seqlen_ro >= {need}.")
+    return rotary_cos, rotary_sin
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """flash-attention's ``flash_attn_with_kvcache`` on :func:`salience.attention_with_kvcache`.
+
+    Args:
+        q: (batch_size, seqlen_q, nheads, headdim).
+        k_cache, v_cache: (batch_size_cache, seqlen_cache, nheads_k, headdim), or with ``block_table`` a paged pool
+            (num_blocks, block_size, nheads_k, headdim) (any block size); nheads a multiple of nheads_k.
+        k, v: new keys and values (batch_size, seqlen_new, nheads_k, headdim), written into the caches in place at
+            positions ``cache_seqlens[b] ..`` before attending.
+        rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2), with k and v: the new keys are rotated at positions
+            ``cache_seqlens[b] + t``; the queries at ``cache_seqlens[b] + i`` when causal or windowed, else all at
+            ``cache_seqlens[b]`` (``rotary_interleaved``: pairs (0, 1), (2, 3) ... else GPT-NeoX halves).
+        cache_seqlens: int or (batch_size,) keys already cached per sequence (default: the whole cache).
+        cache_batch_idx: (batch_size,) the cache row of each sequence (default 0..batch_size-1).
+        cache_leftpad: (batch_size,) the first cached key of each sequence (keys before it are not seen; the
+            positions of causal, window and ALiBi count from the end of the sequence, as in flash-attention).
+        block_table: (batch_size, max_num_blocks_per_seq) pool block of each logical block.
+        causal, window_size: bottom-right aligned: query i sees keys ``i + S_b - seqlen_q - left .. i + S_b -
+            seqlen_q + right`` of the ``S_b = cache_seqlens[b] + seqlen_new`` keys (causal: right = 0).
+        softcap: > 0 caps the scaled scores (``softcap * tanh(s / softcap)``), before ALiBi.
+        alibi_slopes: (nheads,) or (batch_size, nheads): ``-slope * |i + S_b - seqlen_q - j|`` added.
+        num_splits: accepted; salience splits the key axis across threads by itself.
+
+    Returns:
+        out (batch_size, seqlen_q, nheads, headdim); with ``return_softmax_lse=True`` also the logsumexp
+        (batch_size, nheads, seqlen_q) float32. Rows that see no key give 0 (lse -inf).
+
+    Differences: duplicate ``cache_batch_idx`` entries that append are refused (flash-attention leaves which write
+    wins undefined); ``cache_leftpad`` and ALiBi with sequences of different lengths run one call per sequence.
+
+    Example:
+        >>> import torch
+        >>> kc, vc = torch.zeros(2, 64, 2, 16), torch.zeros(2, 64, 2, 16)   # (B, S_max, Hkv, D)
+        >>> q, k, v = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+        >>> out = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=torch.tensor([5, 9]), causal=True)
+        >>> out.shape, bool(torch.equal(kc[1, 9], k[1, 0]))
+        (torch.Size([2, 1, 4, 16]), True)
+    """
+    who = "flash_attn_with_kvcache"
+    for argname, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)) + (
+            (("k", k), ("v", v)) if k is not None or v is not None else ()):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{who}: {argname} must be a 4-D tensor in flash-attention's (batch, seqlen, heads, "
+                             f"headdim) layout; got {got}.")
+    B, L, H, D = q.shape
+    L_new = 0 if k is None else k.shape[1]
+    paged = block_table is not None
+    if paged and (cache_batch_idx is not None or cache_leftpad is not None):
+        raise NotImplementedError(f"{who}: cache_batch_idx and cache_leftpad with a block_table are not supported "
+                                  "(flash-attention does not take them together either); index the block table.")
+    cap = (block_table.shape[1] * k_cache.shape[1]) if paged and block_table.dim() == 2 else k_cache.shape[1]
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError(f"{who}: new k and v need cache_seqlens (where to write them).")
+        cache_seqlens = cap
+    lens = (torch.full((B,), int(cache_seqlens), dtype=torch.long) if isinstance(cache_seqlens, int)
+            else _int_vector(cache_seqlens, "cache_seqlens", B))
+    banded = causal or tuple(window_size) != (-1, -1)
+    rot = _check_rotary(rotary_cos, rotary_sin, k, D, int(lens.max()) + max(L_new, L if banded else 1) if B else 0)
+    if rot is not None:
+        q_at = lens.view(-1, 1) + (torch.arange(L) if banded else 0)
+        q = _rotate(q, *rot, q_at.expand(B, L), rotary_interleaved)
+        k = _rotate(k, *rot, lens.view(-1, 1) + torch.arange(L_new), rotary_interleaved)
+    mask = _window(causal, window_size)  # bottom-right in each sequence's own keys
+    slopes = _slopes(alibi_slopes, B, H)
+    rows = None if cache_batch_idx is None else _int_vector(cache_batch_idx, "cache_batch_idx", B)
+    starts = None if cache_leftpad is None else _int_vector(cache_leftpad, "cache_leftpad", B)
+    totals = (lens + L_new).tolist()
+    kw = dict(scale=softmax_scale, return_lse=True)
+    t = lambda x: None if x is None else x.transpose(1, 2)  # noqa: E731  (B, T, H, D) views -> (B, H, T, D)
+    one_call = starts is None and (slopes is None or (slopes.dim() == 1 and len(set(totals)) <= 1))
+    if one_call:
+        kc, vc, bt = t(k_cache), t(v_cache), block_table
+        if rows is not None:  # each sequence's cache row as a pool block of seqlen_cache slots
+            bt = rows.view(B, 1).to(torch.int32)
+        sm = _score_mod(softcap, slopes, totals[0] - L if totals else 0)
+        res = _run_kvcache(t(q), kc, vc, t(k), t(v), cache_seqlens=lens, block_table=bt, mask=mask,
+                                     score_mod=sm, **kw)
+        out, lse = res.out, res.lse
+    else:
+        outs, lses = [], []
+        for b in range(B):
+            r = b if rows is None else int(rows[b])
+            a = 0 if starts is None else int(starts[b])
+            if not 0 <= a <= int(lens[b]):
+                raise ValueError(f"{who}: cache_leftpad[{b}] = {a} lies outside [0, cache_seqlens[{b}] = {int(lens[b])}].")
+            sl = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[b])
+            # keys from the left pad on (a view: appends land in the cache); a paged pool is shared as it is
+            kc, vc = (c.transpose(1, 2) if paged else c[r:r + 1, a:].transpose(1, 2) for c in (k_cache, v_cache))
+            sm = _score_mod(softcap, sl, totals[b] - a - L)
+            sel = slice(b, b + 1)
+            res = _run_kvcache(t(q[sel]), kc, vc, None if k is None else t(k[sel]),
+                                         None if v is None else t(v[sel]), cache_seqlens=int(lens[b]) - a,
+                                         block_table=None if block_table is None else block_table[sel], mask=mask,
+                                         score_mod=sm, **kw)
+            outs.append(res.out)
+            lses.append(res.lse)
+        out = torch.cat(outs) if outs else q.new_zeros(0, H, L, v_cache.shape[-1])
+        lse = torch.cat(lses) if lses else torch.zeros(0, H, L)
+    out = out.transpose(1, 2)
+    return (out, lse) if return_softmax_lse else out
