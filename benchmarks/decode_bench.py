@@ -14,6 +14,7 @@ lengths or a window SDPA gets a boolean mask and reads the whole cache). Rows:
 * B=1, H=32, Hkv=8, D=128, S=32768, one query, float32 and bfloat16 (contiguous cache, bottom-right causal);
 * B=8 sequences of 1k..32k keys in one call, contiguous (capacity 32k) and paged (block 16, shuffled pool);
 * a sliding window of 4096 keys on a 32k cache (time follows the window, not S);
+* B=1, S=32768 in flash-attention's (B, S, Hkv, D) cache order through ``compat.flash_attn_with_kvcache``;
 * ``generate()`` of a tiny random Llama-style model (transformers ``LlamaConfig``, random weights, no download)
   with an 8k-token prompt: decoding tokens per second, ``attn_implementation="salience"`` against ``"sdpa"``.
 
@@ -156,6 +157,24 @@ def single(dtype, S, H, Hkv, D, copier, repeats, window=None, huge=False) -> dic
     return _row(name, cfg, kv_bytes, copy_gbs, times, pl.path, {"attention_backend": ap.backend})
 
 
+def flash_layout(dtype, S, H, Hkv, D, copier, repeats) -> dict:
+    """B=1, one query against S keys in flash-attention's (B, S, Hkv, D) cache order, through
+    ``salience.compat.flash_attn_with_kvcache(..., causal=True)`` (the kernel reads all kv heads of an item side
+    by side there)."""
+    from salience import compat
+
+    q = torch.randn(1, 1, H, D, dtype=dtype)
+    kc, vc = torch.randn(1, S, Hkv, D, dtype=dtype), torch.randn(1, S, Hkv, D, dtype=dtype)
+    with torch.no_grad():
+        pl = compat.plan(compat.flash_attn_with_kvcache, q, kc, vc, cache_seqlens=S, causal=True)
+        ms, copy_gbs = timed_with_copy(lambda: compat.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=S, causal=True),
+                                       copier, repeats)
+    kv_bytes = Hkv * S * 2 * D * kc.element_size()
+    cfg = {"B": 1, "H": H, "Hkv": Hkv, "D": D, "S": S, "L": 1, "dtype": str(dtype)[6:], "layout": "(B, S, Hkv, D)"}
+    return _row(f"B=1 S={S} causal {str(dtype)[6:]}, flash_attn_with_kvcache (B, S, Hkv, D)", cfg, kv_bytes,
+                copy_gbs, {"salience": ms}, pl.path)
+
+
 def batched(dtype, lengths, H, Hkv, D, copier, repeats, paged: bool, block_size: int = 16, huge=False) -> dict:
     """B sequences of the given cache lengths in one call, one query each (``huge``: caches in huge pages)."""
     B, cap = len(lengths), max(lengths)
@@ -259,6 +278,8 @@ def main(argv=None) -> int:
             rows.append(batched(dtype, lengths, H, Hkv, D, copier, reps, paged))
     for dtype in (torch.bfloat16, torch.float32):
         rows.append(single(dtype, S, H, Hkv, D, copier, reps, window=64 if small else 4096))
+    for dtype in (torch.bfloat16, torch.float32):
+        rows.append(flash_layout(dtype, S, H, Hkv, D, copier, reps))
     # the same caches in transparent huge pages (salience._memory.zeros), where Linux offers them
     if _memory.huge_pages_offered():
         for dtype in (torch.bfloat16, torch.float32):

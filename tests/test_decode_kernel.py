@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from salience import reference
+from salience.kernels import config as kconfig
 from salience.kernels import decode
 from salience.testing import assert_rel_close
 
@@ -337,3 +338,46 @@ def test_contiguous_cache_batch_must_match(path):
     q, k, v, lo, hi, bt, kw = _case(B=2, S=16, D=8, Dv=8)
     with pytest.raises(ValueError, match="B=2"):
         decode.forward(q, k[:1], v[:1], lo=lo, hi=hi, scale=0.3)
+
+
+def _heads_inside_keys(t: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, S, D) as a view of flash-attention's (B, S, Hkv, D) storage: a key's heads lie side by side, so
+    the kernel reads all kv heads of a work item together."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads,L", [((4, 2), 1), ((8, 1), 3), ((16, 4), 2), ((64, 8), 9)],
+                         ids=["gqa", "mqa", "gqa16", "tiles_limit_heads"])
+@pytest.mark.parametrize("extras", [{}, {"window": 37, "slopes": "H", "softcap": 4.0, "sinks": True}],
+                         ids=["causal", "window_alibi_softcap_sinks"])
+def test_heads_inside_each_key(path, dtype, heads, L, extras):
+    """Caches stored with the kv heads inside each key (flash-attention's order, passed transposed) equal the
+    float64 reference, with the key axis split into pieces (S=1500 over per-sequence lengths) and, for 64 query
+    heads over 8 kv heads with 9 rows, fewer kv heads per item than the cache has (64 row tiles at most)."""
+    H, Hkv = heads
+    q, k, v, lo, hi, bt, kw = _case(B=3, H=H, Hkv=Hkv, L=L, S=1500, D=32, Dv=32, dtype=dtype, seed=21, **extras)
+    ki, vi = _heads_inside_keys(k), _heads_inside_keys(v)
+    assert Hkv == 1 or ki.stride(1) < ki.stride(2)
+    with kconfig.use(kconfig.current().replace(decode_min_split=64)):
+        out, lse = _check_against_reference(q, ki, vi, lo, hi, bt, kw)
+        want = decode.forward(q, k.contiguous(), v.contiguous(), lo=lo, hi=hi, scale=0.3,
+                              **{n: (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+                                 for n, t in kw.items()})
+    assert_rel_close(out, want[0], _reference(q.double(), k.double(), v.double(), lo, hi, 0.3, torch.float64, None,
+                                              **kw)[0], what="against the (B, Hkv, S, D) layout")
+
+
+def test_heads_inside_each_key_keep_hidden_nan_out(path):
+    """NaN at keys a row cannot see, in a heads-inside-keys cache, leaves that row bit-for-bit unchanged."""
+    q, k, v, lo, hi, bt, kw = _case(L=3, S=300, seed=22, window=40, slopes="H", sinks=True)
+    ki, vi = _heads_inside_keys(k), _heads_inside_keys(v)
+    clean = decode.forward(q, ki, vi, lo=lo, hi=hi, scale=0.3, **kw)
+    for p in (0, 150, 259, 299):
+        k2, v2 = _heads_inside_keys(k.clone()), _heads_inside_keys(v.clone())
+        k2[:, :, p], v2[:, :, p] = float("nan"), float("inf")
+        out, lse = decode.forward(q, k2, v2, lo=lo, hi=hi, scale=0.3, **kw)
+        blind = ~((lo <= p) & (p < hi))
+        b, i = blind.nonzero(as_tuple=True)
+        assert b.numel() > 0
+        assert torch.equal(out[b, :, i], clean[0][b, :, i]) and torch.equal(lse[b, :, i], clean[1][b, :, i])

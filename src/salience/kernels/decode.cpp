@@ -3,8 +3,8 @@
 // Part of salience: kernels/decode.py compiles this file on first use (through native.build_library) and
 // calls it through ctypes. Forward only.
 //
-// Work items are (sequence b, kv head, key split); for paged caches (sequence b, all kv heads, key split), see
-// head_group. An item reads each key and value of its kv heads once for all the G = H / Hkv query heads and L
+// Work items are (sequence b, kv head, key split); for paged caches and caches stored with the heads inside each
+// key (flash-attention's (B, S, Hkv, D) order) (sequence b, all kv heads, key split), see head_group. An item reads each key and value of its kv heads once for all the G = H / Hkv query heads and L
 // rows that share each (a (G*L) x D block of query rows, in tiles of at most 8 rows that stay in registers while
 // a chunk of 16 KiB of keys sits in L1, see chunk_keys). Keys are converted to float32 in
 // registers (bfloat16 by a shift, float16 by F16C) and every sum runs in float32, with an online softmax
@@ -772,11 +772,14 @@ void run_item(const Args& A, int64_t b, int64_t hk0, int64_t nh, int64_t ka, int
   }
 }
 
-// How many kv heads one item reads side by side: for paged caches, all of a block's heads (they are adjacent in
-// the pool, so an item reads whole blocks instead of one head's slice of each), as many as 64 row tiles allow;
-// for contiguous caches one (each head's keys are one stream already).
+// How many kv heads one item reads side by side: all of them (as many as 64 row tiles allow) when a key's heads
+// lie next to each other: paged pools (an item reads whole blocks instead of one head's slice of each) and caches
+// stored with the heads inside each key, as flash-attention lays them out ((B, S, Hkv, D) passed transposed:
+// one head's keys alone are a stride of Hkv * D, a few hundred bytes out of every few KiB). One for (B, Hkv, S, D)
+// caches, where each head's keys are one stream already.
 int64_t head_group(const Args& A) {
-  if (!A.block_table) return 1;
+  const bool interleaved = A.k_s1 < A.k_s2 && A.v_s1 < A.v_s2;
+  if (!A.block_table && !interleaved) return 1;
   const int64_t ntiles = (A.H / A.Hkv * A.L + MAX_NR - 1) / MAX_NR;
   int64_t g = std::max<int64_t>(1, std::min(A.Hkv, 64 / ntiles));
   while (A.Hkv % g) --g;
