@@ -74,10 +74,15 @@ def run(plan: Plan, q, k, v):
 
 
 def _frame_callback():
-    """Dynamo's frame-evaluation callback of this thread (None when no compiled function is running in it),
-    or ``True`` on torch versions that do not expose it (then :func:`_opaque_to_compile` always wraps)."""
+    """Dynamo's frame-evaluation callback of this thread (None when no compiled function is running in it). On
+    torch versions that do not expose it: None until ``torch._dynamo`` is loaded (nothing can be compiling before),
+    ``True`` after (then :func:`_opaque_to_compile` always wraps)."""
     get = getattr(getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None), "get_eval_frame_callback", None)
-    return True if get is None else get()
+    if get is not None:
+        return get()
+    import sys
+
+    return None if "torch._dynamo" not in sys.modules else True
 
 
 def _opaque_to_compile(fn):
