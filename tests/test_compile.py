@@ -424,3 +424,15 @@ def test_opaque_wraps_only_under_a_compiled_frame(monkeypatch):
     r32 = salience.reference.attention(q, k, v, mask=masks.causal()).out
     r64 = salience.reference.attention(q.double(), k.double(), v.double(), mask=masks.causal()).out
     assert_rel_close(out, r32, r64, what="attend called from a compiled function")
+
+
+def test_frame_callback_without_the_torch_function(monkeypatch):
+    """Older torch without get_eval_frame_callback: no wrapper needed until torch._dynamo is loaded, then always."""
+    import sys
+
+    from salience.kernels import dispatch
+
+    monkeypatch.delattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback")
+    assert dispatch._frame_callback() is True  # torch._dynamo is loaded in this test module
+    monkeypatch.delitem(sys.modules, "torch._dynamo")
+    assert dispatch._frame_callback() is None
