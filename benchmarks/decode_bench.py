@@ -15,6 +15,7 @@ lengths or a window SDPA gets a boolean mask and reads the whole cache). Rows:
 * B=8 sequences of 1k..32k keys in one call, contiguous (capacity 32k) and paged (block 16, shuffled pool);
 * a sliding window of 4096 keys on a 32k cache (time follows the window, not S);
 * B=1, S=32768 in flash-attention's (B, S, Hkv, D) cache order through ``compat.flash_attn_with_kvcache``;
+* B=1, S=32768 with L=4 queries (speculative decoding: 16 query rows per kv head);
 * ``generate()`` of a tiny random Llama-style model (transformers ``LlamaConfig``, random weights, no download)
   with an 8k-token prompt: decoding tokens per second, ``attn_implementation="salience"`` against ``"sdpa"``.
 
@@ -128,10 +129,10 @@ def _cache(shape, dtype, huge: bool) -> torch.Tensor:
     return t
 
 
-def single(dtype, S, H, Hkv, D, copier, repeats, window=None, huge=False) -> dict:
-    """B=1, one query against S cached keys (a window of ``window`` keys when given); ``huge``: the cache in
-    transparent huge pages (salience._memory.zeros)."""
-    q = torch.randn(1, H, 1, D, dtype=dtype)
+def single(dtype, S, H, Hkv, D, copier, repeats, window=None, huge=False, L=1) -> dict:
+    """B=1, L queries (one; more for speculative decoding) against S cached keys (a window of ``window`` keys when
+    given); ``huge``: the cache in transparent huge pages (salience._memory.zeros)."""
+    q = torch.randn(1, H, L, D, dtype=dtype)
     kc, vc = _cache((1, Hkv, S, D), dtype, huge), _cache((1, Hkv, S, D), dtype, huge)
     mask = (masks.causal(align="bottom_right") if window is None
             else masks.sliding_window(window - 1, align="bottom_right"))
@@ -142,17 +143,17 @@ def single(dtype, S, H, Hkv, D, copier, repeats, window=None, huge=False) -> dic
         times = {"salience": ms}
         ap = salience.plan(q, kc, vc, mask=mask)
         times["salience.attention"] = median_ms(lambda: salience.attention(q, kc, vc, mask=mask), repeats)
-        if window is None:
+        if window is None and L == 1:
             times["sdpa"] = median_ms(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True), repeats)
         else:
-            vis = mask.to_dense(1, 1, 1, S)
+            vis = mask.to_dense(1, 1, L, S)
             times["sdpa"] = median_ms(lambda: F.scaled_dot_product_attention(q, kc, vc, attn_mask=vis,
                                                                              enable_gqa=True), repeats)
     keys = S if window is None else min(window, S)
     kv_bytes = Hkv * keys * 2 * D * kc.element_size()
     name = f"B=1 S={S} {'window ' + str(window) if window else 'causal'} {str(dtype)[6:]}" + (
-        ", huge pages" if huge else "")
-    cfg = {"B": 1, "H": H, "Hkv": Hkv, "D": D, "S": S, "L": 1, "dtype": str(dtype)[6:], "window": window,
+        ", huge pages" if huge else "") + (f", L={L} queries (speculative)" if L > 1 else "")
+    cfg = {"B": 1, "H": H, "Hkv": Hkv, "D": D, "S": S, "L": L, "dtype": str(dtype)[6:], "window": window,
            "huge_pages": huge}
     return _row(name, cfg, kv_bytes, copy_gbs, times, pl.path, {"attention_backend": ap.backend})
 
@@ -280,6 +281,8 @@ def main(argv=None) -> int:
         rows.append(single(dtype, S, H, Hkv, D, copier, reps, window=64 if small else 4096))
     for dtype in (torch.bfloat16, torch.float32):
         rows.append(flash_layout(dtype, S, H, Hkv, D, copier, reps))
+    for dtype in (torch.bfloat16, torch.float32):  # speculative decoding: 16 rows per kv head, compute-bound here
+        rows.append(single(dtype, S, H, Hkv, D, copier, reps, L=4))
     # the same caches in transparent huge pages (salience._memory.zeros), where Linux offers them
     if _memory.huge_pages_offered():
         for dtype in (torch.bfloat16, torch.float32):

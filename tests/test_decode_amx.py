@@ -1,8 +1,8 @@
 """The decode kernel's AMX path (bfloat16 q.k on the tile unit, kernels/decode.cpp) against the float64 reference
 and against the vdpbf16ps path it replaces, on the shapes that reach it: D a multiple of 32, groups of 16 evenly
-spaced keys (contiguous caches, paged blocks of 16 or more; blocks of 8 mix both paths), up to 16 rows per tile,
-unaligned windows and piece boundaries, NaN in keys no row can see. Skipped where the CPU or the kernel has no
-AMX (the vdpbf16ps and AVX2 paths are tested in test_decode_kernel.py)."""
+spaced keys (contiguous caches, paged blocks of 16 or more; blocks of 8 mix both paths), two row tiles of up to 8
+rows in one tile product (and a third alone), unaligned windows and piece boundaries, NaN in keys no row can see.
+Skipped where the CPU or the kernel has no AMX (the vdpbf16ps and AVX2 paths are tested in test_decode_kernel.py)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ CASES = {
     "16 rows per kv head (two row tiles)": dict(B=1, H=16, Hkv=1, S=500, D=64, Dv=64,
                                                 lengths=torch.tensor([497])),
     "split into pieces": dict(B=1, H=8, Hkv=2, S=6000, D=128, Dv=128, lengths=torch.tensor([5999])),
+    "24 rows: a pair of tiles and one alone, window": dict(B=2, H=8, Hkv=1, L=3, S=400, D=64, Dv=64, window=70,
+                                                            lengths=torch.tensor([400, 213])),
+    "32 rows per kv head, paged 16, ALiBi": dict(B=2, H=16, Hkv=2, L=4, S=300, D=128, Dv=128, paged=16, slopes="H",
+                                                 lengths=torch.tensor([300, 45])),
 }
 
 
