@@ -429,12 +429,13 @@ void amx_queries(const Rows& t, int64_t D, uint32_t* qv, int col0 = 0) {
   }
 }
 
-// s0[r * CHUNK + j + x] = q_r . k_{j + x} for the n0 rows of columns 0.. of qv, and s1[...] for the n1 rows of
-// columns n0.. (a second tile; n1 = 0 for none), x < 16 g: g = 1 or 2 groups of 16 evenly spaced keys, the first
+// s0[r * CHUNK + j + x] = q_r . k_{j + x} for the N0 rows of columns 0.. of qv, and s1[...] for the n1 rows of
+// columns N0.. (a second tile; n1 = 0 for none), x < 16 g: g = 1 or 2 groups of 16 evenly spaced keys, the first
 // from k0, the second from k1 (anywhere: in a paged cache, the next block). Two groups keep two independent
 // chains of tile products in flight.
-void amx_dots(const uint32_t* qv, int n0, float* s0, int n1, float* s1, const uint16_t* k0, const uint16_t* k1,
-              int64_t ks, int g, int64_t D, int64_t j) {
+template <int N0>
+void amx_dots(const uint32_t* qv, float* s0, int n1, float* s1, const uint16_t* k0, const uint16_t* k1, int64_t ks,
+              int g, int64_t D, int64_t j) {
   alignas(64) float c[2 * 256];
   _tile_zero(0);
   _tile_zero(1);
@@ -449,18 +450,18 @@ void amx_dots(const uint32_t* qv, int n0, float* s0, int n1, float* s1, const ui
   }
   _tile_stored(0, c, 64);
   if (g == 2) _tile_stored(1, c + 256, 64);
-  for (int r = 0; r < n0; ++r)
+  for (int r = 0; r < N0; ++r)
     for (int x = 0; x < 16 * g; ++x) s0[r * CHUNK + j + x] = c[x * 16 + r];
   for (int r = 0; r < n1; ++r)
-    for (int x = 0; x < 16 * g; ++x) s1[r * CHUNK + j + x] = c[x * 16 + n0 + r];
+    for (int x = 0; x < 16 * g; ++x) s1[r * CHUNK + j + x] = c[x * 16 + N0 + r];
 }
 #else
 bool amx_wanted() { return false; }
 void amx_begin() {}
 void amx_end() {}
 void amx_queries(const Rows&, int64_t, uint32_t*, int = 0) {}
-void amx_dots(const uint32_t*, int, float*, int, float*, const uint16_t*, const uint16_t*, int64_t, int, int64_t,
-              int64_t) {}
+template <int N0>
+void amx_dots(const uint32_t*, float*, int, float*, const uint16_t*, const uint16_t*, int64_t, int, int64_t, int64_t) {}
 #endif
 
 // Keys j .. j + m of kp evenly spaced by ks elements (one tile load can read them).
@@ -474,6 +475,7 @@ bool evenly_spaced(const T* const* kp, int64_t j, int64_t m, int64_t ks) {
 // The AMX groups of keys from j0 on, for one tile (t1 null) or two tiles of rows at once (t0's qv then holds both
 // tiles' queries, see amx_queries): scores to s0 (and s1), the keys PREFETCH ahead prefetched as they go. Returns
 // where the groups stop (the first key that is not in an evenly spaced group of 16).
+template <int N0>
 int64_t amx_groups(const Rows& t0, const Rows* t1, const uint16_t* const* kp, int64_t j0, int64_t n, int64_t D,
                    int64_t ks, float* s0, float* s1, const Ahead<uint16_t>* pf) {
   const int64_t kb = D * 2;
@@ -481,7 +483,7 @@ int64_t amx_groups(const Rows& t0, const Rows* t1, const uint16_t* const* kp, in
   while (j + 16 <= n) {
     const int g = !evenly_spaced(kp, j, 16, ks) ? 0 : j + 32 <= n && evenly_spaced(kp, j + 16, 16, ks) ? 2 : 1;
     if (g == 0) break;
-    amx_dots(t0.qv, t0.nr, s0, t1 ? t1->nr : 0, s1, kp[j], g == 2 ? kp[j + 16] : nullptr, ks, g, D, j);
+    amx_dots<N0>(t0.qv, s0, t1 ? t1->nr : 0, s1, kp[j], g == 2 ? kp[j + 16] : nullptr, ks, g, D, j);
     if (pf)
       for (int x = 0; x < 16 * g; ++x)
         if (j + x < pf->n) prefetch_span(pf->k[j + x], 0, kb);
@@ -503,7 +505,7 @@ void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, i
   };
   int64_t j = j0;
   if constexpr (HAVE_DPBF16 && std::is_same<C, BF16>::value) {
-    if (t.qv) j = amx_groups(t, nullptr, kp, j, n, D, ks, s, nullptr, pf);
+    if (t.qv) j = amx_groups<NR>(t, nullptr, kp, j, n, D, ks, s, nullptr, pf);
     if (t.q16[0]) {
       for (; j + KU <= n; j += KU) dots_step_bf16<NR, KU>(t, kp, j, D, s), ahead(j, KU);
       for (; j < n; ++j) dots_step_bf16<NR, 1>(t, kp, j, D, s), ahead(j, 1);
@@ -719,7 +721,19 @@ template <typename C>
 void run_pair(const Args& A, const Rows& t0, const Rows& t1, int64_t c0, int64_t n, const typename C::T* const* kp,
               const typename C::T* const* vp, float* s, float* s1, const Ahead<typename C::T>* pf) {
   int64_t j0 = 0;
-  if constexpr (std::is_same<C, BF16>::value) j0 = amx_groups(t0, &t1, kp, 0, n, A.D, A.k_s2, s, s1, pf);
+  if constexpr (std::is_same<C, BF16>::value) {
+    auto groups = [&](auto n0) { return amx_groups<decltype(n0)::value>(t0, &t1, kp, 0, n, A.D, A.k_s2, s, s1, pf); };
+    switch (t0.nr) {  // the first tile's rows as a compile-time count, as in the one-tile path
+      case 1: j0 = groups(std::integral_constant<int, 1>{}); break;
+      case 2: j0 = groups(std::integral_constant<int, 2>{}); break;
+      case 3: j0 = groups(std::integral_constant<int, 3>{}); break;
+      case 4: j0 = groups(std::integral_constant<int, 4>{}); break;
+      case 5: j0 = groups(std::integral_constant<int, 5>{}); break;
+      case 6: j0 = groups(std::integral_constant<int, 6>{}); break;
+      case 7: j0 = groups(std::integral_constant<int, 7>{}); break;
+      default: j0 = groups(std::integral_constant<int, 8>{}); break;
+    }
+  }
   tile_chunk_n<C>(A, t0, c0, n, kp, vp, s, pf, j0);
   tile_chunk_n<C>(A, t1, c0, n, kp, vp, s1, nullptr, j0);
 }
@@ -917,14 +931,15 @@ void forward(const Args& A) {
   };
 #pragma omp parallel num_threads(nt)
   {
-    alignas(64) float s[MAX_NR * CHUNK], s1[MAX_NR * CHUNK];
+    alignas(64) float s[MAX_NR * CHUNK];
+    std::vector<float> s1(amx && R > MAX_NR ? MAX_NR * CHUNK : 0);  // run_pair's second score buffer
     std::vector<uint32_t> qbuf(amx ? static_cast<size_t>(nh * ((R + MAX_NR - 1) / MAX_NR) * (A.D / 32) * 256) : 0);
     if (amx) amx_begin();
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t w = 0; w < items; ++w) {
       const int64_t hk0 = w / per_head * nh, e = w % per_head, b = item_b[e], p = e - first[b];
       run_item<C>(A, b, hk0, nh, start(b, p), start(b, p + 1), parts.data() + (hk0 * per_head + e) * stride,
-                  per_head * stride, s, s1, amx ? qbuf.data() : nullptr);
+                  per_head * stride, s, s1.data(), amx ? qbuf.data() : nullptr);
       for (int64_t hk = hk0; hk < hk0 + nh; ++hk)
         if (done[b * A.Hkv + hk].fetch_add(1, std::memory_order_acq_rel) + 1 == pieces[b])
           merge_item(A, b, hk, parts.data() + (hk * per_head + first[b]) * stride, pieces[b]);
