@@ -47,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import array
 import ctypes
 import math
 import numbers
@@ -60,7 +61,7 @@ from ..reference import _acc_dtype, softmax_from_scores
 from . import native
 from .merge import check_sinks
 
-__all__ = ["forward", "band_rows", "band_intervals", "band_of", "kernel_mods", "available", "status", "build", "FORCE_TORCH"]
+__all__ = ["forward", "band_rows", "band_bounds", "bounds_tensors", "band_intervals", "band_of", "kernel_mods", "available", "status", "build", "FORCE_TORCH"]
 
 #: set to True to run the torch fallback even where the compiled kernel is available (tests, debugging)
 FORCE_TORCH = False
@@ -311,9 +312,15 @@ def band_rows(mask, totals, L: int, few: int = 256):
         ([[7], [0]], [[10], [1]])
     """
     bounds = band_bounds(mask, totals, L, few)
-    if bounds is None:
-        return None
-    both = torch.tensor(bounds, dtype=torch.long).view(2, len(totals), L)  # one tensor, two dense views
+    return None if bounds is None else bounds_tensors(bounds, len(totals), L)
+
+
+def bounds_tensors(bounds, B: int, L: int) -> tuple:
+    """``(lo, hi)`` (B, L) int64 from :func:`band_bounds`' lists: two dense views of one CPU tensor that shares
+    an ``array`` of the ints (no per-element conversion)."""
+    flat = bounds[0] + bounds[1]
+    both = (torch.frombuffer(array.array("q", flat), dtype=torch.long) if flat else
+            torch.zeros(0, dtype=torch.long)).view(2, B, L)
     return both[0], both[1]
 
 

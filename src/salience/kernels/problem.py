@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import array
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -156,13 +155,10 @@ class Problem:
     @cached_property
     def few_row_intervals(self):
         """:attr:`intervals`, made from :attr:`few_row_bounds` when there are (one small tensor)."""
+        from .decode import bounds_tensors
+
         bounds = self.few_row_bounds
-        if bounds is None:
-            return self.intervals
-        flat = bounds[0] + bounds[1]
-        both = (torch.frombuffer(array.array("q", flat), dtype=torch.long) if flat else  # shares the array
-                torch.zeros(0, dtype=torch.long)).view(2, self.B, self.L)
-        return both[0], both[1]
+        return self.intervals if bounds is None else bounds_tensors(bounds, self.B, self.L)
 
     def bias_fn(self):
         """``d -> (H, n)``: the summed relative biases of the score_mod at offsets ``d = kv_idx - q_idx``."""
