@@ -279,6 +279,14 @@ inline void prefetch_span(const void* p, int64_t from, int64_t to) {
 #endif
 }
 
+// The keys j .. j + u - 1 of the chunk ahead (those it has), each key's first `bytes` bytes.
+template <typename T>
+inline void prefetch_keys(const Ahead<T>* pf, int64_t j, int64_t u, int64_t bytes) {
+  if (pf)
+    for (int64_t x = 0; x < u; ++x)
+      if (j + x < pf->n) prefetch_span(pf->k[j + x], 0, bytes);
+}
+
 // One tile of at most 8 query rows of a work item: query pointers, intervals clipped to the item's key range,
 // ALiBi terms, and where its partial results (running max m, sum l, unnormalised output o) live.
 struct Rows {
@@ -478,15 +486,12 @@ bool evenly_spaced(const T* const* kp, int64_t j, int64_t m, int64_t ks) {
 template <int N0>
 int64_t amx_groups(const Rows& t0, const Rows* t1, const uint16_t* const* kp, int64_t j0, int64_t n, int64_t D,
                    int64_t ks, float* s0, float* s1, const Ahead<uint16_t>* pf) {
-  const int64_t kb = D * 2;
   int64_t j = j0;
   while (j + 16 <= n) {
     const int g = !evenly_spaced(kp, j, 16, ks) ? 0 : j + 32 <= n && evenly_spaced(kp, j + 16, 16, ks) ? 2 : 1;
     if (g == 0) break;
     amx_dots<N0>(t0.qv, s0, t1 ? t1->nr : 0, s1, kp[j], g == 2 ? kp[j + 16] : nullptr, ks, g, D, j);
-    if (pf)
-      for (int x = 0; x < 16 * g; ++x)
-        if (j + x < pf->n) prefetch_span(pf->k[j + x], 0, kb);
+    prefetch_keys(pf, j, 16 * g, D * 2);
     j += 16 * g;
   }
   return j;
@@ -498,11 +503,7 @@ void dots(const Rows& t, const typename C::T* const* kp, int64_t n, int64_t D, i
           const Ahead<typename C::T>* pf, int64_t j0 = 0) {
   constexpr int KU = NR <= 2 ? 4 : NR <= 4 ? 2 : 1;  // about 8 accumulators
   const int64_t kb = D * static_cast<int64_t>(sizeof(typename C::T));
-  auto ahead = [&](int64_t j, int u) {
-    if (pf)
-      for (int x = 0; x < u; ++x)
-        if (j + x < pf->n) prefetch_span(pf->k[j + x], 0, kb);
-  };
+  auto ahead = [&](int64_t j, int u) { prefetch_keys(pf, j, u, kb); };
   int64_t j = j0;
   if constexpr (HAVE_DPBF16 && std::is_same<C, BF16>::value) {
     if (t.qv) j = amx_groups<NR>(t, nullptr, kp, j, n, D, ks, s, nullptr, pf);
