@@ -87,7 +87,9 @@ def _kernel_alone(q, k, v, S: int):
     return call
 
 
-def calls_row(S: int, calls: int, repeats: int, compiled: bool = False) -> dict:
+def _step(S: int):
+    """One decoding step's operands (B=1, H=8, Hkv=2, D=64, one query, S cached keys, float32): q, the caches,
+    the new key and value, cache_seqlens, the rows' intervals [lo, hi) and the bottom-right causal mask."""
     B, H, Hkv, D, L = 1, 8, 2, 64, 1
     torch.manual_seed(0)
     q = torch.randn(B, H, L, D)
@@ -95,7 +97,12 @@ def calls_row(S: int, calls: int, repeats: int, compiled: bool = False) -> dict:
     kn, vn = torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D)
     lens = torch.full((B,), S - 1, dtype=torch.long)
     lo, hi = torch.zeros(B, L, dtype=torch.long), torch.full((B, L), S, dtype=torch.long)
-    causal = masks.causal(align="bottom_right")
+    return q, kc, vc, kn, vn, lens, lo, hi, masks.causal(align="bottom_right")
+
+
+def calls_row(S: int, calls: int, repeats: int, compiled: bool = False) -> dict:
+    q, kc, vc, kn, vn, lens, lo, hi, causal = _step(S)
+    (B, H, L, D), Hkv = q.shape, kc.shape[1]
     scale = D ** -0.5
     route = salience.plan(q, kc, vc, mask=causal).backend
     fns = {
@@ -137,14 +144,8 @@ class _NoKernel:
 
 def python_only_row(S: int, calls: int, repeats: int) -> dict:
     """Per-call microseconds of the wrappers with the kernel replaced by :class:`_NoKernel`."""
-    B, H, Hkv, D, L = 1, 8, 2, 64, 1
-    torch.manual_seed(0)
-    q = torch.randn(B, H, L, D)
-    kc, vc = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
-    kn, vn = torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D)
-    lens = torch.full((B,), S - 1, dtype=torch.long)
-    lo, hi = torch.zeros(B, L, dtype=torch.long), torch.full((B, L), S, dtype=torch.long)
-    causal = masks.causal(align="bottom_right")
+    q, kc, vc, kn, vn, lens, lo, hi, causal = _step(S)
+    (B, H, L, D), Hkv = q.shape, kc.shape[1]
     fns = {
         "decode.forward": lambda: decode.forward(q, kc, vc, lo=lo, hi=hi, scale=D ** -0.5),
         "attention_with_kvcache": lambda: salience.attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens,
