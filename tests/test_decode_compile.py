@@ -102,13 +102,20 @@ def test_compiled_step_equals_eager_and_reference(case, paged, dtype):
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for changing cache_seqlens"
 
 
-def test_compiled_decode_uses_the_custom_ops():
-    """The traced graph holds salience::kvcache_append and salience::decode_forward, not the generic op."""
+def _recording_backend():
+    """``(seen, backend)``: a torch.compile backend that runs the graph as traced and records its call targets."""
     seen = []
 
     def backend(gm, example_inputs):
         seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return gm
+
+    return seen, backend
+
+
+def test_compiled_decode_uses_the_custom_ops():
+    """The traced graph holds salience::kvcache_append and salience::decode_forward, not the generic op."""
+    seen, backend = _recording_backend()
 
     mask = masks.causal(align="bottom_right")
     f = torch.compile(lambda q, kc, vc, k, v, n: salience.attention_with_kvcache(
@@ -142,11 +149,7 @@ def test_inductor_step_writes_the_cache_in_place():
 def test_compiled_salience_attention_takes_the_decode_op():
     """salience.attention with a few rows against >= decode_min_keys keys compiles to salience::decode_forward
     (the eager dispatcher's decode rule) and equals eager and the reference."""
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm
+    seen, backend = _recording_backend()
 
     mask, mod = masks.causal(align="bottom_right"), scores.alibi(H, offset=0)
     f = torch.compile(lambda q, k, v: salience.attention(q, k, v, mask=mask, score_mod=mod, return_lse=True),
@@ -164,11 +167,7 @@ def test_compiled_salience_attention_takes_the_decode_op():
 
 def test_compiled_salience_attention_short_cache_keeps_generic_op():
     """Below decode_min_keys (or with a gradient) the generic op is used, as eager dispatch would."""
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm
+    seen, backend = _recording_backend()
 
     mask = masks.causal(align="bottom_right")
     f = torch.compile(lambda q, k, v: salience.attention(q, k, v, mask=mask), backend=backend, fullgraph=True)
